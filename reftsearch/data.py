@@ -1,0 +1,329 @@
+"""Task data: splits from files, hub datasets or builtin tasks -> tokenized examples -> batches.
+
+Splits are read with Hugging Face ``datasets`` and reduced to plain rows with canonical keys
+(``text``/``text_pair``/``label`` or ``prompt``/``response``). If no dev split is given it is
+carved from train with the study seed. The test split is read only on request
+(``load_split(..., "test")``), never while searching.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reftsearch.errors import BadInputError
+from reftsearch.spec import DataSpec, TaskSpec
+
+FILE_BUILDERS = {
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+}
+DEV_SPLIT_NAMES = ("dev", "validation", "valid", "val")
+
+
+@dataclass
+class TaskData:
+    """Rows of the search splits; labels already mapped to ids for classification."""
+
+    train: list[dict]
+    dev: list[dict]
+    label_names: list[str] | None  # classification only: id -> original label, as text
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names or [])
+
+
+def load_task_data(task: TaskSpec, seed: int) -> TaskData:
+    """Train and dev rows for the search (the test split is left untouched)."""
+    train = load_split(task, "train")
+    dev = load_split(task, "dev") if _has_split(task.data, "dev") else None
+    if dev is None:
+        train, dev = carve_dev(train, task.dev_fraction, seed)
+    train = _subset(train, task.max_train_examples, seed)
+    dev = _subset(dev, task.max_dev_examples, seed)
+    label_names = None
+    if task.kind == "classification":
+        label_names = _label_vocabulary(train)
+        train, dev = (
+            _map_labels(rows, label_names, split)
+            for rows, split in ((train, "train"), (dev, "dev"))
+        )
+    if not train or not dev:
+        raise BadInputError(
+            f"task.data: the train ({len(train)}) and dev ({len(dev)}) splits must both have rows"
+        )
+    return TaskData(train, dev, label_names)
+
+
+def load_test_rows(task: TaskSpec, label_names: list[str] | None) -> list[dict]:
+    """The held-out test split, mapped like train; only for the final evaluation."""
+    if not _has_split(task.data, "test"):
+        raise BadInputError("task.data.test: the study has no test split")
+    rows = load_split(task, "test")
+    return _map_labels(rows, label_names, "test") if label_names else rows
+
+
+def carve_dev(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Split ``rows`` into (train, dev) with a seeded shuffle; at least one row each."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_dev = min(max(1, round(len(rows) * fraction)), len(rows) - 1)
+    dev_ids = set(order[:n_dev])
+    return (
+        [r for i, r in enumerate(rows) if i not in dev_ids],
+        [r for i, r in enumerate(rows) if i in dev_ids],
+    )
+
+
+def load_split(task: TaskSpec, split: str) -> list[dict]:
+    """One split as rows with canonical keys; errors name the missing column or file."""
+    records = _read_records(task.data, split)
+    columns = _columns(task)
+    if records:
+        missing = [
+            f"task.{key}: column {name!r}"
+            for key, name in columns.items()
+            if name not in records[0]
+        ]
+        if missing:
+            raise BadInputError(
+                f"{split} data lacks {', '.join(missing)}; its columns are {sorted(records[0])}"
+            )
+    return [{canonical: record[name] for canonical, name in columns.items()} for record in records]
+
+
+def _columns(task: TaskSpec) -> dict[str, str]:
+    if task.kind == "generation":
+        return {"prompt": task.prompt, "response": task.response}
+    columns = {"text": task.text, "label": task.label}
+    if task.text_pair:
+        columns["text_pair"] = task.text_pair
+    return columns
+
+
+def _has_split(data: DataSpec, split: str) -> bool:
+    return data.builtin is not None or getattr(data, split) is not None
+
+
+def _read_records(data: DataSpec, split: str) -> list[dict]:
+    if data.builtin is not None:
+        from reftsearch.synthetic import make_builtin_task
+
+        try:
+            return make_builtin_task(data.builtin)[split]
+        except ValueError as err:
+            raise BadInputError(f"task.data.builtin: {err}") from None
+    location = getattr(data, split)
+    if data.hub is not None:
+        return _read_hub(data, location, split)
+    return _read_local(Path(location), data.read_options, split)
+
+
+def _read_local(path: Path, read_options: dict[str, Any], split: str) -> list[dict]:
+    import datasets
+
+    if path.is_dir():
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except Exception as err:  # datasets raises several types for a non-dataset dir
+            raise BadInputError(
+                f"task.data.{split}: {path} is not a saved dataset ({err})"
+            ) from None
+        if isinstance(loaded, datasets.DatasetDict):
+            loaded = _pick_split(loaded, split, path)
+        return loaded.to_list()
+    builder = FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise BadInputError(
+            f"task.data.{split}: {path.name}: unknown file type; "
+            f"must be one of {sorted(FILE_BUILDERS)} or a saved dataset dir"
+        )
+    if not path.is_file():
+        raise BadInputError(f"task.data.{split}: file not found: {path}")
+    options = dict(read_options)
+    if path.suffix.lower() == ".tsv":
+        options.setdefault("sep", "\t")
+    try:
+        dataset = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
+    except Exception as err:  # parse errors come from pandas/pyarrow in many types
+        raise BadInputError(f"task.data.{split}: cannot read {path}: {err}") from None
+    return dataset.to_list()
+
+
+def _pick_split(loaded, split: str, path: Path):
+    names = DEV_SPLIT_NAMES if split == "dev" else (split,)
+    for name in names:
+        if name in loaded:
+            return loaded[name]
+    raise BadInputError(
+        f"task.data.{split}: {path} has splits {list(loaded)}, none of {list(names)}"
+    )
+
+
+def _read_hub(data: DataSpec, split_name: str, split: str) -> list[dict]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(data.hub, data.hub_config, split=split_name)
+    except Exception as err:  # offline, unknown id, unknown split...
+        raise BadInputError(
+            f"task.data.hub: cannot load {data.hub!r} "
+            f"(config {data.hub_config!r}, split {split_name!r}): {err}"
+        ) from None
+    return dataset.to_list()
+
+
+def _subset(rows: list[dict], limit: int | None, seed: int) -> list[dict]:
+    if limit is None or len(rows) <= limit:
+        return rows
+    return random.Random(seed).sample(rows, limit)
+
+
+def _label_vocabulary(rows: list[dict]) -> list[str]:
+    values = {row["label"] for row in rows}
+    if all(isinstance(x, int) and not isinstance(x, bool) for x in values) and min(values) >= 0:
+        return [str(i) for i in range(max(values) + 1)]
+    return sorted(str(x) for x in values)
+
+
+def _map_labels(rows: list[dict], label_names: list[str], split: str) -> list[dict]:
+    ids = {name: i for i, name in enumerate(label_names)}
+    mapped = []
+    for row in rows:
+        key = str(row["label"])
+        if key not in ids:
+            raise BadInputError(
+                f"{split} data: label {row['label']!r} does not occur in train "
+                f"(train labels: {label_names})"
+            )
+        mapped.append({**row, "label": ids[key]})
+    return mapped
+
+
+# --- tokenization and batching -------------------------------------------------------------
+
+
+@dataclass
+class Encoded:
+    """One tokenized example. ``prompt_length`` counts the tokens positions refer to."""
+
+    input_ids: list[int]
+    prompt_length: int
+    label: int | None = None  # classification
+    labels: list[int] | None = None  # generation: -100 on prompt tokens
+    token_type_ids: list[int] | None = None
+    target: str | None = None  # generation: the reference response text
+
+
+IGNORE_INDEX = -100
+
+
+def encode(rows: list[dict], tokenizer, task: TaskSpec) -> list[Encoded]:
+    if task.kind == "classification":
+        return [_encode_classification(row, tokenizer, task.max_length) for row in rows]
+    return [_encode_generation(row, tokenizer, task.max_length) for row in rows]
+
+
+def _encode_classification(row: dict, tokenizer, max_length: int) -> Encoded:
+    enc = tokenizer(row["text"], row.get("text_pair"), truncation=True, max_length=max_length)
+    ids = enc["input_ids"]
+    # for classification the whole input is the "prompt" the f/l positions count in
+    return Encoded(ids, len(ids), label=row["label"], token_type_ids=enc.get("token_type_ids"))
+
+
+def _encode_generation(row: dict, tokenizer, max_length: int) -> Encoded:
+    prompt_ids = tokenizer(row["prompt"], truncation=True, max_length=max_length)["input_ids"]
+    response_ids = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
+    response_ids = [*response_ids, tokenizer.eos_token_id]
+    ids = (prompt_ids + response_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
+    return Encoded(ids, len(prompt_ids), labels=labels, target=row["response"])
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_lengths: torch.Tensor
+    offsets: torch.Tensor  # left-padding per row: where each row's tokens start
+    labels: torch.Tensor | None = None
+    token_type_ids: torch.Tensor | None = None
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.token_type_ids is not None:
+            inputs["token_type_ids"] = self.token_type_ids
+        return inputs
+
+    def to(self, device: torch.device) -> Batch:
+        moved = {
+            k: (t.to(device) if isinstance(t, torch.Tensor) else t) for k, t in vars(self).items()
+        }
+        return Batch(**moved)
+
+
+def collate(
+    examples: list[Encoded], pad_id: int, left_pad: bool = False, prompt_only: bool = False
+) -> Batch:
+    """Pad a list of examples into tensors.
+
+    ``prompt_only`` drops the responses (for generation at eval time, where prompts are
+    left-padded so that every row's next token is at the last column).
+    """
+    sequences = [e.input_ids[: e.prompt_length] if prompt_only else e.input_ids for e in examples]
+    width = max(len(s) for s in sequences)
+    offsets = [width - len(s) if left_pad else 0 for s in sequences]
+
+    def pad(values: list[int], fill: int, offset: int) -> list[int]:
+        padding = [fill] * (width - len(values))
+        return padding + values if offset else values + padding
+
+    batch = Batch(
+        input_ids=torch.tensor(
+            [pad(s, pad_id, o) for s, o in zip(sequences, offsets, strict=True)]
+        ),
+        attention_mask=torch.tensor(
+            [pad([1] * len(s), 0, o) for s, o in zip(sequences, offsets, strict=True)]
+        ),
+        prompt_lengths=torch.tensor([e.prompt_length for e in examples]),
+        offsets=torch.tensor(offsets),
+    )
+    if examples[0].token_type_ids is not None:
+        batch.token_type_ids = torch.tensor(
+            [pad(e.token_type_ids, 0, o) for e, o in zip(examples, offsets, strict=True)]
+        )
+    if examples[0].label is not None:
+        batch.labels = torch.tensor([e.label for e in examples])
+    elif examples[0].labels is not None and not prompt_only:
+        batch.labels = torch.tensor(
+            [pad(e.labels, IGNORE_INDEX, o) for e, o in zip(examples, offsets, strict=True)]
+        )
+    return batch
+
+
+def batches(
+    examples: list[Encoded],
+    batch_size: int,
+    pad_id: int,
+    generator: torch.Generator | None = None,
+    **collate_options,
+) -> list[Batch]:
+    """Batches in a seeded random order (``generator``) or in order (``None``)."""
+    order = (
+        torch.randperm(len(examples), generator=generator).tolist()
+        if generator is not None
+        else range(len(examples))
+    )
+    order = list(order)
+    return [
+        collate([examples[i] for i in order[start : start + batch_size]], pad_id, **collate_options)
+        for start in range(0, len(order), batch_size)
+    ]

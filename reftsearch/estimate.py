@@ -1,0 +1,140 @@
+"""What a study will cost here, measured before spending it.
+
+A few configs are drawn from the space at random; for each, two training steps and one dev
+batch are timed on this machine (after a warm-up step). Scaled by the data sizes and epochs,
+that gives seconds per epoch and per trial for the cheapest, median and most expensive of
+them, and the study's expected wall time for its budget and workers.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import optuna
+
+from reftsearch.data import batches
+from reftsearch.objective import invalid_reason, resolve
+from reftsearch.reft import ReftModule, describe_config
+from reftsearch.space import sample
+from reftsearch.study import PreparedStudy
+from reftsearch.train import SplitData, TrainConfig, build_optimizer, evaluate, loss_of
+
+TIMED_STEPS = 2
+EVAL_SAMPLE = 16  # dev examples timed per config
+
+
+@dataclass(frozen=True)
+class ConfigCost:
+    config: str
+    step_s: float
+    epoch_s: float
+    trial_s: float
+
+
+@dataclass(frozen=True)
+class Estimate:
+    cheapest: ConfigCost
+    median: ConfigCost
+    most_expensive: ConfigCost
+    n_trials: int
+    workers: int
+    study_s: float  # expected wall time: median trial x trials / workers (before pruning)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        return (
+            f"estimate: {_duration(self.median.trial_s)} per trial (median; "
+            f"{_duration(self.cheapest.trial_s)}-{_duration(self.most_expensive.trial_s)}), "
+            f"{_duration(self.study_s)} for {self.n_trials} trials on {self.workers} worker(s) "
+            "before pruning"
+        )
+
+
+def estimate_study(
+    prepared: PreparedStudy, n_trials: int, workers: int, samples: int = 6, seed: int = 0
+) -> Estimate:
+    """Time ``samples`` random configs of the space and extrapolate."""
+    costs = sorted(
+        (_cost(prepared, values) for values in _configs(prepared, samples, seed)),
+        key=lambda c: c.trial_s,
+    )
+    if not costs:
+        raise ValueError("no valid config could be drawn from the space")
+    median = costs[len(costs) // 2]
+    return Estimate(
+        cheapest=costs[0],
+        median=median,
+        most_expensive=costs[-1],
+        n_trials=n_trials,
+        workers=workers,
+        study_s=median.trial_s * math.ceil(n_trials / workers),
+    )
+
+
+def _configs(prepared: PreparedStudy, samples: int, seed: int) -> list[dict]:
+    """Random valid configs (an in-memory study only to drive the same sampling code)."""
+    drafts = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    configs = []
+    for _ in range(samples * 5):
+        values = sample(drafts.ask(), prepared.spec.space)
+        reft_config, _ = resolve(values, prepared.base.num_layers, prepared.spec.seed)
+        if invalid_reason(reft_config, prepared.base.hidden_size) is None:
+            configs.append(values)
+        if len(configs) == samples:
+            break
+    return configs
+
+
+def _cost(prepared: PreparedStudy, values: dict) -> ConfigCost:
+    base, split = prepared.base, prepared.split
+    reft_config, train_config = resolve(values, base.num_layers, prepared.spec.seed)
+    reft = ReftModule(reft_config, base.hidden_size).to(base.device)
+    step_s = _step_seconds(prepared, reft, train_config)
+    with reft.attached(base.blocks):
+        dev_sample = split.dev[:EVAL_SAMPLE]
+        start = time.perf_counter()
+        evaluate(
+            base,
+            reft,
+            SplitData(split.train, dev_sample, split.kind, split.metric, split.max_new_tokens),
+        )
+        per_dev_example = (time.perf_counter() - start) / len(dev_sample)
+    steps = math.ceil(len(split.train) / train_config.batch_size)
+    epoch_s = steps * step_s + len(split.dev) * per_dev_example
+    described = describe_config({**reft_config.to_dict(), **vars(train_config)})
+    return ConfigCost(described, step_s, epoch_s, epoch_s * train_config.epochs)
+
+
+def _step_seconds(prepared: PreparedStudy, reft: ReftModule, config: TrainConfig) -> float:
+    base = prepared.base
+    if base.head is not None:
+        base.reset_head(config.seed)
+    optimizer = build_optimizer(reft, base.head, config)
+    train = batches(
+        prepared.split.train[: config.batch_size * (TIMED_STEPS + 1)],
+        config.batch_size,
+        base.tokenizer.pad_token_id,
+    )
+    timings = []
+    with reft.attached(base.blocks):
+        for batch in train[: TIMED_STEPS + 1]:
+            start = time.perf_counter()
+            loss_of(base, reft, batch.to(base.device)).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            timings.append(time.perf_counter() - start)
+    # the first step pays one-off costs (allocations, lazy init): leave it out when possible
+    return statistics.fmean(timings[1:] or timings)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f}min"
+    return f"{seconds / 3600:.1f}h"

@@ -1,0 +1,135 @@
+"""ReFT intervention modules: LoReFT, DiReFT and NoReFT.
+
+Each module maps hidden states ``h`` (``[..., hidden]``) to edited hidden states of the same
+shape. Parameter names and forward math follow pyreft 0.1.0 (``LoreftIntervention``,
+``NodireftIntervention``, ``NoreftIntervention``) so that a trained module exports to a
+directory that ``pyreft.ReftModel.load`` reads and behaves the same there.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+
+class LowRankRotateLayer(nn.Module):
+    """``x -> x R`` with ``R`` of shape ``[hidden, rank]`` (pyreft's name and layout)."""
+
+    def __init__(self, hidden_size: int, rank: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(hidden_size, rank))
+        nn.init.orthogonal_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.weight.dtype) @ self.weight
+
+
+class Intervention(nn.Module, ABC):
+    """A trainable edit of hidden states at the intervened positions."""
+
+    #: pyreft class that loads this intervention's state dict (see export).
+    pyreft_class: str
+
+    def __init__(self, hidden_size: int, rank: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.rank = rank
+        self.learned_source = nn.Linear(hidden_size, rank)
+        # pyreft applies dropout to the whole edited state, not only to the edit: kept so that
+        # a config found here trains the same way in pyreft.
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        base = h.to(self.learned_source.weight.dtype)
+        return self.dropout(base + self.edit(base)).to(h.dtype)
+
+    @abstractmethod
+    def edit(self, h: torch.Tensor) -> torch.Tensor:
+        """The additive edit ``f(h) - h`` before dropout."""
+
+    def no_decay_parameters(self) -> list[nn.Parameter]:
+        """Parameters that must not get weight decay (see train.build_optimizer)."""
+        return []
+
+    def pyreft_state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors under the names pyreft's ``load_state_dict`` expects."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items()}
+
+
+class LoReFT(Intervention):
+    """``h + R^T (W h + b - R h)`` with orthonormal ``R`` (``RR^T = I``)."""
+
+    pyreft_class = "pyreft.interventions.LoreftIntervention"
+
+    def __init__(self, hidden_size: int, rank: int, dropout: float = 0.0) -> None:
+        super().__init__(hidden_size, rank, dropout)
+        self.rotate_layer = nn.utils.parametrizations.orthogonal(
+            LowRankRotateLayer(hidden_size, rank)
+        )
+
+    def edit(self, h: torch.Tensor) -> torch.Tensor:
+        rotated = self.rotate_layer(h)
+        return (self.learned_source(h) - rotated) @ self.rotate_layer.weight.T
+
+    def no_decay_parameters(self) -> list[nn.Parameter]:
+        # AdamW's decoupled weight decay on the orthogonal parametrization's raw matrix drives
+        # a non-square R to zero within one step (measured), so R is never decayed.
+        return list(self.rotate_layer.parameters())
+
+    def pyreft_state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            "weight": self.learned_source.weight.detach().clone(),
+            "bias": self.learned_source.bias.detach().clone(),
+            "rotate_layer": self.rotate_layer.weight.detach().clone(),
+        }
+
+
+class NoReFT(Intervention):
+    """LoReFT without the orthogonality constraint: ``h + P^T (W h + b - P h)``."""
+
+    pyreft_class = "pyreft.interventions.NoreftIntervention"
+
+    def __init__(self, hidden_size: int, rank: int, dropout: float = 0.0) -> None:
+        super().__init__(hidden_size, rank, dropout)
+        self.proj_layer = nn.Linear(hidden_size, rank, bias=False)
+
+    def edit(self, h: torch.Tensor) -> torch.Tensor:
+        return (self.learned_source(h) - self.proj_layer(h)) @ self.proj_layer.weight
+
+
+class DiReFT(Intervention):
+    """Direct edit, no projection back: ``h + P^T (W h + b)`` (pyreft: NodireftIntervention)."""
+
+    pyreft_class = "pyreft.interventions.NodireftIntervention"
+
+    def __init__(self, hidden_size: int, rank: int, dropout: float = 0.0) -> None:
+        super().__init__(hidden_size, rank, dropout)
+        self.proj_layer = nn.Linear(hidden_size, rank, bias=False)
+
+    def edit(self, h: torch.Tensor) -> torch.Tensor:
+        return self.learned_source(h) @ self.proj_layer.weight
+
+
+INTERVENTIONS: dict[str, type[Intervention]] = {
+    "loreft": LoReFT,
+    "direft": DiReFT,
+    "noreft": NoReFT,
+}
+
+
+def build_intervention(
+    name: str, hidden_size: int, rank: int, dropout: float = 0.0
+) -> Intervention:
+    """Instantiate the intervention registered under ``name`` in float32."""
+    if name not in INTERVENTIONS:
+        raise ValueError(f"intervention must be one of {sorted(INTERVENTIONS)}, got {name!r}")
+    if not 0 < rank <= hidden_size:
+        raise ValueError(f"rank must be in [1, {hidden_size}] (the hidden size), got {rank}")
+    return INTERVENTIONS[name](hidden_size, rank, dropout).float()
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable scalars (what pyreft reports as trainable intervention params)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

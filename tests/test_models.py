@@ -1,0 +1,317 @@
+import os
+
+# Tests must never reach the hub; set before transformers/huggingface_hub read it at import.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import time  # noqa: E402
+
+import huggingface_hub.constants  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
+
+from reftsearch.errors import BadInputError  # noqa: E402
+from reftsearch.models import (  # noqa: E402
+    BUILTIN_MODELS,
+    BaseModel,
+    ModelLoadError,
+    load_base_model,
+)
+
+TINY = ["tiny:llama", "tiny:bert"]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    # In case another module imported huggingface_hub before the environment was set.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def head_state(base: BaseModel) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in base.head_parameters()]
+
+
+def logits(base: BaseModel, texts: list[str]) -> torch.Tensor:
+    batch = base.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return base.model(**batch).logits
+
+
+# ----------------------------------------------------------------------------- tiny models
+
+
+@pytest.mark.parametrize("path", TINY)
+def test_tiny_model_loads_fast_with_its_shape(path):
+    start = time.perf_counter()
+    base = load_base_model(path, "classification", num_labels=3)
+    assert time.perf_counter() - start < 2.0
+    assert base.source == path
+    assert base.hidden_size == 64
+    assert base.num_layers == 4
+    assert len(base.blocks) == 4
+    assert base.model.config.num_labels == 3
+    assert not base.model.training
+    # The tokenizer must be fully covered by the embedding table.
+    assert base.model.get_input_embeddings().num_embeddings >= len(base.tokenizer)
+    assert base.model.config.pad_token_id == base.tokenizer.pad_token_id is not None
+    assert base.device == torch.device("cpu")
+
+
+def test_tiny_llama_blocks_are_the_decoder_layers():
+    base = load_base_model("tiny:llama", "classification")
+    assert base.is_decoder
+    assert all(a is b for a, b in zip(base.blocks, base.model.model.layers, strict=True))
+    assert base.head is base.model.score
+
+
+def test_tiny_bert_blocks_are_the_encoder_layers():
+    base = load_base_model("tiny:bert", "classification")
+    assert not base.is_decoder
+    assert all(a is b for a, b in zip(base.blocks, base.model.bert.encoder.layer, strict=True))
+    head_ids = {id(p) for p in base.head_parameters()}
+    expected = [*base.model.bert.pooler.parameters(), *base.model.classifier.parameters()]
+    assert head_ids == {id(p) for p in expected}
+
+
+def test_blocks_output_the_residual_stream_as_a_tensor():
+    base = load_base_model("tiny:llama", "classification")
+    seen = []
+    handle = base.blocks[1].register_forward_hook(lambda _m, _i, out: seen.append(out))
+    try:
+        logits(base, ["hello"])
+    finally:
+        handle.remove()
+    out = seen[0][0] if isinstance(seen[0], tuple) else seen[0]
+    assert out.shape == (1, 6, 64)  # <s> + 5 bytes
+
+
+def test_tiny_models_are_the_same_every_time():
+    a = load_base_model("tiny:llama", "classification")
+    torch.manual_seed(123)  # the global RNG must not matter
+    b = load_base_model("tiny:llama", "classification")
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys()
+    for name, tensor in sa.items():
+        assert torch.equal(tensor, sb[name]), name
+
+
+def test_tiny_llama_causal_lm_has_no_head():
+    base = load_base_model("tiny:llama", "causal_lm")
+    assert base.head is None
+    assert base.head_parameters() == []
+    assert base.is_decoder
+    base.reset_head(0)  # a no-op, not an error
+    batch = base.tokenizer(["abc"], return_tensors="pt")
+    assert base.model(**batch).logits.shape == (1, 4, len(base.tokenizer))
+
+
+def test_encoder_refuses_causal_lm_head():
+    with pytest.raises(ModelLoadError, match="tiny:bert"):
+        load_base_model("tiny:bert", "causal_lm")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dtype_is_applied(dtype):
+    name = str(dtype).removeprefix("torch.")
+    base = load_base_model("tiny:llama", "classification", dtype=name)
+    assert {p.dtype for p in base.model.parameters()} == {dtype}
+    base.reset_head(0)
+    assert {p.dtype for p in base.head_parameters()} == {dtype}
+
+
+# ----------------------------------------------------------------------------- freezing, heads
+
+
+@pytest.mark.parametrize("path", TINY)
+def test_base_is_frozen_and_only_the_head_trains_after_reset(path):
+    base = load_base_model(path, "classification")
+    assert not any(p.requires_grad for p in base.model.parameters())
+    base.reset_head(0)
+    head_ids = {id(p) for p in base.head_parameters()}
+    assert head_ids
+    for p in base.model.parameters():
+        assert p.requires_grad == (id(p) in head_ids)
+
+
+@pytest.mark.parametrize("path", TINY)
+def test_reset_head_is_deterministic_in_the_seed(path):
+    base = load_base_model(path, "classification")
+    loaded = head_state(base)
+    base.reset_head(7)
+    first = head_state(base)
+    base.reset_head(8)
+    other = head_state(base)
+    base.reset_head(7)
+    again = head_state(base)
+    assert all(torch.equal(x, y) for x, y in zip(first, again, strict=True))
+    assert any(not torch.equal(x, y) for x, y in zip(first, other, strict=True))
+    # It really re-initialises, rather than leaving the weights as loaded.
+    assert any(not torch.equal(x, y) for x, y in zip(first, loaded, strict=True))
+    # Weights look like the model's own init (normal, std initializer_range), not garbage.
+    weight = base.head_parameters()[-2 if path == "tiny:bert" else -1]
+    assert 0.005 < weight.std().item() < 0.05
+
+
+def test_reset_head_leaves_the_global_rng_alone():
+    base = load_base_model("tiny:bert", "classification")
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    base.reset_head(1)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_head_gets_gradients_and_base_does_not():
+    base = load_base_model("tiny:bert", "classification")
+    base.reset_head(0)
+    batch = base.tokenizer(["good", "bad"], padding=True, return_tensors="pt")
+    out = base.model(**batch, labels=torch.tensor([0, 1]))
+    out.loss.backward()
+    assert all(p.grad is not None for p in base.head_parameters())
+    assert base.model.bert.embeddings.word_embeddings.weight.grad is None
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+@pytest.mark.parametrize("path", TINY)
+def test_tokenizer_round_trips_text(path):
+    tok = load_base_model(path, "classification").tokenizer
+    text = "Héllo, wörld! 你好 🙂\nnew line"
+    ids = tok(text)["input_ids"]
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    # One token per UTF-8 byte plus the special tokens.
+    specials = 1 if path == "tiny:llama" else 2
+    assert len(ids) == len(text.encode("utf-8")) + specials
+
+
+def test_llama_tokenizer_adds_bos():
+    tok = load_base_model("tiny:llama", "classification").tokenizer
+    assert tok.bos_token == "<s>" and tok.eos_token == "</s>" and tok.pad_token == "<pad>"
+    ids = tok("ab")["input_ids"]
+    assert ids[0] == tok.bos_token_id
+    assert tok.convert_ids_to_tokens(ids) == ["<s>", "a", "b"]
+    batch = tok(["a", "abc"], padding=True)
+    assert batch["input_ids"][0] == [tok.bos_token_id, ids[1], tok.pad_token_id, tok.pad_token_id]
+    assert batch["attention_mask"][0] == [1, 1, 0, 0]
+
+
+def test_bert_tokenizer_adds_cls_sep_and_pairs():
+    tok = load_base_model("tiny:bert", "classification").tokenizer
+    assert tok.pad_token == "[PAD]"
+    single = tok("ab")
+    assert tok.convert_ids_to_tokens(single["input_ids"]) == ["[CLS]", "a", "b", "[SEP]"]
+    pair = tok("ab", "c")
+    assert tok.convert_ids_to_tokens(pair["input_ids"]) == [
+        "[CLS]", "a", "b", "[SEP]", "c", "[SEP]"
+    ]  # fmt: skip
+    assert pair["token_type_ids"] == [0, 0, 0, 0, 1, 1]
+
+
+# ----------------------------------------------------------------------------- save / reload
+
+
+@pytest.mark.parametrize("path", TINY)
+def test_save_and_reload_gives_identical_logits(path, tmp_path):
+    base = load_base_model(path, "classification", num_labels=3)
+    base.reset_head(3)
+    base.model.save_pretrained(tmp_path)
+    base.tokenizer.save_pretrained(tmp_path)
+
+    texts = ["first example", "a second, longer example", "x"]
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert tok("héllo", "b")["input_ids"] == base.tokenizer("héllo", "b")["input_ids"]
+    assert tok.pad_token_id == base.tokenizer.pad_token_id
+    assert tok.model_input_names == base.tokenizer.model_input_names
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    batch = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        reloaded = model(**batch).logits
+    assert torch.equal(reloaded, logits(base, texts))
+
+    # Loading the directory through load_base_model keeps the trained head as saved.
+    again = load_base_model(str(tmp_path), "classification", num_labels=3)
+    assert again.source == str(tmp_path)
+    assert again.is_decoder == base.is_decoder
+    assert again.num_layers == 4
+    assert torch.equal(logits(again, texts), logits(base, texts))
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_unknown_builtin_lists_the_valid_names():
+    with pytest.raises(ModelLoadError, match="must be one of") as info:
+        load_base_model("tiny:xyz", "classification")
+    message = str(info.value)
+    assert "tiny:xyz" in message
+    for name in BUILTIN_MODELS:
+        assert name in message
+
+
+def test_model_load_error_is_a_value_error_and_bad_input():
+    assert issubclass(ModelLoadError, ValueError)
+    assert issubclass(ModelLoadError, BadInputError)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"head": "regression"}, "head must be one of"),
+        ({"head": "classification", "dtype": "float64"}, "dtype must be one of"),
+        ({"head": "classification", "num_labels": 0}, "num_labels"),
+    ],
+)
+def test_bad_arguments_are_rejected(kwargs, needle):
+    with pytest.raises(ModelLoadError, match=needle):
+        load_base_model("tiny:llama", **kwargs)
+
+
+def test_missing_local_directory_names_the_path(tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(ModelLoadError) as info:
+        load_base_model(missing, "classification")
+    assert missing in str(info.value)
+
+
+def test_directory_without_config_names_the_path(tmp_path):
+    with pytest.raises(ModelLoadError, match="config.json") as info:
+        load_base_model(str(tmp_path), "classification")
+    assert str(tmp_path) in str(info.value)
+
+
+def test_offline_hub_id_raises_model_load_error():
+    hub_id = "reftsearch-tests/definitely-not-a-model"
+    with pytest.raises(ModelLoadError) as info:
+        load_base_model(hub_id, "classification")
+    assert hub_id in str(info.value)
+
+
+# ----------------------------------------------------------------------------- embedded model
+
+
+@pytest.mark.slow
+def test_embedded_minilm_loads_offline():
+    base = load_base_model("embedded:minilm", "classification", num_labels=2)
+    assert base.hidden_size == 384
+    assert base.num_layers == 6
+    assert not base.is_decoder
+    assert base.tokenizer.pad_token_id is not None
+    assert base.tokenizer.model_max_length <= 512
+    assert not any(p.requires_grad for p in base.model.parameters())
+    base.reset_head(0)
+    out = logits(base, ["the movie was great", "terrible"])
+    assert out.shape == (2, 2)
+    assert torch.isfinite(out).all()
+    # The encoder weights are the pretrained ones, not a random init: sentences that share
+    # words have closer mean-pooled embeddings than unrelated ones.
+    batch = base.tokenizer(
+        ["a cat sits on the mat", "a cat is sitting on a mat", "stock prices fell sharply"],
+        padding=True,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        hidden = base.model.bert(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1)
+    pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    assert pooled[0] @ pooled[1] > pooled[0] @ pooled[2] + 0.2

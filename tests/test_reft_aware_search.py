@@ -1,0 +1,181 @@
+"""ReFT-aware search: warm starts, seed-robust finalize, duplicate and invalid configs."""
+
+import json
+
+import optuna
+import pytest
+from conftest import tiny_study
+
+from reftsearch.cli import main
+from reftsearch.errors import SpecError
+from reftsearch.finalize import FINALIZE_OF, SEED
+from reftsearch.space import Choice, Fixed, FloatRange, IntRange
+from reftsearch.spec import load_spec, parse_spec
+from reftsearch.study import open_study
+from reftsearch.warmstart import Recipe, map_onto_space, paper_recipes
+
+
+def trials_of(path):
+    spec = load_spec(path)
+    return optuna.load_study(study_name=spec.name, storage=spec.storage).get_trials()
+
+
+def test_paper_recipes_scale_layer_sets_to_the_model():
+    names = [r.name for r in paper_recipes("classification", 12)]
+    assert names == ["paper-glue-lr0.0003", "paper-glue-lr0.001", "paper-glue-lr0.003"]
+    instruct = paper_recipes("generation", 30)[0].values
+    assert instruct["layers"] == "3;8;17;22"  # 3;9;18;24 of 32 layers, on 30
+    assert (instruct["prefix"], instruct["suffix"], instruct["rank"]) == (5, 5, 4)
+
+
+def test_recipes_are_mapped_onto_the_space():
+    space = {
+        "intervention": Choice(("loreft", "direft")),
+        "layers": Choice(("0-3", "1;2")),
+        "prefix": IntRange(0, 2),
+        "suffix": Fixed(1),
+        "rank": Choice((4, 8)),
+        "lr": FloatRange(1e-3, 1e-2, True),
+        "tied": Choice((True, False)),
+    }
+    recipe = Recipe(
+        "r",
+        {
+            "intervention": "loreft",
+            "layers": "all",
+            "prefix": 5,
+            "suffix": 0,
+            "rank": 1,
+            "lr": 3e-4,
+            "tied": False,
+        },
+    )
+    params, notes = map_onto_space(recipe, space, num_layers=4)
+    assert params == {
+        "intervention": "loreft",
+        "layers": "0-3",
+        "prefix": 2,
+        "rank": 4,
+        "lr": 1e-3,
+        "tied": False,
+    }
+    assert "prefix=5 -> 2" in notes and "rank=1 -> 4" in notes
+    assert "suffix=0 is fixed to 1 in this space" in notes
+    skipped, why = map_onto_space(Recipe("x", {"intervention": "noreft"}), space, 4)
+    assert skipped is None and "not among" in why[0]
+
+
+def test_paper_warm_start_runs_first_and_is_marked(write_study, easy_task_files, capsys):
+    raw = tiny_study(
+        easy_task_files, warm_start={"recipes": "paper"}, budget={"n_trials": 4, "max_epochs": 1}
+    )
+    raw["space"].update(prefix={"low": 0, "high": 1}, suffix={"low": 0, "high": 1})
+    study = write_study(raw)
+    assert main(["run", str(study)]) == 0
+    trials = trials_of(study)
+    marked = [t for t in trials if "warm_start" in t.user_attrs]
+    # lr 3e-4 is clipped to the space's 1e-3, which makes the 1e-3 recipe a duplicate
+    assert [t.number for t in marked] == [0, 1]
+    assert [t.user_attrs["warm_start"] for t in marked] == [
+        "paper-glue-lr0.0003",
+        "paper-glue-lr0.003",
+    ]
+    assert [t.params["lr"] for t in marked] == [pytest.approx(1e-3), pytest.approx(3e-3)]
+    for t in marked:
+        assert (t.params["prefix"], t.params["suffix"], t.params["rank"]) == (1, 0, 1)
+    out = capsys.readouterr().out
+    assert "paper-glue-lr0.001: skipped, same as an earlier one" in out
+    # a resumed study does not enqueue the recipes again
+    assert main(["run", str(study), "--n-trials", "5"]) == 0
+    assert sum("warm_start" in t.user_attrs for t in trials_of(study)) == 2
+
+
+def test_warm_start_from_another_study(write_study, easy_task_files):
+    source = write_study(tiny_study(easy_task_files, name="source"), "source.yaml")
+    assert main(["run", str(source)]) == 0
+    best = sorted((t for t in trials_of(source)), key=lambda t: -t.value)[:2]
+    target = write_study(
+        tiny_study(
+            easy_task_files,
+            name="target",
+            warm_start={"study": "source", "storage": "sqlite:///source.db", "top_k": 2},
+            budget={"n_trials": 2, "max_epochs": 1},
+        ),
+        "target.yaml",
+    )
+    assert main(["run", str(target)]) == 0
+    trials = trials_of(target)
+    assert [t.user_attrs["warm_start"] for t in trials] == [
+        f"study:source#{t.number}" for t in best
+    ]
+    assert [t.params for t in trials] == [t.params for t in best]
+
+
+def test_finalize_reruns_top_configs_and_best_picks_the_mean(write_study, easy_task_files, capsys):
+    raw = tiny_study(easy_task_files, finalize={"top_k": 2, "seeds": [11, 12]})
+    study = write_study(raw)
+    assert main(["run", str(study)]) == 0
+    trials = trials_of(study)
+    reruns = [t for t in trials if FINALIZE_OF in t.user_attrs]
+    assert len(reruns) == 4 and all(t.state.name == "COMPLETE" for t in reruns)
+    assert {t.user_attrs[SEED] for t in reruns} == {11, 12}
+    assert all(t.user_attrs["config"]["seed"] == t.user_attrs[SEED] for t in reruns)
+    capsys.readouterr()
+    assert main(["best", str(study), "--json", "--top", "3"]) == 0
+    best = json.loads(capsys.readouterr().out)
+    finalized = [b for b in best if "mean" in b]
+    assert len(finalized) == 2 and best[:2] == finalized
+    assert finalized[0]["mean"] >= finalized[1]["mean"]
+    assert set(finalized[0]["seed_scores"]) == {"3", "11", "12"}
+    # resumed: nothing is rerun twice
+    assert main(["run", str(study)]) == 0
+    assert sum(FINALIZE_OF in t.user_attrs for t in trials_of(study)) == 4
+
+
+def test_finalize_defaults_on_for_big_studies(tmp_path):
+    base = {
+        "name": "t",
+        "model": "tiny:llama",
+        "task": {"kind": "classification", "data": "builtin:sentiment"},
+        "seed": 5,
+    }
+    assert parse_spec({**base, "budget": {"n_trials": 19}}, tmp_path).finalize is None
+    big = parse_spec({**base, "budget": {"n_trials": 20}}, tmp_path).finalize
+    assert big.top_k == 3 and big.seeds == (6, 7)
+    assert (
+        parse_spec({**base, "budget": {"n_trials": 50}, "finalize": False}, tmp_path).finalize
+        is None
+    )
+    with pytest.raises(SpecError, match=r"finalize.seeds: must be distinct extra seeds"):
+        parse_spec({**base, "finalize": {"seeds": [5, 6]}}, tmp_path)
+
+
+def test_a_duplicate_config_is_not_trained_again(write_study, easy_task_files, capsys):
+    raw = tiny_study(easy_task_files, budget={"n_trials": 5, "max_epochs": 1})
+    raw["space"].update(rank=[1, 2], lr=0.005, suffix=1)  # two configs, five trials
+    study = write_study(raw)
+    spec = load_spec(study)
+    created = open_study(spec, spec.storage)
+    for rank in (1, 2, 1, 2, 1):
+        created.enqueue_trial({"rank": rank})
+    assert main(["run", str(study)]) == 0
+    trials = trials_of(study)
+    copies = [t for t in trials if "copied_from" in t.user_attrs]
+    assert len(copies) == 3
+    for copy in copies:
+        twin = trials[copy.user_attrs["copied_from"]]
+        assert "copied_from" not in twin.user_attrs and twin.params == copy.params
+        assert copy.value == twin.value and "wall_time_s" not in copy.user_attrs
+    assert "result copied" in capsys.readouterr().out
+
+
+def test_an_invalid_sampled_config_is_pruned_with_its_reason(write_study, easy_task_files):
+    raw = tiny_study(easy_task_files, budget={"n_trials": 1, "max_epochs": 1})
+    raw["space"].update(prefix=[0, 1], suffix=[0, 1])
+    study = write_study(raw)
+    spec = load_spec(study)
+    open_study(spec, spec.storage).enqueue_trial({"prefix": 0, "suffix": 0})
+    assert main(["run", str(study)]) == 0
+    (trial,) = trials_of(study)
+    assert trial.state.name == "PRUNED" and "no token" in trial.user_attrs["invalid_reason"]
+    assert "n_params" not in trial.user_attrs and not trial.intermediate_values

@@ -1,0 +1,160 @@
+"""End to end through the CLI: run, resume, prune, fail, refuse bad input, best."""
+
+import hashlib
+import json
+
+import optuna
+import pytest
+from conftest import tiny_study
+
+from reftsearch.cli import main
+from reftsearch.spec import load_spec
+from reftsearch.study import open_study
+
+
+def trials_of(study_path):
+    spec = load_spec(study_path)
+    return optuna.load_study(study_name=spec.name, storage=spec.storage).get_trials()
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_run_records_every_trial_and_resumes(write_study, easy_task_files, capsys):
+    study = write_study(tiny_study(easy_task_files))
+    assert main(["run", str(study)]) == 0
+    out = capsys.readouterr().out
+    assert "[3/3] trial 2" in out and "best=" in out
+    trials = trials_of(study)
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    for t in trials:
+        assert set(t.intermediate_values) == {1, 2}  # one dev score per epoch
+        assert t.user_attrs["n_params"] > 0 and t.user_attrs["wall_time_s"] > 0
+        assert t.user_attrs["worker"].count(":") == 1
+        assert t.user_attrs["config"]["layers"] == [0, 1, 2, 3]
+        assert t.user_attrs["config"]["rank"] == t.params["rank"]
+
+    # resume: "until 5 trials have finished", nothing duplicated or lost
+    assert main(["run", str(study), "--n-trials", "5"]) == 0
+    trials = trials_of(study)
+    assert [t.number for t in trials] == [0, 1, 2, 3, 4]
+    assert all(t.state.name == "COMPLETE" for t in trials)
+
+    assert main(["run", str(study), "--n-trials", "5"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert len(trials_of(study)) == 5
+
+
+def test_pruning_stops_a_bad_trial_early(write_study, easy_task_files):
+    raw = tiny_study(
+        easy_task_files,
+        metric="loss",
+        budget={"n_trials": 2, "max_epochs": 4},
+        pruner={"type": "median", "n_startup_trials": 1},
+    )
+    raw["space"].update(lr=[1e-2, 1e-7], rank=1, suffix=1)
+    study = write_study(raw)
+    spec = load_spec(study)
+    created = open_study(spec, spec.storage)
+    created.enqueue_trial({"lr": 1e-2})  # learns: its dev loss falls
+    created.enqueue_trial({"lr": 1e-7})  # barely moves: worse than the median at epoch 1
+    assert main(["run", str(study)]) == 0
+    good, bad = trials_of(study)
+    assert good.state.name == "COMPLETE" and len(good.intermediate_values) == 4
+    assert bad.state.name == "PRUNED" and len(bad.intermediate_values) < 4
+    assert bad.user_attrs["pruned_at_epoch"] == max(bad.intermediate_values)
+
+
+def test_nan_loss_fails_only_that_trial(write_study, easy_task_files, capsys):
+    raw = tiny_study(easy_task_files, budget={"n_trials": 2, "max_epochs": 1})
+    raw["space"].update(lr=[1e-2, 1e30], rank=1, suffix=1)
+    study = write_study(raw)
+    spec = load_spec(study)
+    created = open_study(spec, spec.storage)
+    created.enqueue_trial({"lr": 1e30})
+    created.enqueue_trial({"lr": 1e-2})
+    assert main(["run", str(study)]) == 0
+    failed, *rest = trials_of(study)
+    assert failed.state.name == "FAIL"
+    assert "diverged" in failed.user_attrs["fail_reason"]
+    assert rest and rest[0].state.name == "COMPLETE"
+    assert "FAILED: diverged" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("space.rank=[1, 0]", "space.rank[1]: must be a positive integer, got 0"),
+        (
+            "space.layers=['all', '2;9']",
+            "space.layers[1]: layer 9 does not exist in a model with 4",
+        ),
+        ("task.text=missing_column", "task.text: column 'missing_column'"),
+        ("model=tiny:nope", "model.path"),
+    ],
+)
+def test_bad_input_exits_2_and_leaves_storage_untouched(
+    write_study, easy_task_files, capsys, override, message
+):
+    study = write_study(tiny_study(easy_task_files, budget={"n_trials": 1, "max_epochs": 1}))
+    assert main(["run", str(study)]) == 0
+    db = study.parent / "t.db"
+    before = digest(db)
+    capsys.readouterr()
+    assert main(["run", str(study), "--n-trials", "3", "--set", override]) == 2
+    assert message in capsys.readouterr().err
+    assert digest(db) == before
+    assert len(trials_of(study)) == 1
+
+
+def test_unreachable_storage_is_bad_input_with_password_masked(
+    write_study, easy_task_files, capsys
+):
+    study = write_study(tiny_study(easy_task_files))
+    url = "postgresql+psycopg://user:s3cret@127.0.0.1:1/nowhere"
+    assert main(["run", str(study), "--storage", url]) == 2
+    err = capsys.readouterr().err
+    assert "127.0.0.1" in err and "s3cret" not in err and "***" in err
+
+
+def test_best_json_and_table(write_study, easy_task_files, capsys):
+    study = write_study(tiny_study(easy_task_files, budget={"n_trials": 2, "max_epochs": 1}))
+    assert main(["run", str(study)]) == 0
+    capsys.readouterr()
+    assert main(["best", str(study), "--json"]) == 0
+    best = json.loads(capsys.readouterr().out)
+    assert {"value", "number", "params", "n_params", "config"} <= set(best)
+    values = [t.value for t in trials_of(study)]
+    assert best["value"] == max(values)
+    assert main(["best", str(study), "--top", "2"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["rank", "trial", "accuracy"] and len(table) == 3
+
+
+def test_best_test_touches_test_once_and_caches(write_study, easy_task_files, capsys):
+    study = write_study(tiny_study(easy_task_files, budget={"n_trials": 1, "max_epochs": 1}))
+    assert main(["run", str(study)]) == 0
+    capsys.readouterr()
+    assert main(["best", str(study), "--json", "--test"]) == 0
+    first = json.loads(capsys.readouterr().out)["test_score"]
+    assert 0.0 <= first <= 1.0
+    assert main(["best", str(study), "--json", "--test"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["test_score"] == first
+    assert "not touching test again" in captured.err
+
+
+def test_best_of_a_missing_study_is_bad_input(write_study, easy_task_files, capsys):
+    study = write_study(tiny_study(easy_task_files))
+    assert main(["best", str(study)]) == 2
+    assert "does not exist yet" in capsys.readouterr().err
+
+
+def test_validate_reports_each_file(write_study, easy_task_files, capsys):
+    good = write_study(tiny_study(easy_task_files), "good.yaml")
+    bad = write_study(tiny_study(easy_task_files, pruner={"type": "x"}), "bad.yaml")
+    assert main(["validate", str(good)]) == 0
+    assert main(["validate", str(good), str(bad)]) == 2
+    captured = capsys.readouterr()
+    assert "good.yaml: ok" in captured.out and "pruner.type: must be one of" in captured.err

@@ -1,0 +1,155 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from reftsearch.errors import BadInputError, SpecError
+from reftsearch.space import Choice, Fixed, FloatRange, IntRange, parse_layers
+from reftsearch.spec import load_spec, parse_spec
+
+STUDIES = sorted(Path(__file__).parents[1].joinpath("studies").glob("*.yaml"))
+
+
+def minimal(**changes):
+    raw = {
+        "name": "t",
+        "model": "tiny:llama",
+        "task": {"kind": "classification", "data": "builtin:sentiment"},
+    }
+    raw.update(changes)
+    return raw
+
+
+def parse(raw, tmp_path=Path("/tmp")):
+    return parse_spec(raw, base_dir=tmp_path)
+
+
+def error_of(raw) -> str:
+    with pytest.raises(SpecError) as info:
+        parse(raw)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=[p.name for p in STUDIES])
+def test_every_shipped_study_validates(path):
+    spec = load_spec(path)
+    assert spec.name == yaml.safe_load(path.read_text())["name"]
+
+
+def test_defaults_and_fixed_versus_searched(tmp_path):
+    spec = parse(
+        minimal(
+            space={"rank": [1, 4], "lr": {"low": 1e-4, "high": 1e-2, "log": True}, "prefix": 2}
+        ),
+        tmp_path,
+    )
+    assert spec.metric == "accuracy" and spec.direction == "maximize"
+    assert spec.storage == f"sqlite:///{tmp_path / 't.db'}"
+    assert spec.space["rank"] == Choice((1, 4))
+    assert spec.space["lr"] == FloatRange(1e-4, 1e-2, True)
+    assert spec.space["prefix"] == Fixed(2)
+    assert spec.space["epochs"] == Fixed(spec.budget.max_epochs)
+
+
+def test_int_range_and_choices_mapping(tmp_path):
+    spec = parse(
+        minimal(
+            space={
+                "suffix": {"low": 0, "high": 6, "step": 2},
+                "layers": {"choices": ["all", "1;3"]},
+            }
+        ),
+        tmp_path,
+    )
+    assert spec.space["suffix"] == IntRange(0, 6, False, 2)
+    assert spec.space["layers"] == Choice(("all", "1;3"))
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"space": {"rank": [1, 4, -1]}}, "space.rank[2]: must be a positive integer, got -1"),
+        (
+            {"pruner": {"type": "x"}},
+            "pruner.type: must be one of ['hyperband', 'median', 'none', 'successive_halving'], "
+            "got 'x'",
+        ),
+        ({"sampler": "annealing"}, "sampler.type: must be one of"),
+        ({"space": {"rnk": 4}}, "space.rnk: unknown key"),
+        ({"bogus": 1}, "bogus: unknown key"),
+        ({"space": {"lr": {"low": 1e-2, "high": 1e-4}}}, "space.lr.high: must be >= low"),
+        (
+            {"space": {"lr": {"low": 0.0, "high": 1e-2, "log": True}}},
+            "space.lr.low: must be a number > 0",
+        ),
+        ({"space": {"dropout": 1.5}}, "space.dropout: must be a number >= 0 and < 1, got 1.5"),
+        ({"space": {"layers": "2;x"}}, "space.layers: must be 'all' or layer indices"),
+        ({"space": {"layers": {"low": 1, "high": 3}}}, "space.layers: must be a value or a list"),
+        ({"space": {"tied": "yes"}}, "space.tied: must be true or false, got 'yes'"),
+        ({"space": {"epochs": [1, 5]}}, "space.epochs: must be <= budget.max_epochs (3), got 5"),
+        ({"space": {"prefix": 0, "suffix": 0}}, "space.prefix: prefix and suffix are both 0"),
+        (
+            {"metric": "exact_match"},
+            "metric: must be one of ['accuracy', 'f1', 'matthews', 'loss']",
+        ),
+        ({"metric": "loss", "direction": "maximize"}, "direction: metric 'loss' is to minimize"),
+        ({"budget": {"n_trials": 0}}, "budget.n_trials: must be a positive integer, got 0"),
+        ({"budget": {"timeout": "soon"}}, "budget.timeout: must be a positive duration"),
+        ({"model": {"path": "tiny:llama", "dtype": "int8"}}, "model.dtype: must be one of"),
+        ({"task": {"kind": "regression", "data": "x.csv"}}, "task.kind: must be one of"),
+        ({"task": {"kind": "classification"}}, "task.data: is required"),
+        (
+            {"task": {"kind": "classification", "data": {"dev": "d.csv"}}},
+            "task.data.train: is required",
+        ),
+        ({"storage": "not a url"}, "storage: must be a SQLAlchemy URL"),
+        ({"name": "bad name!"}, "name: must be letters, digits"),
+    ],
+)
+def test_errors_name_the_key_path(changes, expected):
+    assert expected in error_of(minimal(**changes))
+
+
+def test_budget_timeout_units(tmp_path):
+    assert parse(minimal(budget={"timeout": "2h"}), tmp_path).budget.timeout == 7200
+    assert parse(minimal(budget={"timeout": "30m"}), tmp_path).budget.timeout == 1800
+    assert parse(minimal(budget={"timeout": 90}), tmp_path).budget.timeout == 90
+
+
+def test_relative_paths_are_relative_to_the_study_file(tmp_path):
+    spec = parse(
+        minimal(
+            storage="sqlite:///s.db",
+            task={"kind": "classification", "data": {"train": "d/train.csv"}},
+        ),
+        tmp_path,
+    )
+    assert spec.storage == f"sqlite:///{tmp_path / 's.db'}"
+    assert spec.task.data.train == str(tmp_path / "d" / "train.csv")
+
+
+def test_overrides_are_validated_like_the_file(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(minimal()))
+    spec = load_spec(path, ["budget.n_trials=5", "space.rank=[1, 2]"])
+    assert spec.budget.n_trials == 5 and spec.space["rank"] == Choice((1, 2))
+    with pytest.raises(SpecError, match=r"space.rank: must be a positive integer, got 0"):
+        load_spec(path, ["space.rank=0"])
+    with pytest.raises(BadInputError, match="must look like key.path=value"):
+        load_spec(path, ["budget.n_trials"])
+
+
+def test_unreadable_and_malformed_files(tmp_path):
+    with pytest.raises(BadInputError, match="cannot read study file"):
+        load_spec(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed")
+    with pytest.raises(BadInputError, match="not valid YAML"):
+        load_spec(bad)
+
+
+def test_parse_layers():
+    assert parse_layers("all", 4) == (0, 1, 2, 3)
+    assert parse_layers("0;3-5", 6) == (0, 3, 4, 5)
+    with pytest.raises(ValueError, match="layer 6 does not exist in a model with 6 layers"):
+        parse_layers("2;6", 6)
