@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from reftsearch.errors import BadInputError, ReftSearchError
 from reftsearch.spec import StudySpec, load_spec
@@ -17,9 +17,14 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    return report_errors(lambda: args.handler(args))
+
+
+def report_errors(command: Callable[[], int]) -> int:
+    """Run ``command``: a ReftSearchError becomes one line on stderr and its exit code."""
     _quiet_libraries()
     try:
-        return args.handler(args)
+        return command()
     except ReftSearchError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
@@ -36,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_study_arguments(run)
     run.add_argument("--n-trials", type=int, help="run until this many trials have finished")
     run.add_argument("--workers", type=int, help="parallel workers (default: resources.workers)")
+    run.add_argument(
+        "--address",
+        help="join this Ray cluster (ray://host:10001 or auto) instead of starting a local one",
+    )
     run.set_defaults(handler=_run)
 
     validate = commands.add_parser("validate", help="check study files (spec only)")
@@ -59,7 +68,36 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="evaluate the best config once on the test split (retrains it)",
     )
+    best.add_argument("--csv", metavar="FILE", help="also write every trial as a CSV table")
     best.set_defaults(handler=_best)
+
+    dashboard = commands.add_parser("dashboard", help="watch a study in optuna-dashboard")
+    _add_study_arguments(dashboard)
+    dashboard.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (no login!)")
+    dashboard.add_argument("--port", type=int, default=8080, help="default 8080 (0: any free)")
+    dashboard.set_defaults(handler=_dashboard)
+
+    report = commands.add_parser("report", help="write an HTML report with plots")
+    _add_study_arguments(report)
+    report.add_argument("--out", metavar="DIR", help="default: reports/<study name>")
+    report.set_defaults(handler=_report)
+
+    compare = commands.add_parser(
+        "compare", help="run two studies (e.g. ReFT and LoRA) on one budget, test the winners"
+    )
+    compare.add_argument("studies", nargs=2, metavar="STUDY")
+    compare.add_argument("--n-trials", type=int, help="trials per study (default: the first's)")
+    compare.add_argument("--timeout", type=float, help="seconds per study (default: none)")
+    compare.add_argument("--out", metavar="FILE", help="CSV table (default: next to STUDY_A)")
+    compare.set_defaults(handler=_compare)
+
+    export = commands.add_parser("export", help="write a trial as a pyreft ReftModel directory")
+    _add_study_arguments(export)
+    export.add_argument(
+        "out_dir", nargs="?", metavar="OUT_DIR", help="default: the spec's export.dir"
+    )
+    export.add_argument("--trial", type=int, help="trial number (default: the best trial)")
+    export.set_defaults(handler=_export)
     return parser
 
 
@@ -85,10 +123,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.n_trials is not None and args.n_trials < 1:
         raise BadInputError(f"--n-trials: must be a positive integer, got {args.n_trials}")
     spec = _spec(args)
+    if args.workers is not None and args.workers < 1:
+        raise BadInputError(f"--workers: must be a positive integer, got {args.workers}")
     workers = args.workers or spec.resources.workers
-    if workers != 1:
-        raise BadInputError(f"--workers: only 1 worker is supported so far, got {workers}")
-    study = run_study(spec, args.storage or spec.storage, args.n_trials)
+    storage = args.storage or spec.storage
+    study = run_study(spec, storage, args.n_trials, workers=workers, address=args.address)
     _print_best(study, top=1)
     return EXIT_OK
 
@@ -126,14 +165,20 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _best(args: argparse.Namespace) -> int:
-    from reftsearch.report import best_trials, trial_summary
+    from reftsearch.report import best_trials, is_pareto, pareto_front, trial_summary, trials_frame
     from reftsearch.study import load_existing_study
 
     if args.top < 1:
         raise BadInputError(f"--top: must be a positive integer, got {args.top}")
     spec = _spec(args)
     study = load_existing_study(spec, args.storage or spec.storage)
-    trials = best_trials(study, args.top)
+    if args.csv:
+        trials_frame(study).to_csv(args.csv, index=False)
+        _stderr(f"wrote {len(study.trials)} trials to {args.csv}")
+    pareto = is_pareto(study)  # two objectives: the whole front, fewest parameters first
+    if pareto and args.test:
+        raise BadInputError("--test: a study with two objectives has a front, not one best config")
+    trials = pareto_front(study) if pareto else best_trials(study, args.top)
     if not trials:
         raise ReftSearchError(f"study {spec.name!r} has no completed trial yet")
     summaries = [trial_summary(study, t) for t in trials]
@@ -142,17 +187,76 @@ def _best(args: argparse.Namespace) -> int:
 
         summaries[0]["test_score"] = test_score(spec, study, trials[0], log=_stderr)
     if args.json:
-        print(json.dumps(summaries[0] if args.top == 1 else summaries, indent=2))
+        print(json.dumps(summaries[0] if args.top == 1 and not pareto else summaries, indent=2))
     else:
-        _print_best(study, args.top, summaries)
+        _print_best(study, len(summaries), summaries)
+    return EXIT_OK
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from reftsearch.dashboard import serve
+    from reftsearch.storage import check_storage
+
+    spec = _spec(args)
+    storage = args.storage or spec.storage
+    check_storage(storage)
+    serve(spec.name, storage, args.host, args.port, log=lambda line: print(line, flush=True))
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from reftsearch.html_report import write_report
+    from reftsearch.study import load_existing_study
+
+    spec = _spec(args)
+    study = load_existing_study(spec, args.storage or spec.storage)
+    out = Path(args.out) if args.out else Path("reports") / spec.name
+    print(f"wrote {write_report(study, out)}")
+    return EXIT_OK
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from reftsearch.compare import check_comparable, compare, table
+
+    specs = [load_spec(path) for path in args.studies]
+    check_comparable(*specs)
+    n_trials = args.n_trials or specs[0].budget.n_trials
+    if n_trials < 1:
+        raise BadInputError(f"--n-trials: must be a positive integer, got {n_trials}")
+    results = compare([(s, s.storage) for s in specs], n_trials, args.timeout, log=_stderr)
+    frame = table(results, specs[0].metric)
+    name = f"compare-{specs[0].name}-vs-{specs[1].name}.csv"
+    out = Path(args.out) if args.out else Path(args.studies[0]).with_name(name)
+    frame.to_csv(out, index=False)
+    print(frame.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    from reftsearch.export import export_study
+
+    spec = _spec(args)
+    result = export_study(
+        spec, args.storage or spec.storage, args.out_dir or spec.export_dir, args.trial, _stderr
+    )
+    test = "" if result.test_score is None else f", test={result.test_score:.4f}"
+    print(f"exported trial {result.trial}{test} to {result.out_dir} ({result.weights})")
+    if not result.pyreft_loadable:
+        _stderr(f"note: {result.note}")
     return EXIT_OK
 
 
 def _print_best(study, top: int, summaries: list[dict] | None = None) -> None:
-    from reftsearch.report import best_trials, format_table, trial_summary
+    from reftsearch.report import best_trials, format_table, is_pareto, pareto_front, trial_summary
 
     if summaries is None:
-        summaries = [trial_summary(study, t) for t in best_trials(study, top)]
+        trials = pareto_front(study) if is_pareto(study) else best_trials(study, top)
+        summaries = [trial_summary(study, t) for t in trials]
     print(format_table(summaries, study.user_attrs.get("metric", "value")))
 
 

@@ -44,7 +44,7 @@ class TaskData:
 def load_task_data(task: TaskSpec, seed: int) -> TaskData:
     """Train and dev rows for the search (the test split is left untouched)."""
     train = load_split(task, "train")
-    dev = load_split(task, "dev") if _has_split(task.data, "dev") else None
+    dev = load_split(task, "dev") if has_split(task.data, "dev") else None
     if dev is None:
         train, dev = carve_dev(train, task.dev_fraction, seed)
     train = _subset(train, task.max_train_examples, seed)
@@ -65,7 +65,7 @@ def load_task_data(task: TaskSpec, seed: int) -> TaskData:
 
 def load_test_rows(task: TaskSpec, label_names: list[str] | None) -> list[dict]:
     """The held-out test split, mapped like train; only for the final evaluation."""
-    if not _has_split(task.data, "test"):
+    if not has_split(task.data, "test"):
         raise BadInputError("task.data.test: the study has no test split")
     rows = load_split(task, "test")
     return _map_labels(rows, label_names, "test") if label_names else rows
@@ -97,7 +97,20 @@ def load_split(task: TaskSpec, split: str) -> list[dict]:
             raise BadInputError(
                 f"{split} data lacks {', '.join(missing)}; its columns are {sorted(records[0])}"
             )
-    return [{canonical: record[name] for canonical, name in columns.items()} for record in records]
+    return [
+        {canonical: _clean(canonical, record[name]) for canonical, name in columns.items()}
+        for record in records
+    ]
+
+
+# Whitespace at the ends of a classification text means nothing, but GLUE's SST-2 files end
+# every sentence with a space, which a BPE tokenizer turns into a token that last-token (l<s>)
+# positions would then sit on. Generation prompts keep theirs: it can separate the response.
+STRIPPED_COLUMNS = ("text", "text_pair")
+
+
+def _clean(canonical: str, value: Any) -> Any:
+    return value.strip() if canonical in STRIPPED_COLUMNS and isinstance(value, str) else value
 
 
 def _columns(task: TaskSpec) -> dict[str, str]:
@@ -109,7 +122,7 @@ def _columns(task: TaskSpec) -> dict[str, str]:
     return columns
 
 
-def _has_split(data: DataSpec, split: str) -> bool:
+def has_split(data: DataSpec, split: str) -> bool:
     return data.builtin is not None or getattr(data, split) is not None
 
 
@@ -256,11 +269,16 @@ class Batch:
     offsets: torch.Tensor  # left-padding per row: where each row's tokens start
     labels: torch.Tensor | None = None
     token_type_ids: torch.Tensor | None = None
+    rows: torch.Tensor | None = None  # each row's index in the example list it came from
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
         if self.token_type_ids is not None:
             inputs["token_type_ids"] = self.token_type_ids
+        if bool(self.offsets.any()):
+            # Left padding: positions count from each row's first real token, so a row's
+            # hidden states do not depend on how much padding its batch needed.
+            inputs["position_ids"] = (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
         return inputs
 
     def to(self, device: torch.device) -> Batch:
@@ -309,21 +327,58 @@ def collate(
     return batch
 
 
+# Length buckets: a seeded shuffle, then sorting inside windows of this many batches, so rows
+# of similar length share a batch (less padding) while the order stays random across windows.
+BUCKET_WINDOW = 16
+
+
+def batch_rows(
+    lengths: list[int],
+    batch_size: int,
+    generator: torch.Generator | None = None,
+    bucket: bool = False,
+) -> list[list[int]]:
+    """Row indices of each batch.
+
+    ``generator``: a seeded shuffle (else in order); ``bucket``: rows of similar length
+    together, deterministic given the generator (without one: sorted by length, for passes
+    whose result does not depend on the order, like dev scoring).
+    """
+    n = len(lengths)
+    order = (
+        torch.randperm(n, generator=generator).tolist() if generator is not None else list(range(n))
+    )
+    if bucket:
+        window = BUCKET_WINDOW * batch_size if generator is not None else n
+        order = [
+            i
+            for start in range(0, n, window)
+            for i in sorted(order[start : start + window], key=lambda i: lengths[i])
+        ]
+    chunks = [order[start : start + batch_size] for start in range(0, n, batch_size)]
+    if bucket and generator is not None:
+        chunks = [chunks[i] for i in torch.randperm(len(chunks), generator=generator).tolist()]
+    return chunks
+
+
+def collate_rows(examples: list[Encoded], rows: list[int], pad_id: int, **collate_options) -> Batch:
+    """``collate`` of ``examples[rows]``, remembering ``rows`` (see reftsearch.cache)."""
+    batch = collate([examples[i] for i in rows], pad_id, **collate_options)
+    batch.rows = torch.tensor(rows)
+    return batch
+
+
 def batches(
     examples: list[Encoded],
     batch_size: int,
     pad_id: int,
     generator: torch.Generator | None = None,
+    bucket: bool = False,
     **collate_options,
 ) -> list[Batch]:
-    """Batches in a seeded random order (``generator``) or in order (``None``)."""
-    order = (
-        torch.randperm(len(examples), generator=generator).tolist()
-        if generator is not None
-        else range(len(examples))
-    )
-    order = list(order)
+    """Batches in a seeded random order (``generator``) or in order (``None``); see batch_rows."""
+    lengths = [len(e.input_ids) for e in examples]
     return [
-        collate([examples[i] for i in order[start : start + batch_size]], pad_id, **collate_options)
-        for start in range(0, len(order), batch_size)
+        collate_rows(examples, rows, pad_id, **collate_options)
+        for rows in batch_rows(lengths, batch_size, generator, bucket)
     ]

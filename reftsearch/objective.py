@@ -1,7 +1,10 @@
 """An Optuna trial -> a resolved config -> trained interventions -> a dev score.
 
 Every trial records what a person needs to read it later: the resolved config, trainable
-parameters, wall time and the worker (``host:pid``) that trained it. A diverging or
+parameters, wall time, what its training cost (``epochs_trained``, in epochs over the whole
+train split) and the worker (``host:pid``) that trained it. A config this model and data cannot
+train ends PRUNED with ``invalid_reason`` before anything is built (reftsearch.validity); one
+identical to a finished trial copies its result (``copied_from``). A diverging or
 out-of-memory trial ends FAIL with its reason; the study goes on.
 """
 
@@ -11,18 +14,35 @@ import os
 import socket
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
 import optuna
 import torch
 
+from reftsearch.adapters import Adapter, AdapterConfig, build_adapter, readable_attrs
 from reftsearch.errors import ReftSearchError
+from reftsearch.fidelity import Rung, data_ladder, example_steps
 from reftsearch.finalize import FINALIZE_OF, SEED
-from reftsearch.reft import ReftConfig, ReftModule
+from reftsearch.lora import LoraConfig, resolve_targets
+from reftsearch.models import BaseModel
+from reftsearch.reft import ReftConfig
 from reftsearch.space import parse_layers, sample
 from reftsearch.study import PreparedStudy
-from reftsearch.train import DivergedError, TrainConfig, train_trial
+from reftsearch.train import DevScores, DivergedError, TrainConfig, train_trial, trained_head
+from reftsearch.validity import Limits, capped_share, why_invalid
+from reftsearch.weights import WEIGHTS_ARTIFACT, keep
+
+# per-epoch dev scores of a trial in a two-objective study, where Trial.report raises
+DEV_CURVE = "dev_curve"
+
+
+@dataclass
+class Spent:
+    """What a trial's training cost: epochs over the whole train split (``epochs_trained``)."""
+
+    epochs: float = 0.0
 
 
 class TrialFailed(ReftSearchError):
@@ -34,18 +54,9 @@ def worker_id() -> str:
 
 
 def resolve(
-    values: Mapping[str, Any], num_layers: int, seed: int
-) -> tuple[ReftConfig, TrainConfig]:
+    values: Mapping[str, Any], base: BaseModel, seed: int, method: str = "reft"
+) -> tuple[AdapterConfig, TrainConfig]:
     """Sampled/fixed parameter values -> the configs the trainer takes."""
-    reft = ReftConfig(
-        intervention=values["intervention"],
-        layers=parse_layers(values["layers"], num_layers),
-        prefix=values["prefix"],
-        suffix=values["suffix"],
-        tied=values["tied"],
-        rank=values["rank"],
-        dropout=values["dropout"],
-    )
     train = TrainConfig(
         lr=values["lr"],
         epochs=values["epochs"],
@@ -54,16 +65,31 @@ def resolve(
         weight_decay=values["weight_decay"],
         seed=seed,
     )
+    if method == "lora":
+        lora = LoraConfig(
+            rank=values["rank"],
+            alpha=values["alpha"],
+            dropout=values["dropout"],
+            target_modules=resolve_targets(values["target_modules"], base.model.config.model_type),
+        )
+        return lora, train
+    reft = ReftConfig(
+        intervention=values["intervention"],
+        layers=parse_layers(values["layers"], base.num_layers),
+        prefix=values["prefix"],
+        suffix=values["suffix"],
+        tied=values["tied"],
+        rank=values["rank"],
+        dropout=values["dropout"],
+    )
     return reft, train
 
 
-def invalid_reason(config: ReftConfig, hidden_size: int) -> str | None:
-    """Why a sampled config cannot be trained, or None if it can."""
-    if config.prefix == 0 and config.suffix == 0:
-        return "prefix and suffix are both 0: no token would be intervened on"
-    if config.rank > hidden_size:
-        return f"rank {config.rank} exceeds the hidden size {hidden_size}"
-    return None
+def invalid_reason(config: AdapterConfig, limits: Limits) -> str | None:
+    """Why a sampled config cannot be trained on this model and data, or None if it can."""
+    if isinstance(config, LoraConfig):
+        return None  # target modules were checked against the model in study.prepare
+    return why_invalid(config, limits)
 
 
 def finished_twin(trial: optuna.Trial, config: dict) -> optuna.trial.FrozenTrial | None:
@@ -75,64 +101,136 @@ def finished_twin(trial: optuna.Trial, config: dict) -> optuna.trial.FrozenTrial
     return None
 
 
-def copy_result(trial: optuna.Trial, twin: optuna.trial.FrozenTrial) -> float:
+def copy_result(trial: optuna.Trial, twin: optuna.trial.FrozenTrial) -> list[float]:
     """Finish ``trial`` with ``twin``'s outcome instead of training the same thing again."""
     trial.set_user_attr("copied_from", twin.number)
-    for key in ("n_params", "n_head_params", "pruned_at_epoch"):
+    copied = ("n_params", "n_head_params", "pruned_at_epoch", "pruned", WEIGHTS_ARTIFACT, DEV_CURVE)
+    for key in copied:
         if key in twin.user_attrs:
             trial.set_user_attr(key, twin.user_attrs[key])
     for epoch, score in sorted(twin.intermediate_values.items()):
         trial.report(score, epoch)
     if twin.state == optuna.trial.TrialState.PRUNED:
         raise optuna.TrialPruned(f"same config as trial {twin.number}, which was pruned")
-    return twin.value
+    return twin.values  # Optuna takes a list for one objective too
 
 
 class Objective:
     """Callable for ``study.optimize``; holds the loaded model and data across trials."""
 
-    def __init__(self, prepared: PreparedStudy, log=print) -> None:
+    def __init__(self, prepared: PreparedStudy, log=print, trainer=train_trial) -> None:
         self.prepared = prepared
         self.log = log
+        self.trainer = trainer  # train_trial, or a packed trainer (reftsearch.packing)
+        pruner = prepared.spec.pruner
+        self.per_example = pruner.type == "wilcoxon"
+        self.rungs = None  # train on the whole split; else climb the data ladder
+        if pruner.type in ("successive_halving", "hyperband") and pruner.resource != "epochs":
+            self.rungs = data_ladder(
+                prepared.split.train,
+                pruner.reduction_factor,
+                pruner.min_fraction,
+                prepared.spec.seed,
+            )
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         spec, base = self.prepared.spec, self.prepared.base
         values = sample(trial, spec.space)
         # finalize runs repeat a config with another seed (reftsearch.finalize)
         seed = trial.user_attrs.get(SEED, spec.seed)
-        reft_config, train_config = resolve(values, base.num_layers, seed)
-        reason = invalid_reason(reft_config, base.hidden_size)
+        reft_config, train_config = resolve(values, base, seed, spec.method)
+        reason = invalid_reason(reft_config, self.prepared.limits)
         if reason:
             # costs milliseconds, and a pruned trial tells the sampler to look elsewhere
             trial.set_user_attr("invalid_reason", reason)
             raise optuna.TrialPruned(f"invalid config: {reason}")
         config = {**reft_config.to_dict(), **vars(train_config)}
         trial.set_user_attr("config", config)
-        trial.set_user_attr("n_interventions", reft_config.num_interventions)
+        for key, value in readable_attrs(config).items():  # columns in the dashboard
+            trial.set_user_attr(key, value)
+        if isinstance(reft_config, ReftConfig):
+            trial.set_user_attr("n_interventions", reft_config.num_interventions)
+            capped = capped_share(reft_config, self.prepared.limits)
+            if capped:  # pyreft's n // 2 cap: these prompts get fewer edited tokens
+                trial.set_user_attr("positions_capped", round(capped, 4))
         trial.set_user_attr("worker", worker_id())
         twin = finished_twin(trial, config)
         if twin is not None:
             return copy_result(trial, twin)
-        reft = ReftModule(reft_config, base.hidden_size).to(base.device)
-        trial.set_user_attr("n_params", reft.num_parameters())
-        trial.set_user_attr("n_head_params", sum(p.numel() for p in base.head_parameters()))
-        # a finalize run must finish: it measures seed variance, not promise
-        on_epoch = None if FINALIZE_OF in trial.user_attrs else partial(self._report, trial)
+        spent = Spent()
         start = time.perf_counter()
         try:
-            return train_trial(base, reft, self.prepared.split, train_config, on_epoch)
+            reft, score = self._train(trial, reft_config, train_config, spent)
         except DivergedError as err:
             raise self._fail(trial, f"diverged: {err}") from err
         except torch.OutOfMemoryError as err:
             raise self._fail(trial, f"out of memory: {str(err).splitlines()[0]}") from err
         finally:
             trial.set_user_attr("wall_time_s", round(time.perf_counter() - start, 3))
+            trial.set_user_attr("epochs_trained", round(spent.epochs, 4))
+        keep(trial, reft, trained_head(base, reft))  # so that export needs no retraining
+        if len(spec.objectives) == 1:
+            return score
+        return score, float(reft.num_parameters())  # objectives: [score, n_params]
 
-    def _report(self, trial: optuna.Trial, epoch: int, score: float) -> None:
-        trial.report(score, epoch)
+    def _train(
+        self, trial: optuna.Trial, config: AdapterConfig, train_config: TrainConfig, spent: Spent
+    ) -> tuple[Adapter, float]:
+        """Train on the whole train split, or up the data ladder (reftsearch.fidelity)."""
+        base, split = self.prepared.base, self.prepared.split
+        # a finalize run must finish: it measures seed variance, not promise
+        finalize = FINALIZE_OF in trial.user_attrs
+        rungs = self.rungs if self.rungs and not finalize else [Rung(1, 1.0, split.train)]
+        for rung in rungs:
+            # the seed fixes the adapter's init too; every rung starts from the same one
+            torch.manual_seed(train_config.seed)
+            adapter = build_adapter(config, base)
+            trial.set_user_attr("n_params", adapter.num_parameters())
+            trial.set_user_attr("n_head_params", sum(p.numel() for p in base.head_parameters()))
+            report = len(rungs) == 1 and not finalize
+            on_epoch = partial(self._epoch_done, trial, spent, rung.fraction, report)
+            subset = replace(split, train=rung.train)
+            cache = self.prepared.cache if isinstance(config, ReftConfig) else None  # LoRA: none
+            score = self.trainer(base, adapter, subset, train_config, on_epoch, cache)
+            if len(rungs) > 1:
+                self._report_rung(trial, rung, score, last=rung is rungs[-1])
+        return adapter, score
+
+    def _epoch_done(
+        self,
+        trial: optuna.Trial,
+        spent: Spent,
+        fraction: float,
+        report: bool,
+        epoch: int,
+        dev: DevScores,
+    ) -> None:
+        spent.epochs += fraction
+        if report:
+            self._report(trial, epoch, dev)
+
+    def _report(self, trial: optuna.Trial, epoch: int, dev: DevScores) -> None:
+        if len(trial.study.directions) > 1:
+            # Optuna cannot prune a two-objective trial (Trial.report raises): keep the curve
+            trial.set_user_attr(DEV_CURVE, [*trial.user_attrs.get(DEV_CURVE, []), dev.score])
+            return
+        if self.per_example:  # Wilcoxon: one step per dev example (reftsearch.fidelity)
+            hits = dev.per_example
+            for step, hit in zip(example_steps(epoch, len(hits)), hits, strict=True):
+                trial.report(float(hit), step)
+        else:
+            trial.report(dev.score, epoch)
         if trial.should_prune():
             trial.set_user_attr("pruned_at_epoch", epoch)
-            raise optuna.TrialPruned(f"pruned after epoch {epoch} with dev score {score:.4f}")
+            trial.set_user_attr("pruned", f"after epoch {epoch} (dev={dev.score:.4f})")
+            raise optuna.TrialPruned(f"pruned after epoch {epoch} with dev score {dev.score:.4f}")
+
+    def _report_rung(self, trial: optuna.Trial, rung: Rung, score: float, last: bool) -> None:
+        trial.report(score, rung.step)
+        if not last and trial.should_prune():
+            where = f"at {rung.fraction:.3g} of the training data"
+            trial.set_user_attr("pruned", f"{where} (dev={score:.4f})")
+            raise optuna.TrialPruned(f"pruned {where} with dev score {score:.4f}")
 
     def _fail(self, trial: optuna.Trial, reason: str) -> TrialFailed:
         trial.set_user_attr("fail_reason", reason)

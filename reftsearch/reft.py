@@ -63,6 +63,7 @@ class ReftModule(nn.Module):
         # [groups, batch, width] token indices for the batch being run; None = pass-through
         # (e.g. the one-token steps of cached generation, which pyreft never intervenes on).
         self._locations: torch.Tensor | None = None
+        self._rows: torch.Tensor | None = None  # [batch] the batch rows the locations belong to
 
     def intervention(self, layer: int, group: int) -> Intervention:
         return self.interventions[_key(layer, group)]
@@ -74,12 +75,21 @@ class ReftModule(nn.Module):
         return [p for module in self.interventions.values() for p in module.no_decay_parameters()]
 
     def set_locations(
-        self, prompt_lengths: torch.Tensor, offsets: torch.Tensor | None = None
+        self,
+        prompt_lengths: torch.Tensor,
+        offsets: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
     ) -> None:
-        """Point the interventions at the prompts of the next batch."""
+        """Point the interventions at the prompts of the next batch.
+
+        ``rows``: which rows of the batch are this trial's (all by default); when several
+        trials share one batch (reftsearch.packing) each edits only its own rows.
+        """
         c = self.config
         locations = intervention_locations(prompt_lengths, c.prefix, c.suffix, c.tied, offsets)
-        self._locations = locations.to(self._device())
+        device = self._device()
+        self._locations = locations.to(device)
+        self._rows = (torch.arange(len(prompt_lengths)) if rows is None else rows).to(device)
 
     def clear_locations(self) -> None:
         self._locations = None
@@ -103,11 +113,11 @@ class ReftModule(nn.Module):
             return hidden
         for group, positions in enumerate(self._locations):
             valid = positions >= 0
-            index = positions.clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1])
-            selected = hidden.gather(1, index)
+            index = (self._rows[:, None].expand_as(positions), positions.clamp(min=0))
+            selected = hidden[index]
             delta = (self.intervention(layer, group)(selected) - selected) * valid[..., None]
-            # scatter_add (not scatter) keeps the graph simple; padded slots add exactly zero.
-            hidden = hidden.scatter_add(1, index, delta.to(hidden.dtype))
+            # accumulate (not assign) keeps the graph simple; padded slots add exactly zero.
+            hidden = hidden.index_put(index, delta.to(hidden.dtype), accumulate=True)
         return hidden
 
     def _hook(self, layer: int):
@@ -126,12 +136,16 @@ def describe_config(config: dict) -> str:
     """A short human line for a resolved config."""
     if not config:
         return "?"
+    training = f"lr={config['lr']:.2g} ep{config['epochs']} bs{config['batch_size']}"
+    if config.get("method") == "lora":  # reftsearch.lora
+        targets = ";".join(config["target_modules"])
+        return f"lora [{targets}] r{config['rank']} alpha={config['alpha']:g} {training}"
     layers = config["layers"]
     layer_text = ";".join(map(str, layers)) if len(layers) <= 6 else f"{len(layers)} layers"
     tied = " tied" if config.get("tied") else ""
     return (
         f"{config['intervention']} L[{layer_text}] {config['positions']}{tied} "
-        f"r{config['rank']} lr={config['lr']:.2g} ep{config['epochs']} bs{config['batch_size']}"
+        f"r{config['rank']} {training}"
     )
 
 

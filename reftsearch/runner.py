@@ -2,46 +2,79 @@
 
 The budget counts finished trials (complete, pruned or failed) across every process that
 works on the study, so running the same study again resumes it instead of starting over.
+One worker runs in this process; several run as Ray actors (each a ``reftsearch.worker.Worker``
+holding its own model) on a local Ray cluster that the run starts and stops, or on an existing
+cluster (``address``). The study storage is the single source of truth: Ray only places the
+workers, and this process prints their trials by reading the storage.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import os
 import time
 from collections.abc import Callable
 
 import optuna
 
+from reftsearch.errors import BadInputError, ReftSearchError
 from reftsearch.estimate import estimate_study
-from reftsearch.finalize import FINALIZE_OF, SEED, enqueue_finalize, top_search_trials
+from reftsearch.finalize import (
+    FINALIZE_OF,
+    SEED,
+    enqueue_finalize,
+    search_trials,
+    top_search_trials,
+)
 from reftsearch.objective import Objective, TrialFailed
 from reftsearch.reft import describe_config
 from reftsearch.spec import StudySpec
 from reftsearch.storage import check_storage, mask_url
-from reftsearch.study import PreparedStudy, count_finished, open_study, prepare
+from reftsearch.study import (
+    FINISHED_STATES,
+    PreparedStudy,
+    budget_trials,
+    count_finished,
+    open_study,
+)
 from reftsearch.warmstart import Recipe, enqueue_warm_starts, paper_recipes, study_recipes
+from reftsearch.worker import Worker, load, publish_spec
 
 Log = Callable[[str], None]
 
+# a worker killed this many times (OOM killer, preemption) ends the run instead of looping
+MAX_WORKER_RESTARTS = 3
+POLL_S = 1.0
+
 
 def run_study(
-    spec: StudySpec, storage_url: str, n_trials: int | None = None, log: Log = print
+    spec: StudySpec,
+    storage_url: str,
+    n_trials: int | None = None,
+    log: Log | None = None,
+    workers: int = 1,
+    address: str | None = None,
 ) -> optuna.Study:
-    """Validate everything, then run trials in this process until ``n_trials`` have finished."""
+    """Validate everything, then run trials until ``n_trials`` have finished: in this process
+    (one worker) or on Ray actors (several, or any number on the cluster at ``address``)."""
     n_trials = n_trials or spec.budget.n_trials
+    log = log or print_now
     check_storage(storage_url)
     start = time.perf_counter()
-    prepared = prepare(spec)
+    prepared = load(spec)
     log(
         f"loaded {spec.model.path} ({prepared.base.num_layers} layers, hidden "
         f"{prepared.base.hidden_size}) and {len(prepared.split.train)} train / "
         f"{len(prepared.split.dev)} dev examples in {time.perf_counter() - start:.1f}s"
     )
     study = open_study(spec, storage_url)
+    publish_spec(study, spec, n_trials)
     optuna.storages.fail_stale_trials(study)
     done = count_finished(study)
     log(f"study {spec.name!r} on {mask_url(storage_url)}: {done} of {n_trials} trials finished")
     if done < n_trials:
-        log(estimate_study(prepared, n_trials - done, workers=1, samples=3).line())
+        log(estimate_study(prepared, n_trials - done, workers=workers, samples=3).line())
         enqueue_warm_starts(
             study,
             warm_start_recipes(spec, storage_url, prepared),
@@ -49,12 +82,21 @@ def run_study(
             prepared.base.num_layers,
             log,
         )
-        run_trials(study, prepared, n_trials, log)
+        if workers == 1 and address is None:
+            worker = Worker(spec, storage_url, prepared, log, alone=True)
+            worker.run(n_trials, spec.budget.timeout, [ProgressPrinter(n_trials, log)])
+        else:
+            run_on_ray(study, spec, storage_url, n_trials, workers, address, log)
     elif not spec.finalize:
         log("nothing to do: the budget is already met (raise --n-trials to continue)")
     if spec.finalize and count_finished(study) >= n_trials:
         run_finalize(study, prepared, log)
     return study
+
+
+def print_now(line: str) -> None:
+    """Progress lines reach a redirected log (``> run.log``) as they happen, not in blocks."""
+    print(line, flush=True)
 
 
 def warm_start_recipes(spec: StudySpec, storage_url: str, prepared: PreparedStudy) -> list[Recipe]:
@@ -80,28 +122,96 @@ def run_finalize(study: optuna.Study, prepared: PreparedStudy, log: Log) -> None
         )
 
 
-def run_trials(study: optuna.Study, prepared: PreparedStudy, n_trials: int, log: Log) -> None:
-    """Optimise in this process until the study holds ``n_trials`` finished trials."""
-    spec = prepared.spec
-    study.optimize(
-        Objective(prepared, log),
-        n_trials=n_trials - count_finished(study),
-        timeout=spec.budget.timeout,
-        callbacks=[StopAtBudget(n_trials), ProgressPrinter(n_trials, log)],
-        catch=(TrialFailed,),
-    )
+def run_on_ray(
+    study: optuna.Study,
+    spec: StudySpec,
+    storage_url: str,
+    n_trials: int,
+    workers: int,
+    address: str | None,
+    log: Log,
+) -> None:
+    """``workers`` Ray actors run trials until the budget is met; a killed actor is restarted
+    (its trial goes FAIL and is retried once by the heartbeat). The local cluster this starts
+    is stopped on every exit: done, error or Ctrl-C."""
+    import ray
+
+    res = spec.resources
+    if address is None:
+        # an explicit local cluster: a leftover `ray start` cluster must not be joined
+        cpus = max(os.cpu_count() or 1, math.ceil(workers * res.cpus_per_trial))
+        ray.init(
+            address="local",
+            num_cpus=cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.ERROR,
+        )
+    else:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+    try:
+        _check_cluster_fits(ray.cluster_resources(), workers, spec, local=address is None, log=log)
+        log(
+            f"{workers} workers on {'a local Ray cluster' if address is None else address} "
+            f"({res.cpus_per_trial:g} CPUs, {res.gpus_per_trial:g} GPUs each)"
+        )
+        actor = ray.remote(Worker).options(
+            num_cpus=res.cpus_per_trial,
+            num_gpus=res.gpus_per_trial,
+            max_restarts=MAX_WORKER_RESTARTS,
+            max_task_retries=MAX_WORKER_RESTARTS,
+        )
+        actors = [actor.remote(spec, storage_url) for _ in range(workers)]
+        runs = [a.run.remote(n_trials, spec.budget.timeout) for a in actors]
+        progress = StoragePrinter(study, ProgressPrinter(n_trials, log))
+        while runs:
+            done, runs = ray.wait(runs, timeout=POLL_S)
+            ray.get(done)  # raises a worker's error here
+            progress.poll()
+        progress.poll()
+    except ray.exceptions.RayError as err:
+        raise ReftSearchError(f"a worker failed: {_first_line(err)}") from None
+    finally:
+        ray.shutdown()
 
 
-class StopAtBudget:
-    """Stop once the study (all its workers together) holds ``n_trials`` finished search
-    trials; like Optuna's MaxTrialsCallback, but finalize runs do not count."""
+def _check_cluster_fits(
+    cluster: dict, workers: int, spec: StudySpec, local: bool, log: Log
+) -> None:
+    res = spec.resources
+    need = {"CPU": workers * res.cpus_per_trial, "GPU": workers * res.gpus_per_trial}
+    for kind, amount in need.items():
+        have = cluster.get(kind, 0)
+        if amount > have:
+            message = (
+                f"{workers} workers x resources.{kind.lower()}s_per_trial need {amount:g} "
+                f"{kind}s, the Ray cluster has {have:g}"
+            )
+            if local:
+                raise BadInputError(message)
+            log(f"warning: {message}: workers wait until the cluster grows")
 
-    def __init__(self, n_trials: int) -> None:
-        self.n_trials = n_trials
 
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if count_finished(study) >= self.n_trials:
-            study.stop()
+def _first_line(err: Exception) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+class StoragePrinter:
+    """Prints, through ``printer``, the search trials that finished since the last poll."""
+
+    def __init__(self, study: optuna.Study, printer: ProgressPrinter) -> None:
+        self.study = study
+        self.printer = printer
+        self.seen = {t.number for t in search_trials(study, FINISHED_STATES)}
+
+    def poll(self) -> None:
+        new = [t for t in search_trials(self.study, FINISHED_STATES) if t.number not in self.seen]
+        counted = budget_trials(self.study)
+        for trial in sorted(new, key=lambda t: t.datetime_complete):
+            self.seen.add(trial.number)
+            done = sum(c.datetime_complete <= trial.datetime_complete for c in counted)
+            self.printer(self.study, trial, done)
 
 
 class ProgressPrinter:
@@ -113,30 +223,36 @@ class ProgressPrinter:
         self.finalize = finalize
         self.printed = 0
 
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    def __call__(
+        self, study: optuna.Study, trial: optuna.trial.FrozenTrial, done: int | None = None
+    ) -> None:
+        """``done``: finished trials up to this one (default: all finished so far)."""
         self.printed += 1
-        done = self.printed if self.finalize else count_finished(study)
+        if done is None:
+            done = self.printed if self.finalize else count_finished(study)
         attrs = trial.user_attrs
         if trial.state == optuna.trial.TrialState.COMPLETE:
-            outcome = f"dev={trial.value:.4f}"
+            outcome = f"dev={trial.values[0]:.4f}"
         elif "invalid_reason" in attrs:
             outcome = f"not trained, invalid config: {attrs['invalid_reason']}"
         elif trial.state == optuna.trial.TrialState.PRUNED:
-            last = trial.intermediate_values.get(attrs.get("pruned_at_epoch"))
-            outcome = f"pruned at epoch {attrs.get('pruned_at_epoch')}" + (
-                f" (dev={last:.4f})" if last is not None else ""
-            )
+            outcome = f"pruned {attrs.get('pruned', '')}".rstrip()
         else:
-            outcome = f"FAILED: {attrs.get('fail_reason', 'see log')}"
+            # no reason recorded: the worker died mid-trial and its heartbeat stopped
+            reason = attrs.get("fail_reason", f"worker {attrs.get('worker', '?')} stopped")
+            outcome = f"FAILED: {reason}"
         self.log(
-            f"[{done}/{self.n_trials}] trial {trial.number}{_origin(attrs)}: {outcome} | "
+            f"[{done}/{self.n_trials}] trial {trial.number}{_origin(trial)}: {outcome} | "
             f"{_best(study)} | {describe_config(attrs.get('config', {}))} | "
             f"{attrs.get('n_params', '?')} params | {attrs.get('wall_time_s', 0):.1f}s"
         )
 
 
-def _origin(attrs: dict) -> str:
+def _origin(trial: optuna.trial.FrozenTrial) -> str:
     """Where a trial's config came from, when not from the sampler."""
+    attrs = trial.user_attrs
+    if "failed_trial" in trial.system_attrs:  # set by RetryHeartbeatStaleTrialCallback
+        return f" (retry of trial {trial.system_attrs['failed_trial']})"
     if FINALIZE_OF in attrs:
         return f" (trial {attrs[FINALIZE_OF]} with seed {attrs[SEED]})"
     if "copied_from" in attrs:
@@ -148,4 +264,4 @@ def _origin(attrs: dict) -> str:
 
 def _best(study: optuna.Study) -> str:
     best = top_search_trials(study, 1)
-    return f"best={best[0].value:.4f} (#{best[0].number})" if best else "best: none yet"
+    return f"best={best[0].values[0]:.4f} (#{best[0].number})" if best else "best: none yet"

@@ -67,15 +67,17 @@ def _layers_value(raw: Any, path: str) -> str:
     return text
 
 
-PARAMETERS: dict[str, Parameter] = {
-    "intervention": Parameter(lambda raw, p: v.choice(raw, p, INTERVENTIONS), "loreft"),
-    "layers": Parameter(_layers_value, "all"),
-    "prefix": Parameter(lambda raw, p: v.integer(raw, p, minimum=0), 1, "int"),
-    "suffix": Parameter(lambda raw, p: v.integer(raw, p, minimum=0), 0, "int"),
-    "tied": Parameter(v.boolean, False),
-    "rank": Parameter(lambda raw, p: v.integer(raw, p, minimum=1), 4, "int"),
+def _target_modules_value(raw: Any, path: str) -> str:
+    text = v.string(raw, path)
+    if not all(name.strip() for name in text.split(";")):
+        raise SpecError(
+            path, f"must be 'default' or module names like 'q_proj;v_proj', got {text!r}"
+        )
+    return text
+
+
+TRAINING_PARAMETERS: dict[str, Parameter] = {
     "lr": Parameter(lambda raw, p: v.number(raw, p, 0, exclusive_min=True), 1e-3, "float"),
-    "dropout": Parameter(lambda raw, p: v.number(raw, p, 0, 1, exclusive_max=True), 0.0, "float"),
     "epochs": Parameter(lambda raw, p: v.integer(raw, p, minimum=1), None, "int"),
     "batch_size": Parameter(lambda raw, p: v.integer(raw, p, minimum=1), 16, "int"),
     "warmup_ratio": Parameter(
@@ -83,19 +85,52 @@ PARAMETERS: dict[str, Parameter] = {
     ),
     "weight_decay": Parameter(lambda raw, p: v.number(raw, p, 0), 0.0, "float"),
 }
+_DROPOUT = Parameter(lambda raw, p: v.number(raw, p, 0, 1, exclusive_max=True), 0.0, "float")
+
+PARAMETERS: dict[str, Parameter] = {  # method: reft
+    "intervention": Parameter(lambda raw, p: v.choice(raw, p, INTERVENTIONS), "loreft"),
+    "layers": Parameter(_layers_value, "all"),
+    "prefix": Parameter(lambda raw, p: v.integer(raw, p, minimum=0), 1, "int"),
+    "suffix": Parameter(lambda raw, p: v.integer(raw, p, minimum=0), 0, "int"),
+    "tied": Parameter(v.boolean, False),
+    "rank": Parameter(lambda raw, p: v.integer(raw, p, minimum=1), 4, "int"),
+    "lr": TRAINING_PARAMETERS["lr"],  # this order is the sampling order: keep it stable
+    "dropout": _DROPOUT,
+    **TRAINING_PARAMETERS,
+}
+
+# method: lora (peft). "default" target modules = peft's choice for the architecture
+# (q_proj;v_proj on Llama, query;value on BERT).
+LORA_PARAMETERS: dict[str, Parameter] = {
+    "rank": Parameter(lambda raw, p: v.integer(raw, p, minimum=1), 8, "int"),
+    "alpha": Parameter(lambda raw, p: v.number(raw, p, 0, exclusive_min=True), 16.0, "float"),
+    "dropout": _DROPOUT,
+    "target_modules": Parameter(_target_modules_value, "default"),
+    **TRAINING_PARAMETERS,
+}
+METHOD_PARAMETERS = {"reft": PARAMETERS, "lora": LORA_PARAMETERS}
 
 
-def parse_space(raw: Any, path: str, max_epochs: int) -> dict[str, Dimension]:
+def parse_space(
+    raw: Any, path: str, max_epochs: int, method: str = "reft"
+) -> dict[str, Dimension]:
     """Validate ``space:``; every known parameter gets a dimension (its default when absent)."""
-    entries = v.mapping(raw, path, PARAMETERS)
+    parameters = METHOD_PARAMETERS[method]
+    entries = v.mapping(raw, path, parameters)
     space: dict[str, Dimension] = {}
-    for name, parameter in PARAMETERS.items():
+    for name, parameter in parameters.items():
         default = max_epochs if name == "epochs" else parameter.default
         space[name] = _parse_dimension(entries.get(name, default), v.join(path, name), parameter)
     _check_epochs(space["epochs"], v.join(path, "epochs"), max_epochs)
-    if space["prefix"] == Fixed(0) and space["suffix"] == Fixed(0):
+    if method == "reft" and space["prefix"] == Fixed(0) and space["suffix"] == Fixed(0):
         raise SpecError(
             v.join(path, "prefix"), "prefix and suffix are both 0: no token would be intervened on"
+        )
+    one_sided = Fixed(0) in (space.get("prefix"), space.get("suffix"))
+    if method == "reft" and space["tied"] == Fixed(True) and one_sided:
+        raise SpecError(
+            v.join(path, "tied"),
+            "true needs a prefix and a suffix to share one intervention, but one is fixed to 0",
         )
     return space
 

@@ -17,6 +17,7 @@ import yaml
 
 from reftsearch import validation as v
 from reftsearch.errors import BadInputError, SpecError
+from reftsearch.metrics import PER_EXAMPLE
 from reftsearch.space import Dimension, parse_space
 
 TASK_KINDS = ("classification", "generation")
@@ -25,14 +26,22 @@ METRICS = {  # name -> direction
     "f1": "maximize",
     "matthews": "maximize",
     "exact_match": "maximize",
+    "final_number": "maximize",  # exact match of the final number (GSM8K's "#### 42")
     "loss": "minimize",
 }
 METRICS_FOR_KIND = {
     "classification": ("accuracy", "f1", "matthews", "loss"),
-    "generation": ("exact_match", "loss"),
+    "generation": ("exact_match", "final_number", "loss"),
 }
-SAMPLERS = ("tpe", "random", "grid", "cmaes")
-PRUNERS = ("none", "median", "successive_halving", "hyperband")
+SAMPLERS = ("tpe", "random", "grid", "cmaes", "nsga2")
+METHODS = ("reft", "lora")
+# what a study optimises: the dev score (the metric's direction), optionally also the trainable
+# parameter count (minimised): then the study searches a Pareto front
+OBJECTIVES = {"score": None, "n_params": "minimize"}
+PRUNERS = ("none", "median", "successive_halving", "hyperband", "wilcoxon")
+# what rung pruners (successive halving, hyperband) climb: epochs, or the share of the
+# training data (each rung trains on reduction_factor times more examples)
+PRUNER_RESOURCES = ("epochs", "data_fraction")
 DTYPES = ("float32", "bfloat16", "float16")
 SPLITS = ("train", "dev", "test")
 
@@ -92,6 +101,9 @@ class PrunerSpec:
     min_resource: int = 1
     reduction_factor: int = 3
     n_startup_trials: int = 3
+    resource: str = "epochs"
+    min_fraction: float = 0.1  # data_fraction: the smallest rung's share of the train split
+    p_threshold: float = 0.1  # wilcoxon: prune when worse than the best at this p-value
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,8 @@ class ResourcesSpec:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     heartbeat_s: int = 60
+    cache_mb: float = 1024.0  # frozen-prefix activation cache per worker (reftsearch.cache)
+    trials_per_worker: int = 1  # trials trained side by side in one batch (reftsearch.packing)
 
 
 @dataclass(frozen=True)
@@ -142,6 +156,16 @@ class StudySpec:
     warm_start: tuple[WarmStartSpec, ...] = ()
     finalize: FinalizeSpec | None = None
     source: Path | None = None
+    # the mapping it was parsed from and the directory relative paths resolve against:
+    # workers on other machines rebuild the spec from these (reftsearch.worker)
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    base_dir: Path | None = None
+    method: str = "reft"
+    objectives: tuple[str, ...] = ("score",)
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        return tuple(OBJECTIVES[o] or self.direction for o in self.objectives)
 
 
 def load_spec(path: str | Path, overrides: list[str] = ()) -> StudySpec:
@@ -209,6 +233,8 @@ TOP_LEVEL = (
     "export",
     "warm_start",
     "finalize",
+    "method",
+    "objectives",
 )
 
 
@@ -234,6 +260,11 @@ def parse_spec(raw: Any, base_dir: Path, source: Path | None = None) -> StudySpe
         )
     budget = _budget(entries.get("budget"), "budget")
     seed = v.integer(entries.get("seed", 42), "seed", minimum=0)
+    method = v.choice(entries.get("method", "reft"), "method", METHODS)
+    objectives = _objectives(entries.get("objectives", ["score"]), "objectives")
+    pareto = len(objectives) > 1
+    if pareto and entries.get("finalize") not in (None, False):
+        raise SpecError("finalize", "picks one best config: a study with two objectives has none")
     return StudySpec(
         name=name,
         storage=_storage(entries.get("storage"), "storage", base_dir, name),
@@ -242,16 +273,35 @@ def parse_spec(raw: Any, base_dir: Path, source: Path | None = None) -> StudySpe
         metric=metric,
         direction=direction,
         budget=budget,
-        sampler=_sampler(entries.get("sampler"), "sampler"),
-        pruner=_pruner(entries.get("pruner"), "pruner"),
-        space=parse_space(entries.get("space"), "space", budget.max_epochs),
+        sampler=_sampler(entries.get("sampler"), "sampler", pareto),
+        pruner=_pruner(
+            entries.get("pruner", "none" if pareto else None), "pruner", pareto, metric
+        ),
+        space=parse_space(entries.get("space"), "space", budget.max_epochs, method),
         seed=seed,
         resources=_resources(entries.get("resources"), "resources"),
         export_dir=_export(entries.get("export"), "export", base_dir, name),
         warm_start=_warm_start(entries.get("warm_start"), "warm_start", base_dir),
-        finalize=_finalize(entries.get("finalize", "default"), "finalize", budget, seed),
+        finalize=_finalize(
+            entries.get("finalize", None if pareto else "default"), "finalize", budget, seed
+        ),
         source=source,
+        raw=entries,
+        base_dir=base_dir,
+        method=method,
+        objectives=objectives,
     )
+
+
+def _objectives(raw: Any, path: str) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise SpecError(path, f"must be a list like [score] or [score, n_params], got {raw!r}")
+    names = tuple(v.choice(o, v.join(path, i), OBJECTIVES) for i, o in enumerate(raw))
+    if names[0] != "score" or len(set(names)) != len(names):
+        raise SpecError(
+            path, f"must start with score and name each objective once, got {list(names)}"
+        )
+    return names
 
 
 def _storage(raw: Any, path: str, base_dir: Path, name: str) -> str:
@@ -378,13 +428,18 @@ def _budget(raw: Any, path: str) -> BudgetSpec:
     )
 
 
-def _sampler(raw: Any, path: str) -> SamplerSpec:
+def _sampler(raw: Any, path: str, pareto: bool) -> SamplerSpec:
     if isinstance(raw, str):
         raw = {"type": raw}
     entries = v.mapping(raw, path, ["type", "seed", "n_startup_trials"])
     seed = entries.get("seed")
+    kind = v.choice(entries.get("type", "tpe"), v.join(path, "type"), SAMPLERS)
+    if pareto and kind == "cmaes":
+        raise SpecError(
+            v.join(path, "type"), "cmaes cannot search two objectives: use nsga2 or tpe"
+        )
     return SamplerSpec(
-        type=v.choice(entries.get("type", "tpe"), v.join(path, "type"), SAMPLERS),
+        type=kind,
         seed=v.integer(seed, v.join(path, "seed"), minimum=0) if seed is not None else None,
         n_startup_trials=v.integer(
             entries.get("n_startup_trials", 5), v.join(path, "n_startup_trials"), minimum=0
@@ -392,24 +447,79 @@ def _sampler(raw: Any, path: str) -> SamplerSpec:
     )
 
 
-def _pruner(raw: Any, path: str) -> PrunerSpec:
+def _pruner(raw: Any, path: str, pareto: bool, metric: str) -> PrunerSpec:
     if isinstance(raw, str):
         raw = {"type": raw}
-    entries = v.mapping(raw, path, ["type", "min_resource", "reduction_factor", "n_startup_trials"])
+    entries = v.mapping(
+        raw,
+        path,
+        [
+            "type",
+            "min_resource",
+            "reduction_factor",
+            "n_startup_trials",
+            "resource",
+            "min_fraction",
+            "p_threshold",
+        ],
+    )
+    kind = v.choice(entries.get("type", "hyperband"), v.join(path, "type"), PRUNERS)
+    if pareto and kind != "none":
+        # Trial.report raises in multi-objective studies (optuna RFC #3450)
+        raise SpecError(
+            v.join(path, "type"),
+            f"Optuna cannot prune a study with two objectives: must be none, got {kind!r}",
+        )
+    reduction_factor = v.integer(
+        entries.get("reduction_factor", 3), v.join(path, "reduction_factor"), minimum=2
+    )
+    resource = v.choice(
+        entries.get("resource", "epochs"), v.join(path, "resource"), PRUNER_RESOURCES
+    )
+    _only_with(entries, path, "resource", kind in ("successive_halving", "hyperband"), kind)
+    _only_with(entries, path, "p_threshold", kind == "wilcoxon", kind)
+    if kind == "wilcoxon" and metric not in PER_EXAMPLE:
+        raise SpecError(
+            v.join(path, "type"),
+            "wilcoxon compares trials example by example: it needs a metric that is the share "
+            f"of dev examples right, one of {sorted(PER_EXAMPLE)}, got {metric!r}",
+        )
+    if "min_fraction" in entries and resource != "data_fraction":
+        raise SpecError(v.join(path, "min_fraction"), "only with resource: data_fraction")
+    if "min_resource" in entries and resource == "data_fraction":
+        raise SpecError(
+            v.join(path, "min_resource"),
+            "counts epochs; with resource: data_fraction give min_fraction instead",
+        )
     return PrunerSpec(
-        type=v.choice(entries.get("type", "hyperband"), v.join(path, "type"), PRUNERS),
+        type=kind,
         min_resource=v.integer(entries.get("min_resource", 1), v.join(path, "min_resource"), 1),
-        reduction_factor=v.integer(
-            entries.get("reduction_factor", 3), v.join(path, "reduction_factor"), minimum=2
-        ),
+        reduction_factor=reduction_factor,
         n_startup_trials=v.integer(
             entries.get("n_startup_trials", 3), v.join(path, "n_startup_trials"), minimum=0
+        ),
+        resource=resource,
+        min_fraction=v.number(
+            entries.get("min_fraction", 0.1),
+            v.join(path, "min_fraction"),
+            0,
+            1 / reduction_factor,  # at least one rung below the whole train split
+            exclusive_min=True,
+        ),
+        p_threshold=v.number(
+            entries.get("p_threshold", 0.1), v.join(path, "p_threshold"), 0, 1, exclusive_min=True
         ),
     )
 
 
+def _only_with(entries: dict, path: str, key: str, allowed: bool, kind: str) -> None:
+    if key in entries and not allowed:
+        raise SpecError(v.join(path, key), f"does not apply to pruner type {kind!r}")
+
+
 def _resources(raw: Any, path: str) -> ResourcesSpec:
-    entries = v.mapping(raw, path, ["workers", "cpus_per_trial", "gpus_per_trial", "heartbeat_s"])
+    keys = ["workers", "cpus_per_trial", "gpus_per_trial", "heartbeat_s", "cache_mb"]
+    entries = v.mapping(raw, path, [*keys, "trials_per_worker"])
     return ResourcesSpec(
         workers=v.integer(entries.get("workers", 1), v.join(path, "workers"), minimum=1),
         cpus_per_trial=v.number(
@@ -419,6 +529,10 @@ def _resources(raw: Any, path: str) -> ResourcesSpec:
             entries.get("gpus_per_trial", 0), v.join(path, "gpus_per_trial"), 0
         ),
         heartbeat_s=v.integer(entries.get("heartbeat_s", 60), v.join(path, "heartbeat_s"), 1),
+        cache_mb=v.number(entries.get("cache_mb", 1024), v.join(path, "cache_mb"), 0),
+        trials_per_worker=v.integer(
+            entries.get("trials_per_worker", 1), v.join(path, "trials_per_worker"), minimum=1
+        ),
     )
 
 

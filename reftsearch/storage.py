@@ -67,7 +67,10 @@ def open_storage(url: str, heartbeat_s: int | None = 60) -> optuna.storages.RDBS
     """The Optuna storage for ``url``, creating tables on first use."""
     engine_kwargs: dict = {"connect_args": _connect_args(url)}
     if sqlite_path(url) is None:
-        engine_kwargs.update(pool_pre_ping=True, pool_size=2, max_overflow=4)
+        # a worker needs two connections (its trials, its heartbeat thread); small pools keep
+        # dozens of workers under PostgreSQL's default max_connections of 100, and pre-ping
+        # replaces connections the server or a proxy dropped while a long trial trained
+        engine_kwargs.update(pool_pre_ping=True, pool_size=2, max_overflow=2)
     else:
         _enable_wal(sqlite_path(url))
     heartbeat = {}

@@ -8,17 +8,23 @@ storage exactly as it was.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import optuna
 
+from reftsearch.cache import PrefixCache
 from reftsearch.data import TaskData, encode, load_task_data
 from reftsearch.errors import BadInputError, SpecError
+from reftsearch.fidelity import rung_count
 from reftsearch.finalize import search_trials
+from reftsearch.lora import check_targets
 from reftsearch.models import BaseModel, ModelLoadError, load_base_model
-from reftsearch.space import grid, layer_choices, parse_layers
+from reftsearch.space import grid
 from reftsearch.spec import StudySpec
 from reftsearch.storage import check_storage, open_storage, sqlite_path
 from reftsearch.train import SplitData
+from reftsearch.validity import Limits, check_space, limits_of
+from reftsearch.weights import WEIGHTS_DIR, weights_dir
 
 FINISHED_STATES = (
     optuna.trial.TrialState.COMPLETE,
@@ -34,6 +40,17 @@ class PreparedStudy:
     data: TaskData
     split: SplitData
 
+    @cached_property
+    def limits(self) -> Limits:
+        """What this model and training data allow a ReFT config (reftsearch.validity)."""
+        lengths = [e.prompt_length for e in self.split.train]
+        return limits_of(self.base.num_layers, self.base.hidden_size, lengths)
+
+    @cached_property
+    def cache(self) -> PrefixCache:
+        """This worker's frozen-prefix activations, shared by its trials (reftsearch.cache)."""
+        return PrefixCache(self.spec.resources.cache_mb)
+
 
 def prepare(spec: StudySpec) -> PreparedStudy:
     """Load data and model once, and check the space against them."""
@@ -45,7 +62,6 @@ def prepare(spec: StudySpec) -> PreparedStudy:
         )
     except ModelLoadError as err:
         raise SpecError("model.path", str(err)) from None
-    _check_layers(spec, base.num_layers)
     split = SplitData(
         train=encode(data.train, base.tokenizer, spec.task),
         dev=encode(data.dev, base.tokenizer, spec.task),
@@ -53,17 +69,12 @@ def prepare(spec: StudySpec) -> PreparedStudy:
         metric=spec.metric,
         max_new_tokens=spec.task.max_new_tokens,
     )
-    return PreparedStudy(spec, base, data, split)
-
-
-def _check_layers(spec: StudySpec, num_layers: int) -> None:
-    dimension = spec.space["layers"]
-    for i, text in enumerate(layer_choices(dimension)):
-        path = "space.layers" if len(layer_choices(dimension)) == 1 else f"space.layers[{i}]"
-        try:
-            parse_layers(text, num_layers)
-        except ValueError as err:
-            raise SpecError(path, str(err)) from None
+    prepared = PreparedStudy(spec, base, data, split)
+    if spec.method == "reft":
+        check_space(spec.space, prepared.limits)
+    else:
+        check_targets(spec.space, base, "space.target_modules")
+    return prepared
 
 
 def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
@@ -73,6 +84,8 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
         return optuna.samplers.GridSampler(grid(spec.space, "space"), seed=seed)
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    if kind == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
     if kind == "cmaes":
         # CMA-ES handles the numeric parameters; categorical ones fall back to random.
         return optuna.samplers.CmaEsSampler(
@@ -91,12 +104,18 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
         return optuna.pruners.MedianPruner(
             n_startup_trials=p.n_startup_trials, n_warmup_steps=p.min_resource - 1
         )
+    if p.type == "wilcoxon":
+        return optuna.pruners.WilcoxonPruner(p_threshold=p.p_threshold)
+    min_resource, max_resource = p.min_resource, max_epochs
+    if p.resource == "data_fraction":  # rungs report at steps 1, rf, rf**2, ... (fidelity.py)
+        min_resource = 1
+        max_resource = p.reduction_factor ** (rung_count(p.reduction_factor, p.min_fraction) - 1)
     if p.type == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=p.min_resource, reduction_factor=p.reduction_factor
+            min_resource=min_resource, reduction_factor=p.reduction_factor
         )
     return optuna.pruners.HyperbandPruner(
-        min_resource=p.min_resource, max_resource=max_epochs, reduction_factor=p.reduction_factor
+        min_resource=min_resource, max_resource=max_resource, reduction_factor=p.reduction_factor
     )
 
 
@@ -106,37 +125,55 @@ def open_study(spec: StudySpec, storage_url: str, heartbeat: bool = True) -> opt
     study = optuna.create_study(
         study_name=spec.name,
         storage=storage,
-        direction=spec.direction,
+        directions=list(spec.directions),
         sampler=make_sampler(spec),
         pruner=make_pruner(spec),
         load_if_exists=True,
     )
-    if study.direction.name.lower() != spec.direction:
+    stored = tuple(d.name.lower() for d in study.directions)
+    if stored != spec.directions:
         raise BadInputError(
-            f"study {spec.name!r} in this storage is to "
-            f"{study.direction.name.lower()}, the spec says {spec.direction}"
+            f"study {spec.name!r} in this storage is to {' and '.join(stored)} "
+            f"({len(stored)} objectives), the spec says {' and '.join(spec.directions)}"
         )
     study.set_user_attr("metric", spec.metric)
+    # the dashboard's axes say "dev accuracy" / "trainable params", not "Objective 0"
+    names = {"score": f"dev {spec.metric}", "n_params": "trainable params"}
+    study.set_metric_names([names[o] for o in spec.objectives])
     study.set_user_attr("task_kind", spec.task.kind)
     study.set_user_attr("model", spec.model.path)
+    if WEIGHTS_DIR not in study.user_attrs:  # fixed at creation: trials already point there
+        study.set_user_attr(WEIGHTS_DIR, str(weights_dir(spec, storage_url)))
     return study
 
 
 def load_existing_study(spec: StudySpec, storage_url: str) -> optuna.Study:
     """The stored study, for read-only commands; it must exist."""
+    return load_named_study(spec.name, storage_url)
+
+
+def load_named_study(name: str, storage_url: str) -> optuna.Study:
+    """The stored study called ``name``; it must exist."""
     check_storage(storage_url)
     path = sqlite_path(storage_url)
     if path is not None and not path.exists():
         raise BadInputError(
-            f"no study named {spec.name!r}: {path} does not exist yet (run the study first)"
+            f"no study named {name!r}: {path} does not exist yet (run the study first)"
         )
     storage = open_storage(storage_url, heartbeat_s=None)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-    if spec.name not in names:
-        raise BadInputError(f"no study named {spec.name!r} in this storage; it has {names}")
-    return optuna.load_study(study_name=spec.name, storage=storage)
+    if name not in names:
+        raise BadInputError(f"no study named {name!r} in this storage; it has {names}")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def budget_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The finished search trials that the budget counts. Finalize reruns do not count, nor
+    does a trial whose worker died and that was retried: its retry counts instead."""
+    trials = search_trials(study)
+    retried = {number for t in trials for number in t.system_attrs.get("retry_history", [])}
+    return [t for t in trials if t.state in FINISHED_STATES and t.number not in retried]
 
 
 def count_finished(study: optuna.Study) -> int:
-    """Finished search trials: what the budget counts (finalize reruns do not)."""
-    return len(search_trials(study, FINISHED_STATES))
+    return len(budget_trials(study))

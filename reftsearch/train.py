@@ -7,20 +7,24 @@ weights frozen); only the interventions (and a classification head) learn.
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
-from reftsearch.data import IGNORE_INDEX, Batch, Encoded, batches
+from reftsearch.cache import CachedStates, PrefixCache, replaying
+from reftsearch.data import IGNORE_INDEX, Batch, Encoded, batch_rows, batches, collate, collate_rows
 from reftsearch.errors import ReftSearchError
-from reftsearch.metrics import CLASSIFICATION_METRICS
+from reftsearch.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, PER_EXAMPLE
 from reftsearch.models import BaseModel
 from reftsearch.reft import ReftModule
 
+_TRAINED_HEAD = "trained_head"
 MAX_GRAD_NORM = 1.0  # as HF Trainer (and so pyreft's ReftTrainer) by default
 EVAL_BATCH_SIZE = 64
 
@@ -48,7 +52,16 @@ class SplitData:
     max_new_tokens: int = 32
 
 
-EpochCallback = Callable[[int, float], None]
+@dataclass(frozen=True)
+class DevScores:
+    """One dev pass: the metric, and what each example contributed when the metric is the
+    share of examples right (accuracy, exact match; ``None`` for f1, matthews, loss)."""
+
+    score: float
+    per_example: list[bool] | None = None
+
+
+EpochCallback = Callable[[int, DevScores], None]
 
 
 def train_trial(
@@ -57,40 +70,244 @@ def train_trial(
     data: SplitData,
     config: TrainConfig,
     on_epoch: EpochCallback | None = None,
+    cache: PrefixCache | None = None,
 ) -> float:
     """Train ``reft`` for ``config.epochs`` epochs; returns the last dev score.
 
-    ``on_epoch(epoch, score)`` runs after each epoch's dev pass; it may raise (e.g.
-    ``optuna.TrialPruned``) to stop the trial early.
+    ``on_epoch(epoch, dev_scores)`` runs after each epoch's dev pass; it may raise (e.g.
+    ``optuna.TrialPruned``) to stop the trial early. With a ``cache``, the frozen blocks
+    below the lowest intervened layer run once per worker instead of every step.
     """
     torch.manual_seed(config.seed)
-    head = _reset_head(base, config.seed)
-    optimizer = build_optimizer(reft, head, config)
-    steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, round(config.warmup_ratio * total_steps), total_steps
-    )
-    order = torch.Generator().manual_seed(config.seed)
-    pad_id = base.tokenizer.pad_token_id
-    device = base.device
-    score = math.nan
-    with reft.attached(base.blocks):
-        for epoch in range(1, config.epochs + 1):
-            reft.train()
-            for batch in batches(data.train, config.batch_size, pad_id, generator=order):
-                loss = loss_of(base, reft, batch.to(device))
-                if not torch.isfinite(loss):
-                    raise DivergedError(f"training loss became {loss.item()} in epoch {epoch}")
-                loss.backward()
-                nn.utils.clip_grad_norm_(_trainable(reft, head), MAX_GRAD_NORM)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            score = evaluate(base, reft, data)
-            if on_epoch is not None:
-                on_epoch(epoch, score)
-    return score
+    run = TrialRun(reft, data, config, _reset_head(base, config.seed), on_epoch)
+    with Pack(base, cache) as pack:
+        pack.add(run)
+        while True:
+            for _, error in pack.step():
+                if error is not None:
+                    raise error
+                return run.score
+
+
+class TrialRun:
+    """One trial's training state, advanced a step at a time so that several trials can
+    share one forward pass (``Pack``): its batches, optimizer, schedule and dev scores."""
+
+    def __init__(
+        self,
+        reft: ReftModule,
+        data: SplitData,
+        config: TrainConfig,
+        head: nn.Module | None,
+        on_epoch: EpochCallback | None = None,
+    ) -> None:
+        self.reft = reft
+        self.data = data
+        self.config = config
+        self.head = head
+        self.on_epoch = on_epoch
+        self.optimizer = build_optimizer(reft, head, config)
+        total_steps = math.ceil(len(data.train) / config.batch_size) * config.epochs
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, round(config.warmup_ratio * total_steps), total_steps
+        )
+        self.epoch = 1
+        self.score = math.nan
+        self._lengths = [len(e.input_ids) for e in data.train]
+        self._order = torch.Generator().manual_seed(config.seed)
+        self._batches = self._epoch_batches()
+
+    @property
+    def finished(self) -> bool:
+        return self.epoch > self.config.epochs
+
+    @property
+    def epoch_over(self) -> bool:
+        return not self._batches
+
+    def take_rows(self) -> list[int]:
+        """Rows (of the train split) of this trial's next batch."""
+        return self._batches.pop(0)
+
+    def step(self) -> None:
+        """Apply the gradients of the last backward pass."""
+        nn.utils.clip_grad_norm_(_trainable(self.reft, self.head), MAX_GRAD_NORM)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def end_epoch(self, scores: DevScores) -> None:
+        """Record the dev score of the epoch just trained (``on_epoch`` may raise)."""
+        self.score = scores.score
+        if self.on_epoch is not None:
+            self.on_epoch(self.epoch, scores)
+        self.epoch += 1
+        if not self.finished:
+            self._batches = self._epoch_batches()
+
+    def _epoch_batches(self) -> list[list[int]]:
+        # seeded per trial and bucketed by length: the same batches alone, packed or cached
+        return batch_rows(self._lengths, self.config.batch_size, self._order, bucket=True)
+
+
+Ended = tuple[TrialRun, BaseException | None]
+
+
+class Pack:
+    """Trials trained side by side: one frozen forward per step over all their batches,
+    each trial's rows through its own interventions (and its own classification head).
+
+    Each trial keeps its own optimizer, schedule, dev scores and pruning decision; a trial
+    that ends leaves the pack and another may join (reftsearch.packing). A single trial is
+    the same thing with one member, which is how ``train_trial`` runs.
+    """
+
+    def __init__(self, base: BaseModel, cache: PrefixCache | None = None) -> None:
+        self.base = base
+        self.cache = cache
+        self.runs: list[TrialRun] = []
+        self._detach: dict[int, ExitStack] = {}
+        self._heads: list[tuple[TrialRun, slice]] = []  # whose head serves which batch rows
+
+    def __enter__(self) -> Pack:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for run in list(self.runs):
+            self.remove(run)
+
+    def add(self, run: TrialRun) -> None:
+        stack = ExitStack()
+        stack.enter_context(run.reft.attached(self.base.blocks))
+        self._detach[id(run)] = stack
+        self.runs.append(run)
+
+    def remove(self, run: TrialRun) -> None:
+        self.runs.remove(run)
+        self._detach.pop(id(run)).close()
+
+    def step(self) -> list[Ended]:
+        """One training step of every member, then the dev pass of those whose epoch ended.
+
+        Returns the members that ended (finished, or stopped by an error, e.g. a diverged
+        loss or ``optuna.TrialPruned`` from ``on_epoch``); they have left the pack.
+        """
+        ended: list[Ended] = []
+        runs = list(self.runs)
+        spans, rows, examples = [], [], []
+        for run in runs:  # each member's rows index its own train list (they may differ)
+            taken = run.take_rows()
+            spans.append(slice(len(rows), len(rows) + len(taken)))
+            rows += taken
+            examples += [run.data.train[i] for i in taken]
+        batch = collate(examples, self.base.tokenizer.pad_token_id)
+        batch.rows = torch.tensor(rows)
+        batch = batch.to(self.base.device)
+        for run, span in zip(runs, spans, strict=True):
+            run.reft.set_locations(
+                batch.prompt_lengths[span],
+                batch.offsets[span],
+                torch.arange(span.start, span.stop),
+            )
+        self._heads = list(zip(runs, spans, strict=True))
+        for run in runs:
+            run.reft.train()
+        with self._routed():
+            losses = self._losses(batch, runs, spans)
+        kept = []
+        for run, loss in zip(runs, losses, strict=True):
+            if torch.isfinite(loss):
+                kept.append((run, loss))
+            else:
+                error = DivergedError(f"training loss became {loss.item()} in epoch {run.epoch}")
+                ended.append((run, error))
+        if kept:
+            torch.stack([loss for _, loss in kept]).sum().backward()
+        for run, _ in kept:
+            run.step()
+            if run.epoch_over:
+                try:
+                    run.end_epoch(self.score(run))
+                except Exception as error:  # pruned, or the dev pass failed: this trial only
+                    ended.append((run, error))
+                    continue
+                if run.finished:
+                    ended.append((run, None))
+        for run in runs:
+            run.reft.clear_locations()
+        for run, _ in ended:
+            self.remove(run)
+        return ended
+
+    def score(self, run: TrialRun) -> DevScores:
+        """``run``'s dev scores, the other members passing everything through untouched."""
+        for other in self.runs:
+            other.reft.clear_locations()
+        self._heads = [(run, slice(None))]
+        with self._routed():
+            return evaluate_examples(self.base, run.reft, run.data, cache=self.cache)
+
+    def _losses(self, batch: Batch, runs: list[TrialRun], spans: list[slice]) -> list[torch.Tensor]:
+        with self._replayed(batch, runs, spans):
+            return span_losses(self.base, batch, spans)
+
+    def _replayed(
+        self, batch: Batch, runs: list[TrialRun], spans: list[slice]
+    ) -> AbstractContextManager:
+        """Start the forward from the cached states of the members' lowest intervened layer,
+        each member's rows gathered from its own train list; the full forward without."""
+        if self.cache is None:  # only ReFT trials get one: LoRA changes every block it is in
+            return nullcontext()
+        layer = min(min(run.reft.config.layers) for run in runs)
+        cached = [self.cache.states(self.base, layer, "train", run.data.train) for run in runs]
+        if any(states is None for states in cached):  # over the memory budget
+            return nullcontext()
+        parts = [
+            states.gather(batch.rows[span], batch.attention_mask[span], batch.offsets[span])
+            for states, span in zip(cached, spans, strict=True)
+        ]
+        return replaying(self.base.blocks, layer, torch.cat(parts), cached[0].as_tuple)
+
+    @contextmanager
+    def _routed(self) -> Iterator[None]:
+        """Members that own copies of the classification head get their rows' head outputs
+        from them: the model's head modules still run (a negligible cost), but each row's
+        output is replaced by its trial's. Hooked for one pass only, so that copying the
+        model's head (``own_head``) never copies the hooks."""
+        if all(run.head is self.base.head for run, _ in self._heads):
+            yield
+            return
+        with ExitStack() as hooks:
+            for index, part in enumerate(_head_parts(self.base.head)):
+
+                def hook(module, args, output, index=index):
+                    return torch.cat(
+                        [_head_parts(run.head)[index](args[0][rows]) for run, rows in self._heads]
+                    )
+
+                hooks.enter_context(part.register_forward_hook(hook))
+            yield
+
+
+def own_head(base: BaseModel, seed: int) -> nn.Module | None:
+    """A classification head of a packed trial's own, initialised as ``reset_head(seed)``."""
+    return copy.deepcopy(_reset_head(base, seed))
+
+
+def keep_head(adapter: nn.Module, head: nn.Module | None) -> None:
+    """Remember the head a packed trial trained with ``adapter`` (see ``trained_head``); a
+    plain attribute, so that it stays out of the adapter's parameters and state dict."""
+    adapter.__dict__[_TRAINED_HEAD] = head
+
+
+def trained_head(base: BaseModel, adapter: nn.Module) -> nn.Module | None:
+    """The classification head trained with ``adapter``: a packed trial's own copy, else the
+    model's (a trial alone trains the model's head in place)."""
+    return adapter.__dict__.get(_TRAINED_HEAD, base.head)
+
+
+def _head_parts(head: nn.Module) -> list[nn.Module]:
+    return list(head) if isinstance(head, nn.ModuleList) else [head]
 
 
 def build_optimizer(
@@ -112,14 +329,22 @@ def build_optimizer(
 def loss_of(base: BaseModel, reft: ReftModule, batch: Batch) -> torch.Tensor:
     """Mean loss of one batch with the interventions at this batch's prompt positions."""
     reft.set_locations(batch.prompt_lengths, batch.offsets)
+    return span_losses(base, batch, [slice(None)])[0]
+
+
+def span_losses(base: BaseModel, batch: Batch, spans: list[slice]) -> list[torch.Tensor]:
+    """Mean loss of each span of batch rows (each span one trial's rows when packed)."""
     if base.head is not None:
         logits = base.model(**batch.model_inputs()).logits
-        return nn.functional.cross_entropy(logits.float(), batch.labels)
-    return _supervised_token_loss(base, batch)
+        per_row = nn.functional.cross_entropy(logits.float(), batch.labels, reduction="none")
+        return [per_row[span].mean() for span in spans]
+    return _supervised_token_losses(base, batch, spans)
 
 
-def _supervised_token_loss(base: BaseModel, batch: Batch) -> torch.Tensor:
-    """Next-token loss computing the LM head only where a label exists (the response).
+def _supervised_token_losses(
+    base: BaseModel, batch: Batch, spans: list[slice]
+) -> list[torch.Tensor]:
+    """Next-token losses computing the LM head only where a label exists (the response).
 
     The vocabulary projection is the most expensive matmul of a small decoder; running it on
     every prompt and pad token would waste most of it.
@@ -128,44 +353,89 @@ def _supervised_token_loss(base: BaseModel, batch: Batch) -> torch.Tensor:
     targets = batch.labels[:, 1:]
     supervised = targets != IGNORE_INDEX
     logits = base.model.get_output_embeddings()(hidden[:, :-1][supervised])
-    return nn.functional.cross_entropy(logits.float(), targets[supervised])
+    per_token = nn.functional.cross_entropy(logits.float(), targets[supervised], reduction="none")
+    row_of = torch.arange(len(targets), device=targets.device)[:, None].expand_as(targets)
+    row_of = row_of[supervised]
+    rows = torch.arange(len(targets), device=targets.device)
+    return [per_token[torch.isin(row_of, rows[span])].mean() for span in spans]
+
+
+def evaluate(
+    base: BaseModel,
+    reft: ReftModule,
+    data: SplitData,
+    examples: list[Encoded] | None = None,
+    cache: PrefixCache | None = None,
+) -> float:
+    """The metric on ``examples`` (dev by default), batched and without gradients."""
+    return evaluate_examples(base, reft, data, examples, cache).score
 
 
 @torch.no_grad()
-def evaluate(
-    base: BaseModel, reft: ReftModule, data: SplitData, examples: list[Encoded] | None = None
-) -> float:
-    """The metric on ``examples`` (dev by default), batched and without gradients."""
+def evaluate_examples(
+    base: BaseModel,
+    reft: ReftModule,
+    data: SplitData,
+    examples: list[Encoded] | None = None,
+    cache: PrefixCache | None = None,
+) -> DevScores:
+    """The metric on ``examples`` (dev by default) and, for a share-of-right metric, each
+    example's hit. Batches hold rows of similar length (less padding); results come back in
+    example order.
+    """
+    states = None
+    if examples is None and cache is not None:
+        states = cache.states(base, min(reft.config.layers), "dev", data.dev)
     examples = data.dev if examples is None else examples
     reft.eval()
     if data.metric == "loss":
-        return _mean_loss(base, reft, examples)
+        return DevScores(_mean_loss(base, reft, examples, states))
     if data.kind == "classification":
-        predictions = _classify(base, reft, examples)
+        outputs = _classify(base, reft, examples, states)
         targets = [e.label for e in examples]
-        return CLASSIFICATION_METRICS[data.metric](predictions, targets)
-    outputs = generate(base, reft, examples, data.max_new_tokens)
-    return sum(
-        normalize(o) == normalize(e.target) for o, e in zip(outputs, examples, strict=True)
-    ) / len(examples)
+        metric = CLASSIFICATION_METRICS[data.metric]
+    else:
+        outputs = generate(base, reft, examples, data.max_new_tokens)
+        targets = [e.target for e in examples]
+        metric = GENERATION_METRICS[data.metric]
+    hits = PER_EXAMPLE.get(data.metric)
+    return DevScores(metric(outputs, targets), None if hits is None else hits(outputs, targets))
 
 
-def _mean_loss(base: BaseModel, reft: ReftModule, examples: list[Encoded]) -> float:
+def _mean_loss(
+    base: BaseModel, reft: ReftModule, examples: list[Encoded], states: CachedStates | None
+) -> float:
     total, count = 0.0, 0
-    for batch in batches(examples, EVAL_BATCH_SIZE, base.tokenizer.pad_token_id):
+    for batch in _eval_batches(base, examples):
         n = len(batch.input_ids)
-        total += loss_of(base, reft, batch.to(base.device)).item() * n
+        with _replaying(base, states, batch):
+            total += loss_of(base, reft, batch).item() * n
         count += n
     return total / count
 
 
-def _classify(base: BaseModel, reft: ReftModule, examples: list[Encoded]) -> list[int]:
-    predictions: list[int] = []
-    for batch in batches(examples, EVAL_BATCH_SIZE, base.tokenizer.pad_token_id):
-        batch = batch.to(base.device)
+def _classify(
+    base: BaseModel, reft: ReftModule, examples: list[Encoded], states: CachedStates | None
+) -> list[int]:
+    predictions = [0] * len(examples)
+    for batch in _eval_batches(base, examples):
         reft.set_locations(batch.prompt_lengths, batch.offsets)
-        predictions += base.model(**batch.model_inputs()).logits.argmax(-1).tolist()
+        with _replaying(base, states, batch):
+            predicted = base.model(**batch.model_inputs()).logits.argmax(-1)
+        for row, label in zip(batch.rows.tolist(), predicted.tolist(), strict=True):
+            predictions[row] = label
     return predictions
+
+
+def _eval_batches(base: BaseModel, examples: list[Encoded]) -> list[Batch]:
+    batched = batches(examples, EVAL_BATCH_SIZE, base.tokenizer.pad_token_id, bucket=True)
+    return [batch.to(base.device) for batch in batched]
+
+
+def _replaying(
+    base: BaseModel, states: CachedStates | None, batch: Batch
+) -> AbstractContextManager:
+    return states.replaying(base.blocks, batch) if states is not None else nullcontext()
 
 
 def generate(
@@ -177,11 +447,12 @@ def generate(
     the edited prompt through the key/value cache.
     """
     tokenizer = base.tokenizer
-    texts: list[str] = []
-    for batch in batches(
-        examples, EVAL_BATCH_SIZE, tokenizer.pad_token_id, left_pad=True, prompt_only=True
-    ):
-        batch = batch.to(base.device)
+    texts = [""] * len(examples)
+    prompt_lengths = [e.prompt_length for e in examples]
+    for rows in batch_rows(prompt_lengths, EVAL_BATCH_SIZE, bucket=True):
+        batch = collate_rows(
+            examples, rows, tokenizer.pad_token_id, left_pad=True, prompt_only=True
+        ).to(base.device)
         mask = batch.attention_mask
         reft.set_locations(batch.prompt_lengths, batch.offsets)
         out = base.model(
@@ -207,15 +478,11 @@ def generate(
                 past_key_values=out.past_key_values,
                 use_cache=True,
             )
-        for row in torch.stack(generated, dim=1).tolist():
+        for index, row in zip(rows, torch.stack(generated, dim=1).tolist(), strict=True):
             if tokenizer.eos_token_id in row:
                 row = row[: row.index(tokenizer.eos_token_id)]
-            texts.append(tokenizer.decode(row, skip_special_tokens=True))
+            texts[index] = tokenizer.decode(row, skip_special_tokens=True)
     return texts
-
-
-def normalize(text: str) -> str:
-    return " ".join(text.split())
 
 
 def _reset_head(base: BaseModel, seed: int) -> nn.Module | None:

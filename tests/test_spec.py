@@ -71,8 +71,8 @@ def test_int_range_and_choices_mapping(tmp_path):
         ({"space": {"rank": [1, 4, -1]}}, "space.rank[2]: must be a positive integer, got -1"),
         (
             {"pruner": {"type": "x"}},
-            "pruner.type: must be one of ['hyperband', 'median', 'none', 'successive_halving'], "
-            "got 'x'",
+            "pruner.type: must be one of ['hyperband', 'median', 'none', 'successive_halving', "
+            "'wilcoxon'], got 'x'",
         ),
         ({"sampler": "annealing"}, "sampler.type: must be one of"),
         ({"space": {"rnk": 4}}, "space.rnk: unknown key"),

@@ -1,0 +1,63 @@
+"""What a trial trains on the frozen model: ReFT interventions (``reft.py``) or LoRA (``lora.py``).
+
+Both expose the interface the trainer uses (``attached``, ``set_locations``, parameters), so
+one training loop serves both methods. A trial records its resolved config as a dict (the
+``config`` user attribute); ``adapter_config`` reads it back, and ``readable_attrs`` flattens
+it into short attributes a dashboard shows as columns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from reftsearch.lora import LoraConfig, LoraModule
+from reftsearch.models import BaseModel
+from reftsearch.reft import ReftConfig, ReftModule
+
+AdapterConfig = ReftConfig | LoraConfig
+Adapter = ReftModule | LoraModule
+
+
+def build_adapter(config: AdapterConfig, base: BaseModel) -> Adapter:
+    """Freshly initialised adapters for ``config`` on ``base``'s device."""
+    if isinstance(config, LoraConfig):
+        return LoraModule(config, base.blocks).to(base.device)
+    return ReftModule(config, base.hidden_size).to(base.device)
+
+
+def adapter_config(recorded: Mapping) -> AdapterConfig:
+    """The config a trial recorded (``ReftConfig.to_dict`` or ``LoraConfig.to_dict``)."""
+    if recorded.get("method") == "lora":
+        return LoraConfig(
+            rank=recorded["rank"],
+            alpha=recorded["alpha"],
+            dropout=recorded["dropout"],
+            target_modules=tuple(recorded["target_modules"]),
+        )
+    return ReftConfig(
+        intervention=recorded["intervention"],
+        layers=tuple(recorded["layers"]),
+        prefix=recorded["prefix"],
+        suffix=recorded["suffix"],
+        tied=recorded["tied"],
+        rank=recorded["rank"],
+        dropout=recorded["dropout"],
+    )
+
+
+def readable_attrs(recorded: Mapping) -> dict:
+    """Flat, short attributes (strings and numbers) for the dashboard's trial table."""
+    if recorded.get("method") == "lora":
+        return {
+            "type": "lora",
+            "target_modules": ";".join(recorded["target_modules"]),
+            "rank": recorded["rank"],
+            "alpha": recorded["alpha"],
+        }
+    return {
+        "type": recorded["intervention"],
+        "layers": ";".join(map(str, recorded["layers"])),
+        "positions": recorded["positions"],
+        "tied": recorded["tied"],
+        "rank": recorded["rank"],
+    }

@@ -1,0 +1,166 @@
+"""The frozen-prefix cache: replayed forwards equal full ones, and it stays within budget."""
+
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+from reftsearch.cache import PrefixCache, compute_states
+from reftsearch.data import batches, collate_rows, encode
+from reftsearch.models import load_base_model
+from reftsearch.reft import ReftConfig, ReftModule
+from reftsearch.spec import DataSpec, TaskSpec
+from reftsearch.train import SplitData, TrainConfig, evaluate, span_losses, train_trial
+
+WORDS = ["the", "film", "was", "not", "good", "but", "actors", "were", "hardly", "bad", "at"]
+
+
+def rows(n, generation=False, seed=0):
+    rng = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = 2 + int(torch.randint(0, 9, (1,), generator=rng))
+        text = " ".join(WORDS[(i + j) % len(WORDS)] for j in range(length))
+        if generation:
+            out.append({"prompt": text, "response": WORDS[i % len(WORDS)]})
+        else:
+            out.append({"text": text, "label": i % 2})
+    return out
+
+
+def setup(model, kind="classification"):
+    head = "classification" if kind == "classification" else "causal_lm"
+    base = load_base_model(model, head)
+    task = TaskSpec(kind=kind, data=DataSpec(), text="text", max_length=96)
+    generation = kind == "generation"
+    metric = "loss" if generation else "accuracy"
+    train = encode(rows(24, generation), base.tokenizer, task)
+    dev = encode(rows(12, generation, seed=1), base.tokenizer, task)
+    return base, SplitData(train, dev, kind, metric)
+
+
+def make_reft(base, layers=(2, 3), seed=0, **changes):
+    options = {"prefix": 1, "suffix": 2, "tied": False, "rank": 2, **changes}
+    torch.manual_seed(seed)
+    config = ReftConfig("loreft", layers, **options)
+    return ReftModule(config, base.hidden_size)
+
+
+def forward(base, reft, batch, states=None):
+    """Loss, per-row outputs at real tokens (logits or last hidden states), intervention grads."""
+    reft.zero_grad()
+    reft.set_locations(batch.prompt_lengths, batch.offsets)
+    replay = states.replaying(base.blocks, batch) if states else nullcontext()
+    with reft.attached(base.blocks), replay:
+        loss = span_losses(base, batch, [slice(None)])[0]
+        reft.set_locations(batch.prompt_lengths, batch.offsets)
+        out = base.model.base_model(**batch.model_inputs()).last_hidden_state
+    loss.backward()
+    real = out[batch.attention_mask.bool()]
+    grads = {name: p.grad.clone() for name, p in reft.named_parameters()}
+    return loss.detach(), real.detach(), grads
+
+
+# BERT pools its first token, so only decoders are ever run left-padded
+@pytest.mark.parametrize(
+    ("model", "kind", "left_pad"),
+    [
+        ("tiny:llama", "classification", False),
+        ("tiny:llama", "classification", True),
+        ("tiny:llama", "generation", False),
+        ("tiny:llama", "generation", True),
+        ("tiny:bert", "classification", False),
+    ],
+)
+def test_replayed_forward_equals_full_forward(model, kind, left_pad):
+    base, data = setup(model, kind)
+    reft = make_reft(base)
+    states = compute_states(base, 2, data.train)
+    batch = collate_rows(
+        data.train, [5, 0, 17, 3, 9], base.tokenizer.pad_token_id, left_pad=left_pad
+    )
+    assert batch.offsets.any() == left_pad and batch.attention_mask.sum(-1).unique().numel() > 1
+    full = forward(base, reft, batch)
+    cached = forward(base, reft, batch, states)
+    torch.testing.assert_close(cached[0], full[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached[1], full[1], rtol=1e-5, atol=1e-5)
+    # the lowest intervened layer (the first one replayed) gets its gradients through
+    assert all(g.any() for name, g in full[2].items() if name.startswith("interventions.2/"))
+    for name, want in full[2].items():
+        torch.testing.assert_close(cached[2][name], want, rtol=1e-4, atol=1e-6)
+    # the model runs normally again afterwards: no block left patched
+    assert all("forward" not in block.__dict__ for block in base.blocks)
+
+
+def test_left_padded_rows_equal_unpadded_rows():
+    """A left-padded row gets the states it has alone (positions count from its first token)."""
+    base, data = setup("tiny:llama")
+    alone = base.model.base_model(**collate_rows(data.train, [0], 0).model_inputs())
+    batch = collate_rows(data.train, [0, 1, 2], base.tokenizer.pad_token_id, left_pad=True)
+    padded = base.model.base_model(**batch.model_inputs()).last_hidden_state
+    row = padded[0][batch.attention_mask[0].bool()]
+    torch.testing.assert_close(row, alone.last_hidden_state[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["tiny:llama", "tiny:bert"])
+def test_dev_score_and_training_equal_with_and_without_cache(model):
+    base, data = setup(model)
+    config = TrainConfig(lr=5e-3, epochs=2, batch_size=8, seed=4)
+    results = []
+    for cache in (None, PrefixCache(budget_mb=64)):
+        reft = make_reft(base, layers=(1, 3)).to(base.device)
+        curve: list[float] = []
+        score = train_trial(
+            base, reft, data, config, lambda e, d, c=curve: c.append(d.score), cache
+        )
+        with reft.attached(base.blocks):
+            results.append((score, curve, evaluate(base, reft, data, cache=cache), reft))
+        if cache is not None:
+            assert {key[1] for key in cache._entries} == {"train", "dev"}  # both were replayed
+    (score, curve, dev, reft), (c_score, c_curve, c_dev, c_reft) = results
+    assert c_score == score and c_curve == curve and c_dev == dev
+    for got, want in zip(c_reft.parameters(), reft.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_cache_keeps_within_budget_least_recently_used_out():
+    base, data = setup("tiny:llama")
+    one = compute_states(base, 0, data.train).nbytes
+    cache = PrefixCache(budget_mb=2.5 * one / 2**20)
+    first = cache.states(base, 0, "train", data.train)
+    assert cache.states(base, 0, "train", data.train) is first  # reused, not recomputed
+    cache.states(base, 1, "train", data.train)
+    cache.states(base, 0, "train", data.train)  # touch: layer 1 is now the oldest
+    cache.states(base, 2, "train", data.train)
+    assert sorted(key[0] for key in cache._entries) == [0, 2]
+    assert cache.used_bytes <= cache.budget_bytes
+    # a re-tokenized split is a different split: recomputed, not served stale
+    again = list(data.train)
+    assert cache.states(base, 0, "train", again).examples is again
+    # over budget on its own: not cached, the caller runs the full model
+    assert PrefixCache(budget_mb=0.5 * one / 2**20).states(base, 0, "train", data.train) is None
+
+
+def test_eval_batches_come_back_in_example_order():
+    base, data = setup("tiny:llama")
+    bucketed = batches(data.dev, 4, base.tokenizer.pad_token_id, bucket=True)
+    order = [i for b in bucketed for i in b.rows.tolist()]
+    assert sorted(order) == list(range(len(data.dev))) and order != sorted(order)
+    lengths = [len(data.dev[i].input_ids) for i in order]
+    assert lengths == sorted(lengths)
+
+
+def test_bfloat16_base_with_float32_interventions_replays_too():
+    base = load_base_model("tiny:llama", "causal_lm", dtype="bfloat16")
+    task = TaskSpec(kind="generation", data=DataSpec(), max_length=96)
+    examples = encode(rows(8, generation=True), base.tokenizer, task)
+    reft = make_reft(base)
+    states = compute_states(base, 2, examples)
+    assert states.flat.dtype == torch.bfloat16
+    batch = collate_rows(examples, list(range(8)), base.tokenizer.pad_token_id)
+    full, cached = forward(base, reft, batch), forward(base, reft, batch, states)
+    assert all(p.dtype == torch.float32 for p in reft.parameters())
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in cached[2].values())
+    torch.testing.assert_close(cached[0], full[0])
+    for name, want in full[2].items():
+        torch.testing.assert_close(cached[2][name], want)

@@ -1,0 +1,212 @@
+"""Many workers on one PostgreSQL study: Ray actors and stand-alone workers, kill -9 survived.
+
+Real Ray, real PostgreSQL (tests/conftest.py ``postgres_url``), the tiny random Llama.
+Heartbeats every second, so a killed trial is found stale after two.
+"""
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import optuna
+import psutil
+import pytest
+from conftest import tiny_study
+from sqlalchemy.engine import make_url
+
+from reftsearch import worker
+from reftsearch.cli import main
+from reftsearch.spec import load_spec
+from reftsearch.study import count_finished, open_study
+
+SECRET = "s3cret"  # trust auth ignores the password; it must still never be printed
+State = optuna.trial.TrialState
+# one torch thread per process: 2 threads per process on a busy 2-core machine run 20x slower
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def with_password(url: str, database: str | None = None) -> str:
+    parsed = make_url(url).set(password=SECRET)
+    return parsed.set(database=database or parsed.database).render_as_string(hide_password=False)
+
+
+def slow_study(write_study, files, url, n_trials, **changes):
+    """Trials of a few seconds (batch 4, 4 epochs), so that one can be killed mid-way."""
+    raw = tiny_study(
+        files,
+        storage=url,
+        budget={"n_trials": n_trials, "max_epochs": 4},
+        resources={"heartbeat_s": 1, "cpus_per_trial": 0.5},
+        **changes,
+    )
+    raw["space"].update(batch_size=4, epochs=4)
+    return write_study(raw)
+
+
+def start_run(study, *args) -> subprocess.Popen:
+    command = [sys.executable, "-m", "reftsearch.cli", "run", str(study), *args]
+    return subprocess.Popen(
+        command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def stored(url: str, name: str = "t") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=url)
+
+
+def wait_for_trial_mid_way(
+    url: str, process: subprocess.Popen, completed: int = 0
+) -> optuna.trial.FrozenTrial:
+    """A RUNNING trial that has reported an epoch and has epochs left to run, once at least
+    ``completed`` trials are complete."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read()
+        try:
+            trials = stored(url).get_trials()
+        except KeyError:  # the study is not created yet
+            trials = []
+        if sum(t.state == State.COMPLETE for t in trials) >= completed:
+            for trial in trials:
+                mid_way = len(trial.intermediate_values) == 1 and "worker" in trial.user_attrs
+                if trial.state == State.RUNNING and mid_way:
+                    return trial
+        time.sleep(0.05)
+    raise AssertionError("no trial got mid-way within 120 s")
+
+
+def ray_processes_started_after(moment: float) -> list[str]:
+    names = ("raylet", "gcs_server")
+    return [
+        p.info["name"]
+        for p in psutil.process_iter(["name", "create_time"])
+        if p.info["name"] in names and p.info["create_time"] >= moment
+    ]
+
+
+def assert_retried_once(trials, victim) -> None:
+    assert trials[victim.number].state == State.FAIL
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retries) == 1
+    assert retries[0].params == victim.params and retries[0].state == State.COMPLETE
+
+
+def test_ray_workers_share_a_study_and_a_killed_worker_is_retried(
+    write_study, easy_task_files, postgres_url
+):
+    url = with_password(postgres_url)
+    study = slow_study(write_study, easy_task_files, url, n_trials=6)
+    began = time.time()
+    driver = start_run(study, "--workers", "2")
+    victim = wait_for_trial_mid_way(url, driver)
+    host, pid = victim.user_attrs["worker"].rsplit(":", 1)
+    os.kill(int(pid), signal.SIGKILL)  # a Ray actor, mid-trial
+    out, _ = driver.communicate(timeout=240)
+    assert driver.returncode == 0, out
+
+    result = stored(url)
+    trials = result.get_trials()
+    assert_retried_once(trials, victim)
+    assert count_finished(result) == 6
+    assert not result.get_trials(states=(State.RUNNING, State.WAITING))
+    completed = [t for t in trials if t.state == State.COMPLETE]
+    per_worker = Counter(t.user_attrs["worker"] for t in completed)
+    assert len(per_worker) >= 2 and max(per_worker.values()) >= 2, per_worker
+    # each actor (the restarted one too) loaded the model once and reused it for every trial
+    assert {t.user_attrs["model_loads"] for t in completed} == {1}
+    assert f"retry of trial {victim.number}" in out and f"FAILED: worker {host}:{pid}" in out
+    assert SECRET not in out and SECRET not in str(result.user_attrs)
+    assert not ray_processes_started_after(began)  # the local cluster was shut down
+
+
+def test_killed_driver_resumes_without_losing_or_duplicating(
+    write_study, easy_task_files, postgres_url
+):
+    study = slow_study(write_study, easy_task_files, postgres_url, n_trials=4)
+    driver = start_run(study)  # one worker: trials run in the driver process itself
+    victim = wait_for_trial_mid_way(postgres_url, driver, completed=1)
+    driver.send_signal(signal.SIGKILL)
+    driver.communicate()
+    before = {
+        t.number: (t.value, t.params)
+        for t in stored(postgres_url).get_trials()
+        if t.state == State.COMPLETE
+    }
+
+    resumed = start_run(study)
+    out, _ = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, out
+    result = stored(postgres_url)
+    trials = result.get_trials()
+    assert [t.number for t in trials] == list(range(len(trials)))
+    assert {n: (trials[n].value, trials[n].params) for n in before} == before
+    assert_retried_once(trials, victim)
+    assert count_finished(result) == 4
+    assert not result.get_trials(states=(State.RUNNING, State.WAITING))
+
+
+def standalone_worker(argv: list[str]) -> None:
+    sys.exit(worker.main(argv))
+
+
+def test_sixteen_standalone_workers_on_postgres(
+    write_study, easy_task_files, postgres_url, monkeypatch
+):
+    raw = tiny_study(
+        easy_task_files, storage=postgres_url, budget={"n_trials": 24, "max_epochs": 1}
+    )
+    raw["space"].update(batch_size=32)
+    spec = load_spec(write_study(raw))
+    worker.publish_spec(open_study(spec, postgres_url), spec, 24)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv(worker.STORAGE_ENV, postgres_url)
+    # 16 separate processes forked from one that imported reftsearch: 16 fresh imports of
+    # torch would take minutes of CPU on 2 cores
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["reftsearch.worker"])
+    workers = [
+        context.Process(target=standalone_worker, args=(["--study", "t"],)) for _ in range(16)
+    ]
+    for process in workers:
+        process.start()
+    for process in workers:
+        process.join(timeout=240)
+    assert [process.exitcode for process in workers] == [0] * 16
+
+    result = stored(postgres_url)
+    trials = result.get_trials()
+    # workers that check the budget at the same moment may each start one more trial
+    assert 24 <= count_finished(result) < 24 + 16
+    assert {t.state for t in trials} == {State.COMPLETE}
+    assert len({t.user_attrs["worker"] for t in trials}) >= 2
+
+
+def test_wrong_database_is_bad_input_with_password_masked(
+    write_study, easy_task_files, postgres_url, capsys
+):
+    url = with_password(postgres_url, database="no_such_database")
+    study = write_study(tiny_study(easy_task_files))
+    began = time.time()
+    assert main(["run", str(study), "--storage", url, "--workers", "2"]) == 2
+    assert worker.main(["--storage", url, "--study", "t"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("cannot connect to 127.0.0.1") == 2 and "no_such_database" in err
+    assert SECRET not in err and "***" in err
+    assert not ray_processes_started_after(began)  # refused before any work started
+
+
+def test_worker_refuses_a_study_without_a_published_spec(postgres_url, capsys):
+    optuna.create_study(study_name="bare", storage=postgres_url)
+    assert worker.main(["--storage", postgres_url, "--study", "bare"]) == 2
+    assert "start it with `reftsearch run STUDY.yaml`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("workers", ["0", "-1"])
+def test_bad_worker_count_is_bad_input(write_study, easy_task_files, capsys, workers):
+    study = write_study(tiny_study(easy_task_files))
+    assert main(["run", str(study), "--workers", workers]) == 2
+    assert "--workers: must be a positive integer" in capsys.readouterr().err

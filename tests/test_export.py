@@ -1,0 +1,310 @@
+"""reftsearch export: a trained trial -> a pyreft 0.1.0 ReftModel directory.
+
+Unit tests read the files back into reftsearch; the integration tests load them in the real
+pyreft (an isolated venv built by ../shared/tools/pyreft_ref/INSTALL.sh, never a dependency).
+"""
+
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from conftest import REPO
+
+from reftsearch.cli import main
+from reftsearch.export import pyvene_keys
+from reftsearch.models import load_base_model
+from reftsearch.reft import ReftConfig, ReftModule
+from reftsearch.spec import load_spec
+from reftsearch.study import open_study
+
+PYREFT_TOOLS = REPO.parent / "shared" / "tools" / "pyreft_ref"
+PYREFT_VENV = Path(
+    os.environ.get("REFTSEARCH_PYREFT_VENV", Path.home() / ".cache/reftsearch/pyreft-venv")
+)
+ATOL = 1e-4
+
+
+def write_study(
+    directory: Path, name: str, model: str, space: dict, data=None, n_trials: int = 1
+) -> Path:
+    """A one-trial study with every searched value fixed, so the exported config is known."""
+    if data is None:  # generation: the builtin arithmetic task
+        task = {"kind": "generation", "data": "builtin:arithmetic", "prompt": "prompt",
+                "response": "response", "max_train_examples": 48, "max_dev_examples": 8,
+                "max_length": 32, "max_new_tokens": 3}  # fmt: skip
+        metric = "exact_match"
+    else:
+        task = {"kind": "classification", "data": data, "text": "text", "max_length": 32}
+        metric = "accuracy"
+    raw = {
+        "name": name,
+        "model": model,
+        "task": task,
+        "metric": metric,
+        "seed": 5,
+        "budget": {"n_trials": n_trials, "max_epochs": 2},
+        "sampler": {"type": "random"},
+        "pruner": "none",
+        "space": {"rank": 2, "lr": 2e-2, "batch_size": 16, "epochs": 2, **space},
+    }
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def run_and_export(study: Path, out: Path, *extra: str) -> int:
+    assert main(["run", str(study)]) == 0
+    return main(["export", str(study), str(out), *extra])
+
+
+def reload_into_reftsearch(out: Path) -> tuple[object, ReftModule]:
+    """A fresh ReftModule filled from the exported pyreft files, on the exported base model."""
+    sidecar = json.loads((out / "reftsearch.json").read_text())
+    c = sidecar["config"]
+    config = ReftConfig(c["intervention"], tuple(c["layers"]), c["prefix"], c["suffix"],
+                        c["tied"], c["rank"], c["dropout"])  # fmt: skip
+    head = "classification" if sidecar["task"] == "classification" else "causal_lm"
+    base = load_base_model(str(out / "base_model"), head)
+    reft = ReftModule(config, base.hidden_size)
+    modules = [reft.intervention(layer, g) for g in range(config.groups) for layer in config.layers]
+    keys = json.loads((out / "config.json").read_text())["sorted_keys"]
+    for key, module in zip(keys, modules, strict=True):
+        state = torch.load(out / f"intkey_{key}.bin", weights_only=True)
+        if config.intervention == "loreft":
+            assert list(state) == ["weight", "bias", "rotate_layer"]
+            module.learned_source.load_state_dict(
+                {"weight": state["weight"], "bias": state["bias"]}
+            )
+            module.rotate_layer.weight = state["rotate_layer"]  # orthogonal right_inverse
+        else:
+            assert state.pop("embed_dim") == state.pop("interchange_dim") == base.hidden_size
+            module.load_state_dict(state)
+    return base, reft
+
+
+def reftsearch_logits(base, reft: ReftModule, example: dict) -> torch.Tensor:
+    ids = torch.tensor([example["input_ids"]])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if "token_type_ids" in example:
+        inputs["token_type_ids"] = torch.tensor([example["token_type_ids"]])
+    reft.eval()
+    with torch.no_grad(), reft.attached(base.blocks):
+        reft.set_locations(torch.tensor([len(example["input_ids"])]))
+        logits = base.model(**inputs).logits[0]
+    return logits if base.head is not None else logits[-1, : len(example["logits_head"])]
+
+
+def test_export_writes_pyreft_files_that_reproduce_the_logits(tmp_path, capsys):
+    space = {"intervention": "loreft", "layers": "1;3", "prefix": 2, "suffix": 3, "tied": False}
+    study = write_study(tmp_path, "gen", "tiny:llama", space)
+    assert run_and_export(study, tmp_path / "out") == 0
+    out = tmp_path / "out"
+    assert "exported trial 0" in capsys.readouterr().out
+
+    config = json.loads((out / "config.json").read_text())
+    keys = [f"layer_{n}_comp_block_output_unit_pos_nunit_1#{g}" for g in (0, 1) for n in (1, 3)]
+    assert config["sorted_keys"] == keys == pyvene_keys(config["representations"])
+    assert config["representations"][0] == [1, "block_output", "pos", 1, 2] + [None] * 9
+    assert config["intervention_constant_sources"] == [True] * 4
+    assert set(config["intervention_types"]) == {
+        "<class 'pyreft.interventions.LoreftIntervention'>"
+    }
+    state = torch.load(out / f"intkey_{keys[0]}.bin", weights_only=True)
+    assert {k: (list(v.shape), v.dtype) for k, v in state.items()} == {
+        "weight": ([2, 64], torch.float32),
+        "bias": ([2], torch.float32),
+        "rotate_layer": ([64, 2], torch.float32),
+    }
+    R = state["rotate_layer"].double()
+    assert torch.allclose(R.T @ R, torch.eye(2, dtype=torch.float64), atol=1e-5)
+
+    sidecar = json.loads((out / "reftsearch.json").read_text())
+    assert sidecar["positions"] == "f2+l3" and sidecar["tied"] is False
+    assert sidecar["pyreft_loadable"] is True and sidecar["weights"].startswith("kept artifact")
+    assert 0.0 <= sidecar["test_score"] <= 1.0 and sidecar["trial"] == 0
+
+    reference = json.loads((out / "reference_io.json").read_text())
+    base, reft = reload_into_reftsearch(out)
+    for example in reference["examples"]:
+        n = len(example["input_ids"])
+        assert example["positions"] == [
+            [0, 1],
+            [0, 1],
+            [n - 3, n - 2, n - 1],
+            [n - 3, n - 2, n - 1],
+        ]
+        got = reftsearch_logits(base, reft, example)
+        assert torch.allclose(got, torch.tensor(example["logits_head"]), atol=1e-5)
+        assert not torch.allclose(got, torch.tensor(example["base_logits_head"]), atol=1e-3)
+
+
+@pytest.mark.parametrize("intervention", ["noreft", "direft"])
+def test_export_of_an_encoder_classifier_keeps_head_and_weights(
+    tmp_path, easy_task_files, intervention, capsys
+):
+    space = {"intervention": intervention, "layers": "0;2", "prefix": 2, "suffix": 1, "tied": True}
+    study = write_study(tmp_path, "enc", "tiny:bert", space, data=easy_task_files)
+    assert run_and_export(study, tmp_path / "out") == 0
+    out = tmp_path / "out"
+    assert "ReftModel.load cannot rebuild" in capsys.readouterr().err
+    sidecar = json.loads((out / "reftsearch.json").read_text())
+    assert sidecar["pyreft_loadable"] is False and "add_bias" in sidecar["pyreft_note"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["sorted_keys"][0] == "comp_bert_encoder_layer[0]_output_unit_pos_nunit_1#0"
+    head = torch.load(out / "pytorch_model.bin", weights_only=True)
+    assert {"classifier.weight", "bert.pooler.dense.weight"} <= set(head)
+
+    base, reft = reload_into_reftsearch(out)
+    for name, tensor in head.items():  # base_model/ holds the same trained head
+        assert torch.equal(dict(base.model.named_parameters())[name], tensor)
+    for example in json.loads((out / "reference_io.json").read_text())["examples"]:
+        got = reftsearch_logits(base, reft, example)
+        assert torch.allclose(got, torch.tensor(example["logits_head"]), atol=1e-5)
+
+
+def test_export_retrains_when_the_kept_weights_are_gone(tmp_path, capsys):
+    space = {"intervention": "loreft", "layers": "2", "prefix": 0, "suffix": 2, "tied": False}
+    study = write_study(tmp_path, "gen", "tiny:llama", space)
+    assert run_and_export(study, tmp_path / "kept") == 0
+    shutil.rmtree(tmp_path / "gen.artifacts")
+    capsys.readouterr()
+    assert main(["export", str(study), str(tmp_path / "retrained")]) == 0
+    captured = capsys.readouterr()
+    assert "retraining its config with seed 5" in captured.err
+    assert "not touching test again" in captured.err  # the test score is the cached one
+    kept, retrained = (
+        json.loads((tmp_path / d / "reference_io.json").read_text()) for d in ("kept", "retrained")
+    )
+    assert torch.allclose(
+        torch.tensor(kept["logits_head"]), torch.tensor(retrained["logits_head"]), atol=1e-5
+    )
+    assert "retrained with seed 5" in (tmp_path / "retrained" / "reftsearch.json").read_text()
+
+
+def test_export_refuses_bad_input(tmp_path, capsys):
+    raw = {"intervention": "loreft", "layers": "1", "prefix": 1, "suffix": 1, "tied": True}
+    study = write_study(tmp_path, "gen", "tiny:llama", {**raw, "lr": [2e-2, 1e30]}, n_trials=2)
+    spec = load_spec(study)
+    open_study(spec, spec.storage).enqueue_trial({"lr": 1e30})  # diverges: FAIL
+    assert main(["run", str(study)]) == 0
+    states = [t.state for t in optuna.load_study(study_name="gen", storage=spec.storage).trials]
+    assert states[0] == optuna.trial.TrialState.FAIL
+    capsys.readouterr()
+    assert main(["export", str(study), str(tmp_path / "o"), "--trial", "7"]) == 2
+    assert "has no trial 7" in capsys.readouterr().err
+    assert main(["export", str(study), str(tmp_path / "o"), "--trial", "0"]) == 2
+    assert "must be COMPLETE to be exported, it is FAIL" in capsys.readouterr().err
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    assert main(["export", str(study), str(tmp_path / "busy")]) == 2
+    assert "must be empty" in capsys.readouterr().err
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
+
+# --- the real pyreft -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pyreft_python() -> Path:
+    """The isolated pyreft 0.1.0 venv's python: reused when built, else built once (~80 s)."""
+    python = PYREFT_VENV / "bin" / "python"
+    done = PYREFT_VENV / "pyreft-ref-freeze.txt"  # INSTALL.sh's last step
+    if not (python.exists() and done.exists()):
+        if not (PYREFT_TOOLS / "INSTALL.sh").exists():
+            pytest.skip(f"no pyreft reference tools at {PYREFT_TOOLS} to build the pyreft venv")
+        PYREFT_VENV.parent.mkdir(parents=True, exist_ok=True)
+        built = subprocess.run(
+            ["bash", str(PYREFT_TOOLS / "INSTALL.sh"), str(PYREFT_VENV)],
+            capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        if built.returncode != 0:
+            pytest.skip(f"the pyreft venv could not be built: {built.stderr[-500:]}")
+    return python
+
+
+def run_checker(python: Path, *args: str) -> dict:
+    """Run a checker in the pyreft venv; its stdout is one JSON summary."""
+    result = subprocess.run(
+        [str(python), *args], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.stdout.strip(), result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert result.returncode == 0, json.dumps(summary)[:3000]
+    return summary
+
+
+DECODER_CASES = {
+    "untied": {
+        "intervention": "loreft",
+        "layers": "0;2;3",
+        "prefix": 2,
+        "suffix": 3,
+        "tied": False,
+    },
+    "tied": {"intervention": "loreft", "layers": "1-3", "prefix": 1, "suffix": 2, "tied": True},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", DECODER_CASES)
+def test_decoder_export_loads_in_real_pyreft(tmp_path, pyreft_python, case):
+    study = write_study(tmp_path, "gen", "tiny:llama", DECODER_CASES[case])
+    out = tmp_path / "out"
+    assert run_and_export(study, out) == 0
+    summary = run_checker(
+        pyreft_python, str(PYREFT_TOOLS / "check_export.py"), str(out),
+        "--model", str(out / "base_model"), "--expect-json", str(out / "reference_io.json"),
+    )  # fmt: skip
+    assert summary["ok"] and summary["pyreft_load"]["ok"]
+    assert summary["expect"]["logits_max_abs_diff"] <= ATOL
+    assert summary["expect"]["base_logits_max_abs_diff"] <= ATOL
+    assert summary["logits"]["max_abs_effect_of_interventions"] > 10 * ATOL
+
+    # the shipped snippet runs there too and reproduces reftsearch's logits
+    snippet = subprocess.run(
+        [str(pyreft_python), str(out / "reft_config.py")], capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert snippet.returncode == 0, snippet.stderr[-3000:]
+    printed = json.loads(snippet.stdout.strip().splitlines()[-1])
+    reference = json.loads((out / "reference_io.json").read_text())
+    assert printed["positions"] == reference["positions"]
+    assert torch.allclose(
+        torch.tensor(printed["logits"]), torch.tensor(reference["logits_head"]), atol=ATOL
+    )
+
+
+PYREFT_CHECK_CASES = {
+    "bert-loreft-untied": ("tiny:bert", {"intervention": "loreft", "layers": "0;3", "prefix": 2,
+                                         "suffix": 2, "tied": False}),
+    "bert-direft-tied": ("tiny:bert", {"intervention": "direft", "layers": "1", "prefix": 1,
+                                       "suffix": 1, "tied": True}),
+    "llama-noreft-untied": ("tiny:llama", {"intervention": "noreft", "layers": "1;2",
+                                           "prefix": 1, "suffix": 2, "tied": False}),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", PYREFT_CHECK_CASES)
+def test_classifier_export_matches_real_pyreft(tmp_path, easy_task_files, pyreft_python, case):
+    model, space = PYREFT_CHECK_CASES[case]
+    study = write_study(tmp_path, "cls", model, space, data=easy_task_files)
+    out = tmp_path / "out"
+    assert run_and_export(study, out) == 0
+    summary = run_checker(pyreft_python, str(REPO / "tests" / "pyreft_check.py"), str(out))
+    assert summary["ok"] and summary["examples"] == 3
+    assert summary["logits_max_abs_diff"] <= ATOL and summary["base_logits_max_abs_diff"] <= ATOL
+    assert summary["max_abs_effect_of_interventions"] > ATOL
+
+
+def test_pyreft_is_not_a_dependency():
+    requirements = importlib.metadata.requires("reftsearch") or []
+    assert requirements and not [r for r in requirements if r.startswith(("pyreft", "pyvene"))]

@@ -1,0 +1,126 @@
+"""Trial packing: k trials trained side by side equal the same k trials trained alone."""
+
+import optuna
+import pytest
+import torch
+from conftest import tiny_study
+from test_cache import make_reft, setup
+
+from reftsearch.cache import PrefixCache
+from reftsearch.cli import main
+from reftsearch.packing import PackedTrainer
+from reftsearch.spec import load_spec
+from reftsearch.train import Pack, TrainConfig, TrialRun, own_head, train_trial
+
+# trials that differ in everything packing must keep apart: layers, positions, rank, batch
+# size, learning rate, schedule, epochs (so one leaves the pack before the others)
+TRIALS = [
+    (dict(layers=(0, 2), prefix=1, suffix=2, tied=False), dict(lr=5e-3, batch_size=8)),
+    (dict(layers=(3,), prefix=0, suffix=1, tied=True, rank=1), dict(lr=2e-2, batch_size=5)),
+    (
+        dict(layers=(1, 3), prefix=2, suffix=2, tied=True),
+        dict(lr=1e-3, batch_size=12, epochs=1, warmup_ratio=0.3),
+    ),
+]
+
+
+def config(seed, **changes):
+    return TrainConfig(**{"lr": 1e-3, "epochs": 2, "batch_size": 8, "seed": seed, **changes})
+
+
+@pytest.mark.parametrize(
+    ("model", "kind", "cached"),
+    [
+        ("tiny:llama", "classification", False),
+        ("tiny:llama", "generation", True),
+        ("tiny:bert", "classification", True),
+    ],
+)
+def test_packed_trials_equal_trials_alone(model, kind, cached):
+    base, data = setup(model, kind)
+    data = type(data)(data.train, data.dev, kind, "loss")  # a smooth metric to compare
+    alone = []
+    for i, (reft_options, train_options) in enumerate(TRIALS):
+        reft = make_reft(base, seed=i, **reft_options)
+        curve = []
+        train_trial(
+            base, reft, data, config(i, **train_options), lambda e, d, c=curve: c.append(d.score)
+        )
+        alone.append((curve, reft))
+
+    cache = PrefixCache(64) if cached else None
+    packed, runs = [], []
+    with Pack(base, cache) as pack:
+        for i, (reft_options, train_options) in enumerate(TRIALS):
+            reft = make_reft(base, seed=i, **reft_options)
+            curve = []
+            run = TrialRun(
+                reft,
+                data,
+                config(i, **train_options),
+                own_head(base, i),
+                lambda e, d, c=curve: c.append(d.score),
+            )
+            pack.add(run)
+            runs.append(run)
+            packed.append((curve, reft))
+        ended = []
+        while pack.runs:
+            ended += pack.step()
+    assert [run for run, _ in ended] == [runs[2], runs[0], runs[1]]  # fewest steps first (2, 6, 10)
+    assert all(error is None for _, error in ended)
+    for (curve, reft), (want_curve, want_reft) in zip(packed, alone, strict=True):
+        assert len(curve) == len(want_curve)
+        torch.testing.assert_close(curve, want_curve, rtol=1e-4, atol=1e-5)
+        for got, want in zip(reft.parameters(), want_reft.parameters(), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+    if base.head is not None:  # each packed trial trained its own copy of the head
+        head_params = [list(run.head.parameters()) for run in runs]
+        assert not torch.equal(head_params[0][-1], head_params[1][-1])
+
+
+def test_a_diverging_trial_leaves_the_pack_alone():
+    base, data = setup("tiny:llama")
+    good, bad = make_reft(base, seed=0), make_reft(base, seed=1)
+    with Pack(base) as pack:
+        pack.add(TrialRun(good, data, config(0), own_head(base, 0)))
+        pack.add(bad_run := TrialRun(bad, data, config(1, lr=1e30), own_head(base, 1)))
+        ended = []
+        while pack.runs:
+            ended += pack.step()
+    outcomes = {id(run): error for run, error in ended}
+    assert "became nan" in str(outcomes[id(bad_run)])
+    assert [error for run, error in ended if run is not bad_run] == [None]
+
+
+def test_packed_run_fills_slots_from_the_study(write_study, easy_task_files):
+    """Through the CLI: 2 trials at a time, pruned and finished slots refilled until the
+    budget; every trial is a normal Optuna trial with its own curve and pruning decision."""
+    raw = tiny_study(
+        easy_task_files,
+        metric="loss",
+        budget={"n_trials": 5, "max_epochs": 3},
+        pruner={"type": "median", "n_startup_trials": 1},
+        resources={"heartbeat_s": 5, "trials_per_worker": 2},
+    )
+    raw["space"].update(lr=[1e-2, 1e-7], rank=1, suffix=1, epochs=3)
+    study = write_study(raw)
+    assert main(["run", str(study)]) == 0
+    spec = load_spec(study)
+    trials = optuna.load_study(study_name=spec.name, storage=spec.storage).get_trials()
+    assert len(trials) == 5
+    assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
+    assert all(t.intermediate_values for t in trials)
+    # two trials really were in training at the same time
+    spans = sorted((t.datetime_start, t.datetime_complete) for t in trials)
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:], strict=False))
+
+
+def test_packed_trainer_is_train_trial_for_each_thread():
+    base, data = setup("tiny:llama")
+    trainer = PackedTrainer(base)
+    reft = make_reft(base, seed=0)
+    score = trainer(base, reft, data, config(0))
+    want = train_trial(base, make_reft(base, seed=0), data, config(0))
+    assert score == pytest.approx(want, abs=1e-6)
+    assert trainer.pack.runs == []

@@ -1,0 +1,195 @@
+"""The shipped real-task studies (SST-2, RTE, GSM8K) on the local GLUE/GSM8K files, and the
+embedded SmolLM2 decoder they use. Skipped where ../shared/data is absent."""
+
+import csv
+import os
+import time
+
+import optuna
+import pytest
+import torch
+from conftest import REPO, SHARED_DATA
+
+from reftsearch.cli import main
+from reftsearch.data import load_split, load_task_data
+from reftsearch.errors import SpecError
+from reftsearch.models import CACHE_ENV, cache_dir, load_base_model
+from reftsearch.spec import load_spec, parse_spec
+
+needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent")
+
+# The offline overrides studies/README.md documents: local files instead of the hub ids.
+OFFLINE = {
+    "sst2-minilm": "task.data={train: D/sst2/train.tsv, test: D/sst2/validation.tsv, "
+    "read_options: {quoting: 3}}",
+    "rte-minilm": "task.data={train: D/rte/train.tsv, test: D/rte/validation.tsv}",
+    "gsm8k-smollm2": "task.data={train: D/gsm8k/train.jsonl, test: D/gsm8k/test.jsonl}",
+}
+# One tiny trial: a handful of examples, one epoch.
+TINY = {
+    "sst2-minilm": ["task.max_train_examples=32", "task.max_dev_examples=16"],
+    "rte-minilm": ["task.max_train_examples=32", "task.max_dev_examples=16"],
+    "gsm8k-smollm2": [  # and one cheap config: a 30-layer decoder on 2 shared CPU cores
+        "task.max_train_examples=4",
+        "task.max_dev_examples=2",
+        "task.max_length=128",
+        "task.max_new_tokens=8",
+        "space.layers=15",
+        "space.rank=4",
+        "warm_start=null",
+    ],
+}
+
+
+def offline(name: str) -> list[str]:
+    return [OFFLINE[name].replace("D/", f"{SHARED_DATA}/")]
+
+
+def study_file(name: str):
+    return REPO / "studies" / f"{name}.yaml"
+
+
+@pytest.fixture(scope="module")
+def smollm2_cache(tmp_path_factory):
+    """A fresh conversion cache for this module's SmolLM2 loads (converted once, here)."""
+    previous = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("reftsearch-cache"))
+    start = time.perf_counter()
+    load_base_model("embedded:smollm2", "causal_lm")
+    yield time.perf_counter() - start
+    if previous is None:
+        del os.environ[CACHE_ENV]
+    else:
+        os.environ[CACHE_ENV] = previous
+
+
+# ------------------------------------------------------------------------ specs and data
+
+
+def test_each_real_study_names_its_hub_dataset():
+    # GLUE hides its test labels: validation is the held-out split there
+    hubs = {
+        "sst2-minilm": ("nyu-mll/glue", "sst2", "validation"),
+        "rte-minilm": ("nyu-mll/glue", "rte", "validation"),
+        "gsm8k-smollm2": ("openai/gsm8k", "main", "test"),
+    }
+    for name, (hub, config, test) in hubs.items():
+        data = load_spec(study_file(name)).task.data
+        assert (data.hub, data.hub_config, data.train, data.test) == (hub, config, "train", test)
+        assert data.dev is None  # carved from train
+
+
+def test_final_number_is_a_generation_metric_only(tmp_path):
+    raw = {
+        "name": "t",
+        "model": "tiny:llama",
+        "task": {"kind": "classification", "data": "builtin:sentiment"},
+        "metric": "final_number",
+    }
+    with pytest.raises(SpecError, match=r"^metric: must be one of .* for a classification task"):
+        parse_spec(raw, tmp_path)
+
+
+def test_classification_texts_lose_outer_whitespace(tmp_path):
+    (tmp_path / "train.tsv").write_text('sentence\tlabel\nit \'s "fine" . \t1\n dull \t0\n')
+    spec = load_spec(_write(tmp_path, {"train": "train.tsv", "read_options": {"quoting": 3}}), [])
+    assert load_split(spec.task, "train") == [
+        {"text": 'it \'s "fine" .', "label": 1},
+        {"text": "dull", "label": 0},
+    ]
+
+
+def _write(tmp_path, data):
+    import yaml
+
+    path = tmp_path / "study.yaml"
+    raw = {"name": "t", "model": "tiny:bert", "task": {"kind": "classification", "data": data}}
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@needs_data
+def test_glue_files_read_as_provenance_says():
+    sst2 = load_spec(study_file("sst2-minilm"), offline("sst2-minilm")).task
+    train, test = load_split(sst2, "train"), load_split(sst2, "test")
+    assert (len(train), len(test)) == (67_349, 872)
+    assert sum(row["label"] for row in test) == 444
+    assert train[0] == {"text": "hide new secretions from the parental units", "label": 0}
+    assert all(row["text"] == row["text"].strip() for row in test)  # GLUE's trailing space
+
+    rte = load_spec(study_file("rte-minilm"), offline("rte-minilm")).task
+    train, test = load_split(rte, "train"), load_split(rte, "test")
+    assert (len(train), len(test)) == (2_490, 277)
+    assert sum(row["label"] for row in test) == 131
+    assert set(train[0]) == {"text", "text_pair", "label"}
+    # the files were written with CSV quoting: read as Python's csv reads them by default
+    with (SHARED_DATA / "rte" / "validation.tsv").open(newline="") as file:
+        expected = [(r["sentence1"], r["sentence2"]) for r in csv.DictReader(file, delimiter="\t")]
+    assert [(row["text"], row["text_pair"]) for row in test] == expected
+    assert sum(text.startswith('"') for text, _ in expected) < 10  # quoting: 3 would give 48
+
+
+@needs_data
+def test_gsm8k_dev_is_carved_from_train_and_sized_for_a_cpu():
+    spec = load_spec(study_file("gsm8k-smollm2"), offline("gsm8k-smollm2"))
+    data = load_task_data(spec.task, spec.seed)
+    assert len(data.train) == spec.task.max_train_examples
+    assert len(data.dev) == spec.task.max_dev_examples
+    questions = {row["prompt"] for row in data.train}
+    assert not questions & {row["prompt"] for row in data.dev}
+    assert all("\n#### " in row["response"] for row in data.train + data.dev)
+    assert len(load_split(spec.task, "test")) == 1_319
+
+
+# ------------------------------------------------------------------ real models, real data
+
+
+@needs_data
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sst2-minilm", "rte-minilm", "gsm8k-smollm2"])
+def test_real_study_runs_one_tiny_trial_offline(name, tmp_path, capsys, request):
+    if name.endswith("smollm2"):
+        request.getfixturevalue("smollm2_cache")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    overrides = [*offline(name), *TINY[name], "budget.max_epochs=1"]
+    argv = ["run", str(study_file(name)), "--storage", storage, "--n-trials", "1"]
+    assert main([*argv, *[f"--set={item}" for item in overrides]]) == 0
+    assert "[1/1] trial 0" in capsys.readouterr().out
+    study = optuna.load_study(study_name=name, storage=storage)
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    assert 0.0 <= trial.value <= 1.0
+    assert trial.user_attrs["n_params"] > 0
+
+
+@pytest.mark.slow
+def test_smollm2_second_load_comes_from_the_cache(smollm2_cache):
+    start = time.perf_counter()
+    base = load_base_model("embedded:smollm2", "causal_lm")
+    seconds = time.perf_counter() - start
+    assert any(cache_dir().glob("smollm2-*/config.json"))
+    # measured 0.2-0.3 s against 14-25 s for the conversion; loose bounds for a busy machine
+    assert seconds < min(5.0, smollm2_cache / 3), (seconds, smollm2_cache)
+    assert (base.num_layers, base.hidden_size, base.is_decoder) == (30, 576, True)
+    tokenizer = base.tokenizer
+    assert (tokenizer.eos_token, tokenizer.eos_token_id) == ("<|im_end|>", 2)
+    assert tokenizer.pad_token_id == 2 and tokenizer.model_max_length == 2048
+    # The output layer is the (tied) embedding, not a random init: the model answers.
+    model = base.model
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, inputs["input_ids"].shape[1] :])
+
+
+@pytest.mark.slow
+def test_smollm2_takes_a_classification_head(smollm2_cache):
+    base = load_base_model("embedded:smollm2", "classification", num_labels=3)
+    base.reset_head(0)
+    assert [p.shape for p in base.head_parameters()] == [torch.Size([3, 576])]
+    batch = base.tokenizer(["a fine film", "dull"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = base.model(**batch).logits
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()
