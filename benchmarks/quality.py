@@ -61,7 +61,7 @@ class Size:
 
 
 FULL = Size(4000, 4, (3e-4, 1e-3, 3e-3, 1e-2), 45 * 60, 200)
-QUICK = Size(1000, 2, (1e-3, 3e-3, 1e-2), 6 * 60, 60)
+QUICK = Size(2000, 3, (1e-3, 3e-3, 1e-2), 5 * 60, 60)
 
 
 @dataclass(frozen=True)
@@ -201,14 +201,22 @@ def _describe(trial: optuna.trial.FrozenTrial) -> str:
     return (
         f"{config['intervention']} r{config['rank']} f{config['prefix']}+l{config['suffix']}"
         f"{tied} layers={layers} lr={config['lr']:.2g} bs={config['batch_size']} "
-        f"ep={config['epochs']}"
+        f"ep={config['epochs']} dropout={config['dropout']:g} warmup={config['warmup_ratio']:g}"
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller budget (~15 min here)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: torch's); on a 2-core machine shared with other "
+        "jobs, 1 thread ran 10x faster than 2",
+    )
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if not DATA.is_dir():
         print(f"error: {DATA} is missing (see ../shared/data/PROVENANCE.md)", file=sys.stderr)
         return 2
@@ -221,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"SST-2, embedded:minilm, {size.train_examples} train examples, {size.epochs} epochs; "
         f"GLUE validation halved (seed {HALVES_SEED}): select on one half, report the other; "
-        f"seeds {list(SEEDS)}; total {time.perf_counter() - start:.0f}s"
+        f"seeds {list(SEEDS)}; {torch.get_num_threads()} threads; "
+        f"total {time.perf_counter() - start:.0f}s"
     )
     print(
         f"{'method':<9} {'report acc':>13}  {'select':>6}  {'params':>9}  {'select s':>7}  "

@@ -120,7 +120,8 @@ def main() -> None:
         results = []
         for seed in size.seeds:
             for strategy, changes in STRATEGIES.items():
-                raw = study_raw(size, select, changes, f"{strategy}-{seed}", seed)
+                name = f"{strategy.replace('+', '_')}-{seed}"  # study names: no '+'
+                raw = study_raw(size, select, changes, name, seed)
                 spec = parse_spec(raw, Path(tmp))
                 result = search(
                     dataclasses.replace(prepared, spec=spec), size, held_out_examples, Path(tmp)
@@ -188,7 +189,9 @@ def study_raw(size: Size, select: Path, changes: dict, name: str, seed: int) -> 
             "batch_size": 32,
         },
     }
-    return {**raw, **changes}
+    merged = {**raw, **changes}
+    merged["sampler"] = {**raw["sampler"], **changes.get("sampler", {})}  # keep the seed
+    return merged
 
 
 def search(prepared: PreparedStudy, size: Size, held_out: list, folder: Path) -> Result:
@@ -258,14 +261,14 @@ def curve(trials: list[optuna.trial.FrozenTrial], max_epochs: int) -> list[tuple
 def print_table(results: list[Result]) -> None:
     print()
     print(
-        f"{'strategy':<28} {'best dev (select half)':>24} {'held-out half':>16} "
+        f"{'strategy':<28} {'best dev (select half)':>24} {'held-out half':>17} "
         f"{'compute':>9} {'trials':>7} {'wall':>7}"
     )
     for strategy in STRATEGIES:
         rs = [r for r in results if r.strategy == strategy]
         print(
             f"{strategy:<28} {_mean_std([r.dev for r in rs]):>24} "
-            f"{_mean_std([r.held_out for r in rs]):>16} "
+            f"{_mean_std([r.held_out for r in rs]):>17} "
             f"{statistics.fmean(r.compute for r in rs):>9.2f} "
             f"{statistics.fmean(r.trials for r in rs):>7.1f} "
             f"{statistics.fmean(r.wall_s for r in rs):>6.0f}s"

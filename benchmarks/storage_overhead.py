@@ -170,6 +170,7 @@ def main() -> None:
     args = parser.parse_args()
     total = 48 if args.quick else 160  # trials per configuration, split over the workers
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     # forked workers start with everything imported: 16 fresh imports would dominate
     multiprocessing.get_context("forkserver").set_forkserver_preload(
         ["optuna", "reftsearch.study", "reftsearch.storage"]

@@ -130,11 +130,19 @@ class PackedTrainer:
         with self._lock:
             joining, self._joining = self._joining, []
         for member in joining:
-            # built here, between steps, because a fresh head re-initialises the model's own
-            head = own_head(self.base, member.config.seed)
-            member.run = TrialRun(member.reft, member.data, member.config, head, member.on_epoch)
-            self._members[id(member.run)] = member
-            self.pack.add(member.run)
+            try:
+                # built here, between steps, as a fresh head re-initialises the model's own
+                head = own_head(self.base, member.config.seed)
+                run = TrialRun(member.reft, member.data, member.config, head, member.on_epoch)
+            except Exception as error:  # this trial cannot start; the others go on
+                with self._lock:
+                    member.done, member.error = True, error
+                continue
+            member.run = run
+            self._members[id(run)] = member
+            self.pack.add(run)
+        if not self.pack.runs:
+            return
         try:
             ended = self.pack.step()
         except Exception as error:  # e.g. out of memory: every member of this step fails

@@ -11,10 +11,12 @@ import torch
 from conftest import REPO, SHARED_DATA
 
 from reftsearch.cli import main
-from reftsearch.data import load_split, load_task_data
+from reftsearch.data import encode, load_split, load_task_data
 from reftsearch.errors import SpecError
 from reftsearch.models import CACHE_ENV, cache_dir, load_base_model
-from reftsearch.spec import load_spec, parse_spec
+from reftsearch.reft import ReftConfig, ReftModule
+from reftsearch.spec import DataSpec, TaskSpec, load_spec, parse_spec
+from reftsearch.train import generate
 
 needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent")
 
@@ -182,6 +184,28 @@ def test_smollm2_second_load_comes_from_the_cache(smollm2_cache):
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, inputs["input_ids"].shape[1] :])
+
+
+@pytest.mark.slow
+def test_smollm2_batched_generation_follows_left_padding(smollm2_cache):
+    """Rows of different lengths, decoded in one left-padded batch, get the same interventions
+    (at their own first/last tokens) and so the same output as decoded alone."""
+    base = load_base_model("embedded:smollm2", "causal_lm")
+    task = TaskSpec(kind="generation", data=DataSpec(builtin="arithmetic"))
+    rows = [
+        {"prompt": "Question: what is 12 plus 30? Answer:", "response": "42"},
+        {"prompt": "2+2=", "response": "4"},
+    ]
+    examples = encode(rows, base.tokenizer, task)
+    assert len({e.prompt_length for e in examples}) == 2
+    reft = ReftModule(ReftConfig("loreft", (10, 20), 2, 2, False, 4), base.hidden_size)
+    with torch.no_grad():
+        for param in reft.parameters():  # a visible edit, not the near-identity init
+            param.add_(0.5 * torch.randn_like(param))
+    with reft.attached(base.blocks):
+        batched = generate(base, reft, examples, max_new_tokens=6)
+        alone = [generate(base, reft, [e], max_new_tokens=6)[0] for e in examples]
+    assert batched == alone
 
 
 @pytest.mark.slow
