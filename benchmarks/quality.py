@@ -159,8 +159,7 @@ def report(spec: StudySpec, trial: optuna.trial.FrozenTrial) -> tuple[list[float
     adapter_config, train_config = configs_of(trial)
     scores = []
     for seed in SEEDS:
-        torch.manual_seed(seed)  # the init, as the objective seeds it
-        adapter = build_adapter(adapter_config, prepared.base)
+        adapter = build_adapter(adapter_config, prepared.base, seed)
         seeded = dataclasses.replace(train_config, seed=seed)
         train_trial(prepared.base, adapter, prepared.split, seeded)
         with adapter.attached(prepared.base.blocks):

@@ -213,7 +213,8 @@ def search(prepared: PreparedStudy, size: Size, held_out: list, folder: Path) ->
     wall_s = time.perf_counter() - start
     (picked,) = best_trials(study, 1)
     seeds = seed_summary(study, picked)
-    reft = build_adapter(configs_of(picked)[0], prepared.base)
+    picked_config, picked_train = configs_of(picked)
+    reft = build_adapter(picked_config, prepared.base, picked_train.seed)
     if restore(study, picked, reft, prepared.base.head) is None:  # kept by the objective
         reft = retrain(prepared, picked)  # the same seed gives the same weights
     with reft.attached(prepared.base.blocks):

@@ -8,7 +8,10 @@ it into short attributes a dashboard shows as columns.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
+
+import torch
 
 from reftsearch.lora import LoraConfig, LoraModule
 from reftsearch.models import BaseModel
@@ -18,11 +21,20 @@ AdapterConfig = ReftConfig | LoraConfig
 Adapter = ReftModule | LoraModule
 
 
-def build_adapter(config: AdapterConfig, base: BaseModel) -> Adapter:
-    """Freshly initialised adapters for ``config`` on ``base``'s device."""
-    if isinstance(config, LoraConfig):
-        return LoraModule(config, base.blocks).to(base.device)
-    return ReftModule(config, base.hidden_size).to(base.device)
+#: Held by whoever draws from torch's global RNG while other threads may too: an adapter's
+#: seeded init here, and a packed training step (its dropout) in reftsearch.packing. Without
+#: it, one packed trial's init could draw numbers between another's seeding and its init.
+GLOBAL_RNG_LOCK = threading.RLock()
+
+
+def build_adapter(config: AdapterConfig, base: BaseModel, seed: int) -> Adapter:
+    """Adapters for ``config`` on ``base``'s device, initialised from ``seed``: the same
+    seed gives the same init whether the trial runs alone, packed, or is retrained."""
+    with GLOBAL_RNG_LOCK:
+        torch.manual_seed(seed)
+        if isinstance(config, LoraConfig):
+            return LoraModule(config, base.blocks).to(base.device)
+        return ReftModule(config, base.hidden_size).to(base.device)
 
 
 def adapter_config(recorded: Mapping) -> AdapterConfig:

@@ -144,8 +144,11 @@ def _estimate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(estimate.to_dict(), indent=2))
         return EXIT_OK
-    for label, cost in (("cheapest", estimate.cheapest), ("median", estimate.median),
-                        ("most expensive", estimate.most_expensive)):
+    for label, cost in (
+        ("cheapest", estimate.cheapest),
+        ("median", estimate.median),
+        ("most expensive", estimate.most_expensive),
+    ):
         print(f"{label:>15}: {cost.epoch_s:8.1f}s/epoch {cost.trial_s:8.1f}s/trial  {cost.config}")
     print(estimate.line())
     return EXIT_OK

@@ -94,7 +94,7 @@ def _configs(prepared: PreparedStudy, samples: int, seed: int) -> list[dict]:
 def _cost(prepared: PreparedStudy, values: dict) -> ConfigCost:
     base, split = prepared.base, prepared.split
     reft_config, train_config = resolve(values, base, prepared.spec.seed, prepared.spec.method)
-    reft = build_adapter(reft_config, base)
+    reft = build_adapter(reft_config, base, train_config.seed)
     step_s = _step_seconds(prepared, reft, train_config)
     with reft.attached(base.blocks):
         dev_sample = split.dev[:EVAL_SAMPLE]

@@ -184,7 +184,7 @@ def trained_module(
     """The trial's trained interventions (head loaded into the model): kept, else retrained."""
     reft_config, train_config = configs_of(trial)
     base = prepared.base
-    reft = build_adapter(reft_config, base)
+    reft = build_adapter(reft_config, base, train_config.seed)  # overwritten by restore
     source = restore(study, trial, reft, base.head)
     if source is not None:
         return reft, f"kept artifact {source}"

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import optuna
-import torch
 
 from reftsearch.adapters import Adapter, AdapterConfig, adapter_config, build_adapter
 from reftsearch.data import encode, load_test_rows
@@ -30,8 +29,7 @@ def configs_of(trial: optuna.trial.FrozenTrial) -> tuple[AdapterConfig, TrainCon
 def retrain(prepared: PreparedStudy, trial: optuna.trial.FrozenTrial) -> Adapter:
     """Train a recorded trial's config again, with the same seed, on the same data."""
     reft_config, train_config = configs_of(trial)
-    torch.manual_seed(train_config.seed)  # the seed fixes the init too, as in the objective
-    reft = build_adapter(reft_config, prepared.base)
+    reft = build_adapter(reft_config, prepared.base, train_config.seed)
     train_trial(prepared.base, reft, prepared.split, train_config)
     return reft
 

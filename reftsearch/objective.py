@@ -183,8 +183,7 @@ class Objective:
         rungs = self.rungs if self.rungs and not finalize else [Rung(1, 1.0, split.train)]
         for rung in rungs:
             # the seed fixes the adapter's init too; every rung starts from the same one
-            torch.manual_seed(train_config.seed)
-            adapter = build_adapter(config, base)
+            adapter = build_adapter(config, base, train_config.seed)
             trial.set_user_attr("n_params", adapter.num_parameters())
             trial.set_user_attr("n_head_params", sum(p.numel() for p in base.head_parameters()))
             report = len(rungs) == 1 and not finalize

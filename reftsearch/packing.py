@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import optuna
 
+from reftsearch.adapters import GLOBAL_RNG_LOCK
 from reftsearch.cache import PrefixCache
 from reftsearch.errors import SpecError
 from reftsearch.models import BaseModel
@@ -144,7 +145,8 @@ class PackedTrainer:
         if not self.pack.runs:
             return
         try:
-            ended = self.pack.step()
+            with GLOBAL_RNG_LOCK:  # dropout draws; a joining trial's init must not interleave
+                ended = self.pack.step()
         except Exception as error:  # e.g. out of memory: every member of this step fails
             ended = [(run, error) for run in list(self.pack.runs)]
             for run in list(self.pack.runs):

@@ -105,7 +105,9 @@ def warm_start_recipes(spec: StudySpec, storage_url: str, prepared: PreparedStud
         if source.recipes:
             recipes += paper_recipes(spec.task.kind, prepared.base.num_layers)
         else:
-            recipes += study_recipes(source.study, source.storage or storage_url, source.top_k)
+            recipes += study_recipes(
+                source.study, source.storage or storage_url, source.top_k, spec.method
+            )
     return recipes
 
 

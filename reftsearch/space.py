@@ -111,9 +111,7 @@ LORA_PARAMETERS: dict[str, Parameter] = {
 METHOD_PARAMETERS = {"reft": PARAMETERS, "lora": LORA_PARAMETERS}
 
 
-def parse_space(
-    raw: Any, path: str, max_epochs: int, method: str = "reft"
-) -> dict[str, Dimension]:
+def parse_space(raw: Any, path: str, max_epochs: int, method: str = "reft") -> dict[str, Dimension]:
     """Validate ``space:``; every known parameter gets a dimension (its default when absent)."""
     parameters = METHOD_PARAMETERS[method]
     entries = v.mapping(raw, path, parameters)

@@ -274,14 +274,12 @@ def parse_spec(raw: Any, base_dir: Path, source: Path | None = None) -> StudySpe
         direction=direction,
         budget=budget,
         sampler=_sampler(entries.get("sampler"), "sampler", pareto),
-        pruner=_pruner(
-            entries.get("pruner", "none" if pareto else None), "pruner", pareto, metric
-        ),
+        pruner=_pruner(entries.get("pruner", "none" if pareto else None), "pruner", pareto, metric),
         space=parse_space(entries.get("space"), "space", budget.max_epochs, method),
         seed=seed,
         resources=_resources(entries.get("resources"), "resources"),
         export_dir=_export(entries.get("export"), "export", base_dir, name),
-        warm_start=_warm_start(entries.get("warm_start"), "warm_start", base_dir),
+        warm_start=_warm_start(entries.get("warm_start"), "warm_start", base_dir, method),
         finalize=_finalize(
             entries.get("finalize", None if pareto else "default"), "finalize", budget, seed
         ),
@@ -544,15 +542,17 @@ def _export(raw: Any, path: str, base_dir: Path, name: str) -> str:
     return str((base_dir / Path(v.string(directory, v.join(path, "dir")))).resolve())
 
 
-def _warm_start(raw: Any, path: str, base_dir: Path) -> tuple[WarmStartSpec, ...]:
+def _warm_start(raw: Any, path: str, base_dir: Path, method: str) -> tuple[WarmStartSpec, ...]:
     if raw is None:
         return ()
     items = raw if isinstance(raw, list) else [raw]
     paths = [v.join(path, i) for i in range(len(items))] if isinstance(raw, list) else [path]
-    return tuple(_one_warm_start(item, p, base_dir) for item, p in zip(items, paths, strict=True))
+    return tuple(
+        _one_warm_start(item, p, base_dir, method) for item, p in zip(items, paths, strict=True)
+    )
 
 
-def _one_warm_start(raw: Any, path: str, base_dir: Path) -> WarmStartSpec:
+def _one_warm_start(raw: Any, path: str, base_dir: Path, method: str) -> WarmStartSpec:
     entries = v.mapping(raw, path, ["recipes", "study", "storage", "top_k"])
     if ("recipes" in entries) == ("study" in entries):
         raise SpecError(
@@ -563,6 +563,11 @@ def _one_warm_start(raw: Any, path: str, base_dir: Path) -> WarmStartSpec:
     if "recipes" in entries:
         if set(entries) != {"recipes"}:
             raise SpecError(path, "recipes takes no other keys")
+        if method != "reft":
+            raise SpecError(
+                v.join(path, "recipes"),
+                f"the paper's recipes are ReFT configs; this study's method is {method!r}",
+            )
         return WarmStartSpec(
             recipes=v.choice(entries["recipes"], v.join(path, "recipes"), WARM_START_RECIPES)
         )

@@ -15,6 +15,7 @@ from typing import Any
 
 import optuna
 
+from reftsearch.errors import BadInputError
 from reftsearch.space import Choice, Dimension, Fixed, FloatRange, IntRange, parse_layers, searched
 
 Log = Callable[[str], None]
@@ -76,8 +77,9 @@ def paper_recipes(task_kind: str, num_layers: int) -> list[Recipe]:
     ]
 
 
-def study_recipes(name: str, storage: str, top_k: int) -> list[Recipe]:
-    """The ``top_k`` completed configs of another study, best first."""
+def study_recipes(name: str, storage: str, top_k: int, method: str) -> list[Recipe]:
+    """The ``top_k`` completed configs of another study, best first; they must be configs
+    of this study's ``method`` (a LoRA rank says nothing about a ReFT intervention)."""
     from reftsearch.report import best_trials
     from reftsearch.storage import open_storage
 
@@ -85,6 +87,11 @@ def study_recipes(name: str, storage: str, top_k: int) -> list[Recipe]:
     recipes = []
     for trial in best_trials(source, top_k):
         config = dict(trial.user_attrs.get("config", {}))
+        if config.get("method", "reft") != method:
+            raise BadInputError(
+                f"warm_start.study: trial {trial.number} of study {name!r} is a "
+                f"{config.get('method', 'reft')} config; this study searches {method} configs"
+            )
         config["layers"] = ";".join(map(str, config.get("layers", []))) or "all"
         recipes.append(Recipe(f"study:{name}#{trial.number}", config))
     return recipes

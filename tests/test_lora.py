@@ -115,3 +115,26 @@ def test_compare_refuses_studies_of_different_tasks(write_study, easy_task_files
     b = write_study(lora_study(easy_task_files, name="b", metric="f1"), "b.yaml")
     assert main(["compare", str(a), str(b)]) == 2
     assert "both studies must use the same metric" in capsys.readouterr().err
+
+
+def test_lora_trials_neither_export_nor_warm_start_a_reft_study(
+    write_study, easy_task_files, capsys, tmp_path
+):
+    """A LoRA config is not a ReFT intervention: both refuse with exit 2 and say why."""
+    lora_path = write_study(lora_study(easy_task_files, name="lora"), "lora.yaml")
+    assert main(["run", str(lora_path)]) == 0
+    lora_storage = load_spec(lora_path).storage
+    capsys.readouterr()
+    assert main(["export", str(lora_path), str(tmp_path / "out")]) == 2
+    assert "only ReFT trials export to pyreft" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+    source = {"study": "lora", "storage": lora_storage}
+    reft_path = write_study(tiny_study(easy_task_files, name="reft", warm_start=source), "r.yaml")
+    assert main(["run", str(reft_path)]) == 2
+    err = capsys.readouterr().err
+    assert "warm_start.study: trial" in err and "is a lora config" in err
+
+    paper = lora_study(easy_task_files, name="lora-paper", warm_start={"recipes": "paper"})
+    assert main(["run", str(write_study(paper, "p.yaml"))]) == 2
+    assert "warm_start.recipes: the paper's recipes are ReFT configs" in capsys.readouterr().err

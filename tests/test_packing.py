@@ -1,14 +1,19 @@
 """Trial packing: k trials trained side by side equal the same k trials trained alone."""
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import optuna
 import pytest
 import torch
 from conftest import tiny_study
 from test_cache import make_reft, setup
 
+from reftsearch.adapters import GLOBAL_RNG_LOCK, build_adapter
 from reftsearch.cache import PrefixCache
 from reftsearch.cli import main
 from reftsearch.packing import PackedTrainer
+from reftsearch.reft import ReftConfig
 from reftsearch.spec import load_spec
 from reftsearch.train import Pack, TrainConfig, TrialRun, own_head, train_trial
 
@@ -124,3 +129,30 @@ def test_packed_trainer_is_train_trial_for_each_thread():
     want = train_trial(base, make_reft(base, seed=0), data, config(0))
     assert score == pytest.approx(want, abs=1e-6)
     assert trainer.pack.runs == []
+
+
+def test_seeded_init_is_the_same_while_other_threads_draw_numbers():
+    """A packed trial's init must not depend on what the stepping thread draws from the global
+    RNG meanwhile (dropout): build_adapter seeds and initialises under GLOBAL_RNG_LOCK, which
+    the packed step holds too."""
+    base, _ = setup("tiny:llama")
+    reft_config = ReftConfig("loreft", (0, 2, 3), prefix=1, suffix=1, tied=False, rank=2)
+    want = build_adapter(reft_config, base, seed=7).state_dict()
+    stop = threading.Event()
+
+    def step_with_dropout():
+        while not stop.is_set():
+            with GLOBAL_RNG_LOCK:
+                torch.rand(256)
+
+    drawer = threading.Thread(target=step_with_dropout)
+    drawer.start()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            built = list(pool.map(lambda _: build_adapter(reft_config, base, 7), range(16)))
+    finally:
+        stop.set()
+        drawer.join()
+    for adapter in built:
+        for name, tensor in adapter.state_dict().items():
+            assert torch.equal(tensor, want[name]), name
