@@ -29,10 +29,7 @@ import argparse
 import multiprocessing
 import tempfile
 import time
-import uuid
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
@@ -114,28 +111,6 @@ def measure(
     return per_trial_ms, workers * trials_per_worker / max(elapsed)
 
 
-@contextmanager
-def postgres_database() -> Iterator[str | None]:
-    import psycopg
-
-    for user in ("postgres", "root"):
-        try:
-            admin = psycopg.connect(f"host=127.0.0.1 user={user} dbname=postgres", autocommit=True)
-            break
-        except psycopg.OperationalError:
-            continue
-    else:
-        yield None
-        return
-    name = f"reftsearch_bench_{uuid.uuid4().hex[:8]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg://{admin.info.user}@127.0.0.1:5432/{name}"
-    finally:
-        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        admin.close()
-
-
 def tiny_trial_seconds() -> float:
     """Wall time of one real trial of ``studies/tiny.yaml`` with the model already loaded."""
     import torch
@@ -181,7 +156,10 @@ def main() -> None:
         f"{'storage':<12}{'workers':>8}{'ms/trial':>10}{'trials/s':>10}{'machine ms':>12}"
         f"{'of tiny trial':>15}"
     )
-    with tempfile.TemporaryDirectory() as tmp, postgres_database() as postgres_url:
+    from reftsearch.testing import scratch_postgres_database
+
+    scratch = scratch_postgres_database("reftsearch_bench")
+    with tempfile.TemporaryDirectory() as tmp, scratch as postgres_url:
         for kind in ("sqlite", "postgresql", "journal"):
             for workers in CONCURRENCY:
                 if kind == "postgresql" and postgres_url is None:

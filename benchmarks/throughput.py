@@ -311,7 +311,9 @@ def time_techniques(train: Path, dev: Path, config: dict, steps: int) -> dict[st
     lengths = [len(e.input_ids) for e in train_examples]
     size, pad = config["batch_size"], base.tokenizer.pad_token_id
     cache = PrefixCache(4096)
-    states = cache.states(base, min(layers), "train", train_examples)
+    frozen = cache.frozen(base, min(layers), "train", [train_examples])
+    dev_frozen = cache.frozen(base, min(layers), "dev", [dev_examples])
+    positions = config["prefix"], config["suffix"]
 
     def full_logits(batch) -> torch.Tensor:
         return base.model(**batch.model_inputs(), labels=batch.labels).loss
@@ -319,15 +321,20 @@ def time_techniques(train: Path, dev: Path, config: dict, steps: int) -> dict[st
     def supervised(batch) -> torch.Tensor:
         return span_losses(base, batch, [slice(None)])[0]
 
-    def timed(loss_fn, bucket: bool, replay: bool) -> float:
+    def timed(loss_fn, bucket: bool, replay: bool, trim: bool = False) -> float:
         chunks = batch_rows(lengths, size, torch.Generator().manual_seed(SEED), bucket)
         seconds = []
         for rows in chunks[: steps + 1]:
-            batch = collate_rows(train_examples, rows, pad)
             start = time.perf_counter()
+            starts = None
+            if trim:  # each row from its first edited token, the rest's keys/values cached
+                starts = frozen.starts([([train_examples[i] for i in rows], *positions)])
+            batch = collate_rows(train_examples, rows, pad, starts=starts)
+            if trim:
+                frozen.add_past(batch, [slice(None)], starts)
             reft.set_locations(batch.prompt_lengths, batch.offsets)
             if replay:
-                with states.replaying(base.blocks, batch):
+                with frozen.replaying(base.blocks, batch, [slice(None)]):
                     loss = loss_fn(batch)
             else:
                 loss = loss_fn(batch)
@@ -344,6 +351,9 @@ def time_techniques(train: Path, dev: Path, config: dict, steps: int) -> dict[st
         figures["step: + LM head on supervised tokens only"] = timed(supervised, False, False)
         figures["step: + length-bucketed batches"] = timed(supervised, True, False)
         figures["step: + frozen-prefix cache"] = timed(supervised, True, True)
+        figures["step: + rows from the first edited token (frozen keys/values)"] = timed(
+            supervised, True, True, trim=True
+        )
         reft.eval()
         start = time.perf_counter()
         for example in dev_examples:
@@ -352,6 +362,9 @@ def time_techniques(train: Path, dev: Path, config: dict, steps: int) -> dict[st
         start = time.perf_counter()
         generate(base, reft, dev_examples, MAX_NEW_TOKENS)
         figures[f"dev, 32 prompts: batched (up to {EVAL_BATCH_SIZE})"] = time.perf_counter() - start
+        start = time.perf_counter()
+        generate(base, reft, dev_examples, MAX_NEW_TOKENS, dev_frozen)
+        figures["dev, 32 prompts: batched, from the cache"] = time.perf_counter() - start
     return figures
 
 

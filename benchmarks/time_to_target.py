@@ -8,7 +8,9 @@ never got there counts its whole run, marked ``>``). A trial budget, not a time 
 keeps the comparison fair on a shared machine where contention changes the time a trial
 takes. Both run through ``reftsearch.runner.run_study`` in this process.
 
-* ``--quick``: the tiny random Llama on the builtin sentiment task (seconds per trial);
+* ``--quick``: the embedded MiniLM encoder on the builtin synthetic sentiment task (the
+  demo's: negation and contrast clauses, so where an intervention sits matters), a few
+  seconds per trial;
 * default: the embedded MiniLM encoder on GLUE SST-2 samples (../shared/data/sst2).
 
 Usage::
@@ -52,7 +54,8 @@ SPACE = {
 @dataclass(frozen=True)
 class Setup:
     model: str
-    data: dict
+    data: dict | str
+    text: str
     layers: list[str]
     max_epochs: int
     n_trials: int
@@ -61,8 +64,8 @@ class Setup:
 
 
 def quick_setup(folder: Path) -> Setup:
-    data = {"builtin": "sentiment"}
-    return Setup("tiny:llama", data, ["all", "0;2", "1-3", "3"], 3, 10, 32, 128)
+    layers = ["all", "3;4;5", "0;1;2", "5"]
+    return Setup("embedded:minilm", "builtin:sentiment", "text", layers, 3, 12, 32, 600)
 
 
 def full_setup(folder: Path) -> Setup:
@@ -76,7 +79,7 @@ def full_setup(folder: Path) -> Setup:
             writer.writeheader()
             writer.writerows({"sentence": r["sentence"].strip(), "label": r["label"]} for r in part)
     data = {"train": str(folder / "train.csv"), "dev": str(folder / "dev.csv")}
-    return Setup("embedded:minilm", data, ["all", "0;2;4", "3;5", "5"], 4, 20, 32, 1024)
+    return Setup("embedded:minilm", data, "sentence", ["all", "0;2;4", "3;5", "5"], 4, 20, 32, 1024)
 
 
 def spec_for(setup: Setup, folder: Path, seed: int, pruned: bool):
@@ -88,7 +91,7 @@ def spec_for(setup: Setup, folder: Path, seed: int, pruned: bool):
         "task": {
             "kind": "classification",
             "data": setup.data,
-            "text": "sentence",
+            "text": setup.text,
             "max_train_examples": setup.max_train,
             "max_dev_examples": 256,
             "max_length": 96,
@@ -130,7 +133,7 @@ def time_to(points: list[tuple[float, float]], target: float) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model, builtin task")
+    parser.add_argument("--quick", action="store_true", help="builtin synthetic task")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     totals = {"pruned": 0.0, "random": 0.0}

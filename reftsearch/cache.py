@@ -17,14 +17,16 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from reftsearch.data import Batch, Encoded, batches
-from reftsearch.models import BaseModel
+from reftsearch.models import BaseModel, kv_argument
+from reftsearch.positions import unedited_prefix
 
 BUILD_BATCH_SIZE = 64
 
@@ -90,18 +92,117 @@ def replaying(
                 block.forward = forward
 
 
-class PrefixCache:
-    """Cached block outputs per (layer, split), least recently used dropped past the budget.
+@dataclass
+class FrozenPast:
+    """The cached first tokens of each row of a batch: their mask and their frozen keys and
+    values at every block, handed to the model as its key/value cache."""
 
-    A split whose states alone exceed the budget is not cached (``states`` returns None and
-    the trial runs the full model, just slower).
+    mask: torch.Tensor  # [rows, width], 1 where a row has a cached token
+    keys_values: list[tuple[torch.Tensor, torch.Tensor]]  # per block, [rows, heads, width, dim]
+    argument: str  # the model forward's name for a key/value cache
+
+    def model_inputs(self, attention_mask: torch.Tensor) -> dict:
+        # a fresh cache per forward: the forward appends the batch's own keys and values to it
+        cache = DynamicCache(ddp_cache_data=self.keys_values)
+        return {"attention_mask": torch.cat([self.mask, attention_mask], 1), self.argument: cache}
+
+
+@dataclass
+class FrozenKeysValues:
+    """Every block's attention keys and values for the prompt tokens of one split, as the
+    frozen model computes them (causal decoders only), unpadded and concatenated."""
+
+    examples: list[Encoded]
+    keys: torch.Tensor  # [blocks, prompt tokens + 1, heads, dim]; the last row is zeros
+    values: torch.Tensor
+    starts: torch.Tensor  # [examples] where each example's tokens start
+    argument: str
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+    def gather(
+        self,
+        rows: torch.Tensor,
+        first: torch.Tensor,
+        last: torch.Tensor,
+        offsets: torch.Tensor,
+        width: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[blocks, rows, heads, width, dim]``: tokens ``first[b] <= t <
+        last[b]`` of example ``rows[b]`` at columns ``t + offsets[b]``, zeros elsewhere."""
+        tokens = torch.arange(width, device=offsets.device)[None] - offsets[:, None]
+        valid = (tokens >= first[:, None]) & (tokens < last[:, None])
+        index = self.starts.to(offsets.device)[rows][:, None] + tokens
+        index = torch.where(valid, index, self.keys.shape[1] - 1).to(self.keys.device)
+        return self.keys[:, index].transpose(2, 3), self.values[:, index].transpose(2, 3)
+
+
+@dataclass
+class FrozenParts:
+    """What one forward pass takes from the cache instead of computing it: block ``layer``'s
+    outputs and, in a decoder, the keys and values of each row's unedited first tokens. A
+    batch's rows come in groups (a packed trial's rows each), each from its own split list."""
+
+    layer: int
+    states: list[CachedStates]  # per group
+    keys_values: list[FrozenKeysValues] | None  # per group; None: every row starts at token 0
+
+    def starts(self, groups: list[tuple[list[Encoded], int, int]]) -> list[int] | None:
+        """Each row's first token to compute: groups of (examples, prefix, suffix)."""
+        if self.keys_values is None:
+            return None
+        return [
+            unedited_prefix(example.prompt_length, prefix, suffix)
+            for examples, prefix, suffix in groups
+            for example in examples
+        ]
+
+    def add_past(self, batch: Batch, spans: list[slice], starts: list[int]) -> None:
+        """Give ``batch`` (collated with ``starts``) the frozen keys and values it skips."""
+        if self.keys_values is None:
+            return
+        skipped = torch.tensor(starts, device=batch.offsets.device)
+        width = int(skipped.max())
+        if width == 0:
+            return
+        zeros = torch.zeros_like(skipped)
+        parts = [
+            kv.gather(batch.rows[span], zeros[span], skipped[span], zeros[span], width)
+            for kv, span in zip(self.keys_values, spans, strict=True)
+        ]
+        keys = torch.cat([k for k, _ in parts], dim=1)
+        values = torch.cat([v for _, v in parts], dim=1)
+        mask = (torch.arange(width, device=skipped.device)[None] < skipped[:, None]).long()
+        argument = self.keys_values[0].argument
+        batch.past = FrozenPast(mask, list(zip(keys, values, strict=True)), argument)
+
+    def replaying(self, blocks: list[nn.Module], batch: Batch, spans: list[slice]):
+        """``replaying`` block ``layer``'s cached outputs for ``batch``'s rows."""
+        parts = [
+            states.gather(batch.rows[span], batch.attention_mask[span], batch.offsets[span])
+            for states, span in zip(self.states, spans, strict=True)
+        ]
+        return replaying(blocks, self.layer, torch.cat(parts), self.states[0].as_tuple)
+
+
+class PrefixCache:
+    """Cached block outputs per (layer, split), and a decoder's frozen keys and values per
+    split, least recently used dropped past the budget.
+
+    What does not fit is not cached (``states`` returns None and the trial runs the full
+    model, just slower). Keys and values are the optional part: they never push block outputs
+    out, so a tight budget cannot make the two evict each other step after step. Whatever is
+    missing for a split is computed in one pass, from the highest cached layer below when only
+    block outputs are missing.
     """
 
     def __init__(self, budget_mb: float) -> None:
         self.budget_bytes = int(budget_mb * 2**20)
         # keyed by the split's list too (an entry holds it, so its id cannot be reused): a
         # worker may train on several subsets of one split (reftsearch.fidelity's ladder)
-        self._entries: OrderedDict[tuple[int, str, int], CachedStates] = OrderedDict()
+        self._entries: OrderedDict[tuple, CachedStates | FrozenKeysValues] = OrderedDict()
 
     @property
     def used_bytes(self) -> int:
@@ -110,20 +211,94 @@ class PrefixCache:
     def states(
         self, base: BaseModel, layer: int, split: str, examples: list[Encoded]
     ) -> CachedStates | None:
-        key = (layer, split, id(examples))
+        """Block ``layer``'s outputs for ``examples``, cached."""
+        return self._fetch(base, layer, split, examples, keys_values=False)[0]
+
+    def frozen(
+        self, base: BaseModel, layer: int, split: str, groups: list[list[Encoded]]
+    ) -> FrozenParts | None:
+        """Block ``layer``'s outputs (and a decoder's frozen keys and values) for each group's
+        split list; None when the outputs do not fit the budget."""
+        fetched = [
+            self._fetch(base, layer, split, examples, base.is_decoder) for examples in groups
+        ]
+        states = [entry for entry, _ in fetched]
+        if any(entry is None for entry in states):
+            return None
+        keys_values = [entry for _, entry in fetched]
+        if any(entry is None for entry in keys_values):
+            keys_values = None
+        return FrozenParts(layer, states, keys_values)
+
+    def _fetch(
+        self, base: BaseModel, layer: int, split: str, examples: list[Encoded], keys_values: bool
+    ) -> tuple[CachedStates | None, FrozenKeysValues | None]:
+        states_key = ("states", layer, split, id(examples))
+        kv_key = ("keys_values", split, id(examples))
+        states, kv = self._get(states_key), self._get(kv_key) if keys_values else None
+        states_need = 0
+        if states is None:
+            states_need = (sum(len(e.input_ids) for e in examples) + 1) * base.hidden_size
+            states_need *= _itemsize(base)
+            if not self._make_room(states_need):
+                return None, kv
+        want_kv = keys_values and kv is None
+        if want_kv:
+            prompt_tokens = sum(e.prompt_length for e in examples) + 1
+            kv_need = 2 * base.num_layers * prompt_tokens * _kv_width(base.model.config)
+            want_kv = kv_need * _itemsize(base) <= self._free_bytes() - states_need
+        if states is None or want_kv:
+            below = None if want_kv else self._highest_below(layer, split, examples)
+            computed = compute_frozen(
+                base, examples, None if states is not None else layer, want_kv, below
+            )
+            if states is None:
+                states = self._put(states_key, computed[0])
+            if want_kv:
+                kv = self._put(kv_key, computed[1])
+        return states, kv
+
+    def _get(self, key: tuple):
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
-            return entry
-        itemsize = torch.finfo(base.model.dtype).bits // 8
-        need = (sum(len(e.input_ids) for e in examples) + 1) * base.hidden_size * itemsize
-        if need > self.budget_bytes:
-            return None
-        while self._entries and self.used_bytes + need > self.budget_bytes:
-            self._entries.popitem(last=False)
-        entry = compute_states(base, layer, examples)
+        return entry
+
+    def _put(self, key: tuple, entry):
         self._entries[key] = entry
         return entry
+
+    def _free_bytes(self) -> int:
+        return self.budget_bytes - self.used_bytes
+
+    def _make_room(self, need: int) -> bool:
+        """Drop least recently used entries until ``need`` bytes are free (False: never)."""
+        if need > self.budget_bytes:
+            return False
+        while self._entries and self._free_bytes() < need:
+            self._entries.popitem(last=False)
+        return True
+
+    def _highest_below(
+        self, layer: int, split: str, examples: list[Encoded]
+    ) -> CachedStates | None:
+        lower = [
+            entry
+            for (kind, *rest), entry in self._entries.items()
+            if kind == "states" and rest[1:] == [split, id(examples)] and rest[0] < layer
+        ]
+        return max(lower, key=lambda entry: entry.layer, default=None)
+
+
+def _itemsize(base: BaseModel) -> int:
+    return torch.finfo(base.model.dtype).bits // 8
+
+
+def _kv_width(config) -> int:
+    """Numbers per token per block in keys (or values): heads x head size."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return heads * head_dim
 
 
 class _Captured(Exception):
@@ -134,36 +309,85 @@ class _Captured(Exception):
         self.output = output
 
 
-@torch.no_grad()
 def compute_states(base: BaseModel, layer: int, examples: list[Encoded]) -> CachedStates:
     """Run ``examples`` up to block ``layer`` (not above) and keep its unedited output."""
+    return compute_frozen(base, examples, layer, keys_values=False)[0]
+
+
+@torch.no_grad()
+def compute_frozen(
+    base: BaseModel,
+    examples: list[Encoded],
+    layer: int | None,
+    keys_values: bool,
+    below: CachedStates | None = None,
+) -> tuple[CachedStates | None, FrozenKeysValues | None]:
+    """One frozen pass over ``examples``: block ``layer``'s unedited outputs (unless None)
+    and, with ``keys_values``, every block's keys and values of the prompt tokens (as the
+    model caches them: after rotary embeddings). Without keys and values the pass stops at
+    ``layer``, and starts from ``below`` (a lower block's cached outputs) when given."""
+    argument = kv_argument(base.model.base_model)
+    captured: list = []
 
     def capture(module: nn.Module, args: tuple, output) -> None:
-        raise _Captured(output)
+        captured.append(output)
+        if not keys_values:
+            raise _Captured(output)
 
     # prepend: capture before any intervention hook on the same block could edit the output
-    handle = base.blocks[layer].register_forward_hook(capture, prepend=True)
-    pieces: list[torch.Tensor | None] = [None] * len(examples)
-    as_tuple = False
+    hooked = layer is not None
+    handle = base.blocks[layer].register_forward_hook(capture, prepend=True) if hooked else None
+    hidden_rows: list[torch.Tensor | None] = [None] * len(examples)
+    keys: list[torch.Tensor | None] = [None] * len(examples)
+    values: list[torch.Tensor | None] = [None] * len(examples)
     try:
         # right padding, sorted by length: a row's states do not depend on its batch
         for batch in batches(examples, BUILD_BATCH_SIZE, base.tokenizer.pad_token_id, bucket=True):
             batch = batch.to(base.device)
+            captured.clear()
+            replay = below.replaying(base.blocks, batch) if below is not None else nullcontext()
             try:
-                base.model.base_model(**batch.model_inputs())
-            except _Captured as captured:
-                output = captured.output
-            else:
-                raise RuntimeError(f"block {layer} did not run in the forward pass")
-            as_tuple = isinstance(output, tuple)
-            hidden = output[0] if as_tuple else output
-            for row, index, length in zip(
-                hidden, batch.rows.tolist(), batch.attention_mask.sum(-1).tolist(), strict=True
-            ):
-                pieces[index] = row[:length]
+                with replay:
+                    output = base.model.base_model(**batch.model_inputs(), use_cache=keys_values)
+            except _Captured:
+                pass
+            rows = batch.rows.tolist()
+            if hooked:
+                hidden = captured[0][0] if isinstance(captured[0], tuple) else captured[0]
+                for row, index, length in zip(
+                    hidden, rows, batch.attention_mask.sum(-1).tolist(), strict=True
+                ):
+                    hidden_rows[index] = row[:length]
+            if keys_values:
+                layers = [(k, v) for k, v, *_ in getattr(output, argument)]
+                block_keys = torch.stack([k for k, _ in layers])  # [blocks, rows, heads, T, dim]
+                block_values = torch.stack([v for _, v in layers])
+                for position, index in enumerate(rows):
+                    length = examples[index].prompt_length
+                    keys[index] = block_keys[:, position, :, :length].transpose(1, 2)
+                    values[index] = block_values[:, position, :, :length].transpose(1, 2)
     finally:
-        handle.remove()
-    lengths = torch.tensor([len(p) for p in pieces])
-    flat = torch.cat([*pieces, pieces[0].new_zeros(1, pieces[0].shape[-1])])
-    starts = torch.cumsum(lengths, 0) - lengths
-    return CachedStates(layer, examples, flat, starts, as_tuple)
+        if handle is not None:
+            handle.remove()
+    states = None
+    if hooked:
+        as_tuple = isinstance(captured[0], tuple)
+        flat, starts = _concatenated(hidden_rows, dim=0)
+        states = CachedStates(layer, examples, flat, starts, as_tuple)
+    frozen_kv = None
+    if keys_values:
+        flat_keys, starts = _concatenated(keys, dim=1)
+        frozen_kv = FrozenKeysValues(
+            examples, flat_keys, _concatenated(values, dim=1)[0], starts, argument
+        )
+    return states, frozen_kv
+
+
+def _concatenated(pieces: list[torch.Tensor], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pieces`` joined along ``dim`` plus one zero slice (the padding row), and where each
+    piece starts."""
+    lengths = torch.tensor([piece.shape[dim] for piece in pieces])
+    shape = list(pieces[0].shape)
+    shape[dim] = 1
+    flat = torch.cat([*pieces, pieces[0].new_zeros(shape)], dim=dim)
+    return flat, torch.cumsum(lengths, 0) - lengths

@@ -11,12 +11,15 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from reftsearch.errors import BadInputError
 from reftsearch.spec import DataSpec, TaskSpec
+
+if TYPE_CHECKING:
+    from reftsearch.cache import FrozenPast
 
 FILE_BUILDERS = {
     ".csv": "csv",
@@ -266,19 +269,26 @@ class Batch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     prompt_lengths: torch.Tensor
-    offsets: torch.Tensor  # left-padding per row: where each row's tokens start
+    # where each row's token 0 sits: token t of row b is column t + offsets[b]; the left
+    # padding, or minus the tokens a row starts after (``collate(starts=...)``)
+    offsets: torch.Tensor
     labels: torch.Tensor | None = None
     token_type_ids: torch.Tensor | None = None
     rows: torch.Tensor | None = None  # each row's index in the example list it came from
+    # the frozen keys/values of the tokens each row starts after (reftsearch.cache)
+    past: FrozenPast | None = None
 
-    def model_inputs(self) -> dict[str, torch.Tensor]:
+    def model_inputs(self) -> dict[str, Any]:
         inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
         if self.token_type_ids is not None:
             inputs["token_type_ids"] = self.token_type_ids
         if bool(self.offsets.any()):
-            # Left padding: positions count from each row's first real token, so a row's
-            # hidden states do not depend on how much padding its batch needed.
-            inputs["position_ids"] = (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+            # Positions count from each row's token 0, so a row's hidden states do not depend
+            # on how much padding its batch needed (or how many of its tokens are cached).
+            columns = torch.arange(self.input_ids.shape[1], device=self.offsets.device)
+            inputs["position_ids"] = (columns[None] - self.offsets[:, None]).clamp(min=0)
+        if self.past is not None:
+            inputs.update(self.past.model_inputs(self.attention_mask))
         return inputs
 
     def to(self, device: torch.device) -> Batch:
@@ -289,40 +299,55 @@ class Batch:
 
 
 def collate(
-    examples: list[Encoded], pad_id: int, left_pad: bool = False, prompt_only: bool = False
+    examples: list[Encoded],
+    pad_id: int,
+    left_pad: bool = False,
+    prompt_only: bool = False,
+    starts: list[int] | None = None,
 ) -> Batch:
     """Pad a list of examples into tensors.
 
     ``prompt_only`` drops the responses (for generation at eval time, where prompts are
-    left-padded so that every row's next token is at the last column).
+    left-padded so that every row's next token is at the last column). ``starts`` drops each
+    row's first tokens, whose frozen keys and values come from a cache (``Batch.past``).
     """
-    sequences = [e.input_ids[: e.prompt_length] if prompt_only else e.input_ids for e in examples]
+    starts = starts or [0] * len(examples)
+    sequences = [
+        (e.input_ids[: e.prompt_length] if prompt_only else e.input_ids)[start:]
+        for e, start in zip(examples, starts, strict=True)
+    ]
     width = max(len(s) for s in sequences)
-    offsets = [width - len(s) if left_pad else 0 for s in sequences]
+    padding = [width - len(s) if left_pad else 0 for s in sequences]
 
-    def pad(values: list[int], fill: int, offset: int) -> list[int]:
-        padding = [fill] * (width - len(values))
-        return padding + values if offset else values + padding
+    def pad(values: list[int], fill: int, left: int) -> list[int]:
+        filler = [fill] * (width - len(values))
+        return filler + values if left else values + filler
 
     batch = Batch(
         input_ids=torch.tensor(
-            [pad(s, pad_id, o) for s, o in zip(sequences, offsets, strict=True)]
+            [pad(s, pad_id, o) for s, o in zip(sequences, padding, strict=True)]
         ),
         attention_mask=torch.tensor(
-            [pad([1] * len(s), 0, o) for s, o in zip(sequences, offsets, strict=True)]
+            [pad([1] * len(s), 0, o) for s, o in zip(sequences, padding, strict=True)]
         ),
         prompt_lengths=torch.tensor([e.prompt_length for e in examples]),
-        offsets=torch.tensor(offsets),
+        offsets=torch.tensor(padding) - torch.tensor(starts),
     )
     if examples[0].token_type_ids is not None:
         batch.token_type_ids = torch.tensor(
-            [pad(e.token_type_ids, 0, o) for e, o in zip(examples, offsets, strict=True)]
+            [
+                pad(e.token_type_ids[start:], 0, o)
+                for e, start, o in zip(examples, starts, padding, strict=True)
+            ]
         )
     if examples[0].label is not None:
         batch.labels = torch.tensor([e.label for e in examples])
     elif examples[0].labels is not None and not prompt_only:
         batch.labels = torch.tensor(
-            [pad(e.labels, IGNORE_INDEX, o) for e, o in zip(examples, offsets, strict=True)]
+            [
+                pad(e.labels[start:], IGNORE_INDEX, o)
+                for e, start, o in zip(examples, starts, padding, strict=True)
+            ]
         )
     return batch
 

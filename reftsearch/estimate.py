@@ -1,27 +1,29 @@
 """What a study will cost here, measured before spending it.
 
 A few configs are drawn from the space at random; for each, two training steps and one dev
-batch are timed on this machine (after a warm-up step). Scaled by the data sizes and epochs,
-that gives seconds per epoch and per trial for the cheapest, median and most expensive of
-them, and the study's expected wall time for its budget and workers.
+batch are timed on this machine (after a warm-up step), through the path trials take (the
+worker's frozen-activation cache included, whose one-off build is left out). Scaled by the
+data sizes and epochs, that gives seconds per epoch and per trial for the cheapest, median and
+most expensive of them, and the study's expected wall time for its budget and workers.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import optuna
 
 from reftsearch.adapters import Adapter, build_adapter
-from reftsearch.data import batches
+from reftsearch.cache import PrefixCache
 from reftsearch.objective import invalid_reason, resolve
-from reftsearch.reft import describe_config
+from reftsearch.reft import ReftConfig, describe_config
 from reftsearch.space import sample
 from reftsearch.study import PreparedStudy
-from reftsearch.train import SplitData, TrainConfig, build_optimizer, evaluate, loss_of
+from reftsearch.train import Pack, TrainConfig, TrialRun, evaluate, reset_head
 
 TIMED_STEPS = 2
 EVAL_SAMPLE = 16  # dev examples timed per config
@@ -95,42 +97,51 @@ def _cost(prepared: PreparedStudy, values: dict) -> ConfigCost:
     base, split = prepared.base, prepared.split
     reft_config, train_config = resolve(values, base, prepared.spec.seed, prepared.spec.method)
     reft = build_adapter(reft_config, base, train_config.seed)
-    step_s = _step_seconds(prepared, reft, train_config)
-    with reft.attached(base.blocks):
-        dev_sample = split.dev[:EVAL_SAMPLE]
-        start = time.perf_counter()
-        evaluate(
-            base,
-            reft,
-            SplitData(split.train, dev_sample, split.kind, split.metric, split.max_new_tokens),
-        )
-        per_dev_example = (time.perf_counter() - start) / len(dev_sample)
+    cache = prepared.cache if isinstance(reft_config, ReftConfig) else None  # LoRA: none
+    step_s = _step_seconds(prepared, reft, train_config, cache)
+    per_dev_example = _dev_seconds(prepared, reft, cache) / EVAL_SAMPLE
     steps = math.ceil(len(split.train) / train_config.batch_size)
     epoch_s = steps * step_s + len(split.dev) * per_dev_example
     described = describe_config({**reft_config.to_dict(), **vars(train_config)})
     return ConfigCost(described, step_s, epoch_s, epoch_s * train_config.epochs)
 
 
-def _step_seconds(prepared: PreparedStudy, reft: Adapter, config: TrainConfig) -> float:
-    base = prepared.base
-    if base.head is not None:
-        base.reset_head(config.seed)
-    optimizer = build_optimizer(reft, base.head, config)
-    train = batches(
-        prepared.split.train[: config.batch_size * (TIMED_STEPS + 1)],
-        config.batch_size,
-        base.tokenizer.pad_token_id,
+def _step_seconds(
+    prepared: PreparedStudy, reft: Adapter, config: TrainConfig, cache: PrefixCache | None
+) -> float:
+    """A training step as a trial runs it (``Pack`` of one), on the first rows of train
+    (repeated if too few); one batch more than stepped, so that no epoch ends (and no dev
+    pass runs) while timing."""
+    base, split = prepared.base, prepared.split
+    rows = list(
+        itertools.islice(itertools.cycle(split.train), config.batch_size * (TIMED_STEPS + 2))
     )
+    if cache is not None:  # built once per worker, before any trial: not a step's cost
+        cache.frozen(base, min(reft.config.layers), "train", [rows])
+    run = TrialRun(reft, replace(split, train=rows), config, reset_head(base, config.seed))
     timings = []
-    with reft.attached(base.blocks):
-        for batch in train[: TIMED_STEPS + 1]:
+    with Pack(base, cache) as pack:
+        pack.add(run)
+        for _ in range(TIMED_STEPS + 1):
             start = time.perf_counter()
-            loss_of(base, reft, batch.to(base.device)).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            ended = pack.step()
             timings.append(time.perf_counter() - start)
+            if ended:  # e.g. its loss diverged at once: the steps so far still tell the cost
+                break
     # the first step pays one-off costs (allocations, lazy init): leave it out when possible
     return statistics.fmean(timings[1:] or timings)
+
+
+def _dev_seconds(prepared: PreparedStudy, reft: Adapter, cache: PrefixCache | None) -> float:
+    """One dev pass over ``EVAL_SAMPLE`` examples, from the cache as trials score."""
+    base, split = prepared.base, prepared.split
+    sample = replace(split, dev=split.dev[:EVAL_SAMPLE])
+    if cache is not None:
+        cache.frozen(base, min(reft.config.layers), "dev", [sample.dev])
+    with reft.attached(base.blocks):
+        start = time.perf_counter()
+        evaluate(base, reft, sample, cache=cache)
+        return time.perf_counter() - start
 
 
 def _duration(seconds: float) -> str:

@@ -18,6 +18,7 @@ import contextlib
 import copy
 import importlib.metadata
 import importlib.util
+import inspect
 import os
 import shutil
 import tempfile
@@ -76,6 +77,13 @@ _BLOCK_PATHS = (
     "layer",
     "encoder.layers",
 )
+
+
+def kv_argument(forward_owner: nn.Module) -> str:
+    """The name a model's forward gives its key/value cache, as argument and as output:
+    ``cache`` in recent transformers, ``past_key_values`` before (and deprecated since)."""
+    parameters = inspect.signature(forward_owner.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 class ModelLoadError(BadInputError, ValueError):

@@ -63,6 +63,17 @@ def intervention_locations(
     return groups
 
 
+def unedited_prefix(prompt_length: int, prefix: int, suffix: int) -> int:
+    """How many leading tokens of a prompt no intervention edits (``intervention_locations``'
+    caps included), at most ``prompt_length - 1``: in a causal decoder their hidden states,
+    keys and values are the frozen model's at every layer, and the last prompt token (whose
+    output predicts the response) is always recomputed."""
+    cap = prompt_length // 2
+    if min(cap, prefix) > 0:
+        return 0
+    return max(prompt_length - max(min(cap, suffix), 1), 0)
+
+
 def _pad_to(positions: torch.Tensor, width: int) -> torch.Tensor:
     missing = width - positions.shape[1]
     return torch.nn.functional.pad(positions, (0, missing), value=PAD_POSITION)

@@ -112,7 +112,7 @@ class ResourcesSpec:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     heartbeat_s: int = 60
-    cache_mb: float = 1024.0  # frozen-prefix activation cache per worker (reftsearch.cache)
+    cache_mb: float = 2048.0  # frozen activations, keys and values per worker (reftsearch.cache)
     trials_per_worker: int = 1  # trials trained side by side in one batch (reftsearch.packing)
 
 
@@ -527,7 +527,7 @@ def _resources(raw: Any, path: str) -> ResourcesSpec:
             entries.get("gpus_per_trial", 0), v.join(path, "gpus_per_trial"), 0
         ),
         heartbeat_s=v.integer(entries.get("heartbeat_s", 60), v.join(path, "heartbeat_s"), 1),
-        cache_mb=v.number(entries.get("cache_mb", 1024), v.join(path, "cache_mb"), 0),
+        cache_mb=v.number(entries.get("cache_mb", 2048), v.join(path, "cache_mb"), 0),
         trials_per_worker=v.integer(
             entries.get("trials_per_worker", 1), v.join(path, "trials_per_worker"), minimum=1
         ),

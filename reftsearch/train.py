@@ -8,6 +8,7 @@ weights frozen); only the interventions (and a classification head) learn.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
@@ -17,11 +18,11 @@ import torch
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
-from reftsearch.cache import CachedStates, PrefixCache, replaying
-from reftsearch.data import IGNORE_INDEX, Batch, Encoded, batch_rows, batches, collate, collate_rows
+from reftsearch.cache import FrozenParts, PrefixCache
+from reftsearch.data import IGNORE_INDEX, Batch, Encoded, batch_rows, collate, collate_rows
 from reftsearch.errors import ReftSearchError
 from reftsearch.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, PER_EXAMPLE
-from reftsearch.models import BaseModel
+from reftsearch.models import BaseModel, kv_argument
 from reftsearch.reft import ReftModule
 
 _TRAINED_HEAD = "trained_head"
@@ -79,7 +80,7 @@ def train_trial(
     below the lowest intervened layer run once per worker instead of every step.
     """
     torch.manual_seed(config.seed)
-    run = TrialRun(reft, data, config, _reset_head(base, config.seed), on_epoch)
+    run = TrialRun(reft, data, config, reset_head(base, config.seed), on_epoch)
     with Pack(base, cache) as pack:
         pack.add(run)
         while True:
@@ -200,9 +201,19 @@ class Pack:
             spans.append(slice(len(rows), len(rows) + len(taken)))
             rows += taken
             examples += [run.data.train[i] for i in taken]
-        batch = collate(examples, self.base.tokenizer.pad_token_id)
+        frozen = self._frozen(runs)
+        starts = None
+        if frozen is not None:  # a decoder starts each row after its unedited tokens
+            groups = [
+                (examples[span], run.reft.config.prefix, run.reft.config.suffix)
+                for run, span in zip(runs, spans, strict=True)
+            ]
+            starts = frozen.starts(groups)
+        batch = collate(examples, self.base.tokenizer.pad_token_id, starts=starts)
         batch.rows = torch.tensor(rows)
         batch = batch.to(self.base.device)
+        if starts is not None:
+            frozen.add_past(batch, spans, starts)
         for run, span in zip(runs, spans, strict=True):
             run.reft.set_locations(
                 batch.prompt_lengths[span],
@@ -212,8 +223,9 @@ class Pack:
         self._heads = list(zip(runs, spans, strict=True))
         for run in runs:
             run.reft.train()
-        with self._routed():
-            losses = self._losses(batch, runs, spans)
+        replayed = frozen.replaying(self.base.blocks, batch, spans) if frozen else nullcontext()
+        with self._routed(), replayed:
+            losses = span_losses(self.base, batch, spans)
         kept = []
         for run, loss in zip(runs, losses, strict=True):
             if torch.isfinite(loss):
@@ -247,26 +259,13 @@ class Pack:
         with self._routed():
             return evaluate_examples(self.base, run.reft, run.data, cache=self.cache)
 
-    def _losses(self, batch: Batch, runs: list[TrialRun], spans: list[slice]) -> list[torch.Tensor]:
-        with self._replayed(batch, runs, spans):
-            return span_losses(self.base, batch, spans)
-
-    def _replayed(
-        self, batch: Batch, runs: list[TrialRun], spans: list[slice]
-    ) -> AbstractContextManager:
-        """Start the forward from the cached states of the members' lowest intervened layer,
-        each member's rows gathered from its own train list; the full forward without."""
+    def _frozen(self, runs: list[TrialRun]) -> FrozenParts | None:
+        """What the members' step can take from the cache, from their lowest intervened layer
+        up (each member's rows from its own train list); None: the full forward."""
         if self.cache is None:  # only ReFT trials get one: LoRA changes every block it is in
-            return nullcontext()
+            return None
         layer = min(min(run.reft.config.layers) for run in runs)
-        cached = [self.cache.states(self.base, layer, "train", run.data.train) for run in runs]
-        if any(states is None for states in cached):  # over the memory budget
-            return nullcontext()
-        parts = [
-            states.gather(batch.rows[span], batch.attention_mask[span], batch.offsets[span])
-            for states, span in zip(cached, spans, strict=True)
-        ]
-        return replaying(self.base.blocks, layer, torch.cat(parts), cached[0].as_tuple)
+        return self.cache.frozen(self.base, layer, "train", [run.data.train for run in runs])
 
     @contextmanager
     def _routed(self) -> Iterator[None]:
@@ -291,7 +290,7 @@ class Pack:
 
 def own_head(base: BaseModel, seed: int) -> nn.Module | None:
     """A classification head of a packed trial's own, initialised as ``reset_head(seed)``."""
-    return copy.deepcopy(_reset_head(base, seed))
+    return copy.deepcopy(reset_head(base, seed))
 
 
 def keep_head(adapter: nn.Module, head: nn.Module | None) -> None:
@@ -383,19 +382,19 @@ def evaluate_examples(
     example's hit. Batches hold rows of similar length (less padding); results come back in
     example order.
     """
-    states = None
+    frozen = None
     if examples is None and cache is not None:
-        states = cache.states(base, min(reft.config.layers), "dev", data.dev)
+        frozen = cache.frozen(base, min(reft.config.layers), "dev", [data.dev])
     examples = data.dev if examples is None else examples
     reft.eval()
     if data.metric == "loss":
-        return DevScores(_mean_loss(base, reft, examples, states))
+        return DevScores(_mean_loss(base, reft, examples, frozen))
     if data.kind == "classification":
-        outputs = _classify(base, reft, examples, states)
+        outputs = _classify(base, reft, examples, frozen)
         targets = [e.label for e in examples]
         metric = CLASSIFICATION_METRICS[data.metric]
     else:
-        outputs = generate(base, reft, examples, data.max_new_tokens)
+        outputs = generate(base, reft, examples, data.max_new_tokens, frozen)
         targets = [e.target for e in examples]
         metric = GENERATION_METRICS[data.metric]
     hits = PER_EXAMPLE.get(data.metric)
@@ -403,65 +402,90 @@ def evaluate_examples(
 
 
 def _mean_loss(
-    base: BaseModel, reft: ReftModule, examples: list[Encoded], states: CachedStates | None
+    base: BaseModel, reft: ReftModule, examples: list[Encoded], frozen: FrozenParts | None
 ) -> float:
     total, count = 0.0, 0
-    for batch in _eval_batches(base, examples):
+    for batch in _eval_batches(base, reft, examples, frozen):
         n = len(batch.input_ids)
-        with _replaying(base, states, batch):
+        with _replaying(base, frozen, batch):
             total += loss_of(base, reft, batch).item() * n
         count += n
     return total / count
 
 
 def _classify(
-    base: BaseModel, reft: ReftModule, examples: list[Encoded], states: CachedStates | None
+    base: BaseModel, reft: ReftModule, examples: list[Encoded], frozen: FrozenParts | None
 ) -> list[int]:
     predictions = [0] * len(examples)
-    for batch in _eval_batches(base, examples):
+    for batch in _eval_batches(base, reft, examples, frozen):
         reft.set_locations(batch.prompt_lengths, batch.offsets)
-        with _replaying(base, states, batch):
+        with _replaying(base, frozen, batch):
             predicted = base.model(**batch.model_inputs()).logits.argmax(-1)
         for row, label in zip(batch.rows.tolist(), predicted.tolist(), strict=True):
             predictions[row] = label
     return predictions
 
 
-def _eval_batches(base: BaseModel, examples: list[Encoded]) -> list[Batch]:
-    batched = batches(examples, EVAL_BATCH_SIZE, base.tokenizer.pad_token_id, bucket=True)
-    return [batch.to(base.device) for batch in batched]
+def _eval_batches(
+    base: BaseModel,
+    reft: ReftModule,
+    examples: list[Encoded],
+    frozen: FrozenParts | None,
+    prompt_only: bool = False,
+) -> list[Batch]:
+    """Batches of rows of similar length; prompts only (left-padded) for generation. With
+    ``frozen``, a decoder's rows start after their unedited tokens (reftsearch.cache)."""
+    starts = None
+    if frozen is not None:
+        starts = frozen.starts([(examples, reft.config.prefix, reft.config.suffix)])
+    lengths = [e.prompt_length if prompt_only else len(e.input_ids) for e in examples]
+    pad_id = base.tokenizer.pad_token_id
+    batched = []
+    for rows in batch_rows(lengths, EVAL_BATCH_SIZE, bucket=True):
+        row_starts = None if starts is None else [starts[i] for i in rows]
+        batch = collate_rows(
+            examples, rows, pad_id, left_pad=prompt_only, prompt_only=prompt_only, starts=row_starts
+        ).to(base.device)
+        if row_starts is not None:
+            frozen.add_past(batch, [slice(None)], row_starts)
+        batched.append(batch)
+    return batched
 
 
-def _replaying(
-    base: BaseModel, states: CachedStates | None, batch: Batch
-) -> AbstractContextManager:
-    return states.replaying(base.blocks, batch) if states is not None else nullcontext()
+def _replaying(base: BaseModel, frozen: FrozenParts | None, batch: Batch) -> AbstractContextManager:
+    return frozen.replaying(base.blocks, batch, [slice(None)]) if frozen else nullcontext()
 
 
 def generate(
-    base: BaseModel, reft: ReftModule, examples: list[Encoded], max_new_tokens: int
+    base: BaseModel,
+    reft: ReftModule,
+    examples: list[Encoded],
+    max_new_tokens: int,
+    frozen: FrozenParts | None = None,
 ) -> list[str]:
     """Greedy decoding, batched with left padding.
 
     The interventions edit the prompt pass only (as pyreft does); later one-token steps read
-    the edited prompt through the key/value cache.
+    the edited prompt through the key/value cache. With ``frozen`` the prompt pass starts at
+    the cached layer, and the keys and values of the blocks it skipped come from the cache.
     """
+    if frozen is not None and frozen.keys_values is None:
+        frozen = None  # the one-token steps need every block's keys and values
     tokenizer = base.tokenizer
+    argument = kv_argument(base.model)
+    last_only = _last_logits_only(base)
     texts = [""] * len(examples)
-    prompt_lengths = [e.prompt_length for e in examples]
-    for rows in batch_rows(prompt_lengths, EVAL_BATCH_SIZE, bucket=True):
-        batch = collate_rows(
-            examples, rows, tokenizer.pad_token_id, left_pad=True, prompt_only=True
-        ).to(base.device)
-        mask = batch.attention_mask
+    for batch in _eval_batches(base, reft, examples, frozen, prompt_only=True):
         reft.set_locations(batch.prompt_lengths, batch.offsets)
-        out = base.model(
-            input_ids=batch.input_ids,
-            attention_mask=mask,
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-            use_cache=True,
-        )
+        with _replaying(base, frozen, batch):
+            out = base.model(**batch.model_inputs(), use_cache=True, **last_only)
         reft.clear_locations()
+        cache = getattr(out, argument)
+        mask = batch.attention_mask
+        if frozen is not None:
+            _fill_skipped_blocks(cache, frozen, batch)
+            if batch.past is not None:
+                mask = torch.cat([batch.past.mask, mask], dim=1)
         generated = []
         done = torch.zeros(len(mask), dtype=torch.bool, device=mask.device)
         for _ in range(max_new_tokens):
@@ -475,17 +499,38 @@ def generate(
                 input_ids=token[:, None],
                 attention_mask=mask,
                 position_ids=mask.sum(-1, keepdim=True) - 1,
-                past_key_values=out.past_key_values,
                 use_cache=True,
+                **{argument: cache},
             )
-        for index, row in zip(rows, torch.stack(generated, dim=1).tolist(), strict=True):
+            cache = getattr(out, argument)
+        tokens = torch.stack(generated, dim=1).tolist()
+        for index, row in zip(batch.rows.tolist(), tokens, strict=True):
             if tokenizer.eos_token_id in row:
                 row = row[: row.index(tokenizer.eos_token_id)]
             texts[index] = tokenizer.decode(row, skip_special_tokens=True)
     return texts
 
 
-def _reset_head(base: BaseModel, seed: int) -> nn.Module | None:
+def _fill_skipped_blocks(cache, frozen: FrozenParts, batch: Batch) -> None:
+    """Blocks ``0..frozen.layer`` did not run on the prompt pass's tokens: append their
+    frozen keys and values, so that the one-token steps find every block's."""
+    first = (batch.attention_mask == 0).sum(-1) - batch.offsets  # left padding - offset
+    width = batch.input_ids.shape[1]
+    keys, values = frozen.keys_values[0].gather(
+        batch.rows, first, batch.prompt_lengths, batch.offsets, width
+    )
+    for layer in range(frozen.layer + 1):
+        cache.update(keys[layer], values[layer], layer)
+
+
+def _last_logits_only(base: BaseModel) -> dict:
+    """The prompt pass of generation needs the logits of the last position only."""
+    parameters = inspect.signature(base.model.forward).parameters
+    return {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+
+
+def reset_head(base: BaseModel, seed: int) -> nn.Module | None:
+    """The model's classification head re-initialised from ``seed`` (None for an LM)."""
     if base.head is not None:
         base.reset_head(seed)
     return base.head

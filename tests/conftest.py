@@ -4,6 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from reftsearch.testing import scratch_postgres_database
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -70,23 +72,7 @@ def tiny_study(data, **changes) -> dict:
 @pytest.fixture
 def postgres_url():
     """A fresh database on the PostgreSQL at 127.0.0.1:5432 (trust auth), dropped afterwards."""
-    import uuid
-
-    import psycopg
-
-    admin = None
-    for user, db in [(u, d) for u in ("postgres", "root") for d in ("postgres", "test")]:
-        try:
-            admin = psycopg.connect(f"host=127.0.0.1 user={user} dbname={db}", autocommit=True)
-            break
-        except psycopg.OperationalError:
-            continue
-    if admin is None:
-        pytest.skip("no PostgreSQL server accepting user postgres or root on 127.0.0.1:5432")
-    name = f"reftsearch_test_{uuid.uuid4().hex[:12]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg://{admin.info.user}@127.0.0.1:5432/{name}"
-    finally:
-        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        admin.close()
+    with scratch_postgres_database("reftsearch_test") as url:
+        if url is None:
+            pytest.skip("no PostgreSQL server accepting user postgres or root on 127.0.0.1:5432")
+        yield url

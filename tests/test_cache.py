@@ -10,7 +10,14 @@ from reftsearch.data import batches, collate_rows, encode
 from reftsearch.models import load_base_model
 from reftsearch.reft import ReftConfig, ReftModule
 from reftsearch.spec import DataSpec, TaskSpec
-from reftsearch.train import SplitData, TrainConfig, evaluate, span_losses, train_trial
+from reftsearch.train import (
+    SplitData,
+    TrainConfig,
+    evaluate,
+    generate,
+    span_losses,
+    train_trial,
+)
 
 WORDS = ["the", "film", "was", "not", "good", "but", "actors", "were", "hardly", "bad", "at"]
 
@@ -102,13 +109,21 @@ def test_left_padded_rows_equal_unpadded_rows():
     torch.testing.assert_close(row, alone.last_hidden_state[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("model", ["tiny:llama", "tiny:bert"])
-def test_dev_score_and_training_equal_with_and_without_cache(model):
-    base, data = setup(model)
+@pytest.mark.parametrize(
+    ("model", "kind", "prefix"),
+    [
+        ("tiny:llama", "classification", 1),
+        ("tiny:llama", "classification", 0),  # suffix only: rows start after unedited tokens
+        ("tiny:llama", "generation", 0),
+        ("tiny:bert", "classification", 0),  # an encoder: nothing above layer 1 is frozen
+    ],
+)
+def test_dev_score_and_training_equal_with_and_without_cache(model, kind, prefix):
+    base, data = setup(model, kind)
     config = TrainConfig(lr=5e-3, epochs=2, batch_size=8, seed=4)
     results = []
     for cache in (None, PrefixCache(budget_mb=64)):
-        reft = make_reft(base, layers=(1, 3)).to(base.device)
+        reft = make_reft(base, layers=(1, 3), prefix=prefix).to(base.device)
         curve: list[float] = []
         score = train_trial(
             base, reft, data, config, lambda e, d, c=curve: c.append(d.score), cache
@@ -116,11 +131,82 @@ def test_dev_score_and_training_equal_with_and_without_cache(model):
         with reft.attached(base.blocks):
             results.append((score, curve, evaluate(base, reft, data, cache=cache), reft))
         if cache is not None:
-            assert {key[1] for key in cache._entries} == {"train", "dev"}  # both were replayed
+            assert {key[-2] for key in cache._entries} == {"train", "dev"}  # both were replayed
+            kinds = {key[0] for key in cache._entries}
+            assert kinds == ({"states", "keys_values"} if base.is_decoder else {"states"})
     (score, curve, dev, reft), (c_score, c_curve, c_dev, c_reft) = results
     assert c_score == score and c_curve == curve and c_dev == dev
     for got, want in zip(c_reft.parameters(), reft.parameters(), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["classification", "generation"])
+def test_rows_started_after_unedited_tokens_equal_full_rows(kind):
+    """Suffix-only interventions in a decoder: each row runs from its first edited token,
+    attending to the frozen keys and values of the tokens before it; loss and gradients
+    equal the full forward's."""
+    base, data = setup("tiny:llama", kind)
+    reft = make_reft(base, prefix=0, suffix=2)
+    cache = PrefixCache(budget_mb=64)
+    frozen = cache.frozen(base, 2, "train", [data.train])
+    rows = [5, 0, 17, 3, 9]
+    examples = [data.train[i] for i in rows]
+    starts = frozen.starts([(examples, 0, 2)])
+    assert min(starts) > 0 and len(set(starts)) > 1
+    pad = base.tokenizer.pad_token_id
+    trimmed = collate_rows(data.train, rows, pad, starts=starts)
+    frozen.add_past(trimmed, [slice(None)], starts)
+    full = collate_rows(data.train, rows, pad)
+    assert trimmed.input_ids.shape[1] < full.input_ids.shape[1]
+
+    def loss_and_grads(batch, replayed):
+        reft.zero_grad()
+        reft.set_locations(batch.prompt_lengths, batch.offsets)
+        with reft.attached(base.blocks), replayed:
+            loss = span_losses(base, batch, [slice(None)])[0]
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in reft.named_parameters()}
+
+    want_loss, want_grads = loss_and_grads(full, nullcontext())
+    got_loss, got_grads = loss_and_grads(
+        trimmed, frozen.replaying(base.blocks, trimmed, [slice(None)])
+    )
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-5)
+    assert all(g.any() for g in want_grads.values())
+    for name, want in want_grads.items():
+        torch.testing.assert_close(got_grads[name], want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_generation_from_the_cache_equals_full_generation(prefix):
+    base, data = setup("tiny:llama", "generation")
+    reft = make_reft(base, layers=(1, 3), prefix=prefix, suffix=2)
+    with torch.no_grad():  # a trained-looking edit, so that the interventions matter
+        for p in reft.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    frozen = PrefixCache(budget_mb=64).frozen(base, 1, "dev", [data.dev])
+    with reft.attached(base.blocks):
+        want = generate(base, reft, data.dev, max_new_tokens=5)
+        got = generate(base, reft, data.dev, max_new_tokens=5, frozen=frozen)
+    plain = generate(base, reft, data.dev, max_new_tokens=5)  # detached: the frozen model
+    assert got == want
+    assert want != plain  # the interventions change what is generated
+
+
+def test_a_higher_layer_starts_from_the_cached_lower_one():
+    base, data = setup("tiny:llama")
+    cache = PrefixCache(budget_mb=64)
+    cache.states(base, 1, "train", data.train)
+    calls = []
+    # a skipped block's own hooks still fire; its attention does not run
+    handle = base.blocks[0].self_attn.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        derived = cache.states(base, 3, "train", data.train)
+    finally:
+        handle.remove()
+    assert calls == []  # blocks 0 and 1 were replayed, not run
+    fresh = compute_states(base, 3, data.train)
+    torch.testing.assert_close(derived.flat, fresh.flat, rtol=1e-5, atol=1e-5)
 
 
 def test_cache_keeps_within_budget_least_recently_used_out():
@@ -132,7 +218,7 @@ def test_cache_keeps_within_budget_least_recently_used_out():
     cache.states(base, 1, "train", data.train)
     cache.states(base, 0, "train", data.train)  # touch: layer 1 is now the oldest
     cache.states(base, 2, "train", data.train)
-    assert sorted(key[0] for key in cache._entries) == [0, 2]
+    assert sorted(key[1] for key in cache._entries) == [0, 2]
     assert cache.used_bytes <= cache.budget_bytes
     # a re-tokenized split is a different split: recomputed, not served stale
     again = list(data.train)
