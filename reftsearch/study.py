@@ -19,8 +19,9 @@ from reftsearch.fidelity import rung_count
 from reftsearch.finalize import search_trials
 from reftsearch.lora import check_targets
 from reftsearch.models import BaseModel, ModelLoadError, load_base_model
+from reftsearch.pruners import SparingPruner
 from reftsearch.space import grid
-from reftsearch.spec import StudySpec
+from reftsearch.spec import PrunerSpec, StudySpec
 from reftsearch.storage import check_storage, open_storage, sqlite_path
 from reftsearch.train import SplitData
 from reftsearch.validity import Limits, check_space, limits_of
@@ -100,12 +101,16 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     p, max_epochs = spec.pruner, spec.budget.max_epochs
     if p.type == "none":
         return optuna.pruners.NopPruner()
+    if p.type == "wilcoxon":  # steps are single dev examples: no score to compare
+        return optuna.pruners.WilcoxonPruner(p_threshold=p.p_threshold)
+    return SparingPruner(_rung_pruner(p, max_epochs))
+
+
+def _rung_pruner(p: PrunerSpec, max_epochs: int) -> optuna.pruners.BasePruner:
     if p.type == "median":
         return optuna.pruners.MedianPruner(
             n_startup_trials=p.n_startup_trials, n_warmup_steps=p.min_resource - 1
         )
-    if p.type == "wilcoxon":
-        return optuna.pruners.WilcoxonPruner(p_threshold=p.p_threshold)
     min_resource, max_resource = p.min_resource, max_epochs
     if p.resource == "data_fraction":  # rungs report at steps 1, rf, rf**2, ... (fidelity.py)
         min_resource = 1

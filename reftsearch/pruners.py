@@ -1,0 +1,34 @@
+"""A pruner wrapper that never stops a trial which already matches the best finished one.
+
+Rung-based pruners (successive halving, Hyperband) and the median rule compare a trial only
+with its peers at the same step. With the few dozen trials a ReFT search affords, that stops
+trials whose dev score after epoch 3 already beats every finished trial's final score
+(measured on SST-2: pruned at 0.80 while the best finished trial had 0.79). Such a trial is
+not unpromising: it is the search's best lead, so it is allowed to finish.
+"""
+
+from __future__ import annotations
+
+import optuna
+from optuna.pruners import BasePruner
+from optuna.study import StudyDirection
+
+
+class SparingPruner(BasePruner):
+    """``wrapped``'s decision, except for a trial whose latest score is at least as good as
+    the best completed trial's value."""
+
+    def __init__(self, wrapped: BasePruner) -> None:
+        self.wrapped = wrapped
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        if not self.wrapped.prune(study, trial):
+            return False
+        step = trial.last_step
+        completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if step is None or not completed:
+            return True
+        score = trial.intermediate_values[step]
+        if study.direction == StudyDirection.MAXIMIZE:
+            return score < max(t.value for t in completed)
+        return score > min(t.value for t in completed)

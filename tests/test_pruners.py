@@ -1,0 +1,40 @@
+"""SparingPruner: the wrapped pruner's decision, except for trials already leading."""
+
+import optuna
+import pytest
+
+from reftsearch.pruners import SparingPruner
+
+
+class AlwaysPrune(optuna.pruners.BasePruner):
+    def prune(self, study, trial):
+        return True
+
+
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+def test_a_trial_at_least_as_good_as_the_best_finished_one_is_spared(direction):
+    sign = 1 if direction == "maximize" else -1
+    study = optuna.create_study(direction=direction, pruner=SparingPruner(AlwaysPrune()))
+    first = study.ask()
+    assert study.pruner.prune(study, study._storage.get_trial(first._trial_id))  # nothing done
+    study.tell(first, sign * 0.79)
+
+    def decision(score: float) -> bool:
+        trial = study.ask()
+        trial.report(sign * 0.5, 1)
+        trial.report(sign * score, 2)  # the latest step decides
+        pruned = trial.should_prune()
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return pruned
+
+    assert not decision(0.80)  # beats the best finished trial: allowed to go on
+    assert not decision(0.79)  # ties it
+    assert decision(0.78)  # behind: the wrapped pruner's call stands
+
+
+def test_the_wrapped_pruner_keeping_a_trial_is_final():
+    study = optuna.create_study(pruner=SparingPruner(optuna.pruners.NopPruner()))
+    study.tell(study.ask(), 0.9)
+    trial = study.ask()
+    trial.report(0.1, 1)
+    assert not trial.should_prune()
