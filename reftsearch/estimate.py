@@ -23,7 +23,7 @@ from reftsearch.objective import invalid_reason, resolve
 from reftsearch.reft import ReftConfig, describe_config
 from reftsearch.space import sample
 from reftsearch.study import PreparedStudy
-from reftsearch.train import Pack, TrainConfig, TrialRun, evaluate, reset_head
+from reftsearch.train import Pack, TrainConfig, TrialRun, evaluate_examples, reset_head
 
 TIMED_STEPS = 2
 EVAL_SAMPLE = 16  # dev examples timed per config
@@ -62,10 +62,10 @@ def estimate_study(
     prepared: PreparedStudy, n_trials: int, workers: int, samples: int = 6, seed: int = 0
 ) -> Estimate:
     """Time ``samples`` random configs of the space and extrapolate."""
-    costs = sorted(
-        (_cost(prepared, values) for values in _configs(prepared, samples, seed)),
-        key=lambda c: c.trial_s,
-    )
+    configs = _configs(prepared, samples, seed)
+    # lowest intervened layer first: each cache build starts from the one below it
+    configs.sort(key=lambda values: _lowest_layer(prepared, values))
+    costs = sorted((_cost(prepared, values) for values in configs), key=lambda c: c.trial_s)
     if not costs:
         raise ValueError("no valid config could be drawn from the space")
     median = costs[len(costs) // 2]
@@ -93,6 +93,11 @@ def _configs(prepared: PreparedStudy, samples: int, seed: int) -> list[dict]:
     return configs
 
 
+def _lowest_layer(prepared: PreparedStudy, values: dict) -> int:
+    config, _ = resolve(values, prepared.base, prepared.spec.seed, prepared.spec.method)
+    return min(config.layers) if isinstance(config, ReftConfig) else 0
+
+
 def _cost(prepared: PreparedStudy, values: dict) -> ConfigCost:
     base, split = prepared.base, prepared.split
     reft_config, train_config = resolve(values, base, prepared.spec.seed, prepared.spec.method)
@@ -109,14 +114,15 @@ def _cost(prepared: PreparedStudy, values: dict) -> ConfigCost:
 def _step_seconds(
     prepared: PreparedStudy, reft: Adapter, config: TrainConfig, cache: PrefixCache | None
 ) -> float:
-    """A training step as a trial runs it (``Pack`` of one), on the first rows of train
-    (repeated if too few); one batch more than stepped, so that no epoch ends (and no dev
-    pass runs) while timing."""
+    """A training step as a trial runs it (``Pack`` of one) on the train split, which must
+    hold one batch more than stepped so that no epoch ends (and no dev pass runs) while
+    timing: a small one is repeated. The frozen activations it caches are the ones trials
+    use (built once per worker, so not counted as a step's cost)."""
     base, split = prepared.base, prepared.split
-    rows = list(
-        itertools.islice(itertools.cycle(split.train), config.batch_size * (TIMED_STEPS + 2))
-    )
-    if cache is not None:  # built once per worker, before any trial: not a step's cost
+    rows = split.train
+    if len(rows) < config.batch_size * (TIMED_STEPS + 2):
+        rows = list(itertools.islice(itertools.cycle(rows), config.batch_size * (TIMED_STEPS + 2)))
+    if cache is not None:
         cache.frozen(base, min(reft.config.layers), "train", [rows])
     run = TrialRun(reft, replace(split, train=rows), config, reset_head(base, config.seed))
     timings = []
@@ -133,14 +139,14 @@ def _step_seconds(
 
 
 def _dev_seconds(prepared: PreparedStudy, reft: Adapter, cache: PrefixCache | None) -> float:
-    """One dev pass over ``EVAL_SAMPLE`` examples, from the cache as trials score."""
+    """A dev pass over the first ``EVAL_SAMPLE`` dev examples, from the cache as trials
+    score (its one-off build left out)."""
     base, split = prepared.base, prepared.split
-    sample = replace(split, dev=split.dev[:EVAL_SAMPLE])
     if cache is not None:
-        cache.frozen(base, min(reft.config.layers), "dev", [sample.dev])
+        cache.frozen(base, min(reft.config.layers), "dev", [split.dev])
     with reft.attached(base.blocks):
         start = time.perf_counter()
-        evaluate(base, reft, sample, cache=cache)
+        evaluate_examples(base, reft, split, cache=cache, limit=EVAL_SAMPLE)
         return time.perf_counter() - start
 
 

@@ -377,15 +377,17 @@ def evaluate_examples(
     data: SplitData,
     examples: list[Encoded] | None = None,
     cache: PrefixCache | None = None,
+    limit: int | None = None,
 ) -> DevScores:
-    """The metric on ``examples`` (dev by default) and, for a share-of-right metric, each
-    example's hit. Batches hold rows of similar length (less padding); results come back in
-    example order.
+    """The metric on ``examples`` (dev by default, its first ``limit`` only if given) and,
+    for a share-of-right metric, each example's hit. Batches hold rows of similar length
+    (less padding); results come back in example order.
     """
     frozen = None
     if examples is None and cache is not None:
+        # rows index the dev list, so the first ``limit`` examples find their cached rows
         frozen = cache.frozen(base, min(reft.config.layers), "dev", [data.dev])
-    examples = data.dev if examples is None else examples
+    examples = (data.dev if examples is None else examples)[:limit]
     reft.eval()
     if data.metric == "loss":
         return DevScores(_mean_loss(base, reft, examples, frozen))

@@ -7,6 +7,8 @@ import optuna
 import pytest
 from conftest import tiny_study
 
+from reftsearch import cache as cache_module
+from reftsearch import study as study_module
 from reftsearch.cli import main
 from reftsearch.spec import load_spec
 from reftsearch.study import open_study
@@ -44,6 +46,41 @@ def test_run_records_every_trial_and_resumes(write_study, easy_task_files, capsy
     assert main(["run", str(study), "--n-trials", "5"]) == 0
     assert "nothing to do" in capsys.readouterr().out
     assert len(trials_of(study)) == 5
+
+
+def test_model_data_and_caches_are_built_once_for_all_trials(
+    write_study, easy_task_files, monkeypatch
+):
+    """One worker, many trials: one model load, one data load, and one frozen pass per
+    (layer, split) whatever the number of trials and epochs."""
+    calls = {"model": 0, "data": 0, "frozen": []}
+
+    def counted(name, real):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(
+        study_module, "load_base_model", counted("model", study_module.load_base_model)
+    )
+    monkeypatch.setattr(
+        study_module, "load_task_data", counted("data", study_module.load_task_data)
+    )
+    real_frozen = cache_module.compute_frozen
+
+    def frozen_pass(base, examples, layer, keys_values, below=None):
+        calls["frozen"].append((layer, len(examples)))
+        return real_frozen(base, examples, layer, keys_values, below)
+
+    monkeypatch.setattr(cache_module, "compute_frozen", frozen_pass)
+    raw = tiny_study(easy_task_files, budget={"n_trials": 4, "max_epochs": 2})
+    raw["space"].update(layers="1;3", prefix=0, suffix=2)  # one lowest layer for all trials
+    assert main(["run", str(write_study(raw))]) == 0
+    assert calls["model"] == 1 and calls["data"] == 1
+    # the 96 train and 48 dev examples once each (the estimate times small samples of its own)
+    assert sorted(call for call in calls["frozen"] if call[1] in (96, 48)) == [(1, 48), (1, 96)]
 
 
 def test_pruning_stops_a_bad_trial_early(write_study, easy_task_files):
