@@ -55,7 +55,6 @@ SPACE = {
 class Setup:
     model: str
     data: dict | str
-    text: str
     layers: list[str]
     max_epochs: int
     n_trials: int
@@ -65,7 +64,7 @@ class Setup:
 
 def quick_setup(folder: Path) -> Setup:
     layers = ["all", "3;4;5", "0;1;2", "5"]
-    return Setup("embedded:minilm", "builtin:sentiment", "text", layers, 3, 12, 32, 600)
+    return Setup("embedded:minilm", "builtin:sentiment", layers, 3, 12, 32, 600)
 
 
 def full_setup(folder: Path) -> Setup:
@@ -79,7 +78,7 @@ def full_setup(folder: Path) -> Setup:
             writer.writeheader()
             writer.writerows({"sentence": r["sentence"].strip(), "label": r["label"]} for r in part)
     data = {"train": str(folder / "train.csv"), "dev": str(folder / "dev.csv")}
-    return Setup("embedded:minilm", data, "sentence", ["all", "0;2;4", "3;5", "5"], 4, 20, 32, 1024)
+    return Setup("embedded:minilm", data, ["all", "0;2;4", "3;5", "5"], 4, 20, 32, 1024)
 
 
 def spec_for(setup: Setup, folder: Path, seed: int, pruned: bool):
@@ -91,7 +90,7 @@ def spec_for(setup: Setup, folder: Path, seed: int, pruned: bool):
         "task": {
             "kind": "classification",
             "data": setup.data,
-            "text": setup.text,
+            "text": "sentence",
             "max_train_examples": setup.max_train,
             "max_dev_examples": 256,
             "max_length": 96,

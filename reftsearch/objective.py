@@ -214,6 +214,8 @@ class Objective:
             trial.set_user_attr(DEV_CURVE, [*trial.user_attrs.get(DEV_CURVE, []), dev.score])
             return
         if self.per_example:  # Wilcoxon: one step per dev example (reftsearch.fidelity)
+            # the steps hold single examples' hits: keep the epochs' scores for reports
+            trial.set_user_attr(DEV_CURVE, [*trial.user_attrs.get(DEV_CURVE, []), dev.score])
             hits = dev.per_example
             for step, hit in zip(example_steps(epoch, len(hits)), hits, strict=True):
                 trial.report(float(hit), step)

@@ -77,6 +77,10 @@ def test_a_wilcoxon_pruned_trial_stops_early(write_study, easy_task_files):
     assert bad.user_attrs["epochs_trained"] == 1  # of 2
     assert sorted(bad.intermediate_values) == list(range(48))
     assert set(bad.intermediate_values.values()) <= {0.0, 1.0}
+    # reports show the epoch's score, not the last example's hit
+    first_epoch = [bad.intermediate_values[step] for step in range(48)]
+    assert bad.user_attrs["dev_curve"] == [pytest.approx(sum(first_epoch) / 48)]
+    assert len(good.user_attrs["dev_curve"]) == 2 and good.user_attrs["dev_curve"][-1] == good.value
 
 
 def test_the_data_ladder_trains_on_growing_fractions(write_study, easy_task_files):
