@@ -1,12 +1,16 @@
 """Time to a good config: reftsearch's search (TPE + Hyperband pruning on per-epoch dev
-scores) vs random search without pruning, with an equal budget of trials, over several seeds.
+scores) vs random search without pruning, with an equal compute budget, over several seeds.
 
-For each seed both searches run the same number of trials on the same task; the target is
-the best dev score either of them reached, less 1 point; each search's time to target is the
-wall time from its first trial's start until its first trial within that finished (one that
-never got there counts its whole run, marked ``>``). A trial budget, not a time budget,
-keeps the comparison fair on a shared machine where contention changes the time a trial
-takes. Both run through ``reftsearch.runner.run_study`` in this process.
+For each seed, random search first runs a fixed number of trials in full; their compute
+(the sum of the trials' durations) is the budget, which reftsearch's search then gets as its
+``budget.timeout``: pruning lets it try more configs in it. The target is the best dev score
+either search reached, less 1 point. A search's time to target is the compute its trials
+spent until the first one within that finished. When random search has not got there, it
+goes on, a few trials at a time, up to ``EXTEND`` times its budget, so that its time is
+measured rather than cut off; a search that never gets there counts all it spent (marked
+``>``: the ratio is then a lower bound for the side that did). Both run one after the other
+through ``reftsearch.runner.run_study`` in this process, single-threaded by default (the
+machine's other jobs change a trial's time less than with torch's default threads).
 
 * ``--quick``: the embedded MiniLM encoder on the builtin synthetic sentiment task (the
   demo's: negation and contrast clauses, so where an intervention sits matters), a few
@@ -31,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+import torch
 
 from reftsearch.runner import run_study
 from reftsearch.spec import parse_spec
@@ -39,6 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
 SST2 = REPO.parent / "shared" / "data" / "sst2"
 TARGET_MARGIN = 0.01  # 1 point of accuracy
 SEEDS = (1, 2, 3)
+EXTEND = 3  # random search may go on up to this many times its budget to reach the target
+EXTEND_STEP = 4  # trials at a time
 
 SPACE = {
     "intervention": ["loreft", "direft"],
@@ -64,7 +71,7 @@ class Setup:
 
 def quick_setup(folder: Path) -> Setup:
     layers = ["all", "3;4;5", "0;1;2", "5"]
-    return Setup("embedded:minilm", "builtin:sentiment", layers, 3, 12, 32, 600)
+    return Setup("embedded:minilm", "builtin:sentiment", layers, 4, 12, 32, 1000)
 
 
 def full_setup(folder: Path) -> Setup:
@@ -81,8 +88,18 @@ def full_setup(folder: Path) -> Setup:
     return Setup("embedded:minilm", data, ["all", "0;2;4", "3;5", "5"], 4, 20, 32, 1024)
 
 
-def spec_for(setup: Setup, folder: Path, seed: int, pruned: bool):
+def spec_for(
+    setup: Setup,
+    folder: Path,
+    seed: int,
+    pruned: bool,
+    timeout_s: float | None = None,
+    n_trials: int | None = None,
+):
     arm = "pruned" if pruned else "random"
+    budget = {"n_trials": n_trials or setup.n_trials, "max_epochs": setup.max_epochs}
+    if timeout_s is not None:  # a time budget; the trial cap is only a safety net
+        budget.update(n_trials=10 * setup.n_trials, timeout=max(round(timeout_s), 1))
     raw = {
         "name": f"{arm}-{seed}",
         "storage": f"sqlite:///{folder / f'{arm}-{seed}.db'}",
@@ -97,7 +114,7 @@ def spec_for(setup: Setup, folder: Path, seed: int, pruned: bool):
         },
         "metric": "accuracy",
         "seed": seed,
-        "budget": {"n_trials": setup.n_trials, "max_epochs": setup.max_epochs},
+        "budget": budget,
         "sampler": {"type": "tpe", "n_startup_trials": 3} if pruned else {"type": "random"},
         "pruner": {"type": "hyperband", "min_resource": 1, "reduction_factor": 3}
         if pruned
@@ -113,55 +130,67 @@ def spec_for(setup: Setup, folder: Path, seed: int, pruned: bool):
     return parse_spec(raw, base_dir=folder)
 
 
-def finished(study: optuna.Study) -> tuple[list[tuple[float, float]], float]:
-    """(seconds since the search's first trial started, dev score) of complete trials, and
-    the seconds the whole search ran."""
-    trials = study.get_trials(deepcopy=False)
-    start = min(t.datetime_start for t in trials)
-    points = sorted(
-        ((t.datetime_complete - start).total_seconds(), t.value)
-        for t in trials
-        if t.state == optuna.trial.TrialState.COMPLETE
-    )
-    return points, max((t.datetime_complete - start).total_seconds() for t in trials)
+def spent(study: optuna.Study) -> list[tuple[float, float | None]]:
+    """Per trial in order: the compute spent up to its end (the sum of the durations of it
+    and every trial before it) and its dev score (None unless it completed)."""
+    trials = [t for t in study.get_trials(deepcopy=False) if t.datetime_complete is not None]
+    total, points = 0.0, []
+    for t in sorted(trials, key=lambda t: t.number):
+        total += (t.datetime_complete - t.datetime_start).total_seconds()
+        complete = t.state == optuna.trial.TrialState.COMPLETE
+        points.append((total, t.value if complete else None))
+    return points
 
 
-def time_to(points: list[tuple[float, float]], target: float) -> float | None:
-    return next((when for when, score in points if score >= target), None)
+def time_to(points: list[tuple[float, float | None]], target: float) -> float | None:
+    return next((when for when, score in points if score is not None and score >= target), None)
+
+
+def best_of(points: list[tuple[float, float | None]]) -> float:
+    return max(score for _, score in points if score is not None)
+
+
+def search(setup: Setup, folder: Path, seed: int, arm: str, **budget) -> optuna.Study:
+    spec = spec_for(setup, folder, seed, arm == "pruned", **budget)
+    return run_study(spec, spec.storage, log=lambda line: None)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="builtin synthetic task")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     totals = {"pruned": 0.0, "random": 0.0}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         setup = quick_setup(folder) if args.quick else full_setup(folder)
         print(
-            f"{setup.model}: {setup.n_trials} trials per search, seeds {list(SEEDS)}, "
-            f"up to {setup.max_epochs} epochs per trial",
+            f"{setup.model}: random search {setup.n_trials}+ trials, reftsearch the same "
+            f"compute; seeds {list(SEEDS)}, up to {setup.max_epochs} epochs per trial, "
+            f"{torch.get_num_threads()} torch threads",
             flush=True,
         )
         for seed in SEEDS:
-            points, counts, ran = {}, {}, {}
-            for arm in ("pruned", "random"):
-                spec = spec_for(setup, folder, seed, arm == "pruned")
-                study = run_study(spec, spec.storage, log=lambda line: None)
-                points[arm], ran[arm] = finished(study)
-                states = [t.state.name for t in study.get_trials(deepcopy=False)]
-                counts[arm] = (
-                    f"{states.count('COMPLETE')} complete, {states.count('PRUNED')} pruned"
-                )
-            best = max(score for arm in points for _, score in points[arm])
-            target = best - TARGET_MARGIN
-            line = [f"seed {seed}: best {best:.4f}, target {target:.4f}"]
+            points = {"random": spent(search(setup, folder, seed, "random"))}
+            budget_s = points["random"][-1][0]
+            pruned = search(setup, folder, seed, "pruned", timeout_s=budget_s)
+            points["pruned"] = spent(pruned)
+            target = max(best_of(p) for p in points.values()) - TARGET_MARGIN
+            while time_to(points["random"], target) is None and (
+                points["random"][-1][0] < EXTEND * budget_s
+            ):  # random search goes on until it gets there (or EXTEND times its budget)
+                more = len(points["random"]) + EXTEND_STEP
+                points["random"] = spent(search(setup, folder, seed, "random", n_trials=more))
+            line = [f"seed {seed}: target {target:.4f} (budget {budget_s:.0f}s)"]
             for arm in ("pruned", "random"):
                 when = time_to(points[arm], target)
-                totals[arm] += ran[arm] if when is None else when
-                shown = f">{ran[arm]:.0f}" if when is None else f"{when:.1f}"
-                line.append(f"{arm} {shown}s ({counts[arm]})")
+                totals[arm] += points[arm][-1][0] if when is None else when
+                shown = f">{points[arm][-1][0]:.0f}" if when is None else f"{when:.1f}"
+                line.append(
+                    f"{arm} {shown}s ({len(points[arm])} trials, best {best_of(points[arm]):.4f})"
+                )
             print(" | ".join(line), flush=True)
     print(f"total time to target: pruned {totals['pruned']:.1f}s, random {totals['random']:.1f}s")
     print(f"time_to_target_ratio={totals['random'] / max(totals['pruned'], 1e-9):.2f}")

@@ -7,6 +7,7 @@ are on, so a trial whose process died is failed and retried once instead of stay
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import optuna
@@ -82,7 +83,9 @@ def open_storage(url: str, heartbeat_s: int | None = 60) -> optuna.storages.RDBS
                 max_retry=1
             ),
         }
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+    with warnings.catch_warnings():  # heartbeats are experimental in Optuna, used by design
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
 
 
 def _connect_args(url: str) -> dict:

@@ -78,8 +78,11 @@ def prepare(spec: StudySpec) -> PreparedStudy:
     return prepared
 
 
-def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+def make_sampler(spec: StudySpec, resumed_after: int = 0) -> optuna.samplers.BaseSampler:
+    """The spec's sampler, seeded; a study resumed after ``n`` trials seeds it ``seed + n``,
+    or a random sampler would draw again the very configs its first trials drew."""
     seed = spec.sampler.seed if spec.sampler.seed is not None else spec.seed
+    seed += resumed_after
     kind = spec.sampler.type
     if kind == "grid":
         return optuna.samplers.GridSampler(grid(spec.space, "space"), seed=seed)
@@ -135,6 +138,9 @@ def open_study(spec: StudySpec, storage_url: str, heartbeat: bool = True) -> opt
         pruner=make_pruner(spec),
         load_if_exists=True,
     )
+    existing = len(study.get_trials(deepcopy=False))
+    if existing:
+        study.sampler = make_sampler(spec, resumed_after=existing)
     stored = tuple(d.name.lower() for d in study.directions)
     if stored != spec.directions:
         raise BadInputError(

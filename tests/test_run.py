@@ -42,6 +42,9 @@ def test_run_records_every_trial_and_resumes(write_study, easy_task_files, capsy
     trials = trials_of(study)
     assert [t.number for t in trials] == [0, 1, 2, 3, 4]
     assert all(t.state.name == "COMPLETE" for t in trials)
+    # the resumed sampler draws new configs, not the first trials' again (then copied)
+    assert trials[3].params != trials[0].params and trials[4].params != trials[1].params
+    assert not any("copied_from" in t.user_attrs for t in trials)
 
     assert main(["run", str(study), "--n-trials", "5"]) == 0
     assert "nothing to do" in capsys.readouterr().out
