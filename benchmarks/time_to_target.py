@@ -14,7 +14,8 @@ machine's other jobs change a trial's time less than with torch's default thread
 
 * ``--quick``: the embedded MiniLM encoder on the builtin synthetic sentiment task (the
   demo's: negation and contrast clauses, so where an intervention sits matters), a few
-  seconds per trial;
+  seconds per trial, about 35 minutes in all on 2 cores (random search's extensions are
+  most of it);
 * default: the embedded MiniLM encoder on GLUE SST-2 samples (../shared/data/sst2).
 
 Usage::
