@@ -154,9 +154,11 @@ class FrozenParts:
         if self.keys_values is None:
             return None
         return [
-            unedited_prefix(example.prompt_length, prefix, suffix)
+            start
             for examples, prefix, suffix in groups
-            for example in examples
+            for start in unedited_prefix(
+                torch.tensor([e.prompt_length for e in examples]), prefix, suffix
+            ).tolist()
         ]
 
     def add_past(self, batch: Batch, spans: list[slice], starts: list[int]) -> None:
@@ -248,7 +250,7 @@ class PrefixCache:
             kv_need = 2 * base.num_layers * prompt_tokens * _kv_width(base.model.config)
             want_kv = kv_need * _itemsize(base) <= self._free_bytes() - states_need
         if states is None or want_kv:
-            below = None if want_kv else self._highest_below(layer, split, examples)
+            below = None if want_kv else self._highest_below(layer, examples)
             computed = compute_frozen(
                 base, examples, None if states is not None else layer, want_kv, below
             )
@@ -279,13 +281,13 @@ class PrefixCache:
             self._entries.popitem(last=False)
         return True
 
-    def _highest_below(
-        self, layer: int, split: str, examples: list[Encoded]
-    ) -> CachedStates | None:
+    def _highest_below(self, layer: int, examples: list[Encoded]) -> CachedStates | None:
+        """The highest cached block outputs below ``layer`` for this very split list."""
         lower = [
             entry
-            for (kind, *rest), entry in self._entries.items()
-            if kind == "states" and rest[1:] == [split, id(examples)] and rest[0] < layer
+            for entry in self._entries.values()
+            if isinstance(entry, CachedStates) and entry.examples is examples
+            if entry.layer < layer
         ]
         return max(lower, key=lambda entry: entry.layer, default=None)
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, replace
 
 import optuna
 
-from reftsearch.adapters import Adapter, build_adapter
+from reftsearch.adapters import Adapter, AdapterConfig, build_adapter
 from reftsearch.cache import PrefixCache
 from reftsearch.objective import invalid_reason, resolve
 from reftsearch.reft import ReftConfig, describe_config
@@ -64,8 +64,8 @@ def estimate_study(
     """Time ``samples`` random configs of the space and extrapolate."""
     configs = _configs(prepared, samples, seed)
     # lowest intervened layer first: each cache build starts from the one below it
-    configs.sort(key=lambda values: _lowest_layer(prepared, values))
-    costs = sorted((_cost(prepared, values) for values in configs), key=lambda c: c.trial_s)
+    configs.sort(key=lambda pair: _lowest_layer(pair[0]))
+    costs = sorted((_cost(prepared, *pair) for pair in configs), key=lambda c: c.trial_s)
     if not costs:
         raise ValueError("no valid config could be drawn from the space")
     median = costs[len(costs) // 2]
@@ -79,28 +79,31 @@ def estimate_study(
     )
 
 
-def _configs(prepared: PreparedStudy, samples: int, seed: int) -> list[dict]:
-    """Random valid configs (an in-memory study only to drive the same sampling code)."""
+def _configs(
+    prepared: PreparedStudy, samples: int, seed: int
+) -> list[tuple[AdapterConfig, TrainConfig]]:
+    """Random valid configs, resolved (an in-memory study only to drive the same sampling
+    code)."""
     drafts = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     configs = []
     for _ in range(samples * 5):
         values = sample(drafts.ask(), prepared.spec.space)
-        reft_config, _ = resolve(values, prepared.base, prepared.spec.seed, prepared.spec.method)
-        if invalid_reason(reft_config, prepared.limits) is None:
-            configs.append(values)
+        resolved = resolve(values, prepared.base, prepared.spec.seed, prepared.spec.method)
+        if invalid_reason(resolved[0], prepared.limits) is None:
+            configs.append(resolved)
         if len(configs) == samples:
             break
     return configs
 
 
-def _lowest_layer(prepared: PreparedStudy, values: dict) -> int:
-    config, _ = resolve(values, prepared.base, prepared.spec.seed, prepared.spec.method)
+def _lowest_layer(config: AdapterConfig) -> int:
     return min(config.layers) if isinstance(config, ReftConfig) else 0
 
 
-def _cost(prepared: PreparedStudy, values: dict) -> ConfigCost:
+def _cost(
+    prepared: PreparedStudy, reft_config: AdapterConfig, train_config: TrainConfig
+) -> ConfigCost:
     base, split = prepared.base, prepared.split
-    reft_config, train_config = resolve(values, base, prepared.spec.seed, prepared.spec.method)
     reft = build_adapter(reft_config, base, train_config.seed)
     cache = prepared.cache if isinstance(reft_config, ReftConfig) else None  # LoRA: none
     step_s = _step_seconds(prepared, reft, train_config, cache)

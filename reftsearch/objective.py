@@ -209,13 +209,13 @@ class Objective:
             self._report(trial, epoch, dev)
 
     def _report(self, trial: optuna.Trial, epoch: int, dev: DevScores) -> None:
-        if len(trial.study.directions) > 1:
-            # Optuna cannot prune a two-objective trial (Trial.report raises): keep the curve
+        pareto = len(trial.study.directions) > 1
+        if pareto or self.per_example:
+            # the epochs' scores are not Optuna's intermediate values here: keep the curve
             trial.set_user_attr(DEV_CURVE, [*trial.user_attrs.get(DEV_CURVE, []), dev.score])
+        if pareto:  # Optuna cannot prune a two-objective trial (Trial.report raises)
             return
         if self.per_example:  # Wilcoxon: one step per dev example (reftsearch.fidelity)
-            # the steps hold single examples' hits: keep the epochs' scores for reports
-            trial.set_user_attr(DEV_CURVE, [*trial.user_attrs.get(DEV_CURVE, []), dev.score])
             hits = dev.per_example
             for step, hit in zip(example_steps(epoch, len(hits)), hits, strict=True):
                 trial.report(float(hit), step)

@@ -63,15 +63,16 @@ def intervention_locations(
     return groups
 
 
-def unedited_prefix(prompt_length: int, prefix: int, suffix: int) -> int:
-    """How many leading tokens of a prompt no intervention edits (``intervention_locations``'
-    caps included), at most ``prompt_length - 1``: in a causal decoder their hidden states,
-    keys and values are the frozen model's at every layer, and the last prompt token (whose
-    output predicts the response) is always recomputed."""
-    cap = prompt_length // 2
-    if min(cap, prefix) > 0:
-        return 0
-    return max(prompt_length - max(min(cap, suffix), 1), 0)
+def unedited_prefix(prompt_lengths: torch.Tensor, prefix: int, suffix: int) -> torch.Tensor:
+    """How many leading tokens of each prompt no intervention edits (read off
+    ``intervention_locations``, caps included), at most ``prompt_length - 1``: in a causal
+    decoder their hidden states, keys and values are the frozen model's at every layer, and
+    the last prompt token (whose output predicts the response) is always recomputed."""
+    lengths = prompt_lengths.long()
+    (positions,) = intervention_locations(lengths, prefix, suffix, tied=True)  # one group
+    edited = torch.where(positions >= 0, positions, lengths[:, None])
+    first_edited = torch.cat([edited, lengths[:, None]], dim=1).amin(dim=1)
+    return torch.minimum(first_edited, lengths - 1).clamp(min=0)
 
 
 def _pad_to(positions: torch.Tensor, width: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 import torch
 
-from reftsearch.positions import describe, intervention_locations, num_groups
+from reftsearch.positions import describe, intervention_locations, num_groups, unedited_prefix
 
 
 def locations(lengths, prefix, suffix, tied, offsets=None):
@@ -40,3 +40,13 @@ def test_describe_uses_pyreft_spelling():
     assert describe(1, 3) == "f1+l3"
     assert describe(0, 2) == "l2"
     assert describe(4, 0) == "f4"
+
+
+def test_unedited_prefix_is_what_comes_before_the_first_edited_token():
+    lengths = torch.tensor([10, 3, 1, 6])
+    # suffix only: everything before the last s tokens (capped at n // 2, at least 1 recomputed)
+    assert unedited_prefix(lengths, 0, 2).tolist() == [8, 2, 0, 4]
+    assert unedited_prefix(lengths, 0, 5).tolist() == [5, 2, 0, 3]
+    # any first-token intervention edits token 0; a 1-token prompt gets no f (capped to 0)
+    assert unedited_prefix(lengths, 1, 2).tolist() == [0, 0, 0, 0]
+    assert unedited_prefix(lengths, 0, 0).tolist() == [9, 2, 0, 5]  # nothing edited
