@@ -24,11 +24,9 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from reftsearch.data import Batch, Encoded, batches
+from reftsearch.data import Batch, Encoded, batches, pass_tokens
 from reftsearch.models import BaseModel, kv_argument
 from reftsearch.positions import unedited_prefix
-
-BUILD_BATCH_SIZE = 64
 
 
 @dataclass
@@ -344,7 +342,7 @@ def compute_frozen(
     values: list[torch.Tensor | None] = [None] * len(examples)
     try:
         # right padding, sorted by length: a row's states do not depend on its batch
-        for batch in batches(examples, BUILD_BATCH_SIZE, base.tokenizer.pad_token_id, bucket=True):
+        for batch in batches(examples, base.tokenizer.pad_token_id, pass_tokens(base.device)):
             batch = batch.to(base.device)
             captured.clear()
             replay = below.replaying(base.blocks, batch) if below is not None else nullcontext()

@@ -19,7 +19,16 @@ from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
 from reftsearch.cache import FrozenParts, PrefixCache
-from reftsearch.data import IGNORE_INDEX, Batch, Encoded, batch_rows, collate, collate_rows
+from reftsearch.data import (
+    IGNORE_INDEX,
+    Batch,
+    Encoded,
+    batch_rows,
+    collate,
+    collate_rows,
+    pass_tokens,
+    sorted_batch_rows,
+)
 from reftsearch.errors import ReftSearchError
 from reftsearch.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, PER_EXAMPLE
 from reftsearch.models import BaseModel, kv_argument
@@ -440,10 +449,11 @@ def _eval_batches(
     starts = None
     if frozen is not None:
         starts = frozen.starts([(examples, reft.config.prefix, reft.config.suffix)])
+    # by full length even when rows start later: the cached keys and values are padded too
     lengths = [e.prompt_length if prompt_only else len(e.input_ids) for e in examples]
     pad_id = base.tokenizer.pad_token_id
     batched = []
-    for rows in batch_rows(lengths, EVAL_BATCH_SIZE, bucket=True):
+    for rows in sorted_batch_rows(lengths, pass_tokens(base.device), EVAL_BATCH_SIZE):
         row_starts = None if starts is None else [starts[i] for i in rows]
         batch = collate_rows(
             examples, rows, pad_id, left_pad=prompt_only, prompt_only=prompt_only, starts=row_starts

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from reftsearch.cache import PrefixCache, compute_states
-from reftsearch.data import batches, collate_rows, encode
+from reftsearch.data import batches, collate_rows, encode, sorted_batch_rows
 from reftsearch.models import load_base_model
 from reftsearch.reft import ReftConfig, ReftModule
 from reftsearch.spec import DataSpec, TaskSpec
@@ -229,11 +229,22 @@ def test_cache_keeps_within_budget_least_recently_used_out():
 
 def test_eval_batches_come_back_in_example_order():
     base, data = setup("tiny:llama")
-    bucketed = batches(data.dev, 4, base.tokenizer.pad_token_id, bucket=True)
+    bucketed = batches(data.dev, base.tokenizer.pad_token_id, max_tokens=64)
     order = [i for b in bucketed for i in b.rows.tolist()]
     assert sorted(order) == list(range(len(data.dev))) and order != sorted(order)
     lengths = [len(data.dev[i].input_ids) for i in order]
     assert lengths == sorted(lengths)
+    assert all(b.input_ids.numel() <= 64 for b in bucketed if len(b.input_ids) > 1)
+
+
+def test_sorted_batches_respect_the_token_and_row_budgets():
+    lengths = [5, 30, 7, 6, 100, 8, 7, 29]
+    chunks = sorted_batch_rows(lengths, max_tokens=32)
+    assert sorted(i for chunk in chunks for i in chunk) == list(range(len(lengths)))
+    assert [lengths[i] for chunk in chunks for i in chunk] == sorted(lengths)
+    # rows x the longest row of a batch within budget; the 100-token row goes alone
+    assert chunks == [[0, 3, 2, 6], [5], [7], [1], [4]]
+    assert max(map(len, sorted_batch_rows(lengths, max_tokens=1000, max_rows=3))) == 3
 
 
 def test_bfloat16_base_with_float32_interventions_replays_too():

@@ -105,6 +105,19 @@ def test_tiny_llama_causal_lm_has_no_head():
     assert base.model(**batch).logits.shape == (1, 4, len(base.tokenizer))
 
 
+def test_lm_head_gets_a_contiguous_input_when_only_the_last_logits_are_kept():
+    # a strided input sends torch's linear to a slow batched matmul (see models._finish)
+    base = load_base_model("tiny:llama", "causal_lm")
+    seen = []
+    base.model.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: seen.append(args[0].is_contiguous())
+    )
+    ids = torch.randint(3, 50, (4, 9))
+    logits = base.model(input_ids=ids, logits_to_keep=1).logits
+    assert seen == [True]
+    torch.testing.assert_close(logits[:, -1], base.model(input_ids=ids).logits[:, -1])
+
+
 def test_encoder_refuses_causal_lm_head():
     with pytest.raises(ModelLoadError, match="tiny:bert"):
         load_base_model("tiny:bert", "causal_lm")
