@@ -16,9 +16,10 @@ above fire as they do without a cache.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -198,8 +199,11 @@ class PrefixCache:
     block outputs are missing.
     """
 
-    def __init__(self, budget_mb: float) -> None:
+    def __init__(self, budget_mb: float, expected_layers: Iterable[int] = ()) -> None:
         self.budget_bytes = int(budget_mb * 2**20)
+        # the lowest intervened layers trials may ask for (the space's): a pass that computes
+        # one of their outputs anyway keeps it too, in room that is free (never evicting)
+        self.expected_layers = frozenset(expected_layers)
         # keyed by the split's list too (an entry holds it, so its id cannot be reused): a
         # worker may train on several subsets of one split (reftsearch.fidelity's ladder)
         self._entries: OrderedDict[tuple, CachedStates | FrozenKeysValues] = OrderedDict()
@@ -233,29 +237,42 @@ class PrefixCache:
     def _fetch(
         self, base: BaseModel, layer: int, split: str, examples: list[Encoded], keys_values: bool
     ) -> tuple[CachedStates | None, FrozenKeysValues | None]:
-        states_key = ("states", layer, split, id(examples))
+        def states_key(block: int) -> tuple:
+            return ("states", block, split, id(examples))
+
         kv_key = ("keys_values", split, id(examples))
-        states, kv = self._get(states_key), self._get(kv_key) if keys_values else None
-        states_need = 0
-        if states is None:
-            states_need = (sum(len(e.input_ids) for e in examples) + 1) * base.hidden_size
-            states_need *= _itemsize(base)
-            if not self._make_room(states_need):
-                return None, kv
+        states, kv = self._get(states_key(layer)), self._get(kv_key) if keys_values else None
+        per_layer = (sum(len(e.input_ids) for e in examples) + 1) * base.hidden_size
+        per_layer *= _itemsize(base)
+        need = 0 if states is not None else per_layer
+        if need and not self._make_room(need):
+            return None, kv
         want_kv = keys_values and kv is None
         if want_kv:
             prompt_tokens = sum(e.prompt_length for e in examples) + 1
             kv_need = 2 * base.num_layers * prompt_tokens * _kv_width(base.model.config)
-            want_kv = kv_need * _itemsize(base) <= self._free_bytes() - states_need
+            want_kv = kv_need * _itemsize(base) <= self._free_bytes() - need
+            need += kv_need * _itemsize(base) if want_kv else 0
         if states is None or want_kv:
             below = None if want_kv else self._highest_below(layer, examples)
-            computed = compute_frozen(
-                base, examples, None if states is not None else layer, want_kv, below
-            )
-            if states is None:
-                states = self._put(states_key, computed[0])
+            # expected layers this pass computes anyway, kept in free room: a full pass (for
+            # keys and values) runs every block, one that stops at ``layer`` those above
+            # ``below``
+            lowest = below.layer if below is not None else -1
+            highest = base.num_layers if want_kv else layer
+            extra = [
+                other
+                for other in sorted(self.expected_layers)
+                if lowest < other < highest and other != layer
+                if states_key(other) not in self._entries
+            ][: max(0, (self._free_bytes() - need) // per_layer)]
+            wanted = ([] if states is not None else [layer]) + extra
+            computed, computed_kv = compute_frozen(base, examples, wanted, want_kv, below)
+            for entry in computed:
+                self._put(states_key(entry.layer), entry)
+            states = self._get(states_key(layer))
             if want_kv:
-                kv = self._put(kv_key, computed[1])
+                kv = self._put(kv_key, computed_kv)
         return states, kv
 
     def _get(self, key: tuple):
@@ -302,78 +319,75 @@ def _kv_width(config) -> int:
 
 
 class _Captured(Exception):
-    """Raised by the capture hook to stop a forward once the wanted block has run."""
-
-    def __init__(self, output) -> None:
-        super().__init__()
-        self.output = output
+    """Raised by the capture hook to stop a forward once the highest wanted block has run."""
 
 
 def compute_states(base: BaseModel, layer: int, examples: list[Encoded]) -> CachedStates:
     """Run ``examples`` up to block ``layer`` (not above) and keep its unedited output."""
-    return compute_frozen(base, examples, layer, keys_values=False)[0]
+    return compute_frozen(base, examples, [layer], keys_values=False)[0][0]
 
 
 @torch.no_grad()
 def compute_frozen(
     base: BaseModel,
     examples: list[Encoded],
-    layer: int | None,
+    layers: list[int],
     keys_values: bool,
     below: CachedStates | None = None,
-) -> tuple[CachedStates | None, FrozenKeysValues | None]:
-    """One frozen pass over ``examples``: block ``layer``'s unedited outputs (unless None)
+) -> tuple[list[CachedStates], FrozenKeysValues | None]:
+    """One frozen pass over ``examples``: the unedited outputs of each block in ``layers``
     and, with ``keys_values``, every block's keys and values of the prompt tokens (as the
     model caches them: after rotary embeddings). Without keys and values the pass stops at
-    ``layer``, and starts from ``below`` (a lower block's cached outputs) when given."""
+    the highest of ``layers``, and starts from ``below`` (a lower block's cached outputs)
+    when given."""
     argument = kv_argument(base.model.base_model)
-    captured: list = []
+    stop_at = None if keys_values else max(layers)
+    captured: dict[int, list] = {layer: [None] * len(examples) for layer in layers}
+    as_tuple: dict[int, bool] = {}
+    rows: list[int] = []
+    lengths: list[int] = []
 
-    def capture(module: nn.Module, args: tuple, output) -> None:
-        captured.append(output)
-        if not keys_values:
-            raise _Captured(output)
+    def capture(module: nn.Module, args: tuple, output, layer: int) -> None:
+        as_tuple[layer] = isinstance(output, tuple)
+        hidden = output[0] if as_tuple[layer] else output
+        for row, index, length in zip(hidden, rows, lengths, strict=True):
+            captured[layer][index] = row[:length]
+        if layer == stop_at:
+            raise _Captured
 
     # prepend: capture before any intervention hook on the same block could edit the output
-    hooked = layer is not None
-    handle = base.blocks[layer].register_forward_hook(capture, prepend=True) if hooked else None
-    hidden_rows: list[torch.Tensor | None] = [None] * len(examples)
+    handles = [
+        base.blocks[layer].register_forward_hook(partial(capture, layer=layer), prepend=True)
+        for layer in layers
+    ]
     keys: list[torch.Tensor | None] = [None] * len(examples)
     values: list[torch.Tensor | None] = [None] * len(examples)
     try:
         # right padding, sorted by length: a row's states do not depend on its batch
         for batch in batches(examples, base.tokenizer.pad_token_id, pass_tokens(base.device)):
             batch = batch.to(base.device)
-            captured.clear()
+            rows[:] = batch.rows.tolist()
+            lengths[:] = batch.attention_mask.sum(-1).tolist()
             replay = below.replaying(base.blocks, batch) if below is not None else nullcontext()
             try:
                 with replay:
                     output = base.model.base_model(**batch.model_inputs(), use_cache=keys_values)
             except _Captured:
                 pass
-            rows = batch.rows.tolist()
-            if hooked:
-                hidden = captured[0][0] if isinstance(captured[0], tuple) else captured[0]
-                for row, index, length in zip(
-                    hidden, rows, batch.attention_mask.sum(-1).tolist(), strict=True
-                ):
-                    hidden_rows[index] = row[:length]
             if keys_values:
-                layers = [(k, v) for k, v, *_ in getattr(output, argument)]
-                block_keys = torch.stack([k for k, _ in layers])  # [blocks, rows, heads, T, dim]
-                block_values = torch.stack([v for _, v in layers])
-                for position, index in enumerate(rows):
+                block_keys = torch.stack([k for k, _, *_ in getattr(output, argument)])
+                block_values = torch.stack([v for _, v, *_ in getattr(output, argument)])
+                for position, index in enumerate(rows):  # [blocks, rows, heads, T, dim]
                     length = examples[index].prompt_length
                     keys[index] = block_keys[:, position, :, :length].transpose(1, 2)
                     values[index] = block_values[:, position, :, :length].transpose(1, 2)
     finally:
-        if handle is not None:
+        for handle in handles:
             handle.remove()
-    states = None
-    if hooked:
-        as_tuple = isinstance(captured[0], tuple)
-        flat, starts = _concatenated(hidden_rows, dim=0)
-        states = CachedStates(layer, examples, flat, starts, as_tuple)
+    states = []
+    for layer in layers:
+        flat, starts = _concatenated(captured[layer], dim=0)
+        states.append(CachedStates(layer, examples, flat, starts, as_tuple[layer]))
     frozen_kv = None
     if keys_values:
         flat_keys, starts = _concatenated(keys, dim=1)

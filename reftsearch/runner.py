@@ -74,7 +74,9 @@ def run_study(
     done = count_finished(study)
     log(f"study {spec.name!r} on {mask_url(storage_url)}: {done} of {n_trials} trials finished")
     if done < n_trials:
-        log(estimate_study(prepared, n_trials - done, workers=workers, samples=3).line())
+        # no more configs timed than trials to run: the estimate is overhead on a short run
+        samples = min(3, n_trials - done)
+        log(estimate_study(prepared, n_trials - done, workers=workers, samples=samples).line())
         enqueue_warm_starts(
             study,
             warm_start_recipes(spec, storage_url, prepared),

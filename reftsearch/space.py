@@ -259,3 +259,8 @@ def parse_layers(text: str, num_layers: int | None) -> tuple[int, ...]:
 def layer_choices(dimension: Dimension) -> tuple[str, ...]:
     """Every layer-set string a ``layers`` dimension can produce."""
     return (dimension.value,) if isinstance(dimension, Fixed) else dimension.choices
+
+
+def lowest_layers(space: Mapping[str, Dimension], num_layers: int) -> set[int]:
+    """The lowest intervened layer of every layer set a ReFT space can produce."""
+    return {min(parse_layers(text, num_layers)) for text in layer_choices(space["layers"])}

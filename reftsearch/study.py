@@ -20,7 +20,7 @@ from reftsearch.finalize import search_trials
 from reftsearch.lora import check_targets
 from reftsearch.models import BaseModel, ModelLoadError, load_base_model
 from reftsearch.pruners import SparingPruner
-from reftsearch.space import grid
+from reftsearch.space import grid, lowest_layers
 from reftsearch.spec import PrunerSpec, StudySpec
 from reftsearch.storage import check_storage, open_storage, sqlite_path
 from reftsearch.train import SplitData
@@ -50,7 +50,10 @@ class PreparedStudy:
     @cached_property
     def cache(self) -> PrefixCache:
         """This worker's frozen-prefix activations, shared by its trials (reftsearch.cache)."""
-        return PrefixCache(self.spec.resources.cache_mb)
+        expected = ()
+        if self.spec.method == "reft":
+            expected = lowest_layers(self.spec.space, self.base.num_layers)
+        return PrefixCache(self.spec.resources.cache_mb, expected)
 
 
 def prepare(spec: StudySpec) -> PreparedStudy:

@@ -209,6 +209,35 @@ def test_a_higher_layer_starts_from_the_cached_lower_one():
     torch.testing.assert_close(derived.flat, fresh.flat, rtol=1e-5, atol=1e-5)
 
 
+def test_one_pass_keeps_every_expected_layer_it_computes():
+    base, data = setup("tiny:llama")
+    fresh = {layer: compute_states(base, layer, data.train) for layer in (1, 3)}
+    cache = PrefixCache(budget_mb=64, expected_layers=[1, 3, 0])
+    passes = []
+    handle = base.blocks[0].register_forward_pre_hook(lambda *args: passes.append(1))
+    try:
+        frozen = cache.frozen(base, 1, "train", [data.train])  # keys and values: every block
+        assert len(passes) == len(batches(data.train, base.tokenizer.pad_token_id, 1024))
+        higher = cache.states(base, 3, "train", data.train)  # kept by that pass, not rerun
+        assert len(passes) == len(batches(data.train, base.tokenizer.pad_token_id, 1024))
+    finally:
+        handle.remove()
+    torch.testing.assert_close(frozen.states[0].flat, fresh[1].flat)
+    torch.testing.assert_close(higher.flat, fresh[3].flat)
+    assert sorted(key[1] for key in cache._entries if key[0] == "states") == [0, 1, 3]
+
+
+def test_expected_layers_only_take_free_room():
+    base, data = setup("tiny:llama")
+    one = compute_states(base, 0, data.train).nbytes
+    cache = PrefixCache(budget_mb=1.5 * one / 2**20, expected_layers=[0, 1, 2])
+    cache.states(base, 2, "train", data.train)  # stops at block 2: 0 and 1 computed on the way
+    assert [key[1] for key in cache._entries] == [2]  # no room for a second layer
+    roomy = PrefixCache(budget_mb=64, expected_layers=[0, 1, 3])
+    roomy.states(base, 2, "train", data.train)
+    assert sorted(key[1] for key in roomy._entries) == [0, 1, 2]  # 3 is above the stop
+
+
 def test_cache_keeps_within_budget_least_recently_used_out():
     base, data = setup("tiny:llama")
     one = compute_states(base, 0, data.train).nbytes

@@ -73,9 +73,9 @@ def test_model_data_and_caches_are_built_once_for_all_trials(
     )
     real_frozen = cache_module.compute_frozen
 
-    def frozen_pass(base, examples, layer, keys_values, below=None):
-        calls["frozen"].append((layer, len(examples)))
-        return real_frozen(base, examples, layer, keys_values, below)
+    def frozen_pass(base, examples, layers, keys_values, below=None):
+        calls["frozen"].append((tuple(layers), len(examples)))
+        return real_frozen(base, examples, layers, keys_values, below)
 
     monkeypatch.setattr(cache_module, "compute_frozen", frozen_pass)
     raw = tiny_study(easy_task_files, budget={"n_trials": 4, "max_epochs": 2})
@@ -83,7 +83,8 @@ def test_model_data_and_caches_are_built_once_for_all_trials(
     assert main(["run", str(write_study(raw))]) == 0
     assert calls["model"] == 1 and calls["data"] == 1
     # the 96 train and 48 dev examples once each (the estimate times small samples of its own)
-    assert sorted(call for call in calls["frozen"] if call[1] in (96, 48)) == [(1, 48), (1, 96)]
+    full_splits = sorted(call for call in calls["frozen"] if call[1] in (96, 48))
+    assert full_splits == [((1,), 48), ((1,), 96)]
 
 
 def test_pruning_stops_a_bad_trial_early(write_study, easy_task_files):
