@@ -8,6 +8,7 @@ carved from train with the study seed. The test split is read only on request
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -387,16 +388,18 @@ def pass_tokens(device: torch.device) -> int:
 
 
 def sorted_batch_rows(
-    lengths: list[int], max_tokens: int, max_rows: int | None = None
+    lengths: list[int], max_tokens: int | None, max_rows: int | None = None
 ) -> list[list[int]]:
     """Row indices sorted by length, cut into batches of at most ``max_tokens`` padded tokens
-    (rows x the longest; a longer row goes alone) and, when given, ``max_rows`` rows: for
-    passes whose result does not depend on the order (frozen activations, dev scoring)."""
-    max_rows = max_rows or len(lengths)
+    (rows x the longest; a longer row goes alone) and ``max_rows`` rows, either unbounded
+    when None: for passes whose result does not depend on the order (frozen activations,
+    dev scoring)."""
+    token_limit = math.inf if max_tokens is None else max_tokens
+    row_limit = math.inf if max_rows is None else max_rows
     chunks: list[list[int]] = []
     for i in sorted(range(len(lengths)), key=lengths.__getitem__):
         last = chunks[-1] if chunks else []
-        if last and len(last) < max_rows and (len(last) + 1) * lengths[i] <= max_tokens:
+        if last and len(last) < row_limit and (len(last) + 1) * lengths[i] <= token_limit:
             last.append(i)
         else:
             chunks.append([i])

@@ -453,7 +453,9 @@ def _eval_batches(
     lengths = [e.prompt_length if prompt_only else len(e.input_ids) for e in examples]
     pad_id = base.tokenizer.pad_token_id
     batched = []
-    for rows in sorted_batch_rows(lengths, pass_tokens(base.device), EVAL_BATCH_SIZE):
+    # generation's one-token steps read every weight whatever the rows: as many as allowed
+    max_tokens = None if prompt_only else pass_tokens(base.device)
+    for rows in sorted_batch_rows(lengths, max_tokens, EVAL_BATCH_SIZE):
         row_starts = None if starts is None else [starts[i] for i in rows]
         batch = collate_rows(
             examples, rows, pad_id, left_pad=prompt_only, prompt_only=prompt_only, starts=row_starts
