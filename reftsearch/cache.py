@@ -242,6 +242,8 @@ class PrefixCache:
 
         kv_key = ("keys_values", split, id(examples))
         states, kv = self._get(states_key(layer)), self._get(kv_key) if keys_values else None
+        if states is not None and (kv is not None or not keys_values):
+            return states, kv  # the common case: every training step of every trial
         per_layer = (sum(len(e.input_ids) for e in examples) + 1) * base.hidden_size
         per_layer *= _itemsize(base)
         need = 0 if states is not None else per_layer

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from reftsearch.cache import PrefixCache, compute_states
-from reftsearch.data import batches, collate_rows, encode, sorted_batch_rows
+from reftsearch.data import batches, collate_rows, encode, pass_tokens, sorted_batch_rows
 from reftsearch.models import load_base_model
 from reftsearch.reft import ReftConfig, ReftModule
 from reftsearch.spec import DataSpec, TaskSpec
@@ -213,13 +213,14 @@ def test_one_pass_keeps_every_expected_layer_it_computes():
     base, data = setup("tiny:llama")
     fresh = {layer: compute_states(base, layer, data.train) for layer in (1, 3)}
     cache = PrefixCache(budget_mb=64, expected_layers=[1, 3, 0])
+    one_pass = len(batches(data.train, base.tokenizer.pad_token_id, pass_tokens(base.device)))
     passes = []
     handle = base.blocks[0].register_forward_pre_hook(lambda *args: passes.append(1))
     try:
         frozen = cache.frozen(base, 1, "train", [data.train])  # keys and values: every block
-        assert len(passes) == len(batches(data.train, base.tokenizer.pad_token_id, 1024))
+        assert len(passes) == one_pass
         higher = cache.states(base, 3, "train", data.train)  # kept by that pass, not rerun
-        assert len(passes) == len(batches(data.train, base.tokenizer.pad_token_id, 1024))
+        assert len(passes) == one_pass
     finally:
         handle.remove()
     torch.testing.assert_close(frozen.states[0].flat, fresh[1].flat)
