@@ -19,7 +19,6 @@ from collections.abc import Callable
 import optuna
 
 from reftsearch.errors import BadInputError, ReftSearchError
-from reftsearch.estimate import estimate_study
 from reftsearch.finalize import (
     FINALIZE_OF,
     SEED,
@@ -39,7 +38,7 @@ from reftsearch.study import (
     open_study,
 )
 from reftsearch.warmstart import Recipe, enqueue_warm_starts, paper_recipes, study_recipes
-from reftsearch.worker import Worker, load, publish_spec
+from reftsearch.worker import EstimateRequest, Worker, load, publish_spec
 
 Log = Callable[[str], None]
 
@@ -74,9 +73,6 @@ def run_study(
     done = count_finished(study)
     log(f"study {spec.name!r} on {mask_url(storage_url)}: {done} of {n_trials} trials finished")
     if done < n_trials:
-        # no more configs timed than trials to run: the estimate is overhead on a short run
-        samples = min(3, n_trials - done)
-        log(estimate_study(prepared, n_trials - done, workers=workers, samples=samples).line())
         enqueue_warm_starts(
             study,
             warm_start_recipes(spec, storage_url, prepared),
@@ -84,11 +80,13 @@ def run_study(
             prepared.base.num_layers,
             log,
         )
+        estimate = EstimateRequest(n_trials - done, workers)
         if workers == 1 and address is None:
             worker = Worker(spec, storage_url, prepared, log, alone=True)
+            log(worker.estimate(estimate))
             worker.run(n_trials, spec.budget.timeout, [ProgressPrinter(n_trials, log)])
         else:
-            run_on_ray(study, spec, storage_url, n_trials, workers, address, log)
+            run_on_ray(study, spec, storage_url, n_trials, workers, address, log, estimate)
     elif not spec.finalize:
         log("nothing to do: the budget is already met (raise --n-trials to continue)")
     if spec.finalize and count_finished(study) >= n_trials:
@@ -134,10 +132,15 @@ def run_on_ray(
     workers: int,
     address: str | None,
     log: Log,
+    estimate: EstimateRequest,
 ) -> None:
     """``workers`` Ray actors run trials until the budget is met; a killed actor is restarted
     (its trial goes FAIL and is retried once by the heartbeat). The local cluster this starts
-    is stopped on every exit: done, error or Ctrl-C."""
+    is stopped on every exit: done, error or Ctrl-C.
+
+    The first actor times the ``estimate`` before its trials while the others start theirs:
+    the frozen activations it caches serve its own trials, where the driver's would serve
+    none."""
     import ray
 
     res = spec.resources
@@ -166,11 +169,16 @@ def run_on_ray(
             max_task_retries=MAX_WORKER_RESTARTS,
         )
         actors = [actor.remote(spec, storage_url) for _ in range(workers)]
+        # an actor runs its calls in order: the first one's trials start after its estimate
+        estimating = [actors[0].estimate.remote(estimate)]
         runs = [a.run.remote(n_trials, spec.budget.timeout) for a in actors]
         progress = StoragePrinter(study, ProgressPrinter(n_trials, log))
         while runs:
             done, runs = ray.wait(runs, timeout=POLL_S)
             ray.get(done)  # raises a worker's error here
+            ready, estimating = ray.wait(estimating, timeout=0)
+            for line in ray.get(ready):
+                log(line)
             progress.poll()
         progress.poll()
     except ray.exceptions.RayError as err:

@@ -22,11 +22,13 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 
 from reftsearch.errors import BadInputError
+from reftsearch.estimate import estimate_study
 from reftsearch.finalize import search_trials
 from reftsearch.packing import make_objective, optimize
 from reftsearch.spec import StudySpec, parse_spec
@@ -91,9 +93,33 @@ class Worker:
             ran += 1
         return ran
 
+    def estimate(self, request: EstimateRequest) -> str:
+        """The line that predicts the study's cost, timed here: the cache builds it triggers
+        are the ones this worker's trials then reuse."""
+        try:
+            estimate = estimate_study(
+                self.prepared, request.n_trials, request.workers, request.samples
+            )
+        except ValueError as err:  # e.g. no valid config drawn: the trials will say why
+            return f"estimate: not available ({err})"
+        return estimate.line()
+
     def _trial(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("model_loads", _model_loads)
         return self.objective(trial)
+
+
+@dataclass(frozen=True)
+class EstimateRequest:
+    """What ``Worker.estimate`` predicts: ``n_trials`` still to run on ``workers``."""
+
+    n_trials: int
+    workers: int
+
+    @property
+    def samples(self) -> int:
+        # no more configs timed than trials to run: the estimate is overhead on a short run
+        return min(3, self.n_trials)
 
 
 def load(spec: StudySpec) -> PreparedStudy:

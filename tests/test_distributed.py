@@ -210,3 +210,30 @@ def test_bad_worker_count_is_bad_input(write_study, easy_task_files, capsys, wor
     study = write_study(tiny_study(easy_task_files))
     assert main(["run", str(study), "--workers", workers]) == 2
     assert "--workers: must be a positive integer" in capsys.readouterr().err
+
+
+def test_ray_run_estimates_on_a_worker_not_in_the_driver(
+    write_study, easy_task_files, monkeypatch, capsys
+):
+    """The estimate's frozen passes serve the trials of the worker that timed it: the driver,
+    which runs no trial, computes none."""
+    from reftsearch import cache as cache_module
+
+    driver_passes = []
+    real_frozen = cache_module.compute_frozen
+
+    def frozen_pass(base, examples, layers, keys_values, below=None):
+        driver_passes.append(len(examples))
+        return real_frozen(base, examples, layers, keys_values, below)
+
+    monkeypatch.setattr(cache_module, "compute_frozen", frozen_pass)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the Ray actors
+    raw = tiny_study(easy_task_files, budget={"n_trials": 3, "max_epochs": 1})
+    raw["finalize"] = False
+    began = time.time()
+    assert main(["run", str(write_study(raw)), "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert driver_passes == []
+    assert "estimate: " in out and "per trial (median" in out
+    assert out.count("] trial ") == 3
+    assert not ray_processes_started_after(began)
