@@ -144,8 +144,25 @@ class BaseModel:
 # --------------------------------------------------------------------------- public entry
 
 
-def load_base_model(path: str, head: str, num_labels: int = 2, dtype: str = "float32") -> BaseModel:
-    """Load ``path`` with a ``head`` ("classification" or "causal_lm"), frozen and in eval mode.
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the first CUDA device torch sees, else the CPU; ``cpu``, ``cuda``,
+    ``cuda:<index>`` as named, once checked to exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ModelLoadError(
+            f"device {name!r}: torch sees {torch.cuda.device_count()} CUDA devices (a CPU "
+            "build of torch, or CUDA_VISIBLE_DEVICES hides them): use auto or cpu"
+        )
+    return device
+
+
+def load_base_model(
+    path: str, head: str, num_labels: int = 2, dtype: str = "float32", device: str = "cpu"
+) -> BaseModel:
+    """Load ``path`` with a ``head`` ("classification" or "causal_lm") onto ``device`` (see
+    ``resolve_device``), frozen and in eval mode.
 
     The head (if any) is frozen too until ``reset_head`` is called, which every trial does.
     """
@@ -156,8 +173,9 @@ def load_base_model(path: str, head: str, num_labels: int = 2, dtype: str = "flo
     if head == "classification" and num_labels < 1:
         raise ModelLoadError(f"{path}: num_labels must be >= 1, got {num_labels}")
 
+    target = resolve_device(device)
     model, tokenizer = _load(path, head, num_labels, DTYPES[dtype])
-    return _finish(path, head, model, tokenizer)
+    return _finish(path, head, model.to(target), tokenizer)
 
 
 def _load(

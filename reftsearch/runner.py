@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import optuna
 
-from reftsearch.errors import BadInputError, ReftSearchError
+from reftsearch.errors import BadInputError, ReftSearchError, SpecError
 from reftsearch.finalize import (
     FINALIZE_OF,
     SEED,
@@ -36,6 +36,7 @@ from reftsearch.study import (
     budget_trials,
     count_finished,
     open_study,
+    spec_device,
 )
 from reftsearch.warmstart import Recipe, enqueue_warm_starts, paper_recipes, study_recipes
 from reftsearch.worker import EstimateRequest, Worker, load, publish_spec
@@ -60,8 +61,11 @@ def run_study(
     n_trials = n_trials or spec.budget.n_trials
     log = log or print_now
     check_storage(storage_url)
+    on_ray = workers > 1 or address is not None
     start = time.perf_counter()
-    prepared = load(spec)
+    # a driver whose workers train keeps its copy (for checks, warm starts, finalize) on the
+    # CPU: on the workers' GPU it would take their memory, and it may have none itself
+    prepared = load(spec, device="cpu" if on_ray else None)
     log(
         f"loaded {spec.model.path} ({prepared.base.num_layers} layers, hidden "
         f"{prepared.base.hidden_size}) and {len(prepared.split.train)} train / "
@@ -81,7 +85,7 @@ def run_study(
             log,
         )
         estimate = EstimateRequest(n_trials - done, workers)
-        if workers == 1 and address is None:
+        if not on_ray:
             worker = Worker(spec, storage_url, prepared, log, alone=True)
             log(worker.estimate(estimate))
             worker.run(n_trials, spec.budget.timeout, [ProgressPrinter(n_trials, log)])
@@ -116,12 +120,24 @@ def run_finalize(study: optuna.Study, prepared: PreparedStudy, log: Log) -> None
     waiting = enqueue_finalize(study, prepared.spec.finalize, log)
     if waiting:
         log(f"finalize: {waiting} runs of the top configs with other seeds")
+        _to_spec_device(prepared, log)
         study.optimize(
             Objective(prepared, log),
             n_trials=waiting,
             callbacks=[ProgressPrinter(waiting, log, finalize=True)],
             catch=(TrialFailed,),
         )
+
+
+def _to_spec_device(prepared: PreparedStudy, log: Log) -> None:
+    """Where a Ray run's driver loaded its model on the CPU, finalize trains on the spec's
+    device when this machine has it."""
+    try:
+        device = spec_device(prepared.spec)
+    except SpecError as err:
+        log(f"finalize runs on {prepared.base.device}: {err}")
+        return
+    prepared.base.model.to(device)
 
 
 def run_on_ray(

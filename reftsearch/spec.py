@@ -50,6 +50,7 @@ SPLITS = ("train", "dev", "test")
 class ModelSpec:
     path: str
     dtype: str = "float32"
+    device: str = "auto"  # auto: the first CUDA device torch sees, else the CPU
 
 
 @dataclass(frozen=True)
@@ -321,12 +322,18 @@ def _storage(raw: Any, path: str, base_dir: Path, name: str) -> str:
 def _model(raw: Any, path: str, base_dir: Path) -> ModelSpec:
     if isinstance(raw, str):
         raw = {"path": raw}
-    entries = v.mapping(raw, path, ["path", "dtype"], required=["path"])
+    entries = v.mapping(raw, path, ["path", "dtype", "device"], required=["path"])
     model_path = v.string(entries["path"], v.join(path, "path"))
     if model_path.startswith((".", "/", "~")):
         model_path = str((base_dir / Path(model_path).expanduser()).resolve())
     dtype = v.choice(entries.get("dtype", "float32"), v.join(path, "dtype"), DTYPES)
-    return ModelSpec(model_path, dtype)
+    device = v.string(
+        entries.get("device", "auto"),
+        v.join(path, "device"),
+        pattern=r"auto|cpu|cuda(:[0-9]+)?",
+        hint="auto, cpu, cuda or cuda:<index>",
+    )
+    return ModelSpec(model_path, dtype, device)
 
 
 TASK_KEYS = (

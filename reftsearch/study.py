@@ -18,7 +18,7 @@ from reftsearch.errors import BadInputError, SpecError
 from reftsearch.fidelity import rung_count
 from reftsearch.finalize import search_trials
 from reftsearch.lora import check_targets
-from reftsearch.models import BaseModel, ModelLoadError, load_base_model
+from reftsearch.models import BaseModel, ModelLoadError, load_base_model, resolve_device
 from reftsearch.pruners import SparingPruner
 from reftsearch.space import grid, lowest_layers
 from reftsearch.spec import PrunerSpec, StudySpec
@@ -56,13 +56,19 @@ class PreparedStudy:
         return PrefixCache(self.spec.resources.cache_mb, expected)
 
 
-def prepare(spec: StudySpec) -> PreparedStudy:
-    """Load data and model once, and check the space against them."""
+def prepare(spec: StudySpec, device: str | None = None) -> PreparedStudy:
+    """Load data and model once, and check the space against them. The model goes to
+    ``device``, by default the spec's ``model.device``."""
+    device = spec_device(spec) if device is None else device
     data = load_task_data(spec.task, spec.seed)
     head = "classification" if spec.task.kind == "classification" else "causal_lm"
     try:
         base = load_base_model(
-            spec.model.path, head, num_labels=max(data.num_labels, 2), dtype=spec.model.dtype
+            spec.model.path,
+            head,
+            num_labels=max(data.num_labels, 2),
+            dtype=spec.model.dtype,
+            device=device,
         )
     except ModelLoadError as err:
         raise SpecError("model.path", str(err)) from None
@@ -79,6 +85,14 @@ def prepare(spec: StudySpec) -> PreparedStudy:
     else:
         check_targets(spec.space, base, "space.target_modules")
     return prepared
+
+
+def spec_device(spec: StudySpec) -> str:
+    """The device ``model.device`` names on this machine (``auto`` resolved)."""
+    try:
+        return str(resolve_device(spec.model.device))
+    except ModelLoadError as err:
+        raise SpecError("model.device", str(err)) from None
 
 
 def make_sampler(spec: StudySpec, resumed_after: int = 0) -> optuna.samplers.BaseSampler:

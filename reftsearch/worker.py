@@ -122,11 +122,12 @@ class EstimateRequest:
         return min(3, self.n_trials)
 
 
-def load(spec: StudySpec) -> PreparedStudy:
-    """The model and tokenized data, counted in ``model_loads``."""
+def load(spec: StudySpec, device: str | None = None) -> PreparedStudy:
+    """The model (on ``device``, by default the spec's) and tokenized data, counted in
+    ``model_loads``."""
     global _model_loads
     _model_loads += 1
-    return prepare(spec)
+    return prepare(spec, device)
 
 
 def publish_spec(study: optuna.Study, spec: StudySpec, n_trials: int) -> None:

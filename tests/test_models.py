@@ -16,6 +16,7 @@ from reftsearch.models import (  # noqa: E402
     BaseModel,
     ModelLoadError,
     load_base_model,
+    resolve_device,
 )
 
 TINY = ["tiny:llama", "tiny:bert"]
@@ -130,6 +131,19 @@ def test_dtype_is_applied(dtype):
     assert {p.dtype for p in base.model.parameters()} == {dtype}
     base.reset_head(0)
     assert {p.dtype for p in base.head_parameters()} == {dtype}
+
+
+def test_auto_device_is_cuda_when_torch_sees_one_else_cpu():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert load_base_model("tiny:llama", "causal_lm", device="auto").device.type == expected
+    assert load_base_model("tiny:llama", "causal_lm").device.type == "cpu"  # the default
+
+
+def test_a_cuda_device_torch_does_not_see_is_refused():
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last (cuda:0 without any)
+    with pytest.raises(ModelLoadError, match=f"torch sees {torch.cuda.device_count()} CUDA"):
+        load_base_model("tiny:llama", "causal_lm", device=missing)
 
 
 # ----------------------------------------------------------------------------- freezing, heads

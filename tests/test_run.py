@@ -5,6 +5,7 @@ import json
 
 import optuna
 import pytest
+import torch
 from conftest import tiny_study
 
 from reftsearch import cache as cache_module
@@ -199,3 +200,13 @@ def test_validate_reports_each_file(write_study, easy_task_files, capsys):
     assert main(["validate", str(good), str(bad)]) == 2
     captured = capsys.readouterr()
     assert "good.yaml: ok" in captured.out and "pruner.type: must be one of" in captured.err
+
+
+def test_a_device_this_machine_lacks_is_bad_input_before_the_storage(
+    write_study, easy_task_files, tmp_path, capsys
+):
+    missing = f"cuda:{torch.cuda.device_count()}"
+    raw = tiny_study(easy_task_files, model={"path": "tiny:llama", "device": missing})
+    assert main(["run", str(write_study(raw))]) == 2
+    assert f"model.device: device '{missing}': torch sees" in capsys.readouterr().err
+    assert not (tmp_path / "t.db").exists()

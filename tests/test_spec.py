@@ -96,6 +96,10 @@ def test_int_range_and_choices_mapping(tmp_path):
         ({"budget": {"n_trials": 0}}, "budget.n_trials: must be a positive integer, got 0"),
         ({"budget": {"timeout": "soon"}}, "budget.timeout: must be a positive duration"),
         ({"model": {"path": "tiny:llama", "dtype": "int8"}}, "model.dtype: must be one of"),
+        (
+            {"model": {"path": "tiny:llama", "device": "gpu"}},
+            "model.device: must be auto, cpu, cuda or cuda:<index>, got 'gpu'",
+        ),
         ({"task": {"kind": "regression", "data": "x.csv"}}, "task.kind: must be one of"),
         ({"task": {"kind": "classification"}}, "task.data: is required"),
         (
