@@ -20,7 +20,11 @@ down below), each trial in full:
 Then the techniques are timed one by one in this process (per training step and per dev
 pass, same model and data). Usage::
 
-    .venv/bin/python benchmarks/throughput.py [--quick]
+    .venv/bin/python benchmarks/throughput.py [--quick] [--dtype bfloat16]
+
+``--dtype bfloat16`` runs reftsearch's arm with ``model.dtype: bfloat16`` (interventions stay
+float32) against the same float32 naive loop: the speed a CPU with native bfloat16 math
+(AVX512-BF16, AMX) gives, at slightly different rounding (compare the dev scores printed).
 
 The machine is shared: contention moves absolute times, ratios much less. Last line:
 ``speedup_vs_naive=X.XX`` (naive wall time / reftsearch wall time for the same trials).
@@ -134,6 +138,7 @@ def naive_trial(config: dict, train_path: Path, dev_path: Path) -> dict:
     train = [encode(r) for r in read_rows(train_path)]
     dev = read_rows(dev_path)
     layers = tuple(int(x) for x in config["layers"].split(";"))
+    torch.manual_seed(SEED)  # the init and the batch order: the same trial every run
     reft = ReftModule(
         ReftConfig(
             config["intervention"], layers, config["prefix"], config["suffix"],
@@ -152,7 +157,6 @@ def naive_trial(config: dict, train_path: Path, dev_path: Path) -> dict:
     steps = -(-len(train) // config["batch_size"])
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, steps)
     pad = tokenizer.pad_token_id
-    torch.manual_seed(SEED)
     with reft.attached(model.model.layers):
         reft.train()
         order = torch.randperm(len(train)).tolist()
@@ -223,7 +227,7 @@ def run_naive(train: Path, dev: Path, configs: list[dict]) -> list[dict]:
 # --------------------------------------------------------------------------- reftsearch arm
 
 
-def study_yaml(folder: Path, train: Path, dev: Path, configs: list[dict]) -> Path:
+def study_yaml(folder: Path, train: Path, dev: Path, configs: list[dict], dtype: str) -> Path:
     space = {}
     for key in configs[0]:
         values = list(dict.fromkeys(c[key] for c in configs))
@@ -231,7 +235,7 @@ def study_yaml(folder: Path, train: Path, dev: Path, configs: list[dict]) -> Pat
     raw = {
         "name": "throughput",
         "storage": f"sqlite:///{folder / 'throughput.db'}",
-        "model": "embedded:smollm2",
+        "model": {"path": "embedded:smollm2", "dtype": dtype},
         "task": {
             "kind": "generation",
             "data": {"train": str(train), "dev": str(dev)},
@@ -309,51 +313,75 @@ def time_techniques(train: Path, dev: Path, config: dict, steps: int) -> dict[st
         base.hidden_size,
     )  # fmt: skip
     lengths = [len(e.input_ids) for e in train_examples]
-    size, pad = config["batch_size"], base.tokenizer.pad_token_id
-    cache = PrefixCache(4096)
-    frozen = cache.frozen(base, min(layers), "train", [train_examples])
-    dev_frozen = cache.frozen(base, min(layers), "dev", [dev_examples])
+    size = config["batch_size"]
     positions = config["prefix"], config["suffix"]
 
-    def full_logits(batch) -> torch.Tensor:
-        return base.model(**batch.model_inputs(), labels=batch.labels).loss
-
-    def supervised(batch) -> torch.Tensor:
-        return span_losses(base, batch, [slice(None)])[0]
-
-    def timed(loss_fn, bucket: bool, replay: bool, trim: bool = False) -> float:
+    def first_batches(bucket: bool) -> list[list[int]]:
         chunks = batch_rows(lengths, size, torch.Generator().manual_seed(SEED), bucket)
+        return chunks[: steps + 1]
+
+    # the frozen pass over the timed batches' rows only (a trial's is timed in its own arm)
+    used = sorted(
+        {row for bucket in (False, True) for rows in first_batches(bucket) for row in rows}
+    )
+    timed_examples = [train_examples[row] for row in used]
+    position_of = {row: index for index, row in enumerate(used)}
+
+    def frozen_parts(model, examples: list, split: str):
+        return PrefixCache(4096).frozen(model, min(layers), split, [examples])
+
+    def timed(model, loss_fn, bucket: bool, frozen=None, trim: bool = False) -> float:
+        """Mean step seconds; with ``frozen``, replayed from the cache."""
+        pad = model.tokenizer.pad_token_id
         seconds = []
-        for rows in chunks[: steps + 1]:
+        for rows in first_batches(bucket):
+            rows = [position_of[row] for row in rows]
             start = time.perf_counter()
             starts = None
             if trim:  # each row from its first edited token, the rest's keys/values cached
-                starts = frozen.starts([([train_examples[i] for i in rows], *positions)])
-            batch = collate_rows(train_examples, rows, pad, starts=starts)
+                starts = frozen.starts([([timed_examples[i] for i in rows], *positions)])
+            batch = collate_rows(timed_examples, rows, pad, starts=starts)
             if trim:
                 frozen.add_past(batch, [slice(None)], starts)
             reft.set_locations(batch.prompt_lengths, batch.offsets)
-            if replay:
-                with frozen.replaying(base.blocks, batch, [slice(None)]):
-                    loss = loss_fn(batch)
+            if frozen is not None:
+                with frozen.replaying(model.blocks, batch, [slice(None)]):
+                    loss = loss_fn(model, batch)
             else:
-                loss = loss_fn(batch)
+                loss = loss_fn(model, batch)
             loss.backward()
             reft.zero_grad()
             seconds.append(time.perf_counter() - start)
         return statistics.fmean(seconds[1:])  # the first step pays one-off allocations
 
+    def full_logits(model, batch) -> torch.Tensor:
+        return model.model(**batch.model_inputs(), labels=batch.labels).loss
+
+    def supervised(model, batch) -> torch.Tensor:
+        return span_losses(model, batch, [slice(None)])[0]
+
     figures = {}
+    # built before the interventions are attached: the frozen pass must not be edited
+    frozen = frozen_parts(base, timed_examples, "train")
+    dev_frozen = frozen_parts(base, dev_examples, "dev")
     with reft.attached(base.blocks):
         figures["step: naive (random batches, logits on every position)"] = timed(
-            full_logits, False, False
+            base, full_logits, False
         )
-        figures["step: + LM head on supervised tokens only"] = timed(supervised, False, False)
-        figures["step: + length-bucketed batches"] = timed(supervised, True, False)
-        figures["step: + frozen-prefix cache"] = timed(supervised, True, True)
+        figures["step: + LM head on supervised tokens only"] = timed(base, supervised, False)
+        figures["step: + length-bucketed batches"] = timed(base, supervised, True)
+        figures["step: + frozen-prefix cache"] = timed(base, supervised, True, frozen)
         figures["step: + rows from the first edited token (frozen keys/values)"] = timed(
-            supervised, True, True, trim=True
+            base, supervised, True, frozen, trim=True
         )
+    bf16 = load_base_model("embedded:smollm2", "causal_lm", dtype="bfloat16")
+    bf16_frozen = frozen_parts(bf16, timed_examples, "train")
+    with reft.attached(bf16.blocks):
+        figures["step: + model.dtype bfloat16 (float32 interventions)"] = timed(
+            bf16, supervised, True, bf16_frozen, trim=True
+        )
+    del bf16, bf16_frozen
+    with reft.attached(base.blocks):
         reft.eval()
         start = time.perf_counter()
         for example in dev_examples:
@@ -376,6 +404,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 configs x 512 examples")
     parser.add_argument("--train", type=int, help="train examples per trial (default 512/1024)")
     parser.add_argument("--dev", type=int, default=128, help="dev examples (default 128)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="reftsearch's model.dtype (default float32, as the naive loop; bfloat16 is ~2x "
+        "faster on CPUs with native bf16 math, e.g. AVX512-BF16, with other rounding)",
+    )
     parser.add_argument("--naive-trial", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.naive_trial:
@@ -401,7 +436,7 @@ def main() -> None:
         print("naive:", flush=True)
         naive = run_naive(train, dev, configs)
         print("reftsearch:", flush=True)
-        ours = run_reftsearch(study_yaml(folder, train, dev, configs), configs)
+        ours = run_reftsearch(study_yaml(folder, train, dev, configs, args.dtype), configs)
         print("techniques (seconds, same model and data, this process):", flush=True)
         techniques = time_techniques(train, dev, configs[0], steps=4 if args.quick else 8)
 
@@ -411,7 +446,8 @@ def main() -> None:
     for key in ("import_s", "load_s", "train_s", "dev_s"):
         print(f"  {key[:-2]:>6}: {sum(r[key] for r in naive):7.1f}s")
     print(
-        f"reftsearch: {ours['wall_s']:.1f}s for {len(configs)} trials (model load "
+        f"reftsearch (model.dtype {args.dtype}; naive float32): {ours['wall_s']:.1f}s for "
+        f"{len(configs)} trials (model load "
         f"{ours['load_s']:.1f}s once, trials {ours['trials_s']:.1f}s)"
     )
     print(
