@@ -41,13 +41,14 @@ def intervention_locations(
     the wrong tokens.
     """
     lengths = prompt_lengths.long()
+    device = lengths.device  # the batch's: every tensor made here goes there too
     cap = lengths // 2
-    first_n = torch.minimum(cap, torch.tensor(prefix))
-    last_n = torch.minimum(cap, torch.tensor(suffix))
+    first_n = cap.clamp(max=prefix)
+    last_n = cap.clamp(max=suffix)
 
-    first = torch.arange(prefix).expand(len(lengths), prefix)
+    first = torch.arange(prefix, device=device).expand(len(lengths), prefix)
     first = torch.where(first < first_n[:, None], first, PAD_POSITION)
-    steps = torch.arange(suffix).expand(len(lengths), suffix)
+    steps = torch.arange(suffix, device=device).expand(len(lengths), suffix)
     last = torch.where(
         steps < last_n[:, None], lengths[:, None] - last_n[:, None] + steps, PAD_POSITION
     )

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from reftsearch.positions import describe, intervention_locations, num_groups, unedited_prefix
@@ -50,3 +51,13 @@ def test_unedited_prefix_is_what_comes_before_the_first_edited_token():
     # any first-token intervention edits token 0; a 1-token prompt gets no f (capped to 0)
     assert unedited_prefix(lengths, 1, 2).tolist() == [0, 0, 0, 0]
     assert unedited_prefix(lengths, 0, 0).tolist() == [9, 2, 0, 5]  # nothing edited
+
+
+@pytest.mark.parametrize(("prefix", "suffix", "tied"), [(2, 3, False), (2, 3, True), (0, 2, False)])
+def test_locations_stay_on_the_batch_device(prefix, suffix, tied):
+    """A batch on a GPU gets its locations there: any tensor made on the CPU beside it would
+    fail there. The meta device stands in for a GPU (it refuses mixing with the CPU too)."""
+    lengths = torch.tensor([5, 9, 3], device="meta")
+    offsets = torch.tensor([0, 1, 2], device="meta")
+    assert intervention_locations(lengths, prefix, suffix, tied, offsets).device == lengths.device
+    assert unedited_prefix(lengths, prefix, suffix).device == lengths.device
