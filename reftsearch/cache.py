@@ -15,6 +15,7 @@ above fire as they do without a cache.
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -313,10 +314,16 @@ def _itemsize(base: BaseModel) -> int:
     return torch.finfo(base.model.dtype).bits // 8
 
 
-def _kv_width(config) -> int:
-    """Numbers per token per block in keys (or values): heads x head size."""
+def _kv_shape(config) -> tuple[int, int]:
+    """A token's keys (or values) in one block: (heads, head size)."""
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return heads, head_dim
+
+
+def _kv_width(config) -> int:
+    """Numbers per token per block in keys (or values): heads x head size."""
+    heads, head_dim = _kv_shape(config)
     return heads * head_dim
 
 
@@ -341,10 +348,15 @@ def compute_frozen(
     and, with ``keys_values``, every block's keys and values of the prompt tokens (as the
     model caches them: after rotary embeddings). Without keys and values the pass stops at
     the highest of ``layers``, and starts from ``below`` (a lower block's cached outputs)
-    when given."""
+    when given.
+
+    Each batch's rows are copied into tensors allocated once at their final size: holding
+    every batch's outputs until one concatenation at the end took twice the memory."""
     argument = kv_argument(base.model.base_model)
     stop_at = None if keys_values else max(layers)
-    captured: dict[int, list] = {layer: [None] * len(examples) for layer in layers}
+    dtype, device = base.model.dtype, base.device
+    token_starts, total = _starts([len(e.input_ids) for e in examples])
+    flat = {layer: _padded((total + 1, base.hidden_size), 0, dtype, device) for layer in layers}
     as_tuple: dict[int, bool] = {}
     rows: list[int] = []
     lengths: list[int] = []
@@ -353,7 +365,7 @@ def compute_frozen(
         as_tuple[layer] = isinstance(output, tuple)
         hidden = output[0] if as_tuple[layer] else output
         for row, index, length in zip(hidden, rows, lengths, strict=True):
-            captured[layer][index] = row[:length]
+            flat[layer][token_starts[index] : token_starts[index] + length] = row[:length]
         if layer == stop_at:
             raise _Captured
 
@@ -362,8 +374,10 @@ def compute_frozen(
         base.blocks[layer].register_forward_hook(partial(capture, layer=layer), prepend=True)
         for layer in layers
     ]
-    keys: list[torch.Tensor | None] = [None] * len(examples)
-    values: list[torch.Tensor | None] = [None] * len(examples)
+    if keys_values:
+        prompt_starts, prompt_total = _starts([e.prompt_length for e in examples])
+        shape = (len(base.blocks), prompt_total + 1, *_kv_shape(base.model.config))
+        keys, values = (_padded(shape, 1, dtype, device) for _ in range(2))
     try:
         # right padding, sorted by length: a row's states do not depend on its batch
         for batch in batches(examples, base.tokenizer.pad_token_id, pass_tokens(base.device)):
@@ -376,34 +390,36 @@ def compute_frozen(
                     output = base.model.base_model(**batch.model_inputs(), use_cache=keys_values)
             except _Captured:
                 pass
-            if keys_values:
-                block_keys = torch.stack([k for k, _, *_ in getattr(output, argument)])
-                block_values = torch.stack([v for _, v, *_ in getattr(output, argument)])
-                for position, index in enumerate(rows):  # [blocks, rows, heads, T, dim]
-                    length = examples[index].prompt_length
-                    keys[index] = block_keys[:, position, :, :length].transpose(1, 2)
-                    values[index] = block_values[:, position, :, :length].transpose(1, 2)
+            if keys_values:  # per block [rows, heads, T, dim] -> each row's [T, heads, dim]
+                for block, (k, v, *_) in enumerate(getattr(output, argument)):
+                    for position, index in enumerate(rows):
+                        first, length = prompt_starts[index], examples[index].prompt_length
+                        span = slice(first, first + length)
+                        keys[block, span] = k[position, :, :length].transpose(0, 1)
+                        values[block, span] = v[position, :, :length].transpose(0, 1)
     finally:
         for handle in handles:
             handle.remove()
-    states = []
-    for layer in layers:
-        flat, starts = _concatenated(captured[layer], dim=0)
-        states.append(CachedStates(layer, examples, flat, starts, as_tuple[layer]))
+    states = [
+        CachedStates(layer, examples, flat[layer], torch.tensor(token_starts), as_tuple[layer])
+        for layer in layers
+    ]
     frozen_kv = None
     if keys_values:
-        flat_keys, starts = _concatenated(keys, dim=1)
-        frozen_kv = FrozenKeysValues(
-            examples, flat_keys, _concatenated(values, dim=1)[0], starts, argument
-        )
+        frozen_kv = FrozenKeysValues(examples, keys, values, torch.tensor(prompt_starts), argument)
     return states, frozen_kv
 
 
-def _concatenated(pieces: list[torch.Tensor], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``pieces`` joined along ``dim`` plus one zero slice (the padding row), and where each
-    piece starts."""
-    lengths = torch.tensor([piece.shape[dim] for piece in pieces])
-    shape = list(pieces[0].shape)
-    shape[dim] = 1
-    flat = torch.cat([*pieces, pieces[0].new_zeros(shape)], dim=dim)
-    return flat, torch.cumsum(lengths, 0) - lengths
+def _starts(lengths: list[int]) -> tuple[list[int], int]:
+    """Where each piece of ``lengths`` starts when the pieces are laid end to end, and their
+    total."""
+    starts = list(itertools.accumulate(lengths, initial=0))
+    return starts[:-1], starts[-1]
+
+
+def _padded(shape: tuple[int, ...], dim: int, dtype, device) -> torch.Tensor:
+    """An empty tensor to be filled, but for its last slice along ``dim``: zeros, the row
+    that padding positions gather."""
+    tensor = torch.empty(shape, dtype=dtype, device=device)
+    tensor.select(dim, -1).zero_()
+    return tensor
