@@ -16,11 +16,15 @@ above fire as they do without a cache.
 from __future__ import annotations
 
 import itertools
+import math
+import os
+import tempfile
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -51,7 +55,8 @@ class CachedStates:
         steps = torch.arange(mask.shape[1], device=mask.device)[None] - offsets[:, None]
         index = self.starts.to(mask.device)[rows][:, None] + steps
         pad_row = len(self.flat) - 1
-        return self.flat[torch.where(mask.bool(), index, pad_row).to(self.flat.device)]
+        rows_index = torch.where(mask.bool(), index, pad_row).to(self.flat.device)
+        return self.flat[rows_index].to(mask.device)  # spilled entries live in CPU files
 
     def replaying(self, blocks: list[nn.Module], batch: Batch) -> AbstractContextManager:
         """``replaying`` the cached states of ``batch`` (made by ``collate_rows``)."""
@@ -136,7 +141,8 @@ class FrozenKeysValues:
         valid = (tokens >= first[:, None]) & (tokens < last[:, None])
         index = self.starts.to(offsets.device)[rows][:, None] + tokens
         index = torch.where(valid, index, self.keys.shape[1] - 1).to(self.keys.device)
-        return self.keys[:, index].transpose(2, 3), self.values[:, index].transpose(2, 3)
+        keys, values = self.keys[:, index], self.values[:, index]
+        return keys.transpose(2, 3).to(offsets.device), values.transpose(2, 3).to(offsets.device)
 
 
 @dataclass
@@ -189,29 +195,60 @@ class FrozenParts:
         return replaying(blocks, self.layer, torch.cat(parts), self.states[0].as_tuple)
 
 
+KEYS_VALUES = "keys_values"  # what ``compute_frozen``'s placement calls the keys and values
+
+
+@dataclass(frozen=True)
+class Tier:
+    """Where cache entries live, and how many bytes of them fit there: memory on the model's
+    device, or (with a ``folder``) memory-mapped files in it."""
+
+    budget_bytes: int
+    folder: Path | None = None
+
+
 class PrefixCache:
     """Cached block outputs per (layer, split), and a decoder's frozen keys and values per
     split, least recently used dropped past the budget.
 
     What does not fit is not cached (``states`` returns None and the trial runs the full
-    model, just slower). Keys and values are the optional part: they never push block outputs
-    out, so a tight budget cannot make the two evict each other step after step. Whatever is
-    missing for a split is computed in one pass, from the highest cached layer below when only
-    block outputs are missing.
+    model, just slower), unless it fits the spill budget: then it lives in memory-mapped
+    files in ``spill_dir`` (read back a batch at a time, through the page cache). Keys and
+    values are the optional part: they never push block outputs out, so a tight budget cannot
+    make the two evict each other step after step. Whatever is missing for a split is
+    computed in one pass, from the highest cached layer below when only block outputs are
+    missing.
     """
 
-    def __init__(self, budget_mb: float, expected_layers: Iterable[int] = ()) -> None:
-        self.budget_bytes = int(budget_mb * 2**20)
+    def __init__(
+        self,
+        budget_mb: float,
+        expected_layers: Iterable[int] = (),
+        spill_mb: float = 0.0,
+        spill_dir: Path | None = None,
+    ) -> None:
+        self.memory = Tier(int(budget_mb * 2**20))
+        self.spill = Tier(int(spill_mb * 2**20), spill_dir) if spill_mb > 0 else None
         # the lowest intervened layers trials may ask for (the space's): a pass that computes
         # one of their outputs anyway keeps it too, in room that is free (never evicting)
         self.expected_layers = frozenset(expected_layers)
         # keyed by the split's list too (an entry holds it, so its id cannot be reused): a
         # worker may train on several subsets of one split (reftsearch.fidelity's ladder)
         self._entries: OrderedDict[tuple, CachedStates | FrozenKeysValues] = OrderedDict()
+        self._tier_of: dict[tuple, Tier] = {}
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.memory.budget_bytes
 
     @property
     def used_bytes(self) -> int:
-        return sum(entry.nbytes for entry in self._entries.values())
+        """Bytes of the entries held in memory (spilled ones excluded)."""
+        return self._used(self.memory)
+
+    @property
+    def spilled_bytes(self) -> int:
+        return 0 if self.spill is None else self._used(self.spill)
 
     def states(
         self, base: BaseModel, layer: int, split: str, examples: list[Encoded]
@@ -247,15 +284,20 @@ class PrefixCache:
             return states, kv  # the common case: every training step of every trial
         per_layer = (sum(len(e.input_ids) for e in examples) + 1) * base.hidden_size
         per_layer *= _itemsize(base)
-        need = 0 if states is not None else per_layer
-        if need and not self._make_room(need):
-            return None, kv
-        want_kv = keys_values and kv is None
-        if want_kv:
+        # where each new entry goes: memory first, else the spill files, else nowhere
+        homes: dict[int | str, Tier] = {}
+        if states is None:
+            home = self._make_room(per_layer)
+            if home is None:
+                return None, kv
+            homes[layer] = home
+        if keys_values and kv is None:
             prompt_tokens = sum(e.prompt_length for e in examples) + 1
             kv_need = 2 * base.num_layers * prompt_tokens * _kv_width(base.model.config)
-            want_kv = kv_need * _itemsize(base) <= self._free_bytes() - need
-            need += kv_need * _itemsize(base) if want_kv else 0
+            home = self._free_tier(kv_need * _itemsize(base), homes, per_layer)
+            if home is not None:
+                homes[KEYS_VALUES] = home
+        want_kv = KEYS_VALUES in homes
         if states is None or want_kv:
             below = None if want_kv else self._highest_below(layer, examples)
             # expected layers this pass computes anyway, kept in free room: a full pass (for
@@ -268,14 +310,18 @@ class PrefixCache:
                 for other in sorted(self.expected_layers)
                 if lowest < other < highest and other != layer
                 if states_key(other) not in self._entries
-            ][: max(0, (self._free_bytes() - need) // per_layer)]
+            ][: max(0, self._free(self.memory, homes, per_layer) // per_layer)]
+            homes.update(dict.fromkeys(extra, self.memory))
             wanted = ([] if states is not None else [layer]) + extra
-            computed, computed_kv = compute_frozen(base, examples, wanted, want_kv, below)
+            folders = {what: tier.folder for what, tier in homes.items() if tier.folder}
+            computed, computed_kv = compute_frozen(
+                base, examples, wanted, want_kv, below, spilled=folders
+            )
             for entry in computed:
-                self._put(states_key(entry.layer), entry)
+                self._put(states_key(entry.layer), entry, homes[entry.layer])
             states = self._get(states_key(layer))
             if want_kv:
-                kv = self._put(kv_key, computed_kv)
+                kv = self._put(kv_key, computed_kv, homes[KEYS_VALUES])
         return states, kv
 
     def _get(self, key: tuple):
@@ -284,20 +330,39 @@ class PrefixCache:
             self._entries.move_to_end(key)
         return entry
 
-    def _put(self, key: tuple, entry):
+    def _put(self, key: tuple, entry, tier: Tier):
         self._entries[key] = entry
+        self._tier_of[key] = tier
         return entry
 
-    def _free_bytes(self) -> int:
-        return self.budget_bytes - self.used_bytes
+    def _tiers(self) -> list[Tier]:
+        return [self.memory] if self.spill is None else [self.memory, self.spill]
 
-    def _make_room(self, need: int) -> bool:
-        """Drop least recently used entries until ``need`` bytes are free (False: never)."""
-        if need > self.budget_bytes:
-            return False
-        while self._entries and self._free_bytes() < need:
-            self._entries.popitem(last=False)
-        return True
+    def _used(self, tier: Tier) -> int:
+        return sum(e.nbytes for k, e in self._entries.items() if self._tier_of[k] is tier)
+
+    def _free(self, tier: Tier, homes: dict, per_layer: int) -> int:
+        """Bytes ``tier`` has free once the block outputs already placed in ``homes`` (each
+        ``per_layer`` bytes) are in."""
+        placed = sum(per_layer for what, home in homes.items() if home is tier)
+        return tier.budget_bytes - self._used(tier) - placed
+
+    def _free_tier(self, need: int, homes: dict, per_layer: int) -> Tier | None:
+        """The first tier with ``need`` bytes free (evicting nothing)."""
+        return next((t for t in self._tiers() if self._free(t, homes, per_layer) >= need), None)
+
+    def _make_room(self, need: int) -> Tier | None:
+        """The first tier that can hold ``need`` bytes, once its least recently used entries
+        are dropped until they are free; None: none can."""
+        tier = next((t for t in self._tiers() if need <= t.budget_bytes), None)
+        if tier is None:
+            return None
+        for key in list(self._entries):
+            if tier.budget_bytes - self._used(tier) >= need:
+                break
+            if self._tier_of[key] is tier:
+                del self._entries[key], self._tier_of[key]
+        return tier
 
     def _highest_below(self, layer: int, examples: list[Encoded]) -> CachedStates | None:
         """The highest cached block outputs below ``layer`` for this very split list."""
@@ -343,6 +408,7 @@ def compute_frozen(
     layers: list[int],
     keys_values: bool,
     below: CachedStates | None = None,
+    spilled: Mapping[int | str, Path] | None = None,
 ) -> tuple[list[CachedStates], FrozenKeysValues | None]:
     """One frozen pass over ``examples``: the unedited outputs of each block in ``layers``
     and, with ``keys_values``, every block's keys and values of the prompt tokens (as the
@@ -351,12 +417,18 @@ def compute_frozen(
     when given.
 
     Each batch's rows are copied into tensors allocated once at their final size: holding
-    every batch's outputs until one concatenation at the end took twice the memory."""
+    every batch's outputs until one concatenation at the end took twice the memory. Outputs
+    named in ``spilled`` (layers, or ``KEYS_VALUES``) go to memory-mapped files in the folder
+    given for them, the rest to the model's device."""
     argument = kv_argument(base.model.base_model)
     stop_at = None if keys_values else max(layers)
-    dtype, device = base.model.dtype, base.device
+    spilled = spilled or {}
+
+    def padded(what: int | str, shape: tuple[int, ...], dim: int) -> torch.Tensor:
+        return _padded(shape, dim, base.model.dtype, base.device, spilled.get(what))
+
     token_starts, total = _starts([len(e.input_ids) for e in examples])
-    flat = {layer: _padded((total + 1, base.hidden_size), 0, dtype, device) for layer in layers}
+    flat = {layer: padded(layer, (total + 1, base.hidden_size), 0) for layer in layers}
     as_tuple: dict[int, bool] = {}
     rows: list[int] = []
     lengths: list[int] = []
@@ -377,7 +449,7 @@ def compute_frozen(
     if keys_values:
         prompt_starts, prompt_total = _starts([e.prompt_length for e in examples])
         shape = (len(base.blocks), prompt_total + 1, *_kv_shape(base.model.config))
-        keys, values = (_padded(shape, 1, dtype, device) for _ in range(2))
+        keys, values = (padded(KEYS_VALUES, shape, 1) for _ in range(2))
     try:
         # right padding, sorted by length: a row's states do not depend on its batch
         for batch in batches(examples, base.tokenizer.pad_token_id, pass_tokens(base.device)):
@@ -417,9 +489,30 @@ def _starts(lengths: list[int]) -> tuple[list[int], int]:
     return starts[:-1], starts[-1]
 
 
-def _padded(shape: tuple[int, ...], dim: int, dtype, device) -> torch.Tensor:
+def _padded(
+    shape: tuple[int, ...], dim: int, dtype: torch.dtype, device, folder: Path | None
+) -> torch.Tensor:
     """An empty tensor to be filled, but for its last slice along ``dim``: zeros, the row
-    that padding positions gather."""
-    tensor = torch.empty(shape, dtype=dtype, device=device)
+    that padding positions gather. On ``device``, or in a file in ``folder``."""
+    if folder is None:
+        tensor = torch.empty(shape, dtype=dtype, device=device)
+    else:
+        tensor = _mapped(folder, shape, dtype)
     tensor.select(dim, -1).zero_()
     return tensor
+
+
+def _mapped(folder: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor backed by a new file in ``folder``, unlinked at once: the mapping keeps
+    its pages, which go back to the disk when the tensor is freed, even if the process is
+    killed (nothing is left behind to clean up)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    numel = math.prod(shape)
+    handle, name = tempfile.mkstemp(prefix="reftsearch-cache-", dir=folder)
+    try:
+        os.ftruncate(handle, numel * torch.finfo(dtype).bits // 8)
+        tensor = torch.from_file(name, shared=True, size=numel, dtype=dtype)
+    finally:
+        os.close(handle)
+        os.unlink(name)
+    return tensor.view(shape)

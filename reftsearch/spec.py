@@ -115,6 +115,8 @@ class ResourcesSpec:
     heartbeat_s: int = 60
     cache_mb: float = 2048.0  # frozen activations, keys and values per worker (reftsearch.cache)
     trials_per_worker: int = 1  # trials trained side by side in one batch (reftsearch.packing)
+    spill_mb: float = 0.0  # what does not fit cache_mb, in memory-mapped files (0: not cached)
+    spill_dir: str | None = None  # where those files go (default: $REFTSEARCH_CACHE/spill)
 
 
 @dataclass(frozen=True)
@@ -278,7 +280,7 @@ def parse_spec(raw: Any, base_dir: Path, source: Path | None = None) -> StudySpe
         pruner=_pruner(entries.get("pruner", "none" if pareto else None), "pruner", pareto, metric),
         space=parse_space(entries.get("space"), "space", budget.max_epochs, method),
         seed=seed,
-        resources=_resources(entries.get("resources"), "resources"),
+        resources=_resources(entries.get("resources"), "resources", base_dir),
         export_dir=_export(entries.get("export"), "export", base_dir, name),
         warm_start=_warm_start(entries.get("warm_start"), "warm_start", base_dir, method),
         finalize=_finalize(
@@ -522,9 +524,13 @@ def _only_with(entries: dict, path: str, key: str, allowed: bool, kind: str) -> 
         raise SpecError(v.join(path, key), f"does not apply to pruner type {kind!r}")
 
 
-def _resources(raw: Any, path: str) -> ResourcesSpec:
+def _resources(raw: Any, path: str, base_dir: Path) -> ResourcesSpec:
     keys = ["workers", "cpus_per_trial", "gpus_per_trial", "heartbeat_s", "cache_mb"]
-    entries = v.mapping(raw, path, [*keys, "trials_per_worker"])
+    entries = v.mapping(raw, path, [*keys, "trials_per_worker", "spill_mb", "spill_dir"])
+    spill_dir = entries.get("spill_dir")
+    if spill_dir is not None:
+        folder = Path(v.string(spill_dir, v.join(path, "spill_dir"))).expanduser()
+        spill_dir = str(base_dir / folder)  # relative to the study file, as data paths
     return ResourcesSpec(
         workers=v.integer(entries.get("workers", 1), v.join(path, "workers"), minimum=1),
         cpus_per_trial=v.number(
@@ -538,6 +544,8 @@ def _resources(raw: Any, path: str) -> ResourcesSpec:
         trials_per_worker=v.integer(
             entries.get("trials_per_worker", 1), v.join(path, "trials_per_worker"), minimum=1
         ),
+        spill_mb=v.number(entries.get("spill_mb", 0), v.join(path, "spill_mb"), 0),
+        spill_dir=spill_dir,
     )
 
 

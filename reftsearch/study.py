@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import optuna
 
@@ -18,7 +19,13 @@ from reftsearch.errors import BadInputError, SpecError
 from reftsearch.fidelity import rung_count
 from reftsearch.finalize import search_trials
 from reftsearch.lora import check_targets
-from reftsearch.models import BaseModel, ModelLoadError, load_base_model, resolve_device
+from reftsearch.models import (
+    BaseModel,
+    ModelLoadError,
+    cache_dir,
+    load_base_model,
+    resolve_device,
+)
 from reftsearch.pruners import SparingPruner
 from reftsearch.space import grid, lowest_layers
 from reftsearch.spec import PrunerSpec, StudySpec
@@ -53,7 +60,9 @@ class PreparedStudy:
         expected = ()
         if self.spec.method == "reft":
             expected = lowest_layers(self.spec.space, self.base.num_layers)
-        return PrefixCache(self.spec.resources.cache_mb, expected)
+        resources = self.spec.resources
+        spill_dir = Path(resources.spill_dir) if resources.spill_dir else cache_dir() / "spill"
+        return PrefixCache(resources.cache_mb, expected, resources.spill_mb, spill_dir)
 
 
 def prepare(spec: StudySpec, device: str | None = None) -> PreparedStudy:

@@ -257,6 +257,39 @@ def test_cache_keeps_within_budget_least_recently_used_out():
     assert PrefixCache(budget_mb=0.5 * one / 2**20).states(base, 0, "train", data.train) is None
 
 
+@pytest.mark.parametrize("kind", ["classification", "generation"])
+def test_a_spilled_cache_trains_and_scores_as_one_in_memory(kind, tmp_path):
+    """What does not fit the memory budget goes to memory-mapped files: the same scores and
+    weights as a cache in memory, and no file left behind (they are unlinked at once)."""
+    base, data = setup("tiny:llama", kind)
+    config = TrainConfig(lr=5e-3, epochs=2, batch_size=8, seed=4)
+    spill = tmp_path / "spill"
+    results = []
+    for cache in (PrefixCache(64), PrefixCache(0, spill_mb=64, spill_dir=spill)):
+        reft = make_reft(base, layers=(1, 3), prefix=0)
+        score = train_trial(base, reft, data, config, cache=cache)
+        with reft.attached(base.blocks):
+            results.append((score, evaluate(base, reft, data, cache=cache), reft))
+    assert {key[0] for key in cache._entries} == {"states", "keys_values"}
+    assert cache.used_bytes == 0 and cache.spilled_bytes > 0
+    assert spill.is_dir() and not list(spill.iterdir())
+    (score, dev, reft), (s_score, s_dev, s_reft) = results
+    assert s_score == score and s_dev == dev
+    for got, want in zip(s_reft.parameters(), reft.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_keys_values_spill_beside_states_in_memory_and_over_both_budgets_nothing(tmp_path):
+    base, data = setup("tiny:llama", "generation")
+    one = compute_states(base, 1, data.train).nbytes
+    cache = PrefixCache(1.5 * one / 2**20, spill_mb=64, spill_dir=tmp_path)
+    frozen = cache.frozen(base, 1, "train", [data.train])
+    assert frozen.keys_values is not None
+    assert cache.used_bytes == one and cache.spilled_bytes == frozen.keys_values[0].nbytes
+    tight = PrefixCache(0.5 * one / 2**20, spill_mb=0.5 * one / 2**20, spill_dir=tmp_path)
+    assert tight.frozen(base, 1, "train", [data.train]) is None
+
+
 def test_eval_batches_come_back_in_example_order():
     base, data = setup("tiny:llama")
     bucketed = batches(data.dev, base.tokenizer.pad_token_id, max_tokens=64)

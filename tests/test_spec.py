@@ -107,6 +107,8 @@ def test_int_range_and_choices_mapping(tmp_path):
             "task.data.train: is required",
         ),
         ({"storage": "not a url"}, "storage: must be a SQLAlchemy URL"),
+        ({"resources": {"spill_mb": -1}}, "resources.spill_mb: must be a number >= 0, got -1"),
+        ({"resources": {"spill_dir": 3}}, "resources.spill_dir: must be a non-empty string"),
         ({"name": "bad name!"}, "name: must be letters, digits"),
     ],
 )
