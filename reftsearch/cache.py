@@ -286,15 +286,17 @@ class PrefixCache:
         per_layer *= _itemsize(base)
         # where each new entry goes: memory first, else the spill files, else nowhere
         homes: dict[int | str, Tier] = {}
+        sizes: dict[int | str, int] = {}
         if states is None:
             home = self._make_room(per_layer)
             if home is None:
                 return None, kv
-            homes[layer] = home
+            homes[layer], sizes[layer] = home, per_layer
         if keys_values and kv is None:
             prompt_tokens = sum(e.prompt_length for e in examples) + 1
             kv_need = 2 * base.num_layers * prompt_tokens * _kv_width(base.model.config)
-            home = self._free_tier(kv_need * _itemsize(base), homes, per_layer)
+            sizes[KEYS_VALUES] = kv_need * _itemsize(base)
+            home = self._free_tier(sizes[KEYS_VALUES], homes, sizes)
             if home is not None:
                 homes[KEYS_VALUES] = home
         want_kv = KEYS_VALUES in homes
@@ -310,7 +312,7 @@ class PrefixCache:
                 for other in sorted(self.expected_layers)
                 if lowest < other < highest and other != layer
                 if states_key(other) not in self._entries
-            ][: max(0, self._free(self.memory, homes, per_layer) // per_layer)]
+            ][: max(0, self._free(self.memory, homes, sizes) // per_layer)]
             homes.update(dict.fromkeys(extra, self.memory))
             wanted = ([] if states is not None else [layer]) + extra
             folders = {what: tier.folder for what, tier in homes.items() if tier.folder}
@@ -341,15 +343,15 @@ class PrefixCache:
     def _used(self, tier: Tier) -> int:
         return sum(e.nbytes for k, e in self._entries.items() if self._tier_of[k] is tier)
 
-    def _free(self, tier: Tier, homes: dict, per_layer: int) -> int:
-        """Bytes ``tier`` has free once the block outputs already placed in ``homes`` (each
-        ``per_layer`` bytes) are in."""
-        placed = sum(per_layer for what, home in homes.items() if home is tier)
+    def _free(self, tier: Tier, homes: dict, sizes: dict) -> int:
+        """Bytes ``tier`` has free once what is already placed there (``homes``, of
+        ``sizes`` bytes each) is in."""
+        placed = sum(sizes[what] for what, home in homes.items() if home is tier)
         return tier.budget_bytes - self._used(tier) - placed
 
-    def _free_tier(self, need: int, homes: dict, per_layer: int) -> Tier | None:
+    def _free_tier(self, need: int, homes: dict, sizes: dict) -> Tier | None:
         """The first tier with ``need`` bytes free (evicting nothing)."""
-        return next((t for t in self._tiers() if self._free(t, homes, per_layer) >= need), None)
+        return next((t for t in self._tiers() if self._free(t, homes, sizes) >= need), None)
 
     def _make_room(self, need: int) -> Tier | None:
         """The first tier that can hold ``need`` bytes, once its least recently used entries

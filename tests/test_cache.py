@@ -237,6 +237,13 @@ def test_expected_layers_only_take_free_room():
     roomy = PrefixCache(budget_mb=64, expected_layers=[0, 1, 3])
     roomy.states(base, 2, "train", data.train)
     assert sorted(key[1] for key in roomy._entries) == [0, 1, 2]  # 3 is above the stop
+    # beside keys and values: room for the layer and them, half a layer more
+    keys_values = PrefixCache(64).frozen(base, 2, "train", [data.train]).keys_values[0].nbytes
+    budget = one + keys_values + 0.5 * one
+    tight = PrefixCache(budget_mb=budget / 2**20, expected_layers=[0, 1, 3])
+    assert tight.frozen(base, 2, "train", [data.train]).keys_values is not None
+    assert sorted(key[:2] for key in tight._entries) == [("keys_values", "train"), ("states", 2)]
+    assert tight.used_bytes <= tight.budget_bytes
 
 
 def test_cache_keeps_within_budget_least_recently_used_out():
