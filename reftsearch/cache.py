@@ -19,6 +19,7 @@ import itertools
 import math
 import os
 import tempfile
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -316,9 +317,17 @@ class PrefixCache:
             homes.update(dict.fromkeys(extra, self.memory))
             wanted = ([] if states is not None else [layer]) + extra
             folders = {what: tier.folder for what, tier in homes.items() if tier.folder}
-            computed, computed_kv = compute_frozen(
-                base, examples, wanted, want_kv, below, spilled=folders
-            )
+            try:
+                computed, computed_kv = compute_frozen(
+                    base, examples, wanted, want_kv, below, spilled=folders
+                )
+            except OSError as err:
+                if not folders:
+                    raise
+                # the spill folder is full or not writable: go on with memory alone
+                warnings.warn(f"cache spill disabled: {err}", stacklevel=2)
+                self.spill = None
+                return self._fetch(base, layer, split, examples, keys_values)
             for entry in computed:
                 self._put(states_key(entry.layer), entry, homes[entry.layer])
             states = self._get(states_key(layer))
@@ -512,7 +521,8 @@ def _mapped(folder: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch.T
     numel = math.prod(shape)
     handle, name = tempfile.mkstemp(prefix="reftsearch-cache-", dir=folder)
     try:
-        os.ftruncate(handle, numel * torch.finfo(dtype).bits // 8)
+        # blocks reserved now: a full disk fails here, not as SIGBUS at a write to the mapping
+        os.posix_fallocate(handle, 0, numel * torch.finfo(dtype).bits // 8)
         tensor = torch.from_file(name, shared=True, size=numel, dtype=dtype)
     finally:
         os.close(handle)

@@ -297,6 +297,16 @@ def test_keys_values_spill_beside_states_in_memory_and_over_both_budgets_nothing
     assert tight.frozen(base, 1, "train", [data.train]) is None
 
 
+def test_an_unwritable_spill_folder_leaves_the_cache_in_memory_alone(tmp_path):
+    base, data = setup("tiny:llama", "generation")
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the spill folder should be")
+    cache = PrefixCache(0, spill_mb=64, spill_dir=blocked / "spill")  # everything spills
+    with pytest.warns(UserWarning, match="cache spill disabled"):
+        assert cache.frozen(base, 1, "train", [data.train]) is None
+    assert cache.spill is None and not cache._entries
+
+
 def test_eval_batches_come_back_in_example_order():
     base, data = setup("tiny:llama")
     bucketed = batches(data.dev, base.tokenizer.pad_token_id, max_tokens=64)

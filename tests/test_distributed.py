@@ -222,9 +222,9 @@ def test_ray_run_estimates_on_a_worker_not_in_the_driver(
     driver_passes = []
     real_frozen = cache_module.compute_frozen
 
-    def frozen_pass(base, examples, layers, keys_values, below=None):
+    def frozen_pass(base, examples, layers, keys_values, below=None, **placement):
         driver_passes.append(len(examples))
-        return real_frozen(base, examples, layers, keys_values, below)
+        return real_frozen(base, examples, layers, keys_values, below, **placement)
 
     monkeypatch.setattr(cache_module, "compute_frozen", frozen_pass)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the Ray actors

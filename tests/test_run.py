@@ -74,9 +74,9 @@ def test_model_data_and_caches_are_built_once_for_all_trials(
     )
     real_frozen = cache_module.compute_frozen
 
-    def frozen_pass(base, examples, layers, keys_values, below=None):
+    def frozen_pass(base, examples, layers, keys_values, below=None, **placement):
         calls["frozen"].append((tuple(layers), len(examples)))
-        return real_frozen(base, examples, layers, keys_values, below)
+        return real_frozen(base, examples, layers, keys_values, below, **placement)
 
     monkeypatch.setattr(cache_module, "compute_frozen", frozen_pass)
     raw = tiny_study(easy_task_files, budget={"n_trials": 4, "max_epochs": 2})
