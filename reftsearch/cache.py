@@ -295,7 +295,7 @@ class PrefixCache:
             homes[layer], sizes[layer] = home, per_layer
         if keys_values and kv is None:
             prompt_tokens = sum(e.prompt_length for e in examples) + 1
-            kv_need = 2 * base.num_layers * prompt_tokens * _kv_width(base.model.config)
+            kv_need = 2 * base.num_layers * prompt_tokens * math.prod(_kv_shape(base.model.config))
             sizes[KEYS_VALUES] = kv_need * _itemsize(base)
             home = self._free_tier(sizes[KEYS_VALUES], homes, sizes)
             if home is not None:
@@ -395,12 +395,6 @@ def _kv_shape(config) -> tuple[int, int]:
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return heads, head_dim
-
-
-def _kv_width(config) -> int:
-    """Numbers per token per block in keys (or values): heads x head size."""
-    heads, head_dim = _kv_shape(config)
-    return heads * head_dim
 
 
 class _Captured(Exception):
