@@ -515,8 +515,12 @@ def _mapped(folder: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch.T
     numel = math.prod(shape)
     handle, name = tempfile.mkstemp(prefix="reftsearch-cache-", dir=folder)
     try:
-        # blocks reserved now: a full disk fails here, not as SIGBUS at a write to the mapping
-        os.posix_fallocate(handle, 0, numel * torch.finfo(dtype).bits // 8)
+        size = numel * torch.finfo(dtype).bits // 8
+        if hasattr(os, "posix_fallocate"):
+            # blocks reserved now: a full disk fails here, not as SIGBUS at a write to the mapping
+            os.posix_fallocate(handle, 0, size)
+        else:  # macOS: a sparse file
+            os.ftruncate(handle, size)
         tensor = torch.from_file(name, shared=True, size=numel, dtype=dtype)
     finally:
         os.close(handle)
