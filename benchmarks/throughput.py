@@ -24,7 +24,8 @@ pass, same model and data). Usage::
 
 ``--dtype bfloat16`` runs reftsearch's arm with ``model.dtype: bfloat16`` (interventions stay
 float32) against the same float32 naive loop: the speed a CPU with native bfloat16 math
-(AVX512-BF16, AMX) gives, at slightly different rounding (compare the dev scores printed).
+(AVX512-BF16, AMX) gives, at coarser rounding: compare the dev scores printed (they fell by
+up to 15.6 points on one of the four default configs).
 
 The machine is shared: contention moves absolute times, ratios much less. Last line:
 ``speedup_vs_naive=X.XX`` (naive wall time / reftsearch wall time for the same trials).
@@ -409,7 +410,7 @@ def main() -> None:
         choices=["float32", "bfloat16"],
         default="float32",
         help="reftsearch's model.dtype (default float32, as the naive loop; bfloat16 is ~2x "
-        "faster on CPUs with native bf16 math, e.g. AVX512-BF16, with other rounding)",
+        "faster on CPUs with native bf16 math, e.g. AVX512-BF16, at coarser rounding)",
     )
     parser.add_argument("--naive-trial", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
