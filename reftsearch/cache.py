@@ -387,7 +387,7 @@ class PrefixCache:
 
 
 def _itemsize(base: BaseModel) -> int:
-    return torch.finfo(base.model.dtype).bits // 8
+    return base.model.dtype.itemsize
 
 
 def _kv_shape(config) -> tuple[int, int]:
@@ -515,7 +515,7 @@ def _mapped(folder: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch.T
     numel = math.prod(shape)
     handle, name = tempfile.mkstemp(prefix="reftsearch-cache-", dir=folder)
     try:
-        size = numel * torch.finfo(dtype).bits // 8
+        size = numel * dtype.itemsize
         if hasattr(os, "posix_fallocate"):
             # blocks reserved now: a full disk fails here, not as SIGBUS at a write to the mapping
             os.posix_fallocate(handle, 0, size)
