@@ -1,10 +1,12 @@
 """What a study will cost here, measured before spending it.
 
-A few configs are drawn from the space at random; for each, two training steps and one dev
-batch are timed on this machine (after a warm-up step), through the path trials take (the
-worker's frozen-activation cache included, whose one-off build is left out). Scaled by the
-data sizes and epochs, that gives seconds per epoch and per trial for the cheapest, median and
-most expensive of them, and the study's expected wall time for its budget and workers.
+A few configs are drawn from the space at random (those already enqueued in the study first:
+warm starts and ``enqueue_trial`` configs are the ones its next trials run); for each, two
+training steps and one dev batch are timed on this machine (after a warm-up step), through
+the path trials take (the worker's frozen-activation cache included, whose one-off build is
+left out). Scaled by the data sizes and epochs, that gives seconds per epoch and per trial for
+the cheapest, median and most expensive of them, and the study's expected wall time for its
+budget and workers.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import itertools
 import math
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 import optuna
@@ -59,10 +62,17 @@ class Estimate:
 
 
 def estimate_study(
-    prepared: PreparedStudy, n_trials: int, workers: int, samples: int = 6, seed: int = 0
+    prepared: PreparedStudy,
+    n_trials: int,
+    workers: int,
+    samples: int = 6,
+    seed: int = 0,
+    enqueued: Sequence[dict] = (),
 ) -> Estimate:
-    """Time ``samples`` random configs of the space and extrapolate."""
-    configs = _configs(prepared, samples, seed)
+    """Time ``samples`` configs of the space and extrapolate: the ``enqueued`` ones (fixed
+    params, as ``study.enqueue_trial`` takes them; what they leave out is drawn) first, then
+    random ones."""
+    configs = _configs(prepared, samples, seed, enqueued)
     # lowest intervened layer first: each cache build starts from the one below it
     configs.sort(key=lambda pair: _lowest_layer(pair[0]))
     costs = sorted((_cost(prepared, *pair) for pair in configs), key=lambda c: c.trial_s)
@@ -80,11 +90,13 @@ def estimate_study(
 
 
 def _configs(
-    prepared: PreparedStudy, samples: int, seed: int
+    prepared: PreparedStudy, samples: int, seed: int, enqueued: Sequence[dict] = ()
 ) -> list[tuple[AdapterConfig, TrainConfig]]:
-    """Random valid configs, resolved (an in-memory study only to drive the same sampling
-    code)."""
+    """Valid configs, resolved: the enqueued ones first, then random ones (an in-memory study
+    only to drive the same sampling code as trials, which asks its own enqueued ones first)."""
     drafts = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    for params in enqueued[:samples]:
+        drafts.enqueue_trial(params, skip_if_exists=True)
     configs = []
     for _ in range(samples * 5):
         values = sample(drafts.ask(), prepared.spec.space)

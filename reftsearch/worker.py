@@ -94,11 +94,17 @@ class Worker:
         return ran
 
     def estimate(self, request: EstimateRequest) -> str:
-        """The line that predicts the study's cost, timed here: the cache builds it triggers
-        are the ones this worker's trials then reuse."""
+        """The line that predicts the study's cost, timed here (the study's enqueued configs
+        first: its next trials run them): the cache builds it triggers are the ones this
+        worker's trials then reuse."""
+        waiting = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
         try:
             estimate = estimate_study(
-                self.prepared, request.n_trials, request.workers, request.samples
+                self.prepared,
+                request.n_trials,
+                request.workers,
+                request.samples,
+                enqueued=[trial.system_attrs.get("fixed_params", {}) for trial in waiting],
             )
         except ValueError as err:  # e.g. no valid config drawn: the trials will say why
             return f"estimate: not available ({err})"

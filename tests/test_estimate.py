@@ -3,8 +3,12 @@ import json
 import optuna
 from conftest import tiny_study
 
+from reftsearch import worker
 from reftsearch.cli import main
+from reftsearch.estimate import estimate_study
 from reftsearch.spec import load_spec
+from reftsearch.study import open_study, prepare
+from reftsearch.worker import EstimateRequest, Worker
 
 
 def test_estimate_is_positive_and_close_to_a_measured_trial(write_study, easy_task_files, capsys):
@@ -36,3 +40,34 @@ def test_estimate_table(write_study, easy_task_files, capsys):
         "most expensive",
     ]
     assert lines[-1].startswith("estimate: ")
+
+
+def test_estimate_times_the_enqueued_configs_first(write_study, easy_task_files):
+    """The next trials run the study's enqueued configs: those are the ones worth timing."""
+    raw = tiny_study(easy_task_files)
+    raw["space"].update(rank=[1, 2, 3, 4, 5, 6, 7, 8], suffix=[0, 1, 2, 3], lr=[1e-3, 2e-3])
+    spec = load_spec(write_study(raw))
+    prepared = prepare(spec)
+    enqueued = {"rank": 7, "suffix": 3, "lr": 2e-3}
+    drawn = estimate_study(prepared, n_trials=1, workers=1, samples=1)
+    assert "r7" not in drawn.median.config.split()  # else the next check could not fail
+
+    timed = estimate_study(prepared, n_trials=1, workers=1, samples=1, enqueued=[enqueued])
+    assert {"r7", "f1+l3", "lr=0.002"} <= set(timed.median.config.split())
+
+
+def test_a_run_estimates_its_waiting_trials(write_study, easy_task_files, monkeypatch):
+    raw = tiny_study(easy_task_files)
+    spec = load_spec(write_study(raw))
+    study = open_study(spec, spec.storage)
+    study.enqueue_trial({"rank": 2, "suffix": 2, "lr": 5e-3})
+    timed = []
+
+    def estimate_and_record(*args, **kwargs):
+        timed.extend(kwargs["enqueued"])
+        return estimate_study(*args, **kwargs)
+
+    monkeypatch.setattr(worker, "estimate_study", estimate_and_record)
+    line = Worker(spec, spec.storage, alone=True).estimate(EstimateRequest(3, 1))
+    assert line.startswith("estimate: ") and "per trial" in line
+    assert timed == [{"rank": 2, "suffix": 2, "lr": 5e-3}]
