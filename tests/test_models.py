@@ -4,6 +4,8 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import time  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import huggingface_hub.constants  # noqa: E402
 import pytest  # noqa: E402
@@ -15,6 +17,7 @@ from reftsearch.models import (  # noqa: E402
     BUILTIN_MODELS,
     BaseModel,
     ModelLoadError,
+    emulated_on,
     load_base_model,
     resolve_device,
 )
@@ -127,10 +130,24 @@ def test_encoder_refuses_causal_lm_head():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_dtype_is_applied(dtype):
     name = str(dtype).removeprefix("torch.")
-    base = load_base_model("tiny:llama", "classification", dtype=name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        base = load_base_model("tiny:llama", "classification", dtype=name)
+    emulated = [w for w in caught if "is emulated" in str(w.message)]
+    # a CPU without the 16-bit instructions is told that float32 is faster there
+    assert len(emulated) == emulated_on(dtype, torch.device("cpu"))
     assert {p.dtype for p in base.model.parameters()} == {dtype}
     base.reset_head(0)
     assert {p.dtype for p in base.head_parameters()} == {dtype}
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads Linux CPU flags")
+def test_bfloat16_is_emulated_where_the_cpu_flags_lack_its_instructions():
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    native = bool({"avx512_bf16", "amx_bf16"} & flags)
+    assert emulated_on(torch.bfloat16, torch.device("cpu")) is not native
+    assert not emulated_on(torch.float32, torch.device("cpu"))
+    assert not emulated_on(torch.bfloat16, torch.device("meta"))  # only a CPU emulates
 
 
 def test_auto_device_is_cuda_when_torch_sees_one_else_cpu():
