@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 import optuna
+import torch
 
 from reftsearch.adapters import Adapter, AdapterConfig, build_adapter
 from reftsearch.cache import PrefixCache
@@ -129,19 +130,53 @@ def _cost(
 def _step_seconds(
     prepared: PreparedStudy, reft: Adapter, config: TrainConfig, cache: PrefixCache | None
 ) -> float:
-    """A training step as a trial runs it (``Pack`` of one) on the train split, which must
-    hold one batch more than stepped so that no epoch ends (and no dev pass runs) while
-    timing: a small one is repeated. The frozen activations it caches are the ones trials
-    use (built once per worker, so not counted as a step's cost)."""
+    """A training step as a trial runs it (``Pack`` of one)."""
+    run = _step_run(prepared, reft, config, cache)
+    timings = _steps(prepared, run, cache)
+    # the first step pays one-off costs (allocations, lazy init): leave it out when possible
+    return statistics.fmean(timings[1:] or timings)
+
+
+def step_bytes(prepared: PreparedStudy, samples: int = 3, seed: int = 0) -> int:
+    """The most CUDA memory a trial's training steps took on top of what the worker holds
+    (model, frozen-activation cache): its activations, gradients and optimizer state, the
+    largest of ``samples`` drawn configs. What each trial packed beside others adds."""
+    device = prepared.base.device
+    peaks = []
+    for reft_config, train_config in _configs(prepared, samples, seed):
+        reft = build_adapter(reft_config, prepared.base, train_config.seed)
+        cache = prepared.cache if isinstance(reft_config, ReftConfig) else None
+        run = _step_run(prepared, reft, train_config, cache)  # builds the shared cache first
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        held = torch.cuda.memory_allocated(device)
+        _steps(prepared, run, cache)
+        peaks.append(torch.cuda.max_memory_allocated(device) - held)
+    if not peaks:
+        raise ValueError("no valid config could be drawn from the space")
+    return max(peaks)
+
+
+def _step_run(
+    prepared: PreparedStudy, reft: Adapter, config: TrainConfig, cache: PrefixCache | None
+) -> TrialRun:
+    """A trial's run over the train split, which must hold one batch more than stepped so
+    that no epoch ends (and no dev pass runs) while timing: a small one is repeated. The
+    frozen activations it caches are the ones trials use (built once per worker, so not
+    counted as a step's cost)."""
     base, split = prepared.base, prepared.split
     rows = split.train
     if len(rows) < config.batch_size * (TIMED_STEPS + 2):
         rows = list(itertools.islice(itertools.cycle(rows), config.batch_size * (TIMED_STEPS + 2)))
     if cache is not None:
         cache.frozen(base, min(reft.config.layers), "train", [rows])
-    run = TrialRun(reft, replace(split, train=rows), config, reset_head(base, config.seed))
+    return TrialRun(reft, replace(split, train=rows), config, reset_head(base, config.seed))
+
+
+def _steps(prepared: PreparedStudy, run: TrialRun, cache: PrefixCache | None) -> list[float]:
+    """Seconds of each of a warm-up step and ``TIMED_STEPS`` more of ``run`` alone."""
     timings = []
-    with Pack(base, cache) as pack:
+    with Pack(prepared.base, cache) as pack:
         pack.add(run)
         for _ in range(TIMED_STEPS + 1):
             start = time.perf_counter()
@@ -149,8 +184,7 @@ def _step_seconds(
             timings.append(time.perf_counter() - start)
             if ended:  # e.g. its loss diverged at once: the steps so far still tell the cost
                 break
-    # the first step pays one-off costs (allocations, lazy init): leave it out when possible
-    return statistics.fmean(timings[1:] or timings)
+    return timings
 
 
 def _dev_seconds(prepared: PreparedStudy, reft: Adapter, cache: PrefixCache | None) -> float:

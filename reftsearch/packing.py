@@ -19,10 +19,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import optuna
+import torch
 
 from reftsearch.adapters import GLOBAL_RNG_LOCK
 from reftsearch.cache import PrefixCache
 from reftsearch.errors import SpecError
+from reftsearch.estimate import step_bytes
 from reftsearch.models import BaseModel
 from reftsearch.objective import Objective, TrialFailed
 from reftsearch.reft import ReftModule
@@ -39,20 +41,56 @@ from reftsearch.train import (
 
 Callback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
 
+# ``auto`` packs at most this many: on an H100, 16 SmolLM2-sized trials took 2x the step of 8,
+# so past ~16 the GPU is busy and more trials per pack only delay each trial's result
+AUTO_MAX_PACK = 16
+# of the free memory, what packed steps may take: the rest for the allocator's fragmentation,
+# dev passes and configs heavier than the ones measured
+MEMORY_SHARE = 0.7
 
-def make_objective(prepared: PreparedStudy, log: Callable[[str], None]) -> Objective:
-    """The worker's objective: trials train alone, or join a shared pack when the spec asks
-    for ``resources.trials_per_worker`` > 1."""
-    k = prepared.spec.resources.trials_per_worker
+
+def make_objective(prepared: PreparedStudy, log: Callable[[str], None], k: int) -> Objective:
+    """The worker's objective: trials train alone (``k`` = 1), or join a shared pack."""
     if k == 1:
         return Objective(prepared, log)
-    if getattr(prepared.spec, "method", "reft") != "reft":
-        raise SpecError(
-            "resources.trials_per_worker",
-            f"packing trains ReFT trials only (LoRA edits every row's weights), got {k} "
-            f"with method {prepared.spec.method!r}: set it to 1",
-        )
     return Objective(prepared, log, trainer=PackedTrainer(prepared.base, prepared.cache))
+
+
+def pack_size(prepared: PreparedStudy, log: Callable[[str], None]) -> int:
+    """How many trials this worker packs: ``resources.trials_per_worker``, or for ``auto`` as
+    many as fit its GPU's free memory (at most ``AUTO_MAX_PACK``); one on a CPU."""
+    wanted = prepared.spec.resources.trials_per_worker
+    method = getattr(prepared.spec, "method", "reft")
+    if wanted != "auto":
+        if wanted > 1 and method != "reft":
+            raise SpecError(
+                "resources.trials_per_worker",
+                f"packing trains ReFT trials only (LoRA edits every row's weights), got "
+                f"{wanted} with method {method!r}: set it to 1",
+            )
+        return wanted
+    device = prepared.base.device
+    if method != "reft" or device.type != "cuda":
+        reason = "ReFT trials only" if method != "reft" else "a CPU step's cost grows with its rows"
+        log(f"resources.trials_per_worker auto: 1 on {device} ({reason})")
+        return 1
+    per_trial = step_bytes(prepared)
+    free, total = torch.cuda.mem_get_info(device)
+    share = prepared.spec.resources.gpus_per_trial
+    if 0 < share < 1:  # workers sharing the GPU, each measuring at once: each takes its share
+        free = min(free, int(share * total) - torch.cuda.memory_allocated(device))
+    k = trials_that_fit(free, per_trial)
+    log(
+        f"resources.trials_per_worker auto: {k} on {device} ({per_trial / 2**20:.0f} MB per "
+        f"trial's steps, {free / 2**30:.1f} GB free)"
+    )
+    return k
+
+
+def trials_that_fit(free_bytes: int, per_trial_bytes: int, limit: int = AUTO_MAX_PACK) -> int:
+    """Trials whose steps fit ``MEMORY_SHARE`` of ``free_bytes`` together: 1 to ``limit``."""
+    fit = int(free_bytes * MEMORY_SHARE) // max(per_trial_bytes, 1)
+    return max(1, min(limit, fit))
 
 
 def optimize(

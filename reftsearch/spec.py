@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -114,7 +114,8 @@ class ResourcesSpec:
     gpus_per_trial: float = 0.0
     heartbeat_s: int = 60
     cache_mb: float = 2048.0  # frozen activations, keys and values per worker (reftsearch.cache)
-    trials_per_worker: int = 1  # trials trained side by side in one batch (reftsearch.packing)
+    # trials trained side by side in one batch, or "auto": as many as fit the GPU's memory
+    trials_per_worker: int | Literal["auto"] = 1  # (reftsearch.packing)
     spill_mb: float = 0.0  # what does not fit cache_mb, in memory-mapped files (0: not cached)
     spill_dir: str | None = None  # where those files go (default: $REFTSEARCH_CACHE/spill)
 
@@ -541,12 +542,20 @@ def _resources(raw: Any, path: str, base_dir: Path) -> ResourcesSpec:
         ),
         heartbeat_s=v.integer(entries.get("heartbeat_s", 60), v.join(path, "heartbeat_s"), 1),
         cache_mb=v.number(entries.get("cache_mb", 2048), v.join(path, "cache_mb"), 0),
-        trials_per_worker=v.integer(
-            entries.get("trials_per_worker", 1), v.join(path, "trials_per_worker"), minimum=1
+        trials_per_worker=_trials_per_worker(
+            entries.get("trials_per_worker", 1), v.join(path, "trials_per_worker")
         ),
         spill_mb=v.number(entries.get("spill_mb", 0), v.join(path, "spill_mb"), 0),
         spill_dir=spill_dir,
     )
+
+
+def _trials_per_worker(raw: Any, path: str) -> int | Literal["auto"]:
+    if raw == "auto":
+        return raw
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
+        raise SpecError(path, f"must be a positive integer or 'auto', got {raw!r}")
+    return raw
 
 
 def _export(raw: Any, path: str, base_dir: Path, name: str) -> str:

@@ -30,7 +30,7 @@ import optuna
 from reftsearch.errors import BadInputError
 from reftsearch.estimate import estimate_study
 from reftsearch.finalize import search_trials
-from reftsearch.packing import make_objective, optimize
+from reftsearch.packing import make_objective, optimize, pack_size
 from reftsearch.spec import StudySpec, parse_spec
 from reftsearch.storage import check_storage, mask_url
 from reftsearch.study import PreparedStudy, count_finished, load_named_study, open_study, prepare
@@ -64,7 +64,8 @@ class Worker:
         if not alone:
             # workers seeded alike would all sample the same "random" configs
             self.study.sampler.reseed_rng()
-        self.objective = make_objective(self.prepared, log)
+        self.pack_size = pack_size(self.prepared, log)  # trials trained side by side
+        self.objective = make_objective(self.prepared, log, self.pack_size)
 
     def run(
         self, n_trials: int, timeout: float | None = None, callbacks: Sequence[Callback] = ()
@@ -88,8 +89,8 @@ class Worker:
             if finished + running >= n_trials:
                 time.sleep(IDLE_POLL_S)
                 continue
-            k = self.prepared.spec.resources.trials_per_worker  # > 1: packed (reftsearch.packing)
-            optimize(self.study, self._trial, k, n_trials - finished - running, callbacks)
+            missing = n_trials - finished - running
+            optimize(self.study, self._trial, self.pack_size, missing, callbacks)
             ran += 1
         return ran
 

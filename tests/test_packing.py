@@ -12,9 +12,11 @@ from test_cache import make_reft, setup
 from reftsearch.adapters import GLOBAL_RNG_LOCK, build_adapter
 from reftsearch.cache import PrefixCache
 from reftsearch.cli import main
-from reftsearch.packing import PackedTrainer
+from reftsearch.errors import SpecError
+from reftsearch.packing import AUTO_MAX_PACK, PackedTrainer, pack_size, trials_that_fit
 from reftsearch.reft import ReftConfig
 from reftsearch.spec import load_spec
+from reftsearch.study import prepare
 from reftsearch.train import Pack, TrainConfig, TrialRun, own_head, train_trial
 
 # trials that differ in everything packing must keep apart: layers, positions, rank, batch
@@ -156,3 +158,44 @@ def test_seeded_init_is_the_same_while_other_threads_draw_numbers():
     for adapter in built:
         for name, tensor in adapter.state_dict().items():
             assert torch.equal(tensor, want[name]), name
+
+
+def test_trials_that_fit_the_free_memory():
+    gib = 2**30
+    assert trials_that_fit(10 * gib, gib) == 7  # 70% of it: the rest for fragmentation, dev
+    assert trials_that_fit(gib, 2 * gib) == 1  # always one: a trial alone is the plain run
+    assert trials_that_fit(1000 * gib, gib) == AUTO_MAX_PACK  # past it the GPU is busy anyway
+
+
+def test_auto_packs_one_trial_on_a_cpu(write_study, easy_task_files):
+    """auto chooses by GPU memory; on a CPU a step costs as its rows, so trials run alone."""
+    raw = tiny_study(easy_task_files, resources={"heartbeat_s": 5, "trials_per_worker": "auto"})
+    logged = []
+    assert pack_size(prepare(load_spec(write_study(raw))), logged.append) == 1
+    assert logged == [
+        "resources.trials_per_worker auto: 1 on cpu (a CPU step's cost grows with its rows)"
+    ]
+
+
+def test_lora_trials_do_not_pack(write_study, easy_task_files):
+    raw = tiny_study(easy_task_files, method="lora", resources={"trials_per_worker": 2})
+    raw["space"] = {"lr": 1e-3}
+    with pytest.raises(SpecError, match="resources.trials_per_worker: packing trains ReFT"):
+        pack_size(prepare(load_spec(write_study(raw))), print)
+    raw["resources"]["trials_per_worker"] = "auto"
+    logged = []
+    assert pack_size(prepare(load_spec(write_study(raw))), logged.append) == 1
+    assert "ReFT trials only" in logged[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="auto measures CUDA memory")
+def test_auto_packs_what_fits_a_gpu(write_study, easy_task_files):
+    raw = tiny_study(
+        easy_task_files,
+        model={"path": "tiny:llama", "device": "cuda"},
+        resources={"heartbeat_s": 5, "trials_per_worker": "auto"},
+    )
+    logged = []
+    k = pack_size(prepare(load_spec(write_study(raw))), logged.append)
+    assert 1 <= k <= AUTO_MAX_PACK
+    assert logged[0].startswith(f"resources.trials_per_worker auto: {k} on cuda")

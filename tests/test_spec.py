@@ -109,11 +109,27 @@ def test_int_range_and_choices_mapping(tmp_path):
         ({"storage": "not a url"}, "storage: must be a SQLAlchemy URL"),
         ({"resources": {"spill_mb": -1}}, "resources.spill_mb: must be a number >= 0, got -1"),
         ({"resources": {"spill_dir": 3}}, "resources.spill_dir: must be a non-empty string"),
+        (
+            {"resources": {"trials_per_worker": "max"}},
+            "resources.trials_per_worker: must be a positive integer or 'auto', got 'max'",
+        ),
+        (
+            {"resources": {"trials_per_worker": 0}},
+            "resources.trials_per_worker: must be a positive integer or 'auto', got 0",
+        ),
         ({"name": "bad name!"}, "name: must be letters, digits"),
     ],
 )
 def test_errors_name_the_key_path(changes, expected):
     assert expected in error_of(minimal(**changes))
+
+
+def test_trials_per_worker_is_a_count_or_auto(tmp_path):
+    assert parse(minimal(), tmp_path).resources.trials_per_worker == 1
+    auto = minimal(resources={"trials_per_worker": "auto"})
+    assert parse(auto, tmp_path).resources.trials_per_worker == "auto"
+    four = minimal(resources={"trials_per_worker": 4})
+    assert parse(four, tmp_path).resources.trials_per_worker == 4
 
 
 def test_budget_timeout_units(tmp_path):
