@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from reftsearch.testing import scratch_postgres_database
@@ -11,6 +12,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+# the equivalence tests run on every device here: on a GPU machine they check the CUDA paths
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    ),
+]
 
 
 @pytest.fixture

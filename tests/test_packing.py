@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import optuna
 import pytest
 import torch
-from conftest import tiny_study
+from conftest import DEVICES, tiny_study
 from test_cache import make_reft, setup
 
 from reftsearch.adapters import GLOBAL_RNG_LOCK, build_adapter
@@ -43,8 +43,9 @@ def config(seed, **changes):
         ("tiny:bert", "classification", True),
     ],
 )
-def test_packed_trials_equal_trials_alone(model, kind, cached):
-    base, data = setup(model, kind)
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_trials_equal_trials_alone(model, kind, cached, device):
+    base, data = setup(model, kind, device)
     data = type(data)(data.train, data.dev, kind, "loss")  # a smooth metric to compare
     alone = []
     for i, (reft_options, train_options) in enumerate(TRIALS):
