@@ -61,20 +61,31 @@ def pack_size(prepared: PreparedStudy, log: Callable[[str], None]) -> int:
     many as fit its GPU's free memory (at most ``AUTO_MAX_PACK``); one on a CPU."""
     wanted = prepared.spec.resources.trials_per_worker
     method = getattr(prepared.spec, "method", "reft")
-    if wanted != "auto":
-        if wanted > 1 and method != "reft":
-            raise SpecError(
-                "resources.trials_per_worker",
-                f"packing trains ReFT trials only (LoRA edits every row's weights), got "
-                f"{wanted} with method {method!r}: set it to 1",
-            )
-        return wanted
     device = prepared.base.device
-    if method != "reft" or device.type != "cuda":
+    if wanted == "auto" and method == "reft" and device.type == "cuda":
+        return _trials_fitting_the_gpu(prepared, device, log)
+    if wanted == "auto":
         reason = "ReFT trials only" if method != "reft" else "a CPU step's cost grows with its rows"
         log(f"resources.trials_per_worker auto: 1 on {device} ({reason})")
         return 1
-    per_trial = step_bytes(prepared)
+    if wanted > 1 and method != "reft":
+        raise SpecError(
+            "resources.trials_per_worker",
+            f"packing trains ReFT trials only (LoRA edits every row's weights), got {wanted} "
+            f"with method {method!r}: set it to 1",
+        )
+    return wanted
+
+
+def _trials_fitting_the_gpu(
+    prepared: PreparedStudy, device: torch.device, log: Callable[[str], None]
+) -> int:
+    try:
+        per_trial = step_bytes(prepared)
+    except torch.cuda.OutOfMemoryError:  # one trial alone barely fits: nothing to pack beside it
+        torch.cuda.empty_cache()
+        log(f"resources.trials_per_worker auto: 1 on {device} (one trial ran out of memory)")
+        return 1
     free, total = torch.cuda.mem_get_info(device)
     share = prepared.spec.resources.gpus_per_trial
     if 0 < share < 1:  # workers sharing the GPU, each measuring at once: each takes its share
