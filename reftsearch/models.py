@@ -177,9 +177,9 @@ def load_base_model(
     target = resolve_device(device)
     if emulated_on(DTYPES[dtype], target):
         warnings.warn(
-            f"{path}: dtype {dtype} on this CPU is emulated (it has no native {dtype} math: "
-            f"AVX512-BF16 or AMX), its matmuls several times slower than float32 (7x on an "
-            f"AVX2 EPYC): use float32 here",
+            f"{path}: dtype {dtype} is emulated on this CPU (it lacks the AVX512-BF16/AMX "
+            f"instructions for it): its matmuls run several times slower than in float32 (7x "
+            f"on an AVX2 EPYC); use float32 here",
             stacklevel=2,
         )
     model, tokenizer = _load(path, head, num_labels, DTYPES[dtype])
