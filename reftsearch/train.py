@@ -135,6 +135,11 @@ class TrialRun:
     def epoch_over(self) -> bool:
         return not self._batches
 
+    @property
+    def batches_left(self) -> list[list[int]]:
+        """Rows of each batch this epoch has still to train, in order."""
+        return list(self._batches)
+
     def take_rows(self) -> list[int]:
         """Rows (of the train split) of this trial's next batch."""
         return self._batches.pop(0)

@@ -4,10 +4,13 @@ import optuna
 from conftest import tiny_study
 
 from reftsearch import worker
+from reftsearch.adapters import build_adapter
 from reftsearch.cli import main
-from reftsearch.estimate import estimate_study
+from reftsearch.estimate import _batch_tokens, _step_run, estimate_study
+from reftsearch.reft import ReftConfig
 from reftsearch.spec import load_spec
 from reftsearch.study import open_study, prepare
+from reftsearch.train import TrainConfig
 from reftsearch.worker import EstimateRequest, Worker
 
 
@@ -71,3 +74,24 @@ def test_a_run_estimates_its_waiting_trials(write_study, easy_task_files, monkey
     line = Worker(spec, spec.storage, alone=True).estimate(EstimateRequest(3, 1))
     assert line.startswith("estimate: ") and "per trial" in line
     assert timed == [{"rank": 2, "suffix": 2, "lr": 5e-3}]
+
+
+def test_a_steps_cost_scales_with_the_tokens_its_batch_computes(write_study, easy_task_files):
+    """Length-bucketed batches differ in cost by their tokens: the estimate counts them per
+    batch, from each row's first edited token where the cache holds the unedited ones."""
+    spec = load_spec(write_study(tiny_study(easy_task_files)))
+    prepared = prepare(spec)
+    train_config = TrainConfig(lr=1e-3, epochs=1, batch_size=8, seed=0)
+    counts = {}
+    for prefix, suffix in ((1, 1), (0, 1)):  # full rows; rows from the last prompt token on
+        reft_config = ReftConfig("loreft", (1, 2), prefix, suffix, tied=False, rank=1)
+        reft = build_adapter(reft_config, prepared.base, seed=0)
+        run = _step_run(prepared, reft, train_config, prepared.cache)
+        counts[prefix] = _batch_tokens(prepared, run, prepared.cache)
+        lengths = [
+            max(len(prepared.split.train[i].input_ids) for i in rows) * len(rows)
+            for rows in run.batches_left
+        ]
+    assert counts[1] == lengths  # full rows: rows x the longest row
+    assert len(set(counts[1])) > 1  # batches of different lengths
+    assert all(0 < trimmed < full for trimmed, full in zip(counts[0], counts[1], strict=True))
