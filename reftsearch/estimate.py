@@ -118,7 +118,7 @@ def _cost(
 ) -> ConfigCost:
     base, split = prepared.base, prepared.split
     reft = build_adapter(reft_config, base, train_config.seed)
-    cache = prepared.cache if isinstance(reft_config, ReftConfig) else None  # LoRA: none
+    cache = prepared.cache_for(reft_config)
     step_s = _step_seconds(prepared, reft, train_config, cache)
     per_dev_example = _dev_seconds(prepared, reft, cache) / EVAL_SAMPLE
     steps = math.ceil(len(split.train) / train_config.batch_size)
@@ -170,7 +170,7 @@ def step_bytes(prepared: PreparedStudy, samples: int = 3, seed: int = 0) -> int:
     peaks = []
     for reft_config, train_config in _configs(prepared, samples, seed):
         reft = build_adapter(reft_config, prepared.base, train_config.seed)
-        cache = prepared.cache if isinstance(reft_config, ReftConfig) else None
+        cache = prepared.cache_for(reft_config)
         run = _step_run(prepared, reft, train_config, cache)  # builds the shared cache first
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

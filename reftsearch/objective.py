@@ -189,7 +189,7 @@ class Objective:
             report = len(rungs) == 1 and not finalize
             on_epoch = partial(self._epoch_done, trial, spent, rung.fraction, report)
             subset = replace(split, train=rung.train)
-            cache = self.prepared.cache if isinstance(config, ReftConfig) else None  # LoRA: none
+            cache = self.prepared.cache_for(config)
             score = self.trainer(base, adapter, subset, train_config, on_epoch, cache)
             if len(rungs) > 1:
                 self._report_rung(trial, rung, score, last=rung is rungs[-1])

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import optuna
 
+from reftsearch.adapters import AdapterConfig
 from reftsearch.cache import PrefixCache
 from reftsearch.data import TaskData, encode, load_task_data
 from reftsearch.errors import BadInputError, SpecError
@@ -27,6 +28,7 @@ from reftsearch.models import (
     resolve_device,
 )
 from reftsearch.pruners import SparingPruner
+from reftsearch.reft import ReftConfig
 from reftsearch.space import grid, lowest_layers
 from reftsearch.spec import PrunerSpec, StudySpec
 from reftsearch.storage import check_storage, open_storage, sqlite_path
@@ -63,6 +65,11 @@ class PreparedStudy:
         resources = self.spec.resources
         spill_dir = Path(resources.spill_dir) if resources.spill_dir else cache_dir() / "spill"
         return PrefixCache(resources.cache_mb, expected, resources.spill_mb, spill_dir)
+
+    def cache_for(self, config: AdapterConfig) -> PrefixCache | None:
+        """The cache a trial of ``config`` replays: none for LoRA, which changes every block
+        it is in."""
+        return self.cache if isinstance(config, ReftConfig) else None
 
 
 def prepare(spec: StudySpec, device: str | None = None) -> PreparedStudy:

@@ -88,10 +88,10 @@ def test_a_steps_cost_scales_with_the_tokens_its_batch_computes(write_study, eas
         reft = build_adapter(reft_config, prepared.base, seed=0)
         run = _step_run(prepared, reft, train_config, prepared.cache)
         counts[prefix] = _batch_tokens(prepared, run, prepared.cache)
-        lengths = [
-            max(len(prepared.split.train[i].input_ids) for i in rows) * len(rows)
-            for rows in run.batches_left
-        ]
+    lengths = [  # both runs' batches: same seed, same train split
+        max(len(prepared.split.train[i].input_ids) for i in rows) * len(rows)
+        for rows in run.batches_left
+    ]
     assert counts[1] == lengths  # full rows: rows x the longest row
     assert len(set(counts[1])) > 1  # batches of different lengths
     assert all(0 < trimmed < full for trimmed, full in zip(counts[0], counts[1], strict=True))
