@@ -407,7 +407,7 @@ def main() -> None:
     parser.add_argument("--dev", type=int, default=128, help="dev examples (default 128)")
     parser.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16"],
+        choices=["float32", "bfloat16", "bfloat16-mixed"],
         default="float32",
         help="reftsearch's model.dtype (default float32, as the naive loop; bfloat16 is ~2x "
         "faster on CPUs with native bf16 math, e.g. AVX512-BF16, at coarser rounding)",

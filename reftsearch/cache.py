@@ -284,7 +284,7 @@ class PrefixCache:
         if states is not None and (kv is not None or not keys_values):
             return states, kv  # the common case: every training step of every trial
         per_layer = (sum(len(e.input_ids) for e in examples) + 1) * base.hidden_size
-        per_layer *= _itemsize(base)
+        per_layer *= base.precision.states.itemsize
         # where each new entry goes: memory first, else the spill files, else nowhere
         homes: dict[int | str, Tier] = {}
         sizes: dict[int | str, int] = {}
@@ -296,7 +296,7 @@ class PrefixCache:
         if keys_values and kv is None:
             prompt_tokens = sum(e.prompt_length for e in examples) + 1
             kv_need = 2 * base.num_layers * prompt_tokens * math.prod(_kv_shape(base.model.config))
-            sizes[KEYS_VALUES] = kv_need * _itemsize(base)
+            sizes[KEYS_VALUES] = kv_need * base.precision.matmul.itemsize
             home = self._free_tier(sizes[KEYS_VALUES], homes, sizes)
             if home is not None:
                 homes[KEYS_VALUES] = home
@@ -386,10 +386,6 @@ class PrefixCache:
         return max(lower, key=lambda entry: entry.layer, default=None)
 
 
-def _itemsize(base: BaseModel) -> int:
-    return base.model.dtype.itemsize
-
-
 def _kv_shape(config) -> tuple[int, int]:
     """A token's keys (or values) in one block: (heads, head size)."""
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -430,7 +426,9 @@ def compute_frozen(
     spilled = spilled or {}
 
     def padded(what: int | str, shape: tuple[int, ...], dim: int) -> torch.Tensor:
-        return _padded(shape, dim, base.model.dtype, base.device, spilled.get(what))
+        # keys and values come out of linear layers: in the matmul dtype (see ``Precision``)
+        dtype = base.precision.matmul if what == KEYS_VALUES else base.precision.states
+        return _padded(shape, dim, dtype, base.device, spilled.get(what))
 
     token_starts, total = _starts([len(e.input_ids) for e in examples])
     flat = {layer: padded(layer, (total + 1, base.hidden_size), 0) for layer in layers}

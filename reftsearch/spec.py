@@ -42,7 +42,7 @@ PRUNERS = ("none", "median", "successive_halving", "hyperband", "wilcoxon")
 # what rung pruners (successive halving, hyperband) climb: epochs, or the share of the
 # training data (each rung trains on reduction_factor times more examples)
 PRUNER_RESOURCES = ("epochs", "data_fraction")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "bfloat16-mixed")
 SPLITS = ("train", "dev", "test")
 
 

@@ -238,7 +238,7 @@ class Pack:
         for run in runs:
             run.reft.train()
         replayed = frozen.replaying(self.base.blocks, batch, spans) if frozen else nullcontext()
-        with self._routed(), replayed:
+        with self._routed(), replayed, self.base.training_attention():
             losses = span_losses(self.base, batch, spans)
         kept = []
         for run, loss in zip(runs, losses, strict=True):

@@ -36,9 +36,9 @@ def rows(n, generation=False, seed=0):
     return out
 
 
-def setup(model, kind="classification", device="cpu"):
+def setup(model, kind="classification", device="cpu", dtype="float32"):
     head = "classification" if kind == "classification" else "causal_lm"
-    base = load_base_model(model, head, device=device)
+    base = load_base_model(model, head, device=device, dtype=dtype)
     task = TaskSpec(kind=kind, data=DataSpec(), text="text", max_length=96)
     generation = kind == "generation"
     metric = "loss" if generation else "accuracy"
@@ -113,17 +113,23 @@ def test_left_padded_rows_equal_unpadded_rows():
 
 
 @pytest.mark.parametrize(
-    ("model", "kind", "prefix"),
+    ("model", "kind", "prefix", "dtype"),
     [
-        ("tiny:llama", "classification", 1),
-        ("tiny:llama", "classification", 0),  # suffix only: rows start after unedited tokens
-        ("tiny:llama", "generation", 0),
-        ("tiny:bert", "classification", 0),  # an encoder: nothing above layer 1 is frozen
+        ("tiny:llama", "classification", 1, "float32"),
+        # suffix only: rows start after unedited tokens
+        ("tiny:llama", "classification", 0, "float32"),
+        ("tiny:llama", "generation", 0, "float32"),
+        # an encoder: nothing above layer 1 is frozen
+        ("tiny:bert", "classification", 0, "float32"),
+        # 16-bit keys and values cached beside float32 states
+        ("tiny:llama", "generation", 0, "bfloat16-mixed"),
+        ("tiny:llama", "generation", 1, "bfloat16-mixed"),
+        ("tiny:bert", "classification", 0, "bfloat16-mixed"),
     ],
 )
 @pytest.mark.parametrize("device", DEVICES)
-def test_dev_score_and_training_equal_with_and_without_cache(model, kind, prefix, device):
-    base, data = setup(model, kind, device)
+def test_dev_score_and_training_equal_with_and_without_cache(model, kind, prefix, dtype, device):
+    base, data = setup(model, kind, device, dtype)
     config = TrainConfig(lr=5e-3, epochs=2, batch_size=8, seed=4)
     results = []
     for cache in (None, PrefixCache(budget_mb=64)):
@@ -139,13 +145,22 @@ def test_dev_score_and_training_equal_with_and_without_cache(model, kind, prefix
             kinds = {key[0] for key in cache._entries}
             assert kinds == ({"states", "keys_values"} if base.is_decoder else {"states"})
     (score, curve, dev, reft), (c_score, c_curve, c_dev, c_reft) = results
-    # bit for bit on a CPU; a GPU picks its kernels by shape, so replayed rows round apart
-    exact = device == "cpu"
-    assert c_score == (score if exact else pytest.approx(score, rel=1e-4))
-    assert c_curve == (curve if exact else pytest.approx(curve, rel=1e-4))
-    assert c_dev == dev if exact else c_dev.score == pytest.approx(dev.score, rel=1e-4)
-    for got, want in zip(c_reft.parameters(), reft.parameters(), strict=True):
+    # close, not equal: replayed rows are shorter (from their first edited token), and matmul
+    # kernels (MKL's on AVX-512, a GPU's, oneDNN's bfloat16 ones) pick their blocking by shape
+    rel = 1e-6 if device == "cpu" and dtype == "float32" else 1e-4
+    assert c_score == pytest.approx(score, rel=rel)
+    assert c_curve == pytest.approx(curve, rel=rel)
+    assert c_dev == pytest.approx(dev, rel=rel)
+    got, want = (flat_parameters(r) for r in (c_reft, reft))
+    if dtype == "float32":
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    else:  # two epochs carry bfloat16's rounding on: agree to 1% of how far training went
+        start = flat_parameters(make_reft(base, layers=(1, 3), prefix=prefix))
+        assert (got - want).norm() < 0.01 * (want - start).norm()
+
+
+def flat_parameters(module: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
 
 
 @pytest.mark.parametrize("kind", ["classification", "generation"])
@@ -337,13 +352,16 @@ def test_sorted_batches_respect_the_token_and_row_budgets():
     assert list(map(len, sorted_batch_rows(lengths, max_tokens=None, max_rows=3))) == [3, 3, 2]
 
 
-def test_bfloat16_base_with_float32_interventions_replays_too():
-    base = load_base_model("tiny:llama", "causal_lm", dtype="bfloat16")
+@pytest.mark.parametrize(
+    ("dtype", "states_dtype"), [("bfloat16", torch.bfloat16), ("bfloat16-mixed", torch.float32)]
+)
+def test_16_bit_base_with_float32_interventions_replays_too(dtype, states_dtype):
+    base = load_base_model("tiny:llama", "causal_lm", dtype=dtype)
     task = TaskSpec(kind="generation", data=DataSpec(), max_length=96)
     examples = encode(rows(8, generation=True), base.tokenizer, task)
     reft = make_reft(base)
     states = compute_states(base, 2, examples)
-    assert states.flat.dtype == torch.bfloat16
+    assert states.flat.dtype == states_dtype
     batch = collate_rows(examples, list(range(8)), base.tokenizer.pad_token_id)
     full, cached = forward(base, reft, batch), forward(base, reft, batch, states)
     assert all(p.dtype == torch.float32 for p in reft.parameters())

@@ -12,9 +12,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
+from reftsearch import spec  # noqa: E402
 from reftsearch.errors import BadInputError  # noqa: E402
 from reftsearch.models import (  # noqa: E402
     BUILTIN_MODELS,
+    DTYPES,
     BaseModel,
     ModelLoadError,
     emulated_on,
@@ -139,6 +141,52 @@ def test_dtype_is_applied(dtype):
     assert {p.dtype for p in base.model.parameters()} == {dtype}
     base.reset_head(0)
     assert {p.dtype for p in base.head_parameters()} == {dtype}
+
+
+def test_the_spec_accepts_every_dtype_the_loader_knows():
+    assert set(spec.DTYPES) == set(DTYPES)
+
+
+@pytest.mark.parametrize("model", ["tiny:llama", "tiny:bert"])
+def test_mixed_precision_runs_frozen_matmuls_in_bfloat16_and_trains_the_head_in_float32(model):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mixed = load_base_model(model, "classification", dtype="bfloat16-mixed")
+    assert len([w for w in caught if "is emulated" in str(w.message)]) == emulated_on(
+        torch.bfloat16, torch.device("cpu")
+    )
+    mixed.reset_head(0)
+    head = {id(p) for p in mixed.head_parameters()}
+    assert head and all(p.requires_grad for p in mixed.head_parameters())
+    for module in mixed.model.modules():
+        for param in module.parameters(recurse=False):
+            matmul = isinstance(module, torch.nn.Linear | torch.nn.Embedding)
+            want = torch.bfloat16 if matmul and id(param) not in head else torch.float32
+            assert param.dtype == want, (type(module).__name__, param.dtype)
+    exact = load_base_model(model, "classification")
+    exact.reset_head(0)
+    ids = torch.tensor([[5, 9, 14, 3, 7, 21, 8], [11, 4, 6, 19, 2, 13, 10]])
+    want = exact.model(input_ids=ids, output_hidden_states=True)
+    got = mixed.model(input_ids=ids, output_hidden_states=True)
+    assert {h.dtype for h in got.hidden_states} == {torch.float32} == {got.logits.dtype}
+    for got_states, want_states in zip(got.hidden_states, want.hidden_states, strict=True):
+        torch.testing.assert_close(got_states, want_states, rtol=0.05, atol=0.05)
+
+
+def test_an_edit_smaller_than_bfloat16_rounding_survives_only_a_mixed_stream():
+    """What ``-mixed`` is for: a trained intervention's small edit to the residual stream."""
+    ids = torch.tensor([[5, 9, 14, 3, 7, 21, 8]])
+
+    def last_states(dtype: str, edit: float) -> torch.Tensor:
+        base = load_base_model("tiny:llama", "causal_lm", dtype=dtype)
+        add = base.blocks[0].register_forward_hook(lambda m, args, out: out + edit * out)
+        with add, torch.no_grad():
+            return base.model.base_model(input_ids=ids).last_hidden_state
+
+    for dtype, survives in (("bfloat16-mixed", True), ("bfloat16", False)):
+        # 1e-3 of each value: less than half a bfloat16 step (2^-9 of it at least)
+        plain, edited = last_states(dtype, 0.0), last_states(dtype, 1e-3)
+        assert (not torch.equal(edited, plain)) is survives, dtype
 
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads Linux CPU flags")
