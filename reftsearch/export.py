@@ -130,7 +130,7 @@ def export_study(
         "base_model": {
             "path": spec.model.path,
             "load_from": base_model,
-            "dtype": spec.model.dtype,
+            "dtype": base.dtype,
             "class": type(base.model).__name__,
             "hidden_size": base.hidden_size,
         },

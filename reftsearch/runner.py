@@ -68,8 +68,9 @@ def run_study(
     prepared = load(spec, device="cpu" if on_ray else None)
     log(
         f"loaded {spec.model.path} ({prepared.base.num_layers} layers, hidden "
-        f"{prepared.base.hidden_size}) and {len(prepared.split.train)} train / "
-        f"{len(prepared.split.dev)} dev examples in {time.perf_counter() - start:.1f}s"
+        f"{prepared.base.hidden_size}, {prepared.base.dtype}) and "
+        f"{len(prepared.split.train)} train / {len(prepared.split.dev)} dev examples in "
+        f"{time.perf_counter() - start:.1f}s"
     )
     study = open_study(spec, storage_url)
     publish_spec(study, spec, n_trials)

@@ -42,14 +42,15 @@ PRUNERS = ("none", "median", "successive_halving", "hyperband", "wilcoxon")
 # what rung pruners (successive halving, hyperband) climb: epochs, or the share of the
 # training data (each rung trains on reduction_factor times more examples)
 PRUNER_RESOURCES = ("epochs", "data_fraction")
-DTYPES = ("float32", "bfloat16", "float16", "bfloat16-mixed")
+# auto: bfloat16-mixed on a GPU with bfloat16 math, else float32 (``models.default_dtype``)
+DTYPES = ("auto", "float32", "bfloat16", "float16", "bfloat16-mixed")
 SPLITS = ("train", "dev", "test")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     path: str
-    dtype: str = "float32"
+    dtype: str = "auto"
     device: str = "auto"  # auto: the first CUDA device torch sees, else the CPU
 
 
@@ -329,7 +330,7 @@ def _model(raw: Any, path: str, base_dir: Path) -> ModelSpec:
     model_path = v.string(entries["path"], v.join(path, "path"))
     if model_path.startswith((".", "/", "~")):
         model_path = str((base_dir / Path(model_path).expanduser()).resolve())
-    dtype = v.choice(entries.get("dtype", "float32"), v.join(path, "dtype"), DTYPES)
+    dtype = v.choice(entries.get("dtype", "auto"), v.join(path, "dtype"), DTYPES)
     device = v.string(
         entries.get("device", "auto"),
         v.join(path, "device"),

@@ -10,6 +10,7 @@ from pathlib import Path  # noqa: E402
 import huggingface_hub.constants  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from conftest import DEVICES  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
 from reftsearch import spec  # noqa: E402
@@ -144,7 +145,17 @@ def test_dtype_is_applied(dtype):
 
 
 def test_the_spec_accepts_every_dtype_the_loader_knows():
-    assert set(spec.DTYPES) == set(DTYPES)
+    assert set(spec.DTYPES) == {*DTYPES, "auto"}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_dtype_is_mixed_on_a_gpu_with_bfloat16_math_else_float32(device):
+    base = load_base_model("tiny:llama", "causal_lm", dtype="auto", device=device)
+    native = device == "cuda" and torch.cuda.get_device_capability() >= (8, 0)
+    assert base.dtype == ("bfloat16-mixed" if native else "float32")
+    assert {p.dtype for p in base.blocks[0].parameters()} == (
+        {torch.bfloat16, torch.float32} if native else {torch.float32}
+    )
 
 
 @pytest.mark.parametrize("model", ["tiny:llama", "tiny:bert"])
