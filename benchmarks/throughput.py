@@ -55,6 +55,7 @@ END_OF_TURN = "<|im_end|>"
 MAX_NEW_TOKENS = 4
 MAX_LENGTH = 128
 SEED = 42
+DEV_EXAMPLES = 128
 
 # Sampled once (random sampler, seed 0) from: loreft/direft, layer sets of SmolLM2's 30
 # layers, f0-3 + l1-3, rank 1-8, lr 5e-4..3e-3, batch 8/16; fixed so both arms and every
@@ -230,7 +231,9 @@ def run_naive(train: Path, dev: Path, configs: list[dict]) -> list[dict]:
 # --------------------------------------------------------------------------- reftsearch arm
 
 
-def study_yaml(folder: Path, train: Path, dev: Path, configs: list[dict], dtype: str) -> Path:
+def study_yaml(
+    folder: Path, train: Path, dev: Path, configs: list[dict], dtype: str, seed: int = SEED
+) -> Path:
     space = {}
     for key in configs[0]:
         values = list(dict.fromkeys(c[key] for c in configs))
@@ -246,7 +249,7 @@ def study_yaml(folder: Path, train: Path, dev: Path, configs: list[dict], dtype:
             "max_new_tokens": MAX_NEW_TOKENS,
         },
         "metric": "exact_match",
-        "seed": SEED,
+        "seed": seed,
         "budget": {"n_trials": len(configs), "max_epochs": 1},
         "sampler": {"type": "random"},
         "pruner": "none",
@@ -407,7 +410,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 configs x 512 examples")
     parser.add_argument("--train", type=int, help="train examples per trial (default 512/1024)")
-    parser.add_argument("--dev", type=int, default=128, help="dev examples (default 128)")
+    parser.add_argument(
+        "--dev", type=int, default=DEV_EXAMPLES, help=f"dev examples (default {DEV_EXAMPLES})"
+    )
     parser.add_argument(
         "--dtype",
         choices=["float32", "bfloat16-mixed", "bfloat16"],
