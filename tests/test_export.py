@@ -65,13 +65,15 @@ def run_and_export(study: Path, out: Path, *extra: str) -> int:
 
 
 def reload_into_reftsearch(out: Path) -> tuple[object, ReftModule]:
-    """A fresh ReftModule filled from the exported pyreft files, on the exported base model."""
+    """A fresh ReftModule filled from the exported pyreft files, on the exported base model
+    in the dtype it was trained in."""
     sidecar = json.loads((out / "reftsearch.json").read_text())
     c = sidecar["config"]
     config = ReftConfig(c["intervention"], tuple(c["layers"]), c["prefix"], c["suffix"],
                         c["tied"], c["rank"], c["dropout"])  # fmt: skip
     head = "classification" if sidecar["task"] == "classification" else "causal_lm"
-    base = load_base_model(str(out / "base_model"), head)
+    dtype = sidecar["base_model"]["dtype"]
+    base = load_base_model(str(out / "base_model"), head, dtype=dtype)
     reft = ReftModule(config, base.hidden_size)
     modules = [reft.intervention(layer, g) for g in range(config.groups) for layer in config.layers]
     keys = json.loads((out / "config.json").read_text())["sorted_keys"]
@@ -143,6 +145,25 @@ def test_export_writes_pyreft_files_that_reproduce_the_logits(tmp_path, capsys):
         got = reftsearch_logits(base, reft, example)
         assert torch.allclose(got, torch.tensor(example["logits_head"]), atol=1e-5)
         assert not torch.allclose(got, torch.tensor(example["base_logits_head"]), atol=1e-3)
+
+
+def test_a_mixed_precision_export_reproduces_its_logits_in_that_dtype(tmp_path):
+    space = {"intervention": "loreft", "layers": "1;3", "prefix": 1, "suffix": 2, "tied": True}
+    study = write_study(tmp_path, "gen", "tiny:llama", space)
+    raw = yaml.safe_load(study.read_text())
+    study.write_text(
+        yaml.safe_dump({**raw, "model": {"path": "tiny:llama", "dtype": "bfloat16-mixed"}})
+    )
+    out = tmp_path / "out"
+    assert run_and_export(study, out) == 0
+    assert json.loads((out / "reftsearch.json").read_text())["base_model"]["dtype"] == (
+        "bfloat16-mixed"
+    )
+    base, reft = reload_into_reftsearch(out)
+    assert base.dtype == "bfloat16-mixed"
+    for example in json.loads((out / "reference_io.json").read_text())["examples"]:
+        got = reftsearch_logits(base, reft, example)
+        assert torch.allclose(got, torch.tensor(example["logits_head"]), atol=1e-5)
 
 
 @pytest.mark.parametrize("intervention", ["noreft", "direft"])
