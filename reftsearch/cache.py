@@ -284,7 +284,7 @@ class PrefixCache:
         if states is not None and (kv is not None or not keys_values):
             return states, kv  # the common case: every training step of every trial
         per_layer = (sum(len(e.input_ids) for e in examples) + 1) * base.hidden_size
-        per_layer *= base.precision.states.itemsize
+        per_layer *= _dtype(base, layer).itemsize
         # where each new entry goes: memory first, else the spill files, else nowhere
         homes: dict[int | str, Tier] = {}
         sizes: dict[int | str, int] = {}
@@ -296,7 +296,7 @@ class PrefixCache:
         if keys_values and kv is None:
             prompt_tokens = sum(e.prompt_length for e in examples) + 1
             kv_need = 2 * base.num_layers * prompt_tokens * math.prod(_kv_shape(base.model.config))
-            sizes[KEYS_VALUES] = kv_need * base.precision.matmul.itemsize
+            sizes[KEYS_VALUES] = kv_need * _dtype(base, KEYS_VALUES).itemsize
             home = self._free_tier(sizes[KEYS_VALUES], homes, sizes)
             if home is not None:
                 homes[KEYS_VALUES] = home
@@ -386,6 +386,13 @@ class PrefixCache:
         return max(lower, key=lambda entry: entry.layer, default=None)
 
 
+def _dtype(base: BaseModel, what: int | str) -> torch.dtype:
+    """What a cached output is stored in: a layer's hidden states in the residual stream's
+    dtype; keys and values, which come out of linear layers, in the matmul one (they differ in
+    ``bfloat16-mixed``: see ``models.Precision``)."""
+    return base.precision.matmul if what == KEYS_VALUES else base.precision.states
+
+
 def _kv_shape(config) -> tuple[int, int]:
     """A token's keys (or values) in one block: (heads, head size)."""
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -426,9 +433,7 @@ def compute_frozen(
     spilled = spilled or {}
 
     def padded(what: int | str, shape: tuple[int, ...], dim: int) -> torch.Tensor:
-        # keys and values come out of linear layers: in the matmul dtype (see ``Precision``)
-        dtype = base.precision.matmul if what == KEYS_VALUES else base.precision.states
-        return _padded(shape, dim, dtype, base.device, spilled.get(what))
+        return _padded(shape, dim, _dtype(base, what), base.device, spilled.get(what))
 
     token_starts, total = _starts([len(e.input_ids) for e in examples])
     flat = {layer: padded(layer, (total + 1, base.hidden_size), 0) for layer in layers}

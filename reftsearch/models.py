@@ -204,8 +204,9 @@ def load_base_model(
     """
     if head not in HEADS:
         raise ModelLoadError(f"{path}: head must be one of {list(HEADS)}, got {head!r}")
-    if dtype not in [*DTYPES, AUTO_DTYPE]:
-        raise ModelLoadError(f"{path}: dtype must be one of {[*DTYPES, AUTO_DTYPE]}, got {dtype!r}")
+    names = [*DTYPES, AUTO_DTYPE]
+    if dtype not in names:
+        raise ModelLoadError(f"{path}: dtype must be one of {names}, got {dtype!r}")
     if head == "classification" and num_labels < 1:
         raise ModelLoadError(f"{path}: num_labels must be >= 1, got {num_labels}")
 
