@@ -20,7 +20,7 @@ down below), each trial in full:
 Then the techniques are timed one by one in this process (per training step and per dev
 pass, same model and data). Usage::
 
-    .venv/bin/python benchmarks/throughput.py [--quick] [--dtype bfloat16]
+    .venv/bin/python benchmarks/throughput.py [--quick] [--dtype bfloat16-mixed|bfloat16]
 
 ``--dtype bfloat16-mixed`` runs reftsearch's arm with that ``model.dtype`` (frozen weights and
 matmuls in bfloat16, the residual stream and interventions in float32) against the same
