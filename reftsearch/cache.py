@@ -19,9 +19,10 @@ import itertools
 import math
 import os
 import tempfile
+import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -219,7 +220,12 @@ class PrefixCache:
     make the two evict each other step after step. Whatever is missing for a split is
     computed in one pass, from the highest cached layer below when only block outputs are
     missing.
+
+    ``log``, when set (a worker sets its own), hears of each pass as it starts and ends: on a
+    CPU one runs for minutes, and nothing else is said meanwhile.
     """
+
+    log: Callable[[str], None] | None = None
 
     def __init__(
         self,
@@ -317,6 +323,10 @@ class PrefixCache:
             homes.update(dict.fromkeys(extra, self.memory))
             wanted = ([] if states is not None else [layer]) + extra
             folders = {what: tier.folder for what, tier in homes.items() if tier.folder}
+            last = base.num_layers - 1 if want_kv else layer
+            what = _describe_pass(len(examples), split, lowest + 1, last, wanted, want_kv)
+            self._report(f"{what}...")
+            started = time.perf_counter()
             try:
                 computed, computed_kv = compute_frozen(
                     base, examples, wanted, want_kv, below, spilled=folders
@@ -333,7 +343,15 @@ class PrefixCache:
             states = self._get(states_key(layer))
             if want_kv:
                 kv = self._put(kv_key, computed_kv, homes[KEYS_VALUES])
+            kept = sum(entry.nbytes for entry in computed) + (computed_kv.nbytes if want_kv else 0)
+            self._report(
+                f"{what}: {time.perf_counter() - started:.1f}s, {kept / 2**20:.0f} MB kept"
+            )
         return states, kv
+
+    def _report(self, line: str) -> None:
+        if self.log is not None:
+            self.log(line)
 
     def _get(self, key: tuple):
         entry = self._entries.get(key)
@@ -384,6 +402,17 @@ class PrefixCache:
             if entry.layer < layer
         ]
         return max(lower, key=lambda entry: entry.layer, default=None)
+
+
+def _describe_pass(
+    examples: int, split: str, first: int, last: int, layers: list[int], keys_values: bool
+) -> str:
+    """``frozen pass over 512 train examples (blocks 0-29: layers 12, 20 and keys/values)``."""
+    names = ", ".join(map(str, layers))
+    kept = [f"layer {names}" if len(layers) == 1 else f"layers {names}"] if layers else []
+    kept += ["keys/values"] if keys_values else []
+    blocks = f"block {first}" if first == last else f"blocks {first}-{last}"
+    return f"frozen pass over {examples} {split} examples ({blocks}: {' and '.join(kept)})"
 
 
 def _dtype(base: BaseModel, what: int | str) -> torch.dtype:

@@ -60,6 +60,7 @@ class Worker:
         alone: bool = False,
     ) -> None:
         self.prepared = prepared or load(spec)
+        self.prepared.cache.log = log  # its frozen passes run for minutes on a CPU: say so
         self.study = open_study(spec, storage_url)
         if not alone:
             # workers seeded alike would all sample the same "random" configs

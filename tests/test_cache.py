@@ -1,5 +1,6 @@
 """The frozen-prefix cache: replayed forwards equal full ones, and it stays within budget."""
 
+import re
 from contextlib import nullcontext
 
 import pytest
@@ -251,6 +252,23 @@ def test_one_pass_keeps_every_expected_layer_it_computes():
     torch.testing.assert_close(frozen.states[0].flat, fresh[1].flat)
     torch.testing.assert_close(higher.flat, fresh[3].flat)
     assert sorted(key[1] for key in cache._entries if key[0] == "states") == [0, 1, 3]
+
+
+def test_each_pass_is_reported_as_it_starts_and_ends():
+    base, data = setup("tiny:llama")
+    lines = []
+    cache = PrefixCache(budget_mb=64, expected_layers=[3])
+    cache.log = lines.append
+    cache.frozen(base, 1, "train", [data.train])
+    blocks = f"blocks 0-{base.num_layers - 1}"
+    what = f"frozen pass over 24 train examples ({blocks}: layers 1, 3 and keys/values)"
+    assert lines[0] == f"{what}..."
+    assert re.fullmatch(re.escape(what) + r": [0-9.]+s, [0-9]+ MB kept", lines[1])
+    cache.frozen(base, 1, "train", [data.train])
+    cache.states(base, 3, "train", data.train)
+    assert len(lines) == 2  # both served by that pass: nothing more to say
+    cache.states(base, 2, "dev", data.dev)
+    assert lines[2] == "frozen pass over 12 dev examples (blocks 0-2: layer 2)..."
 
 
 def test_expected_layers_only_take_free_room():

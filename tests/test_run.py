@@ -29,6 +29,7 @@ def test_run_records_every_trial_and_resumes(write_study, easy_task_files, capsy
     assert main(["run", str(study)]) == 0
     out = capsys.readouterr().out
     assert "[3/3] trial 2" in out and "best=" in out
+    assert "frozen pass over 96 train examples" in out  # the worker's cache reports its passes
     trials = trials_of(study)
     assert [t.state.name for t in trials] == ["COMPLETE"] * 3
     for t in trials:
