@@ -54,11 +54,12 @@ class Estimate:
         return asdict(self)
 
     def line(self) -> str:
+        costs = (self.median, self.cheapest, self.most_expensive)
+        median, low, high = (format_duration(cost.trial_s) for cost in costs)
         return (
-            f"estimate: {_duration(self.median.trial_s)} per trial (median; "
-            f"{_duration(self.cheapest.trial_s)}-{_duration(self.most_expensive.trial_s)}), "
-            f"{_duration(self.study_s)} for {self.n_trials} trials on {self.workers} worker(s) "
-            "before pruning"
+            f"estimate: {median} per trial (median; {low}-{high}), "
+            f"{format_duration(self.study_s)} for {self.n_trials} trials on {self.workers} "
+            "worker(s) before pruning"
         )
 
 
@@ -224,7 +225,8 @@ def _dev_seconds(prepared: PreparedStudy, reft: Adapter, cache: PrefixCache | No
         return time.perf_counter() - start
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """``42.0s``, ``3.5min``, ``2.1h``."""
     if seconds < 120:
         return f"{seconds:.1f}s"
     if seconds < 7200:

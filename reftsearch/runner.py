@@ -19,6 +19,7 @@ from collections.abc import Callable
 import optuna
 
 from reftsearch.errors import BadInputError, ReftSearchError, SpecError
+from reftsearch.estimate import format_duration
 from reftsearch.finalize import (
     FINALIZE_OF,
     SEED,
@@ -244,13 +245,16 @@ class StoragePrinter:
 
 
 class ProgressPrinter:
-    """One line per finished trial: outcome, dev score, best so far, config, time."""
+    """One line per finished trial: outcome, dev score, best so far, config, time, and the
+    time the trials still to run should take at the pace of those finished since it started
+    (wall clock: right for several workers and packed trials alike)."""
 
     def __init__(self, n_trials: int, log: Log, finalize: bool = False) -> None:
         self.n_trials = n_trials
         self.log = log
         self.finalize = finalize
         self.printed = 0
+        self.started = time.monotonic()
 
     def __call__(
         self, study: optuna.Study, trial: optuna.trial.FrozenTrial, done: int | None = None
@@ -274,7 +278,15 @@ class ProgressPrinter:
             f"[{done}/{self.n_trials}] trial {trial.number}{_origin(trial)}: {outcome} | "
             f"{_best(study)} | {describe_config(attrs.get('config', {}))} | "
             f"{attrs.get('n_params', '?')} params | {attrs.get('wall_time_s', 0):.1f}s"
+            f"{self._time_left(done)}"
         )
+
+    def _time_left(self, done: int) -> str:
+        left = self.n_trials - done
+        if left <= 0:
+            return ""
+        pace = (time.monotonic() - self.started) / self.printed
+        return f" | ~{format_duration(left * pace)} left"
 
 
 def _origin(trial: optuna.trial.FrozenTrial) -> str:

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 
 import optuna
 import pytest
@@ -29,6 +30,12 @@ def test_run_records_every_trial_and_resumes(write_study, easy_task_files, capsy
     assert main(["run", str(study)]) == 0
     out = capsys.readouterr().out
     assert "[3/3] trial 2" in out and "best=" in out
+    progress = [line for line in out.splitlines() if line.startswith("[")]
+    assert [re.search(r"\| ~[0-9.]+(s|min) left$", line) is not None for line in progress] == [
+        True,
+        True,
+        False,  # the last trial: nothing left
+    ]
     assert "frozen pass over 96 train examples" in out  # the worker's cache reports its passes
     trials = trials_of(study)
     assert [t.state.name for t in trials] == ["COMPLETE"] * 3
