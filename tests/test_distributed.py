@@ -212,37 +212,28 @@ def test_bad_worker_count_is_bad_input(write_study, easy_task_files, capsys, wor
     assert "--workers: must be a positive integer" in capsys.readouterr().err
 
 
-def test_a_ray_driver_holds_no_weights_until_finalize_and_times_no_estimate(
+def test_ray_run_estimates_on_a_worker_not_in_the_driver(
     write_study, easy_task_files, monkeypatch, capsys
 ):
-    """The driver runs no search trial: it loads the model's structure alone (the workers load
-    the weights), and the estimate's frozen passes are a worker's, whose trials reuse them.
-    Finalize, which it runs itself, loads the weights then."""
+    """The estimate's frozen passes serve the trials of the worker that timed it: the driver,
+    which runs no trial, computes none."""
     from reftsearch import cache as cache_module
-    from reftsearch import study as study_module
 
-    driver_passes, driver_loads = [], []
-    real_frozen, real_load = cache_module.compute_frozen, study_module.load_base_model
+    driver_passes = []
+    real_frozen = cache_module.compute_frozen
 
     def frozen_pass(base, examples, layers, keys_values, below=None, **placement):
         driver_passes.append(len(examples))
         return real_frozen(base, examples, layers, keys_values, below, **placement)
 
-    def load_base_model(*args, device, **kwargs):
-        driver_loads.append(device)
-        return real_load(*args, device=device, **kwargs)
-
     monkeypatch.setattr(cache_module, "compute_frozen", frozen_pass)
-    monkeypatch.setattr(study_module, "load_base_model", load_base_model)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the Ray actors
     raw = tiny_study(easy_task_files, budget={"n_trials": 3, "max_epochs": 1})
-    raw["finalize"] = {"top_k": 1, "seeds": [4]}
+    raw["finalize"] = False
     began = time.time()
     assert main(["run", str(write_study(raw)), "--workers", "2"]) == 0
     out = capsys.readouterr().out
-    assert driver_loads == ["meta", "cpu"]  # the search's checks, then finalize's training
-    assert "structure only: workers load weights" in out
-    assert driver_passes == [96, 48]  # finalize's run: its train and dev splits, once each
+    assert driver_passes == []
     assert "estimate: " in out and "per trial (median" in out
-    assert out.count("] trial ") == 3 + 1  # the search, then finalize's run
+    assert out.count("] trial ") == 3
     assert not ray_processes_started_after(began)

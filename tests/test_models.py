@@ -340,31 +340,6 @@ def test_save_and_reload_gives_identical_logits(path, tmp_path):
     assert torch.equal(logits(again, texts), logits(base, texts))
 
 
-@pytest.mark.parametrize(
-    ("path", "head"), [("tiny:llama", "causal_lm"), ("tiny:bert", "classification")]
-)
-def test_a_structure_loads_on_meta_without_its_weights_file(path, head, tmp_path):
-    """What a Ray driver holds: shapes, module names and tokenizer; no weight is read."""
-    base = load_base_model(path, head, num_labels=3)
-    base.model.save_pretrained(tmp_path)
-    base.tokenizer.save_pretrained(tmp_path)
-    weight_files = list(tmp_path.glob("*.safetensors"))
-    assert weight_files
-    for weights in weight_files:
-        weights.unlink()
-    skeleton = load_base_model(str(tmp_path), head, num_labels=3, device="meta")
-    assert {p.device.type for p in skeleton.model.parameters()} == {"meta"}
-    assert skeleton.device.type == "meta"
-    assert (skeleton.num_layers, skeleton.hidden_size) == (base.num_layers, base.hidden_size)
-    assert skeleton.is_decoder == base.is_decoder
-    assert [name for name, _ in skeleton.model.named_parameters()] == [
-        name for name, _ in base.model.named_parameters()
-    ]
-    assert skeleton.tokenizer("some text")["input_ids"] == base.tokenizer("some text")["input_ids"]
-    if head == "classification":
-        assert skeleton.head is not None and skeleton.model.config.num_labels == 3
-
-
 # ----------------------------------------------------------------------------- errors
 
 
