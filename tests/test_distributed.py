@@ -205,6 +205,27 @@ def test_worker_refuses_a_study_without_a_published_spec(postgres_url, capsys):
     assert "start it with `reftsearch run STUDY.yaml`" in capsys.readouterr().err
 
 
+def test_a_model_without_its_weights_is_bad_input_before_any_worker_starts(
+    write_study, easy_task_files, tmp_path, capsys
+):
+    """The driver loads the weights itself: a broken model directory is refused there (exit
+    2, one line), not in every Ray actor (exit 1, restarts, tracebacks)."""
+    from reftsearch.models import load_base_model
+
+    base = load_base_model("tiny:llama", "classification")
+    model = tmp_path / "model"
+    base.model.save_pretrained(model)
+    base.tokenizer.save_pretrained(model)
+    for weights in model.glob("*.safetensors"):
+        weights.unlink()
+    study = write_study(tiny_study(easy_task_files, model=str(model)))
+    began = time.time()
+    assert main(["run", str(study), "--workers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "model.path" in err and "no file named model.safetensors" in err
+    assert not ray_processes_started_after(began)
+
+
 @pytest.mark.parametrize("workers", ["0", "-1"])
 def test_bad_worker_count_is_bad_input(write_study, easy_task_files, capsys, workers):
     study = write_study(tiny_study(easy_task_files))
