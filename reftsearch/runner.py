@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from collections.abc import Callable
 
 import optuna
@@ -186,7 +187,12 @@ def run_on_ray(
             max_restarts=MAX_WORKER_RESTARTS,
             max_task_retries=MAX_WORKER_RESTARTS,
         )
-        actors = [actor.remote(spec, storage_url) for _ in range(workers)]
+        lines_name = f"reftsearch-lines-{uuid.uuid4().hex}"
+        worker_lines = ray.remote(LineBuffer).options(name=lines_name, num_cpus=0).remote()
+        actors = [
+            actor.remote(spec, storage_url, log=ForwardedLog(lines_name, f"worker {index}"))
+            for index in range(workers)
+        ]
         # an actor runs its calls in order: the first one's trials start after its estimate
         estimating = [actors[0].estimate.remote(estimate)]
         runs = [a.run.remote(n_trials, spec.budget.timeout) for a in actors]
@@ -197,12 +203,58 @@ def run_on_ray(
             ready, estimating = ray.wait(estimating, timeout=0)
             for line in ray.get(ready):
                 log(line)
+            _drain(worker_lines, log)
             progress.poll()
+        _drain(worker_lines, log)
         progress.poll()
     except ray.exceptions.RayError as err:
         raise ReftSearchError(f"a worker failed: {_first_line(err)}") from None
     finally:
         ray.shutdown()
+
+
+class LineBuffer:
+    """Lines Ray workers log, kept (as a Ray actor of its own) until the driver takes them."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+
+    def take(self) -> list[str]:
+        lines, self.lines = self.lines, []
+        return lines
+
+
+class ForwardedLog:
+    """A Ray worker's log: its lines (a frozen pass starting on a CPU, the pack size chosen)
+    go to the driver's ``LineBuffer`` actor named ``buffer``, and the driver prints them
+    between the trial lines, prefixed with ``name``. A Ray actor's own output goes to Ray's
+    log files, unseen.
+
+    The buffer is found by name when first used: a handle among a restartable actor's
+    constructor arguments would put them in Ray's object store, which Ray warns about."""
+
+    def __init__(self, buffer: str, name: str) -> None:
+        self.buffer = buffer
+        self.name = name
+        self._handle = None
+
+    def __call__(self, line: str) -> None:
+        import ray
+
+        if self._handle is None:
+            self._handle = ray.get_actor(self.buffer)
+        self._handle.add.remote(f"{self.name}: {line}")  # calls from one caller stay in order
+
+
+def _drain(buffer, log: Log) -> None:
+    """Print the lines waiting in ``buffer`` (a ``LineBuffer`` actor), oldest first."""
+    import ray
+
+    for line in ray.get(buffer.take.remote()):
+        log(line)
 
 
 def _check_cluster_fits(

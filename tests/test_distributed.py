@@ -237,7 +237,8 @@ def test_ray_run_estimates_on_a_worker_not_in_the_driver(
     write_study, easy_task_files, monkeypatch, capsys
 ):
     """The estimate's frozen passes serve the trials of the worker that timed it: the driver,
-    which runs no trial, computes none."""
+    which runs no trial, computes none. The workers' passes are reported in the driver's
+    output."""
     from reftsearch import cache as cache_module
 
     driver_passes = []
@@ -257,4 +258,7 @@ def test_ray_run_estimates_on_a_worker_not_in_the_driver(
     assert driver_passes == []
     assert "estimate: " in out and "per trial (median" in out
     assert out.count("] trial ") == 3
+    # the workers' own lines reach the driver's output, each saying which worker it is
+    assert "worker 0: frozen pass over 96 train examples" in out
+    assert "worker 1: frozen pass over 96 train examples" in out
     assert not ray_processes_started_after(began)
