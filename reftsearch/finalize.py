@@ -17,6 +17,7 @@ import optuna
 from reftsearch.spec import FinalizeSpec
 
 FINALIZE_OF = "finalize_of"
+PAST_BUDGET = "past_budget"  # set on a trial asked once the budget was met: why it did not run
 SEED = "seed"
 ALIVE = (
     optuna.trial.TrialState.COMPLETE,
@@ -26,7 +27,8 @@ ALIVE = (
 
 
 def is_search_trial(trial: optuna.trial.FrozenTrial) -> bool:
-    return FINALIZE_OF not in trial.user_attrs
+    """Not a finalize rerun, nor a trial asked past the budget (which never ran)."""
+    return FINALIZE_OF not in trial.user_attrs and PAST_BUDGET not in trial.user_attrs
 
 
 def search_trials(study: optuna.Study, states=None) -> list[optuna.trial.FrozenTrial]:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import gc
 import importlib.metadata
 import importlib.util
 import inspect
@@ -170,10 +172,26 @@ class BaseModel:
             return sdpa_kernel([SDPBackend.MATH])
         return contextlib.nullcontext()
 
+    def drop_weights(self) -> None:
+        """Free the weights' memory, keeping the structure (on the meta device): enough to
+        check a spec against, not to run. A Ray run's driver does so once its workers take
+        over; they load their own copies."""
+        self.model.to("meta")
+        _return_freed_memory()
+
     @property
     def device(self) -> torch.device:
         """Where inputs and interventions must go; read live so ``model.to(...)`` is followed."""
         return next(self.model.parameters()).device
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS. glibc keeps it for the process to reuse: after
+    the weights of a bfloat16 checkpoint loaded in float32 (SmolLM2-135M, 515 MB) were freed,
+    the process still held 442 MB of them until ``malloc_trim``."""
+    gc.collect()  # tensors in reference cycles go now, not at some later collection
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, musl): no trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 # --------------------------------------------------------------------------- public entry

@@ -23,6 +23,7 @@ from reftsearch.errors import BadInputError, ReftSearchError, SpecError
 from reftsearch.estimate import format_duration
 from reftsearch.finalize import (
     FINALIZE_OF,
+    PAST_BUDGET,
     SEED,
     enqueue_finalize,
     search_trials,
@@ -65,8 +66,10 @@ def run_study(
     check_storage(storage_url)
     on_ray = workers > 1 or address is not None
     start = time.perf_counter()
-    # a driver whose workers train keeps its copy (for checks, warm starts, finalize) on the
-    # CPU: on the workers' GPU it would take their memory, and it may have none itself
+    # a driver whose workers train loads its copy on the CPU (on the workers' GPU it would
+    # take their memory, and it may have none itself), to refuse a model that cannot load
+    # before any worker starts, and to check the spec against; it frees the weights once the
+    # workers take over, and loads them again for finalize's reruns
     prepared = load(spec, device="cpu" if on_ray else None)
     log(
         f"loaded {spec.model.path} ({prepared.base.num_layers} layers, hidden "
@@ -93,6 +96,7 @@ def run_study(
             log(worker.estimate(estimate))
             worker.run(n_trials, spec.budget.timeout, [ProgressPrinter(n_trials, log)])
         else:
+            prepared.base.drop_weights()  # the workers beside it may need the memory
             run_on_ray(study, spec, storage_url, n_trials, workers, address, log, estimate)
     elif not spec.finalize:
         log("nothing to do: the budget is already met (raise --n-trials to continue)")
@@ -123,24 +127,27 @@ def run_finalize(study: optuna.Study, prepared: PreparedStudy, log: Log) -> None
     waiting = enqueue_finalize(study, prepared.spec.finalize, log)
     if waiting:
         log(f"finalize: {waiting} runs of the top configs with other seeds")
-        _to_spec_device(prepared, log)
         study.optimize(
-            Objective(prepared, log),
+            Objective(_on_finalize_device(prepared, log), log),
             n_trials=waiting,
             callbacks=[ProgressPrinter(waiting, log, finalize=True)],
             catch=(TrialFailed,),
         )
 
 
-def _to_spec_device(prepared: PreparedStudy, log: Log) -> None:
-    """Where a Ray run's driver loaded its model on the CPU, finalize trains on the spec's
-    device when this machine has it."""
+def _on_finalize_device(prepared: PreparedStudy, log: Log) -> PreparedStudy:
+    """The driver's model on the spec's device when this machine has it, else on its CPU,
+    with its weights: a Ray run's driver kept the structure alone during the search."""
+    device = None if prepared.base.device.type == "meta" else prepared.base.device
     try:
         device = spec_device(prepared.spec)
     except SpecError as err:
-        log(f"finalize runs on {prepared.base.device}: {err}")
-        return
+        device = device or "cpu"
+        log(f"finalize runs on {device}: {err}")
+    if prepared.base.device.type == "meta":
+        return load(prepared.spec, device=str(device))
     prepared.base.model.to(device)
+    return prepared
 
 
 def run_on_ray(
@@ -312,6 +319,8 @@ class ProgressPrinter:
         self, study: optuna.Study, trial: optuna.trial.FrozenTrial, done: int | None = None
     ) -> None:
         """``done``: finished trials up to this one (default: all finished so far)."""
+        if PAST_BUDGET in trial.user_attrs:  # asked in a race between workers, never run
+            return
         self.printed += 1
         if done is None:
             done = self.printed if self.finalize else count_finished(study)

@@ -215,8 +215,22 @@ def budget_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """The finished search trials that the budget counts. Finalize reruns do not count, nor
     does a trial whose worker died and that was retried: its retry counts instead."""
     trials = search_trials(study)
-    retried = {number for t in trials for number in t.system_attrs.get("retry_history", [])}
+    retried = _retried(trials)
     return [t for t in trials if t.state in FINISHED_STATES and t.number not in retried]
+
+
+def asked_past_budget(study: optuna.Study, number: int, n_trials: int) -> bool:
+    """Whether ``n_trials`` search trials asked before trial ``number`` count toward the
+    budget already (finished, running or waiting to run): workers that each saw the last
+    trial missing ask one each at once, and only the first one asked is to run."""
+    trials = search_trials(study)
+    retried = _retried(trials)
+    return sum(t.number < number and t.number not in retried for t in trials) >= n_trials
+
+
+def _retried(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
+    """The trials whose worker died and that were retried (by a later trial)."""
+    return {number for t in trials for number in t.system_attrs.get("retry_history", [])}
 
 
 def count_finished(study: optuna.Study) -> int:

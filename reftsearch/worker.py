@@ -29,11 +29,19 @@ import optuna
 
 from reftsearch.errors import BadInputError
 from reftsearch.estimate import estimate_study
-from reftsearch.finalize import search_trials
+from reftsearch.finalize import PAST_BUDGET, search_trials
+from reftsearch.objective import TrialFailed
 from reftsearch.packing import make_objective, optimize, pack_size
 from reftsearch.spec import StudySpec, parse_spec
 from reftsearch.storage import check_storage, mask_url
-from reftsearch.study import PreparedStudy, count_finished, load_named_study, open_study, prepare
+from reftsearch.study import (
+    PreparedStudy,
+    asked_past_budget,
+    count_finished,
+    load_named_study,
+    open_study,
+    prepare,
+)
 
 Log = Callable[[str], None]
 Callback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
@@ -65,6 +73,7 @@ class Worker:
         if not alone:
             # workers seeded alike would all sample the same "random" configs
             self.study.sampler.reseed_rng()
+        self.n_trials = 0  # the budget ``run`` works to
         self.pack_size = pack_size(self.prepared, log)  # trials trained side by side
         self.objective = make_objective(self.prepared, log, self.pack_size)
 
@@ -75,6 +84,7 @@ class Worker:
         here. While the trials still missing are all running elsewhere, wait: one of them may
         die, and its retry must then be run."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        self.n_trials = n_trials
         sampler = self.study.sampler
         ran = 0
         while deadline is None or time.monotonic() < deadline:
@@ -113,6 +123,10 @@ class Worker:
         return estimate.line()
 
     def _trial(self, trial: optuna.Trial) -> float:
+        if asked_past_budget(self.study, trial.number, self.n_trials):
+            reason = f"not run: {self.n_trials} trials asked before it meet the budget"
+            trial.set_user_attr(PAST_BUDGET, reason)  # it counts nowhere (is_search_trial)
+            raise TrialFailed(f"trial {trial.number} {reason}")
         trial.set_user_attr("model_loads", _model_loads)
         return self.objective(trial)
 

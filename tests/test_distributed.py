@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from functools import partial
 
 import optuna
 import psutil
@@ -20,8 +21,9 @@ from sqlalchemy.engine import make_url
 
 from reftsearch import worker
 from reftsearch.cli import main
+from reftsearch.finalize import FINALIZE_OF, PAST_BUDGET, search_trials
 from reftsearch.spec import load_spec
-from reftsearch.study import count_finished, open_study
+from reftsearch.study import asked_past_budget, count_finished, open_study
 
 SECRET = "s3cret"  # trust auth ignores the password; it must still never be printed
 State = optuna.trial.TrialState
@@ -178,11 +180,35 @@ def test_sixteen_standalone_workers_on_postgres(
     assert [process.exitcode for process in workers] == [0] * 16
 
     result = stored(postgres_url)
-    trials = result.get_trials()
-    # workers that check the budget at the same moment may each start one more trial
-    assert 24 <= count_finished(result) < 24 + 16
+    trials = search_trials(result)
+    # workers that check the budget at the same moment each ask one more trial; those asked
+    # past the budget end at once, unrun and uncounted
+    assert count_finished(result) == len(trials) == 24
     assert {t.state for t in trials} == {State.COMPLETE}
     assert len({t.user_attrs["worker"] for t in trials}) >= 2
+    for extra in result.get_trials():
+        if extra not in trials:
+            assert extra.state == State.FAIL and "model_loads" not in extra.user_attrs
+            assert extra.user_attrs[PAST_BUDGET].startswith("not run: 24 trials asked before")
+
+
+def test_only_trials_asked_within_the_budget_count_toward_it():
+    """Trials count in the order they were asked: finished ones, running ones and those
+    waiting to run (a retry in place of its dead original); finalize reruns do not."""
+    study = optuna.create_study()
+    study.add_trial(optuna.trial.create_trial(value=0.5))  # 0
+    dead = study.ask()  # 1: its worker died; trial 4 retries it
+    study.tell(dead, state=State.FAIL)
+    running = study.ask()  # 2: a trial another worker runs
+    waiting = partial(optuna.trial.create_trial, state=State.WAITING)
+    study.add_trial(waiting(user_attrs={FINALIZE_OF: 0}))  # 3: a finalize rerun
+    study.add_trial(waiting(system_attrs={"retry_history": [1]}))  # 4: the retry, as Optuna's
+    # counted before trial 5: 0, 2 and 4 (for 1)
+    assert not asked_past_budget(study, 5, n_trials=4)
+    assert asked_past_budget(study, 5, n_trials=3)
+    assert not asked_past_budget(study, 2, n_trials=2)  # only 0 before it: 1 is retried
+    study.tell(running, 0.7)
+    assert count_finished(study) == 2  # 0 and 2; 1 was retried, 4 has not run
 
 
 def test_wrong_database_is_bad_input_with_password_masked(
@@ -233,31 +259,54 @@ def test_bad_worker_count_is_bad_input(write_study, easy_task_files, capsys, wor
     assert "--workers: must be a positive integer" in capsys.readouterr().err
 
 
-def test_ray_run_estimates_on_a_worker_not_in_the_driver(
+def test_ray_driver_frees_its_weights_for_the_search_and_times_no_estimate(
     write_study, easy_task_files, monkeypatch, capsys
 ):
-    """The estimate's frozen passes serve the trials of the worker that timed it: the driver,
-    which runs no trial, computes none. The workers' passes are reported in the driver's
-    output."""
+    """The driver runs no search trial: it frees its model's weights while the workers search
+    (they load their own), and the estimate's frozen passes are a worker's, whose trials
+    reuse them. Finalize, which the driver runs itself, loads the weights again. The workers'
+    passes are reported in the driver's output."""
     from reftsearch import cache as cache_module
+    from reftsearch import runner
 
-    driver_passes = []
-    real_frozen = cache_module.compute_frozen
+    driver_passes, driver_models, devices_during_search = [], [], []
+    real_frozen, real_load, real_run_on_ray = (
+        cache_module.compute_frozen,
+        runner.load,
+        runner.run_on_ray,
+    )
 
     def frozen_pass(base, examples, layers, keys_values, below=None, **placement):
         driver_passes.append(len(examples))
         return real_frozen(base, examples, layers, keys_values, below, **placement)
 
+    def load(spec, device=None):
+        prepared = real_load(spec, device)
+        driver_models.append(prepared.base)
+        return prepared
+
+    def run_on_ray(*args, **kwargs):
+        devices_during_search.extend(
+            {p.device.type for p in base.model.parameters()} for base in driver_models
+        )
+        return real_run_on_ray(*args, **kwargs)
+
     monkeypatch.setattr(cache_module, "compute_frozen", frozen_pass)
+    monkeypatch.setattr(runner, "load", load)
+    monkeypatch.setattr(runner, "run_on_ray", run_on_ray)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the Ray actors
     raw = tiny_study(easy_task_files, budget={"n_trials": 3, "max_epochs": 1})
-    raw["finalize"] = False
+    raw["finalize"] = {"top_k": 1, "seeds": [4]}
     began = time.time()
     assert main(["run", str(write_study(raw)), "--workers", "2"]) == 0
     out = capsys.readouterr().out
-    assert driver_passes == []
+    assert devices_during_search == [{"meta"}]  # no weight held by the driver
+    assert len(driver_models) == 2  # the search's checks, then finalize's training
+    assert {p.device.type for p in driver_models[1].model.parameters()} == {"cpu"}
+    assert driver_passes == [96, 48]  # finalize's run: its train and dev splits, once each
     assert "estimate: " in out and "per trial (median" in out
-    assert out.count("] trial ") == 3
+    assert out.count("] trial ") == 3 + 1  # the search, then finalize's run
+    assert "finalize: 1 runs" in out
     # the workers' own lines reach the driver's output, each saying which worker it is
     assert "worker 0: frozen pass over 96 train examples" in out
     assert "worker 1: frozen pass over 96 train examples" in out

@@ -340,6 +340,33 @@ def test_save_and_reload_gives_identical_logits(path, tmp_path):
     assert torch.equal(logits(again, texts), logits(base, texts))
 
 
+def test_dropped_weights_leave_the_structure_and_give_their_memory_back(tmp_path):
+    """What a Ray driver does while its workers search: a bfloat16 checkpoint loaded in
+    float32 (the CPU default) is a full-size copy on the heap, which glibc kept after it was
+    freed until ``malloc_trim``."""
+    import psutil
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tiny = load_base_model("tiny:llama", "causal_lm")
+    config = LlamaConfig(
+        vocab_size=tiny.model.config.vocab_size, hidden_size=512, intermediate_size=1024,
+        num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+    )  # fmt: skip
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    process = psutil.Process()
+    before = process.memory_info().rss
+    base = load_base_model(str(tmp_path), "causal_lm", dtype="float32", device="cpu")
+    weights = sum(p.numel() * p.element_size() for p in base.model.parameters())
+    assert weights > 80 * 2**20
+    loaded = process.memory_info().rss
+    assert loaded - before > 0.75 * weights  # converted to float32: a copy in memory
+    base.drop_weights()
+    assert process.memory_info().rss < before + 0.25 * weights
+    assert {p.device.type for p in base.model.parameters()} == {"meta"}
+    assert (base.num_layers, base.hidden_size, base.is_decoder) == (8, 512, True)
+
+
 # ----------------------------------------------------------------------------- errors
 
 
