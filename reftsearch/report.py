@@ -7,7 +7,13 @@ import optuna
 import pandas as pd
 
 from reftsearch.adapters import readable_attrs
-from reftsearch.finalize import FINALIZE_OF, is_search_trial, seed_summary, top_search_trials
+from reftsearch.finalize import (
+    FINALIZE_OF,
+    PAST_BUDGET,
+    is_search_trial,
+    seed_summary,
+    top_search_trials,
+)
 from reftsearch.reft import describe_config
 
 # what the plots read even from a study without trials
@@ -115,7 +121,9 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
                 "wall_time_s": attrs.get("wall_time_s"),
                 "worker": attrs.get("worker"),
                 "finalize_of": attrs.get(FINALIZE_OF),
-                "note": attrs.get("invalid_reason") or attrs.get("fail_reason"),
+                "note": attrs.get("invalid_reason")
+                or attrs.get("fail_reason")
+                or attrs.get(PAST_BUDGET),
                 "started": t.datetime_start,
                 "finished": t.datetime_complete,
             }

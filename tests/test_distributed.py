@@ -22,6 +22,7 @@ from sqlalchemy.engine import make_url
 from reftsearch import worker
 from reftsearch.cli import main
 from reftsearch.finalize import FINALIZE_OF, PAST_BUDGET, search_trials
+from reftsearch.report import trials_frame
 from reftsearch.spec import load_spec
 from reftsearch.study import asked_past_budget, count_finished, open_study
 
@@ -186,10 +187,12 @@ def test_sixteen_standalone_workers_on_postgres(
     assert count_finished(result) == len(trials) == 24
     assert {t.state for t in trials} == {State.COMPLETE}
     assert len({t.user_attrs["worker"] for t in trials}) >= 2
+    notes = trials_frame(result).set_index("number")["note"]  # `best --csv`, the report
     for extra in result.get_trials():
         if extra not in trials:
             assert extra.state == State.FAIL and "model_loads" not in extra.user_attrs
             assert extra.user_attrs[PAST_BUDGET].startswith("not run: 24 trials asked before")
+            assert notes[extra.number] == extra.user_attrs[PAST_BUDGET]
 
 
 def test_only_trials_asked_within_the_budget_count_toward_it():
