@@ -2,8 +2,8 @@
 
 Both expose the interface the trainer uses (``attached``, ``set_locations``, parameters), so
 one training loop serves both methods. A trial records its resolved config as a dict (the
-``config`` user attribute); ``adapter_config`` reads it back, and ``readable_attrs`` flattens
-it into short attributes a dashboard shows as columns.
+``config`` user attribute); ``adapter_config`` reads it back (``reftsearch.describe`` puts it
+in words and columns).
 """
 
 from __future__ import annotations
@@ -55,21 +55,3 @@ def adapter_config(recorded: Mapping) -> AdapterConfig:
         rank=recorded["rank"],
         dropout=recorded["dropout"],
     )
-
-
-def readable_attrs(recorded: Mapping) -> dict:
-    """Flat, short attributes (strings and numbers) for the dashboard's trial table."""
-    if recorded.get("method") == "lora":
-        return {
-            "type": "lora",
-            "target_modules": ";".join(recorded["target_modules"]),
-            "rank": recorded["rank"],
-            "alpha": recorded["alpha"],
-        }
-    return {
-        "type": recorded["intervention"],
-        "layers": ";".join(map(str, recorded["layers"])),
-        "positions": recorded["positions"],
-        "tied": recorded["tied"],
-        "rank": recorded["rank"],
-    }

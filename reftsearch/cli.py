@@ -169,12 +169,12 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _best(args: argparse.Namespace) -> int:
     from reftsearch.report import best_trials, is_pareto, pareto_front, trial_summary, trials_frame
-    from reftsearch.study import load_existing_study
+    from reftsearch.storage import load_named_study
 
     if args.top < 1:
         raise BadInputError(f"--top: must be a positive integer, got {args.top}")
     spec = _spec(args)
-    study = load_existing_study(spec, args.storage or spec.storage)
+    study = load_named_study(spec.name, args.storage or spec.storage)
     if args.csv:
         trials_frame(study).to_csv(args.csv, index=False)
         _stderr(f"wrote {len(study.trials)} trials to {args.csv}")
@@ -211,10 +211,10 @@ def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from reftsearch.html_report import write_report
-    from reftsearch.study import load_existing_study
+    from reftsearch.storage import load_named_study
 
     spec = _spec(args)
-    study = load_existing_study(spec, args.storage or spec.storage)
+    study = load_named_study(spec.name, args.storage or spec.storage)
     out = Path(args.out) if args.out else Path("reports") / spec.name
     print(f"wrote {write_report(study, out)}")
     return EXIT_OK

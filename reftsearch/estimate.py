@@ -23,8 +23,9 @@ import torch
 
 from reftsearch.adapters import Adapter, AdapterConfig, build_adapter
 from reftsearch.cache import PrefixCache
+from reftsearch.describe import describe_config
 from reftsearch.objective import invalid_reason, resolve
-from reftsearch.reft import ReftConfig, describe_config
+from reftsearch.reft import ReftConfig
 from reftsearch.space import sample
 from reftsearch.study import PreparedStudy
 from reftsearch.train import Pack, TrainConfig, TrialRun, evaluate_examples, reset_head

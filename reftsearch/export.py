@@ -37,8 +37,8 @@ from reftsearch.pyreft_snippet import render_snippet
 from reftsearch.reft import ReftModule
 from reftsearch.report import best_trials
 from reftsearch.spec import StudySpec
-from reftsearch.storage import mask_url
-from reftsearch.study import PreparedStudy, load_existing_study, prepare
+from reftsearch.storage import load_named_study, mask_url
+from reftsearch.study import PreparedStudy, prepare
 from reftsearch.weights import restore
 
 Log = Callable[[str], None]
@@ -87,7 +87,7 @@ def export_study(
     """Write the best trial (or ``trial_number``) of the stored study to ``out_dir``."""
     out = Path(out_dir)
     _check_out_dir(out)
-    study = load_existing_study(spec, storage_url)
+    study = load_named_study(spec.name, storage_url)
     trial = pick_trial(study, trial_number)
     _check_exportable(trial)
     prepared = prepare(spec)

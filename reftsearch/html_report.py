@@ -18,7 +18,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from reftsearch.reft import describe_config
+from reftsearch.describe import describe_config
 from reftsearch.report import (
     best_trials,
     is_maximized,

@@ -21,7 +21,8 @@ from typing import Any
 import optuna
 import torch
 
-from reftsearch.adapters import Adapter, AdapterConfig, build_adapter, readable_attrs
+from reftsearch.adapters import Adapter, AdapterConfig, build_adapter
+from reftsearch.describe import readable_attrs
 from reftsearch.errors import ReftSearchError
 from reftsearch.fidelity import Rung, data_ladder, example_steps
 from reftsearch.finalize import FINALIZE_OF, SEED

@@ -132,22 +132,5 @@ class ReftModule(nn.Module):
         return next(self.parameters()).device
 
 
-def describe_config(config: dict) -> str:
-    """A short human line for a resolved config."""
-    if not config:
-        return "?"
-    training = f"lr={config['lr']:.2g} ep{config['epochs']} bs{config['batch_size']}"
-    if config.get("method") == "lora":  # reftsearch.lora
-        targets = ";".join(config["target_modules"])
-        return f"lora [{targets}] r{config['rank']} alpha={config['alpha']:g} {training}"
-    layers = config["layers"]
-    layer_text = ";".join(map(str, layers)) if len(layers) <= 6 else f"{len(layers)} layers"
-    tied = " tied" if config.get("tied") else ""
-    return (
-        f"{config['intervention']} L[{layer_text}] {config['positions']}{tied} "
-        f"r{config['rank']} {training}"
-    )
-
-
 def _key(layer: int, group: int) -> str:
     return f"{layer}/{group}"

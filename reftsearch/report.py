@@ -6,7 +6,7 @@ from __future__ import annotations
 import optuna
 import pandas as pd
 
-from reftsearch.adapters import readable_attrs
+from reftsearch.describe import describe_config, readable_attrs
 from reftsearch.finalize import (
     FINALIZE_OF,
     PAST_BUDGET,
@@ -14,7 +14,6 @@ from reftsearch.finalize import (
     seed_summary,
     top_search_trials,
 )
-from reftsearch.reft import describe_config
 
 # what the plots read even from a study without trials
 EMPTY_FRAME_COLUMNS = (

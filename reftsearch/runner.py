@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import optuna
 
+from reftsearch.describe import describe_config
 from reftsearch.errors import BadInputError, ReftSearchError, SpecError
 from reftsearch.estimate import format_duration
 from reftsearch.finalize import (
@@ -30,7 +31,6 @@ from reftsearch.finalize import (
     top_search_trials,
 )
 from reftsearch.objective import Objective, TrialFailed
-from reftsearch.reft import describe_config
 from reftsearch.spec import StudySpec
 from reftsearch.storage import check_storage, mask_url
 from reftsearch.study import (

@@ -3,6 +3,7 @@
 SQLite (the default, one machine) runs in WAL mode with a busy timeout so that a dashboard
 reading the file, or several local processes, do not hit "database is locked". Heartbeats
 are on, so a trial whose process died is failed and retried once instead of staying RUNNING.
+Read-only commands load a study that must exist already (``load_named_study``).
 """
 
 from __future__ import annotations
@@ -107,3 +108,18 @@ def _first_line(err: Exception, url: str | None = None) -> str:
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     password = make_url(url).password if url else None
     return text.replace(str(password), "***") if password else text
+
+
+def load_named_study(name: str, storage_url: str) -> optuna.Study:
+    """The stored study called ``name``; it must exist."""
+    check_storage(storage_url)
+    path = sqlite_path(storage_url)
+    if path is not None and not path.exists():
+        raise BadInputError(
+            f"no study named {name!r}: {path} does not exist yet (run the study first)"
+        )
+    storage = open_storage(storage_url, heartbeat_s=None)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    if name not in names:
+        raise BadInputError(f"no study named {name!r} in this storage; it has {names}")
+    return optuna.load_study(study_name=name, storage=storage)

@@ -31,7 +31,7 @@ from reftsearch.pruners import SparingPruner
 from reftsearch.reft import ReftConfig
 from reftsearch.space import grid, lowest_layers
 from reftsearch.spec import PrunerSpec, StudySpec
-from reftsearch.storage import check_storage, open_storage, sqlite_path
+from reftsearch.storage import open_storage
 from reftsearch.train import SplitData
 from reftsearch.validity import Limits, check_space, limits_of
 from reftsearch.weights import WEIGHTS_DIR, weights_dir
@@ -189,26 +189,6 @@ def open_study(spec: StudySpec, storage_url: str, heartbeat: bool = True) -> opt
     if WEIGHTS_DIR not in study.user_attrs:  # fixed at creation: trials already point there
         study.set_user_attr(WEIGHTS_DIR, str(weights_dir(spec, storage_url)))
     return study
-
-
-def load_existing_study(spec: StudySpec, storage_url: str) -> optuna.Study:
-    """The stored study, for read-only commands; it must exist."""
-    return load_named_study(spec.name, storage_url)
-
-
-def load_named_study(name: str, storage_url: str) -> optuna.Study:
-    """The stored study called ``name``; it must exist."""
-    check_storage(storage_url)
-    path = sqlite_path(storage_url)
-    if path is not None and not path.exists():
-        raise BadInputError(
-            f"no study named {name!r}: {path} does not exist yet (run the study first)"
-        )
-    storage = open_storage(storage_url, heartbeat_s=None)
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-    if name not in names:
-        raise BadInputError(f"no study named {name!r} in this storage; it has {names}")
-    return optuna.load_study(study_name=name, storage=storage)
 
 
 def budget_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

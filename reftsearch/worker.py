@@ -33,12 +33,11 @@ from reftsearch.finalize import PAST_BUDGET, search_trials
 from reftsearch.objective import TrialFailed
 from reftsearch.packing import make_objective, optimize, pack_size
 from reftsearch.spec import StudySpec, parse_spec
-from reftsearch.storage import check_storage, mask_url
+from reftsearch.storage import check_storage, load_named_study, mask_url
 from reftsearch.study import (
     PreparedStudy,
     asked_past_budget,
     count_finished,
-    load_named_study,
     open_study,
     prepare,
 )

@@ -3,6 +3,8 @@
 import csv
 import json
 import re
+import subprocess
+import sys
 
 import optuna
 import pytest
@@ -124,3 +126,15 @@ def test_pareto_front_keeps_only_undominated_trials():
         study.add_trial(_trial(score, size))
     # (0.7, 400) loses to (0.7, 300); (0.65, 500) to (0.7, 300); (0.5, 100) to (0.6, 100)
     assert [t.number for t in pareto_front(study)] == [0, 3, 5]
+
+
+def test_commands_that_read_a_stored_study_import_no_model_library():
+    """``best`` and the report's tables load a study and describe its trials: importing
+    transformers and peft as well made ``reftsearch best`` take 8.2 s instead of 4.6."""
+    code = (
+        "import sys, reftsearch.cli, reftsearch.report, reftsearch.storage; "
+        "print(sorted(m for m in ('transformers', 'peft') if m in sys.modules))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == "[]"
