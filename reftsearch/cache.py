@@ -408,7 +408,7 @@ def _describe_pass(
     examples: int, split: str, first: int, last: int, layers: list[int], keys_values: bool
 ) -> str:
     """``frozen pass over 512 train examples (blocks 0-29: layers 12, 20 and keys/values)``."""
-    names = ", ".join(map(str, layers))
+    names = ", ".join(map(str, sorted(layers)))
     kept = [f"layer {names}" if len(layers) == 1 else f"layers {names}"] if layers else []
     kept += ["keys/values"] if keys_values else []
     blocks = f"block {first}" if first == last else f"blocks {first}-{last}"

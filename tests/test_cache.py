@@ -269,6 +269,12 @@ def test_each_pass_is_reported_as_it_starts_and_ends():
     assert len(lines) == 2  # both served by that pass: nothing more to say
     cache.states(base, 2, "dev", data.dev)
     assert lines[2] == "frozen pass over 12 dev examples (blocks 0-2: layer 2)..."
+    lower = PrefixCache(budget_mb=64, expected_layers=[1])  # kept beside the wanted 3
+    lower.log = lines.append
+    lower.frozen(base, 3, "dev", [data.dev])
+    assert (
+        lines[4] == f"frozen pass over 12 dev examples ({blocks}: layers 1, 3 and keys/values)..."
+    )
 
 
 def test_expected_layers_only_take_free_room():
