@@ -136,16 +136,16 @@ def run_finalize(study: optuna.Study, prepared: PreparedStudy, log: Log) -> None
 
 
 def _on_finalize_device(prepared: PreparedStudy, log: Log) -> PreparedStudy:
-    """The driver's model on the spec's device when this machine has it, else on its CPU,
-    with its weights: a Ray run's driver kept the structure alone during the search."""
-    device = None if prepared.base.device.type == "meta" else prepared.base.device
+    """The driver's model, with its weights, on the spec's device when this machine has it,
+    else on its CPU (where a Ray run's driver loaded it, keeping only its structure during
+    the search)."""
     try:
         device = spec_device(prepared.spec)
     except SpecError as err:
-        device = device or "cpu"
-        log(f"finalize runs on {device}: {err}")
+        device = "cpu"
+        log(f"finalize runs on cpu: {err}")
     if prepared.base.device.type == "meta":
-        return load(prepared.spec, device=str(device))
+        return load(prepared.spec, device=device)
     prepared.base.model.to(device)
     return prepared
 
