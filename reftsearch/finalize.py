@@ -26,7 +26,7 @@ ALIVE = (
 )
 
 
-def is_search_trial(trial: optuna.trial.FrozenTrial) -> bool:
+def is_search_trial(trial: optuna.trial.FrozenTrial | optuna.Trial) -> bool:
     """Not a finalize rerun, nor a trial asked past the budget (which never ran)."""
     return FINALIZE_OF not in trial.user_attrs and PAST_BUDGET not in trial.user_attrs
 

@@ -18,7 +18,7 @@ from reftsearch.cache import PrefixCache
 from reftsearch.data import TaskData, encode, load_task_data
 from reftsearch.errors import BadInputError, SpecError
 from reftsearch.fidelity import rung_count
-from reftsearch.finalize import search_trials
+from reftsearch.finalize import is_search_trial, search_trials
 from reftsearch.lora import check_targets
 from reftsearch.models import (
     BaseModel,
@@ -199,13 +199,16 @@ def budget_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [t for t in trials if t.state in FINISHED_STATES and t.number not in retried]
 
 
-def asked_past_budget(study: optuna.Study, number: int, n_trials: int) -> bool:
-    """Whether ``n_trials`` search trials asked before trial ``number`` count toward the
-    budget already (finished, running or waiting to run): workers that each saw the last
-    trial missing ask one each at once, and only the first one asked is to run."""
+def asked_past_budget(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> bool:
+    """Whether ``trial`` is a search trial asked when ``n_trials`` search trials asked before
+    it counted toward the budget already (finished, running or waiting to run): workers that
+    each saw the last trial missing ask one each at once, and only the first one asked is to
+    run. A finalize rerun (which a worker may pop as the search ends) is never past it."""
+    if not is_search_trial(trial):
+        return False
     trials = search_trials(study)
     retried = _retried(trials)
-    return sum(t.number < number and t.number not in retried for t in trials) >= n_trials
+    return sum(t.number < trial.number and t.number not in retried for t in trials) >= n_trials
 
 
 def _retried(trials: list[optuna.trial.FrozenTrial]) -> set[int]:

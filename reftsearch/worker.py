@@ -122,7 +122,7 @@ class Worker:
         return estimate.line()
 
     def _trial(self, trial: optuna.Trial) -> float:
-        if asked_past_budget(self.study, trial.number, self.n_trials):
+        if asked_past_budget(self.study, trial, self.n_trials):
             reason = f"not run: {self.n_trials} trials asked before it meet the budget"
             trial.set_user_attr(PAST_BUDGET, reason)  # it counts nowhere (is_search_trial)
             raise TrialFailed(f"trial {trial.number} {reason}")

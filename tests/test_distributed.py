@@ -197,7 +197,8 @@ def test_sixteen_standalone_workers_on_postgres(
 
 def test_only_trials_asked_within_the_budget_count_toward_it():
     """Trials count in the order they were asked: finished ones, running ones and those
-    waiting to run (a retry in place of its dead original); finalize reruns do not."""
+    waiting to run (a retry in place of its dead original); a finalize rerun neither counts
+    nor is ever past the budget (a worker may pop one as the search ends)."""
     study = optuna.create_study()
     study.add_trial(optuna.trial.create_trial(value=0.5))  # 0
     dead = study.ask()  # 1: its worker died; trial 4 retries it
@@ -206,10 +207,12 @@ def test_only_trials_asked_within_the_budget_count_toward_it():
     waiting = partial(optuna.trial.create_trial, state=State.WAITING)
     study.add_trial(waiting(user_attrs={FINALIZE_OF: 0}))  # 3: a finalize rerun
     study.add_trial(waiting(system_attrs={"retry_history": [1]}))  # 4: the retry, as Optuna's
-    # counted before trial 5: 0, 2 and 4 (for 1)
-    assert not asked_past_budget(study, 5, n_trials=4)
-    assert asked_past_budget(study, 5, n_trials=3)
-    assert not asked_past_budget(study, 2, n_trials=2)  # only 0 before it: 1 is retried
+    trials = study.get_trials()
+    # counted before trial 4: 0 and 2 (1 was retried, 3 is a finalize rerun)
+    assert not asked_past_budget(study, trials[4], n_trials=3)
+    assert asked_past_budget(study, trials[4], n_trials=2)
+    assert not asked_past_budget(study, trials[2], n_trials=2)  # only 0 before it
+    assert not asked_past_budget(study, trials[3], n_trials=1)
     study.tell(running, 0.7)
     assert count_finished(study) == 2  # 0 and 2; 1 was retried, 4 has not run
 
