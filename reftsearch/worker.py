@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import optuna
@@ -72,7 +73,6 @@ class Worker:
         if not alone:
             # workers seeded alike would all sample the same "random" configs
             self.study.sampler.reseed_rng()
-        self.n_trials = 0  # the budget ``run`` works to
         self.pack_size = pack_size(self.prepared, log)  # trials trained side by side
         self.objective = make_objective(self.prepared, log, self.pack_size)
 
@@ -83,7 +83,6 @@ class Worker:
         here. While the trials still missing are all running elsewhere, wait: one of them may
         die, and its retry must then be run."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        self.n_trials = n_trials
         sampler = self.study.sampler
         ran = 0
         while deadline is None or time.monotonic() < deadline:
@@ -100,7 +99,8 @@ class Worker:
                 time.sleep(IDLE_POLL_S)
                 continue
             missing = n_trials - finished - running
-            optimize(self.study, self._trial, self.pack_size, missing, callbacks)
+            run_trial = partial(self._trial, n_trials=n_trials)
+            optimize(self.study, run_trial, self.pack_size, missing, callbacks)
             ran += 1
         return ran
 
@@ -121,9 +121,9 @@ class Worker:
             return f"estimate: not available ({err})"
         return estimate.line()
 
-    def _trial(self, trial: optuna.Trial) -> float:
-        if asked_past_budget(self.study, trial, self.n_trials):
-            reason = f"not run: {self.n_trials} trials asked before it meet the budget"
+    def _trial(self, trial: optuna.Trial, n_trials: int) -> float:
+        if asked_past_budget(self.study, trial, n_trials):
+            reason = f"not run: {n_trials} trials asked before it meet the budget"
             trial.set_user_attr(PAST_BUDGET, reason)  # it counts nowhere (is_search_trial)
             raise TrialFailed(f"trial {trial.number} {reason}")
         trial.set_user_attr("model_loads", _model_loads)
