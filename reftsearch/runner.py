@@ -40,6 +40,7 @@ from reftsearch.study import (
     count_finished,
     open_study,
     spec_device,
+    with_model_on,
 )
 from reftsearch.warmstart import Recipe, enqueue_warm_starts, paper_recipes, study_recipes
 from reftsearch.worker import EstimateRequest, Worker, load, publish_spec
@@ -145,7 +146,7 @@ def _on_finalize_device(prepared: PreparedStudy, log: Log) -> PreparedStudy:
         device = "cpu"
         log(f"finalize runs on cpu: {err}")
     if prepared.base.device.type == "meta":
-        return load(prepared.spec, device=device)
+        return with_model_on(prepared, device)
     prepared.base.model.to(device)
     return prepared
 

@@ -7,7 +7,7 @@ storage exactly as it was.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -77,17 +77,7 @@ def prepare(spec: StudySpec, device: str | None = None) -> PreparedStudy:
     ``device``, by default the spec's ``model.device``."""
     device = spec_device(spec) if device is None else device
     data = load_task_data(spec.task, spec.seed)
-    head = "classification" if spec.task.kind == "classification" else "causal_lm"
-    try:
-        base = load_base_model(
-            spec.model.path,
-            head,
-            num_labels=max(data.num_labels, 2),
-            dtype=spec.model.dtype,
-            device=device,
-        )
-    except ModelLoadError as err:
-        raise SpecError("model.path", str(err)) from None
+    base = _load_model(spec, data, device)
     split = SplitData(
         train=encode(data.train, base.tokenizer, spec.task),
         dev=encode(data.dev, base.tokenizer, spec.task),
@@ -101,6 +91,26 @@ def prepare(spec: StudySpec, device: str | None = None) -> PreparedStudy:
     else:
         check_targets(spec.space, base, "space.target_modules")
     return prepared
+
+
+def with_model_on(prepared: PreparedStudy, device: str) -> PreparedStudy:
+    """``prepared`` with its model loaded again, on ``device``: a Ray run's driver dropped
+    its weights during the search. The data stays as loaded and tokenized."""
+    return replace(prepared, base=_load_model(prepared.spec, prepared.data, device))
+
+
+def _load_model(spec: StudySpec, data: TaskData, device: str) -> BaseModel:
+    head = "classification" if spec.task.kind == "classification" else "causal_lm"
+    try:
+        return load_base_model(
+            spec.model.path,
+            head,
+            num_labels=max(data.num_labels, 2),
+            dtype=spec.model.dtype,
+            device=device,
+        )
+    except ModelLoadError as err:
+        raise SpecError("model.path", str(err)) from None
 
 
 def spec_device(spec: StudySpec) -> str:

@@ -270,15 +270,18 @@ def test_ray_driver_frees_its_weights_for_the_search_and_times_no_estimate(
 ):
     """The driver runs no search trial: it frees its model's weights while the workers search
     (they load their own), and the estimate's frozen passes are a worker's, whose trials
-    reuse them. Finalize, which the driver runs itself, loads the weights again. The workers'
-    passes are reported in the driver's output."""
+    reuse them. Finalize, which the driver runs itself, loads the weights again (and only
+    them: the data stays as tokenized). The workers' passes are reported in the driver's
+    output."""
     from reftsearch import cache as cache_module
     from reftsearch import runner
+    from reftsearch import study as study_module
 
-    driver_passes, driver_models, devices_during_search = [], [], []
-    real_frozen, real_load, real_run_on_ray = (
+    driver_passes, driver_models, data_loads, devices_during_search = [], [], [], []
+    real_frozen, real_model, real_data, real_run_on_ray = (
         cache_module.compute_frozen,
-        runner.load,
+        study_module.load_base_model,
+        study_module.load_task_data,
         runner.run_on_ray,
     )
 
@@ -286,10 +289,13 @@ def test_ray_driver_frees_its_weights_for_the_search_and_times_no_estimate(
         driver_passes.append(len(examples))
         return real_frozen(base, examples, layers, keys_values, below, **placement)
 
-    def load(spec, device=None):
-        prepared = real_load(spec, device)
-        driver_models.append(prepared.base)
-        return prepared
+    def load_base_model(*args, **kwargs):
+        driver_models.append(real_model(*args, **kwargs))
+        return driver_models[-1]
+
+    def load_task_data(*args, **kwargs):
+        data_loads.append(args)
+        return real_data(*args, **kwargs)
 
     def run_on_ray(*args, **kwargs):
         devices_during_search.extend(
@@ -298,7 +304,8 @@ def test_ray_driver_frees_its_weights_for_the_search_and_times_no_estimate(
         return real_run_on_ray(*args, **kwargs)
 
     monkeypatch.setattr(cache_module, "compute_frozen", frozen_pass)
-    monkeypatch.setattr(runner, "load", load)
+    monkeypatch.setattr(study_module, "load_base_model", load_base_model)
+    monkeypatch.setattr(study_module, "load_task_data", load_task_data)
     monkeypatch.setattr(runner, "run_on_ray", run_on_ray)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the Ray actors
     raw = tiny_study(easy_task_files, budget={"n_trials": 3, "max_epochs": 1})
@@ -308,6 +315,7 @@ def test_ray_driver_frees_its_weights_for_the_search_and_times_no_estimate(
     out = capsys.readouterr().out
     assert devices_during_search == [{"meta"}]  # no weight held by the driver
     assert len(driver_models) == 2  # the search's checks, then finalize's training
+    assert len(data_loads) == 1
     assert {p.device.type for p in driver_models[1].model.parameters()} == {"cpu"}
     assert driver_passes == [96, 48]  # finalize's run: its train and dev splits, once each
     assert "estimate: " in out and "per trial (median" in out
