@@ -14,16 +14,31 @@ import torch
 from torch import nn
 
 
+def householder_product(reflectors: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """``torch.linalg.householder_product(reflectors, tau)`` for a tall ``[n, k]`` matrix: the
+    first ``k`` columns of ``H_1 ... H_k``, ``H_j = I - tau_j v_j v_j^T``, where ``v_j`` is
+    column ``j`` below the diagonal with a 1 on it.
+
+    Through the compact WY form ``H_1 ... H_k = I - V T^-1 V^T``, ``T^-1 = diag(1 / tau) +
+    (the strictly upper part of V^T V)``: a few matmuls and one ``k x k`` triangular solve,
+    whose autograd is fast, where torch's backward loops over the reflectors."""
+    n, k = reflectors.shape
+    first_columns = torch.eye(n, k, dtype=reflectors.dtype, device=reflectors.device)
+    vectors = reflectors.tril(diagonal=-1) + first_columns
+    t_inverse = (vectors.T @ vectors).triu(diagonal=1) + torch.diag(1 / tau)
+    # V^T E is the transposed top k x k block of V
+    solved = torch.linalg.solve_triangular(t_inverse, vectors[:k].T, upper=True)
+    return first_columns - vectors @ solved
+
+
 class LowRankRotateLayer(nn.Module):
-    """``x -> x R`` with ``R`` of shape ``[hidden, rank]`` (pyreft's name and layout)."""
+    """Holds ``R`` of shape ``[hidden, rank]`` (pyreft's name and layout; ``LoReFT.edit``
+    applies it)."""
 
     def __init__(self, hidden_size: int, rank: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(hidden_size, rank))
         nn.init.orthogonal_(self.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.weight.dtype) @ self.weight
 
 
 class Intervention(nn.Module, ABC):
@@ -77,8 +92,22 @@ class LoReFT(Intervention):
         )
 
     def edit(self, h: torch.Tensor) -> torch.Tensor:
-        rotated = self.rotate_layer(h)
-        return (self.learned_source(h) - rotated) @ self.rotate_layer.weight.T
+        rotation = self.rotation()  # once: ``rotate_layer.weight`` recomputes it at each read
+        return (self.learned_source(h) - h @ rotation) @ rotation.T
+
+    def rotation(self) -> torch.Tensor:
+        """``R`` (``[hidden, rank]``), the value of ``rotate_layer.weight``: torch's orthogonal
+        parametrization of a tall matrix (its Householder map, trivialized by the ``base``
+        buffer), computed through ``householder_product``, whose backward is 8-36x faster
+        than that of the ``torch.linalg.householder_product`` it calls (rank 4-32, hidden
+        576: 9-65 ms per call, several per training step)."""
+        orthogonal = self.rotate_layer.parametrizations.weight
+        raw = orthogonal.original
+        reflectors = raw.tril(diagonal=-1)
+        tau = 2.0 / (1.0 + (reflectors * reflectors).sum(dim=-2))
+        # as torch does: the raw diagonal holds each column's sign, which is not trained
+        signs = raw.diagonal().int().unsqueeze(-2)
+        return orthogonal[0].base @ (householder_product(reflectors, tau) * signs)
 
     def no_decay_parameters(self) -> list[nn.Parameter]:
         # AdamW's decoupled weight decay on the orthogonal parametrization's raw matrix drives

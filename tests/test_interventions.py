@@ -8,6 +8,7 @@ from reftsearch.interventions import (
     NoReFT,
     build_intervention,
     count_parameters,
+    householder_product,
 )
 
 
@@ -24,6 +25,40 @@ def test_loreft_matches_the_formula():
     # column form h + R (W h + b - R^T h) for every row h
     expected = h + (h @ W.T + b - h @ R) @ R.T
     torch.testing.assert_close(module(h), expected)
+
+
+@pytest.mark.parametrize("rank", [1, 3, 8])
+def test_householder_product_and_its_gradient_match_torch(rank):
+    raw = torch.randn(24, rank, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(24, rank, dtype=torch.float64)
+    results = []
+    for product in (torch.linalg.householder_product, householder_product):
+        reflectors = raw.tril(diagonal=-1)
+        tau = 2.0 / (1.0 + (reflectors * reflectors).sum(dim=-2))
+        q = product(reflectors, tau)
+        (gradient,) = torch.autograd.grad((q * upstream).sum(), raw)
+        results.append((q, gradient))
+    (q_torch, grad_torch), (q_ours, grad_ours) = results
+    torch.testing.assert_close(q_ours, q_torch, atol=1e-12, rtol=0)
+    torch.testing.assert_close(grad_ours, grad_torch, atol=1e-12, rtol=0)
+
+
+def test_loreft_rotation_and_its_gradient_equal_torchs_parametrization():
+    module = LoReFT(hidden_size=16, rank=4)
+    # away from its initial value, with a base from an assigned R (as pyreft's load does)
+    with torch.no_grad():
+        module.rotate_layer.parametrizations.weight.original.add_(torch.randn(16, 4) * 0.3)
+    module.rotate_layer.weight = torch.linalg.qr(torch.randn(16, 4))[0]
+    with torch.no_grad():
+        module.rotate_layer.parametrizations.weight.original.add_(torch.randn(16, 4) * 0.3)
+    raw = module.rotate_layer.parametrizations.weight.original
+    upstream = torch.randn(16, 4)
+    by_torch, ours = module.rotate_layer.weight, module.rotation()
+    torch.testing.assert_close(ours, by_torch, atol=1e-6, rtol=0)
+    expected = torch.autograd.grad((by_torch * upstream).sum(), raw)[0]
+    torch.testing.assert_close(
+        torch.autograd.grad((ours * upstream).sum(), raw)[0], expected, atol=1e-5, rtol=0
+    )
 
 
 def test_noreft_and_direft_match_their_formulas():
