@@ -10,6 +10,7 @@ from reftsearch.interventions import (
     count_parameters,
     householder_product,
 )
+from reftsearch.space import INTERVENTION_NAMES
 
 
 @pytest.fixture(autouse=True)
@@ -117,3 +118,7 @@ def test_unknown_type_and_bad_rank_are_refused():
     with pytest.raises(ValueError, match="rank must be in"):
         build_intervention("loreft", 8, 9)
     assert set(INTERVENTIONS) == {"loreft", "direft", "noreft"}
+
+
+def test_the_space_offers_exactly_the_registered_interventions():
+    assert sorted(INTERVENTION_NAMES) == sorted(INTERVENTIONS)
