@@ -40,9 +40,10 @@ import optuna
 
 from reftsearch.adapters import build_adapter
 from reftsearch.data import encode
+from reftsearch.errors import TrialFailed
 from reftsearch.final import configs_of, retrain
 from reftsearch.finalize import FINALIZE_OF, search_trials, seed_summary
-from reftsearch.objective import Objective, TrialFailed
+from reftsearch.objective import Objective
 from reftsearch.report import best_trials
 from reftsearch.runner import run_finalize, warm_start_recipes
 from reftsearch.spec import parse_spec

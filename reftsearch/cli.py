@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
-from reftsearch.errors import BadInputError, ReftSearchError
+from reftsearch.errors import BadInputError, ReftSearchError, TrialFailed
 from reftsearch.spec import StudySpec, load_spec
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -276,9 +278,36 @@ def _quiet_libraries() -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # the module of Optuna's that logs each failed trial (study.optimize)
+    optimize_log = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, ReportedFailures) for f in optimize_log.filters):
+        optimize_log.addFilter(ReportedFailures())
     # Heartbeats are "experimental" since Optuna 2.8, yet they are what keeps a killed trial
     # from staying RUNNING forever: the warning is noise to our users.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+class ReportedFailures(logging.Filter):
+    """Drops Optuna's two warnings about a trial that raised ``TrialFailed`` (it diverged,
+    ran out of memory, or was asked past the budget): reftsearch's progress line says why
+    already, and Optuna's first one carries the exception's whole traceback. Other failures
+    (a bug) keep theirs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._trials: set[str] = set()  # whose "failed with value None" line is still to come
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        number = re.match(r"Trial (\d+) failed with ", record.getMessage())
+        if number is None:
+            return True
+        if record.exc_info is not None and isinstance(record.exc_info[1], TrialFailed):
+            self._trials.add(number[1])
+            return False
+        if number[1] in self._trials and record.exc_info is None:
+            self._trials.discard(number[1])
+            return False
+        return True
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@ class ReftSearchError(Exception):
     exit_code = 1
 
 
+class TrialFailed(ReftSearchError):
+    """This trial cannot finish (diverged, out of memory); the study continues."""
+
+
 class BadInputError(ReftSearchError):
     """The user's input (spec, data, storage URL, model path) is unusable: exit code 2."""
 

@@ -23,7 +23,7 @@ import torch
 
 from reftsearch.adapters import Adapter, AdapterConfig, build_adapter
 from reftsearch.describe import readable_attrs
-from reftsearch.errors import ReftSearchError
+from reftsearch.errors import TrialFailed
 from reftsearch.fidelity import Rung, data_ladder, example_steps
 from reftsearch.finalize import FINALIZE_OF, SEED
 from reftsearch.lora import LoraConfig, resolve_targets
@@ -44,10 +44,6 @@ class Spent:
     """What a trial's training cost: epochs over the whole train split (``epochs_trained``)."""
 
     epochs: float = 0.0
-
-
-class TrialFailed(ReftSearchError):
-    """This trial cannot finish (diverged, out of memory); the study continues."""
 
 
 def worker_id() -> str:

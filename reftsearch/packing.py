@@ -23,10 +23,10 @@ import torch
 
 from reftsearch.adapters import GLOBAL_RNG_LOCK
 from reftsearch.cache import PrefixCache
-from reftsearch.errors import SpecError
+from reftsearch.errors import SpecError, TrialFailed
 from reftsearch.estimate import step_bytes
 from reftsearch.models import BaseModel
-from reftsearch.objective import Objective, TrialFailed
+from reftsearch.objective import Objective
 from reftsearch.reft import ReftModule
 from reftsearch.study import PreparedStudy
 from reftsearch.train import (

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import optuna
 
 from reftsearch.describe import describe_config
-from reftsearch.errors import BadInputError, ReftSearchError, SpecError
+from reftsearch.errors import BadInputError, ReftSearchError, SpecError, TrialFailed
 from reftsearch.estimate import format_duration
 from reftsearch.finalize import (
     FINALIZE_OF,
@@ -30,7 +30,7 @@ from reftsearch.finalize import (
     search_trials,
     top_search_trials,
 )
-from reftsearch.objective import Objective, TrialFailed
+from reftsearch.objective import Objective
 from reftsearch.spec import StudySpec
 from reftsearch.storage import check_storage, mask_url
 from reftsearch.study import (

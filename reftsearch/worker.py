@@ -28,10 +28,9 @@ from pathlib import Path
 
 import optuna
 
-from reftsearch.errors import BadInputError
+from reftsearch.errors import BadInputError, TrialFailed
 from reftsearch.estimate import estimate_study
 from reftsearch.finalize import PAST_BUDGET, search_trials
-from reftsearch.objective import TrialFailed
 from reftsearch.packing import make_objective, optimize, pack_size
 from reftsearch.spec import StudySpec, parse_spec
 from reftsearch.storage import check_storage, load_named_study, mask_url

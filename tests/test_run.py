@@ -3,6 +3,8 @@
 import hashlib
 import json
 import re
+import subprocess
+import sys
 
 import optuna
 import pytest
@@ -218,3 +220,32 @@ def test_a_device_this_machine_lacks_is_bad_input_before_the_storage(
     assert main(["run", str(write_study(raw))]) == 2
     assert f"model.device: device '{missing}': torch sees" in capsys.readouterr().err
     assert not (tmp_path / "t.db").exists()
+
+
+def test_a_failed_trial_is_reported_by_its_progress_line_not_by_optunas_traceback():
+    """A diverged trial printed Optuna's traceback and two warnings besides reftsearch's line."""
+    code = """
+import optuna
+from reftsearch.cli import report_errors
+from reftsearch.errors import TrialFailed
+
+def diverges(trial):
+    trial.suggest_float("lr", 0, 1)
+    raise TrialFailed(f"trial {trial.number} failed: diverged")
+
+def has_a_bug(trial):
+    raise ValueError("a bug")
+
+study = optuna.create_study()
+report_errors(lambda: study.optimize(diverges, n_trials=2, catch=(TrialFailed,)) or 0)
+report_errors(lambda: study.optimize(has_a_bug, n_trials=1, catch=(ValueError,)) or 0)
+print([trial.state.name for trial in study.trials])
+"""
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert ran.stdout.strip() == "['FAIL', 'FAIL', 'FAIL']", ran.stderr
+    assert "Trial 0" not in ran.stderr and "Trial 1" not in ran.stderr
+    assert "TrialFailed" not in ran.stderr
+    # any other error still comes with Optuna's report and traceback
+    assert "Trial 2 failed with parameters" in ran.stderr
+    assert "in has_a_bug\nValueError: a bug" in ran.stderr
+    assert "Trial 2 failed with value None." in ran.stderr
