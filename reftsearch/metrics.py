@@ -60,6 +60,15 @@ def exact_matches(outputs: Sequence[str], targets: Sequence[str]) -> list[bool]:
     return matches([normalize(o) for o in outputs], [normalize(t) for t in targets])
 
 
+def may_still_match(output: str, target: str) -> bool:
+    """Can ``output`` continued by any text still match ``target`` exactly (up to whitespace)?
+
+    ``normalize(output)`` is a prefix of ``normalize(output + more)`` whatever ``more`` is (the
+    words it completes stay, its last one may only grow), so once it is no prefix of the
+    normalized target, no continuation matches."""
+    return normalize(target).startswith(normalize(output))
+
+
 def exact_match(outputs: Sequence[str], targets: Sequence[str]) -> float:
     """Share of outputs equal to their reference, up to whitespace."""
     return share(exact_matches(outputs, targets))
@@ -95,6 +104,9 @@ def final_number_match(outputs: Sequence[str], targets: Sequence[str]) -> float:
 
 CLASSIFICATION_METRICS = {"accuracy": accuracy, "f1": macro_f1, "matthews": matthews}
 GENERATION_METRICS = {"exact_match": exact_match, "final_number": final_number_match}
+# generation metrics that can tell from an output's beginning that it will not match: a
+# row's decoding may stop there (a final number can come at any point: not that one)
+MAY_STILL_MATCH = {"exact_match": may_still_match}
 # metrics that are the share of examples right: what each example contributes (1 or 0), in
 # order; Wilcoxon pruning pairs these example by example between trials
 PER_EXAMPLE = {

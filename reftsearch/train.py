@@ -30,7 +30,12 @@ from reftsearch.data import (
     sorted_batch_rows,
 )
 from reftsearch.errors import ReftSearchError
-from reftsearch.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, PER_EXAMPLE
+from reftsearch.metrics import (
+    CLASSIFICATION_METRICS,
+    GENERATION_METRICS,
+    MAY_STILL_MATCH,
+    PER_EXAMPLE,
+)
 from reftsearch.models import BaseModel, kv_argument
 from reftsearch.reft import ReftModule
 
@@ -410,11 +415,20 @@ def evaluate_examples(
         targets = [e.label for e in examples]
         metric = CLASSIFICATION_METRICS[data.metric]
     else:
-        outputs = generate(base, reft, examples, data.max_new_tokens, frozen)
         targets = [e.target for e in examples]
+        hopeless = _hopeless_for(data.metric, targets)
+        outputs = generate(base, reft, examples, data.max_new_tokens, frozen, hopeless)
         metric = GENERATION_METRICS[data.metric]
     hits = PER_EXAMPLE.get(data.metric)
     return DevScores(metric(outputs, targets), None if hits is None else hits(outputs, targets))
+
+
+def _hopeless_for(metric: str, targets: list[str]) -> Callable[[int, str], bool] | None:
+    """``generate``'s test of an output that can no longer score under ``metric``, if any."""
+    may_match = MAY_STILL_MATCH.get(metric)
+    if may_match is None:
+        return None
+    return lambda index, text: not may_match(text, targets[index])
 
 
 def _mean_loss(
@@ -481,16 +495,27 @@ def generate(
     examples: list[Encoded],
     max_new_tokens: int,
     frozen: FrozenParts | None = None,
+    hopeless: Callable[[int, str], bool] | None = None,
 ) -> list[str]:
     """Greedy decoding, batched with left padding.
 
     The interventions edit the prompt pass only (as pyreft does); later one-token steps read
     the edited prompt through the key/value cache. With ``frozen`` the prompt pass starts at
     the cached layer, and the keys and values of the blocks it skipped come from the cache.
+
+    A batch decodes until each row has ended (end of sequence, or ``max_new_tokens``) or,
+    with ``hopeless``, until each row has ended or is hopeless: ``hopeless(index, text)``
+    says whether example ``index``'s text so far can no longer score. Such a row's text may
+    then stop short; a trial still learning to answer would otherwise decode every row to
+    ``max_new_tokens``, as its wrong answers rarely end.
     """
     if frozen is not None and frozen.keys_values is None:
         frozen = None  # the one-token steps need every block's keys and values
     tokenizer = base.tokenizer
+    if getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        # it joins " 's" into "'s" once the "s" comes: a text so far is no beginning of the
+        # final one, so none can be judged early
+        hopeless = None
     argument = kv_argument(base.model)
     last_only = _last_logits_only(base)
     texts = [""] * len(examples)
@@ -511,6 +536,8 @@ def generate(
             token = out.logits[:, -1].argmax(-1)
             generated.append(token)
             done |= token == tokenizer.eos_token_id
+            if hopeless is not None:
+                done |= _hopeless_rows(tokenizer, hopeless, batch.rows, generated, done)
             if done.all():
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -528,6 +555,26 @@ def generate(
                 row = row[: row.index(tokenizer.eos_token_id)]
             texts[index] = tokenizer.decode(row, skip_special_tokens=True)
     return texts
+
+
+def _hopeless_rows(
+    tokenizer,
+    hopeless: Callable[[int, str], bool],
+    rows: torch.Tensor,
+    generated: list[torch.Tensor],
+    done: torch.Tensor,
+) -> torch.Tensor:
+    """Which rows not ``done`` are ``hopeless`` with the tokens ``generated`` so far.
+
+    A row's text so far is the beginning of its final text (what ``hopeless`` assumes), but
+    for a character whose bytes are split between tokens: it decodes as U+FFFD until
+    complete, so those are left out."""
+    found = torch.zeros_like(done)
+    tokens = torch.stack(generated, dim=1)
+    for position in (~done).nonzero().flatten().tolist():
+        text = tokenizer.decode(tokens[position].tolist(), skip_special_tokens=True)
+        found[position] = hopeless(int(rows[position]), text.rstrip("\ufffd"))
+    return found
 
 
 def _fill_skipped_blocks(cache, frozen: FrozenParts, batch: Batch) -> None:

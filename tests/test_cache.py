@@ -2,6 +2,7 @@
 
 import re
 from contextlib import nullcontext
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from reftsearch.train import (
     SplitData,
     TrainConfig,
     evaluate,
+    evaluate_examples,
     generate,
     span_losses,
     train_trial,
@@ -217,6 +219,26 @@ def test_generation_from_the_cache_equals_full_generation(prefix, device):
     plain = generate(base, reft, data.dev, max_new_tokens=5)  # detached: the frozen model
     assert got == want
     assert want != plain  # the interventions change what is generated
+
+
+def test_exact_match_decoding_gives_up_on_hopeless_rows_with_the_same_scores():
+    base, data = setup("tiny:llama", "generation")
+    reft = make_reft(base, layers=(1, 3))
+    with reft.attached(base.blocks):
+        full = generate(base, reft, data.dev, max_new_tokens=6)
+        first_tokens = generate(base, reft, data.dev, max_new_tokens=1)
+        # rows all hopeless at once: every batch stops after its first token
+        hopeless = generate(base, reft, data.dev, 6, hopeless=lambda index, text: True)
+        # half the references are the whole output (right), half cannot be reached
+        dev = [
+            replace(e, target=text if i % 2 == 0 else f"never {text}")
+            for i, (e, text) in enumerate(zip(data.dev, full, strict=True))
+        ]
+        split = replace(data, dev=dev, metric="exact_match", max_new_tokens=6)
+        scores = evaluate_examples(base, reft, split)
+    assert hopeless == first_tokens != full
+    assert scores.per_example == [i % 2 == 0 for i in range(len(dev))]
+    assert scores.score == 0.5
 
 
 def test_a_higher_layer_starts_from_the_cached_lower_one():

@@ -1,6 +1,6 @@
 import pytest
 
-from reftsearch.metrics import exact_match, final_number, final_number_match
+from reftsearch.metrics import exact_match, final_number, final_number_match, may_still_match
 
 
 @pytest.mark.parametrize(
@@ -32,3 +32,17 @@ def test_final_number_match_scores_answers_not_reasoning():
 def test_a_reference_without_a_number_is_never_matched():
     assert final_number_match(["no answer"], ["no answer"]) == 0.0
     assert exact_match(["no  answer"], ["no answer"]) == 1.0
+
+
+def test_an_output_may_still_match_while_it_is_a_prefix_up_to_whitespace():
+    assert may_still_match("", "positive")
+    assert may_still_match("pos", "positive")
+    assert may_still_match(" two  ", "two words")
+    assert not may_still_match("negative", "positive")
+    assert not may_still_match("positive!", "positive")
+    # what generation's early stop relies on: an output it gives up on never matches later
+    target = "two words"
+    for output in ["t", "tw", "two", "two ", "two  w", "twow", "two x", " two\n"]:
+        for more in ["", " ", "o", "words", " words", "\nwords ", "x"]:
+            if exact_match([output + more], [target]) == 1.0:
+                assert may_still_match(output, target), (output, more)
