@@ -306,7 +306,7 @@ def time_techniques(train: Path, dev: Path, config: dict, steps: int) -> dict[st
     from reftsearch.models import load_base_model
     from reftsearch.reft import ReftConfig, ReftModule
     from reftsearch.spec import DataSpec, TaskSpec
-    from reftsearch.train import EVAL_BATCH_SIZE, generate, span_losses
+    from reftsearch.train import EVAL_BATCH_SIZE, generate, hopeless_for, span_losses
 
     base = load_base_model("embedded:smollm2", "causal_lm")
     task = TaskSpec(kind="generation", data=DataSpec(), max_length=MAX_LENGTH)
@@ -400,6 +400,10 @@ def time_techniques(train: Path, dev: Path, config: dict, steps: int) -> dict[st
         start = time.perf_counter()
         generate(base, reft, dev_examples, MAX_NEW_TOKENS, dev_frozen)
         figures["dev, 32 prompts: batched, from the cache"] = time.perf_counter() - start
+        hopeless = hopeless_for("exact_match", [e.target for e in dev_examples])
+        start = time.perf_counter()
+        generate(base, reft, dev_examples, MAX_NEW_TOKENS, dev_frozen, hopeless)
+        figures["dev, 32 prompts: + no decoding past a wrong answer"] = time.perf_counter() - start
     return figures
 
 

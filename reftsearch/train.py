@@ -416,14 +416,14 @@ def evaluate_examples(
         metric = CLASSIFICATION_METRICS[data.metric]
     else:
         targets = [e.target for e in examples]
-        hopeless = _hopeless_for(data.metric, targets)
+        hopeless = hopeless_for(data.metric, targets)
         outputs = generate(base, reft, examples, data.max_new_tokens, frozen, hopeless)
         metric = GENERATION_METRICS[data.metric]
     hits = PER_EXAMPLE.get(data.metric)
     return DevScores(metric(outputs, targets), None if hits is None else hits(outputs, targets))
 
 
-def _hopeless_for(metric: str, targets: list[str]) -> Callable[[int, str], bool] | None:
+def hopeless_for(metric: str, targets: list[str]) -> Callable[[int, str], bool] | None:
     """``generate``'s test of an output that can no longer score under ``metric``, if any."""
     may_match = MAY_STILL_MATCH.get(metric)
     if may_match is None:
