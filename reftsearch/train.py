@@ -569,11 +569,15 @@ def _hopeless_rows(
     A row's text so far is the beginning of its final text (what ``hopeless`` assumes), but
     for a character whose bytes are split between tokens: it decodes as U+FFFD until
     complete, so those are left out."""
+    pending = (~done).nonzero().flatten().tolist()
+    # one copy from the device per step, not one per row
+    tokens = torch.stack(generated, dim=1)[pending].tolist()
+    verdicts = [
+        hopeless(index, tokenizer.decode(row, skip_special_tokens=True).rstrip("\ufffd"))
+        for index, row in zip(rows[pending].tolist(), tokens, strict=True)
+    ]
     found = torch.zeros_like(done)
-    tokens = torch.stack(generated, dim=1)
-    for position in (~done).nonzero().flatten().tolist():
-        text = tokenizer.decode(tokens[position].tolist(), skip_special_tokens=True)
-        found[position] = hopeless(int(rows[position]), text.rstrip("\ufffd"))
+    found[pending] = torch.tensor(verdicts, dtype=torch.bool, device=done.device)
     return found
 
 
