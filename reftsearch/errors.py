@@ -10,7 +10,8 @@ class ReftSearchError(Exception):
 
 
 class TrialFailed(ReftSearchError):
-    """This trial cannot finish (diverged, out of memory); the study continues."""
+    """This trial cannot finish (diverged, out of memory, asked past the budget); the study
+    continues."""
 
 
 class BadInputError(ReftSearchError):
