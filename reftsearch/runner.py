@@ -254,7 +254,9 @@ class ForwardedLog:
 
         if self._handle is None:
             self._handle = ray.get_actor(self.buffer)
-        self._handle.add.remote(f"{self.name}: {line}")  # calls from one caller stay in order
+        # waited for (a millisecond): a line still in flight when the worker dies (its last
+        # words, as like as not) would be lost
+        ray.get(self._handle.add.remote(f"{self.name}: {line}"))
 
 
 def _drain(buffer, log: Log) -> None:
