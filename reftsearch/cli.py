@@ -120,7 +120,7 @@ def _spec(args: argparse.Namespace) -> StudySpec:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from reftsearch.runner import run_study
+    from reftsearch.storage import check_storage
 
     if args.n_trials is not None and args.n_trials < 1:
         raise BadInputError(f"--n-trials: must be a positive integer, got {args.n_trials}")
@@ -129,18 +129,23 @@ def _run(args: argparse.Namespace) -> int:
         raise BadInputError(f"--workers: must be a positive integer, got {args.workers}")
     workers = args.workers or spec.resources.workers
     storage = args.storage or spec.storage
+    # a bad spec or storage URL is told at once, not after the runner's imports (torch and
+    # transformers: ~10 s on a CPU machine)
+    check_storage(storage)
+    from reftsearch.runner import run_study
+
     study = run_study(spec, storage, args.n_trials, workers=workers, address=args.address)
     _print_best(study, top=1)
     return EXIT_OK
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    from reftsearch.estimate import estimate_study
-    from reftsearch.study import prepare
-
     if args.samples < 1:
         raise BadInputError(f"--samples: must be a positive integer, got {args.samples}")
     spec = _spec(args)
+    from reftsearch.estimate import estimate_study  # after the spec's checks (see _run)
+    from reftsearch.study import prepare
+
     workers = args.workers or spec.resources.workers
     estimate = estimate_study(prepare(spec), spec.budget.n_trials, workers, args.samples)
     if args.json:
@@ -243,9 +248,9 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from reftsearch.export import export_study
-
     spec = _spec(args)
+    from reftsearch.export import export_study  # after the spec's checks (see _run)
+
     result = export_study(
         spec, args.storage or spec.storage, args.out_dir or spec.export_dir, args.trial, _stderr
     )

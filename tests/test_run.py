@@ -5,6 +5,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import optuna
 import pytest
@@ -249,3 +250,22 @@ print([trial.state.name for trial in study.trials])
     assert "Trial 2 failed with parameters" in ran.stderr
     assert "in has_a_bug\nValueError: a bug" in ran.stderr
     assert "Trial 2 failed with value None." in ran.stderr
+
+
+@pytest.mark.parametrize(
+    "problem",
+    [["--set", "space.rank=-1"], ["--storage", "postgresql+psycopg://nobody@127.0.0.1:1/none"]],
+    ids=["spec", "storage"],
+)
+def test_run_refuses_bad_input_before_importing_the_model_libraries(problem):
+    """A typo in the spec or an unreachable database is told at once: it used to wait for the
+    runner's imports (torch and transformers, ~10 s on a CPU machine)."""
+    tiny = Path(__file__).parents[1] / "studies" / "tiny.yaml"
+    argv = ["run", str(tiny), *problem]
+    code = (
+        "import sys; from reftsearch.cli import main; "
+        f"code = main({argv!r}); print(code, 'torch' in sys.modules)"
+    )
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert ran.stdout.split() == ["2", "False"], ran.stderr
+    assert ran.stderr.startswith("error: ")
