@@ -143,7 +143,7 @@ def _estimate(args: argparse.Namespace) -> int:
     if args.samples < 1:
         raise BadInputError(f"--samples: must be a positive integer, got {args.samples}")
     spec = _spec(args)
-    from reftsearch.estimate import estimate_study  # after the spec's checks (see _run)
+    from reftsearch.estimate import estimate_study  # after the spec is read (see _run)
     from reftsearch.study import prepare
 
     workers = args.workers or spec.resources.workers
@@ -230,9 +230,9 @@ def _report(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from reftsearch.compare import check_comparable, compare, table
-
     specs = [load_spec(path) for path in args.studies]
+    from reftsearch.compare import check_comparable, compare, table  # after the specs (_run)
+
     check_comparable(*specs)
     n_trials = args.n_trials or specs[0].budget.n_trials
     if n_trials < 1:
@@ -249,7 +249,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     spec = _spec(args)
-    from reftsearch.export import export_study  # after the spec's checks (see _run)
+    from reftsearch.export import export_study  # after the spec is read (see _run)
 
     result = export_study(
         spec, args.storage or spec.storage, args.out_dir or spec.export_dir, args.trial, _stderr
