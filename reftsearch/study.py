@@ -36,6 +36,7 @@ from reftsearch.train import SplitData
 from reftsearch.validity import Limits, check_space, limits_of
 from reftsearch.weights import WEIGHTS_DIR, weights_dir
 
+NO_GRID_POINT = -1  # the grid_id of a trial that gave its point back
 FINISHED_STATES = (
     optuna.trial.TrialState.COMPLETE,
     optuna.trial.TrialState.PRUNED,
@@ -219,6 +220,18 @@ def asked_past_budget(study: optuna.Study, trial: optuna.Trial, n_trials: int) -
     trials = search_trials(study)
     retried = _retried(trials)
     return sum(t.number < trial.number and t.number not in retried for t in trials) >= n_trials
+
+
+def give_back_grid_point(trial: optuna.Trial) -> None:
+    """Let ``trial``, which is about to fail unrun, leave its grid point unvisited.
+
+    GridSampler assigns a point as a trial starts and counts every finished trial's point as
+    visited, a failed one too: a trial refused past the budget would take its point with it,
+    and no later run (with a raised budget) would ever train that config. Its ``grid_id`` is
+    rewritten to one no grid holds."""
+    storage, trial_id = trial.study._storage, trial._trial_id
+    if "grid_id" in storage.get_trial_system_attrs(trial_id):
+        storage.set_trial_system_attr(trial_id, "grid_id", NO_GRID_POINT)
 
 
 def _retried(trials: list[optuna.trial.FrozenTrial]) -> set[int]:

@@ -38,6 +38,7 @@ from reftsearch.study import (
     PreparedStudy,
     asked_past_budget,
     count_finished,
+    give_back_grid_point,
     open_study,
     prepare,
 )
@@ -124,6 +125,7 @@ class Worker:
         if asked_past_budget(self.study, trial, n_trials):
             reason = f"not run: {n_trials} trials asked before it meet the budget"
             trial.set_user_attr(PAST_BUDGET, reason)  # it counts nowhere (is_search_trial)
+            give_back_grid_point(trial)
             raise TrialFailed(f"trial {trial.number} {reason}")
         trial.set_user_attr("model_loads", _model_loads)
         return self.objective(trial)

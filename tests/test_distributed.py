@@ -21,6 +21,7 @@ from sqlalchemy.engine import make_url
 
 from reftsearch import worker
 from reftsearch.cli import main
+from reftsearch.errors import TrialFailed
 from reftsearch.finalize import FINALIZE_OF, PAST_BUDGET, search_trials
 from reftsearch.report import trials_frame
 from reftsearch.spec import load_spec
@@ -215,6 +216,26 @@ def test_only_trials_asked_within_the_budget_count_toward_it():
     assert not asked_past_budget(study, trials[3], n_trials=1)
     study.tell(running, 0.7)
     assert count_finished(study) == 2  # 0 and 2; 1 was retried, 4 has not run
+
+
+def test_a_trial_refused_past_the_budget_leaves_its_grid_point_to_a_later_run(
+    write_study, easy_task_files
+):
+    """GridSampler counts a failed trial's point as visited: a trial refused past the budget
+    must give its point back, or raising the budget later never trains that config."""
+    raw = tiny_study(easy_task_files, sampler="grid", budget={"n_trials": 1, "max_epochs": 1})
+    raw["space"].update(rank=[1, 2], suffix=[1, 2], lr=1e-3)  # a grid of 4 configs
+    spec = load_spec(write_study(raw))
+    alone = worker.Worker(spec, spec.storage, alone=True)
+    alone.run(n_trials=1)
+    # a second worker that saw the trial missing too asks one more, which is refused
+    alone.study.optimize(partial(alone._trial, n_trials=1), n_trials=1, catch=(TrialFailed,))
+    refused = alone.study.trials[-1]
+    assert refused.state == State.FAIL and PAST_BUDGET in refused.user_attrs
+
+    alone.run(n_trials=4)  # the budget raised to the whole grid
+    trained = [(t.params["rank"], t.params["suffix"]) for t in search_trials(alone.study)]
+    assert sorted(trained) == [(1, 1), (1, 2), (2, 1), (2, 2)]
 
 
 def test_wrong_database_is_bad_input_with_password_masked(
