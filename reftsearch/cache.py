@@ -35,6 +35,7 @@ from transformers import DynamicCache
 from reftsearch.data import Batch, Encoded, batches, pass_tokens
 from reftsearch.models import BaseModel, kv_argument
 from reftsearch.positions import unedited_prefix
+from reftsearch.progress import Progress
 
 
 @dataclass
@@ -221,11 +222,13 @@ class PrefixCache:
     computed in one pass, from the highest cached layer below when only block outputs are
     missing.
 
-    ``log``, when set (a worker sets its own), hears of each pass as it starts and ends: on a
-    CPU one runs for minutes, and nothing else is said meanwhile.
+    ``log``, when set (a worker sets its own), hears of each pass as it starts and ends, and
+    every ``progress_every_s`` seconds in between how far it has come: on a CPU one runs for
+    minutes, and nothing else is said meanwhile.
     """
 
     log: Callable[[str], None] | None = None
+    progress_every_s = 30.0  # how often a pass says how far it has come
 
     def __init__(
         self,
@@ -329,7 +332,13 @@ class PrefixCache:
             started = time.perf_counter()
             try:
                 computed, computed_kv = compute_frozen(
-                    base, examples, wanted, want_kv, below, spilled=folders
+                    base,
+                    examples,
+                    wanted,
+                    want_kv,
+                    below,
+                    spilled=folders,
+                    progress=self._progress(what),
                 )
             except OSError as err:
                 if not folders:
@@ -348,6 +357,9 @@ class PrefixCache:
                 f"{what}: {time.perf_counter() - started:.1f}s, {kept / 2**20:.0f} MB kept"
             )
         return states, kv
+
+    def _progress(self, what: str) -> Progress | None:
+        return None if self.log is None else Progress(what, self.log, self.progress_every_s)
 
     def _report(self, line: str) -> None:
         if self.log is not None:
@@ -446,6 +458,7 @@ def compute_frozen(
     keys_values: bool,
     below: CachedStates | None = None,
     spilled: Mapping[int | str, Path] | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> tuple[list[CachedStates], FrozenKeysValues | None]:
     """One frozen pass over ``examples``: the unedited outputs of each block in ``layers``
     and, with ``keys_values``, every block's keys and values of the prompt tokens (as the
@@ -456,7 +469,8 @@ def compute_frozen(
     Each batch's rows are copied into tensors allocated once at their final size: holding
     every batch's outputs until one concatenation at the end took twice the memory. Outputs
     named in ``spilled`` (layers, or ``KEYS_VALUES``) go to memory-mapped files in the folder
-    given for them, the rest to the model's device."""
+    given for them, the rest to the model's device. ``progress`` hears the fraction of the
+    tokens done after each batch."""
     argument = kv_argument(base.model.base_model)
     stop_at = None if keys_values else max(layers)
     spilled = spilled or {}
@@ -487,6 +501,7 @@ def compute_frozen(
         prompt_starts, prompt_total = _starts([e.prompt_length for e in examples])
         shape = (len(base.blocks), prompt_total + 1, *_kv_shape(base.model.config))
         keys, values = (padded(KEYS_VALUES, shape, 1) for _ in range(2))
+    done = 0
     try:
         # right padding, sorted by length: a row's states do not depend on its batch
         for batch in batches(examples, base.tokenizer.pad_token_id, pass_tokens(base.device)):
@@ -506,6 +521,9 @@ def compute_frozen(
                         span = slice(first, first + length)
                         keys[block, span] = k[position, :, :length].transpose(0, 1)
                         values[block, span] = v[position, :, :length].transpose(0, 1)
+            if progress is not None:
+                done += sum(lengths)
+                progress(done / total)
     finally:
         for handle in handles:
             handle.remove()

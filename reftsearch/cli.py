@@ -132,6 +132,7 @@ def _run(args: argparse.Namespace) -> int:
     # a bad spec or storage URL is told at once, not after the runner's imports (torch and
     # transformers: ~10 s on a CPU machine)
     check_storage(storage)
+    print(f"loading {spec.model.path} and the task's data...", flush=True)
     from reftsearch.runner import run_study
 
     study = run_study(spec, storage, args.n_trials, workers=workers, address=args.address)

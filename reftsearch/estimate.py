@@ -25,6 +25,7 @@ from reftsearch.adapters import Adapter, AdapterConfig, build_adapter
 from reftsearch.cache import PrefixCache
 from reftsearch.describe import describe_config
 from reftsearch.objective import invalid_reason, resolve
+from reftsearch.progress import format_duration
 from reftsearch.reft import ReftConfig
 from reftsearch.space import sample
 from reftsearch.study import PreparedStudy
@@ -224,12 +225,3 @@ def _dev_seconds(prepared: PreparedStudy, reft: Adapter, cache: PrefixCache | No
         start = time.perf_counter()
         evaluate_examples(base, reft, split, cache=cache, limit=EVAL_SAMPLE)
         return time.perf_counter() - start
-
-
-def format_duration(seconds: float) -> str:
-    """``42.0s``, ``3.5min``, ``2.1h``."""
-    if seconds < 120:
-        return f"{seconds:.1f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f}min"
-    return f"{seconds / 3600:.1f}h"

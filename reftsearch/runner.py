@@ -21,7 +21,6 @@ import optuna
 
 from reftsearch.describe import describe_config
 from reftsearch.errors import BadInputError, ReftSearchError, SpecError, TrialFailed
-from reftsearch.estimate import format_duration
 from reftsearch.finalize import (
     FINALIZE_OF,
     PAST_BUDGET,
@@ -31,6 +30,7 @@ from reftsearch.finalize import (
     top_search_trials,
 )
 from reftsearch.objective import Objective
+from reftsearch.progress import format_duration
 from reftsearch.spec import StudySpec
 from reftsearch.storage import check_storage, mask_url
 from reftsearch.study import (

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import DEVICES
 
+from reftsearch import cache as cache_module
 from reftsearch.cache import PrefixCache, compute_states
 from reftsearch.data import batches, collate_rows, encode, pass_tokens, sorted_batch_rows
 from reftsearch.models import load_base_model
@@ -297,6 +298,21 @@ def test_each_pass_is_reported_as_it_starts_and_ends():
     assert (
         lines[4] == f"frozen pass over 12 dev examples ({blocks}: layers 1, 3 and keys/values)..."
     )
+
+
+def test_a_long_pass_says_how_far_it_has_come(monkeypatch):
+    base, data = setup("tiny:llama")
+    monkeypatch.setattr(cache_module, "pass_tokens", lambda device: 48)  # many small batches
+    lines = []
+    cache = PrefixCache(budget_mb=64)
+    cache.log, cache.progress_every_s = lines.append, 0.0  # every batch but the last
+    cache.states(base, 2, "train", data.train)
+    what = "frozen pass over 24 train examples (blocks 0-2: layer 2)"
+    assert lines[0] == f"{what}..." and lines[-1].startswith(f"{what}: ")
+    progress = re.escape(what) + r": ([0-9]+)% after [0-9.]+s, ~[0-9.]+s left"
+    percents = [int(re.fullmatch(progress, line).group(1)) for line in lines[1:-1]]
+    assert len(percents) >= 2 and percents == sorted(percents)
+    assert percents[0] > 0 and percents[-1] < 100
 
 
 def test_expected_layers_only_take_free_room():

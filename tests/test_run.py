@@ -32,6 +32,7 @@ def test_run_records_every_trial_and_resumes(write_study, easy_task_files, capsy
     study = write_study(tiny_study(easy_task_files))
     assert main(["run", str(study)]) == 0
     out = capsys.readouterr().out
+    assert out.startswith("loading tiny:llama and the task's data...\n")  # before the imports
     assert "[3/3] trial 2" in out and "best=" in out
     progress = [line for line in out.splitlines() if line.startswith("[")]
     assert [re.search(r"\| ~[0-9.]+(s|min) left$", line) is not None for line in progress] == [
