@@ -38,10 +38,9 @@ from pathlib import Path
 
 import optuna
 
-from reftsearch.adapters import build_adapter
 from reftsearch.data import encode
 from reftsearch.errors import TrialFailed
-from reftsearch.final import configs_of, retrain
+from reftsearch.final import trained_adapter
 from reftsearch.finalize import FINALIZE_OF, search_trials, seed_summary
 from reftsearch.objective import Objective
 from reftsearch.report import best_trials
@@ -50,7 +49,6 @@ from reftsearch.spec import parse_spec
 from reftsearch.study import PreparedStudy, open_study, prepare
 from reftsearch.train import evaluate
 from reftsearch.warmstart import enqueue_warm_starts
-from reftsearch.weights import restore
 
 REPO = Path(__file__).resolve().parents[1]
 SST2 = REPO.parent / "shared" / "data" / "sst2"
@@ -214,10 +212,7 @@ def search(prepared: PreparedStudy, size: Size, held_out: list, folder: Path) ->
     wall_s = time.perf_counter() - start
     (picked,) = best_trials(study, 1)
     seeds = seed_summary(study, picked)
-    picked_config, picked_train = configs_of(picked)
-    reft = build_adapter(picked_config, prepared.base, picked_train.seed)
-    if restore(study, picked, reft, prepared.base.head) is None:  # kept by the objective
-        reft = retrain(prepared, picked)  # the same seed gives the same weights
+    reft, _ = trained_adapter(prepared, study, picked, _quiet)  # kept by the objective
     with reft.attached(prepared.base.blocks):
         held_out_score = evaluate(prepared.base, reft, prepared.split, held_out)
     return Result(

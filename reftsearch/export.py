@@ -27,10 +27,9 @@ import torch
 import transformers
 
 from reftsearch import __version__
-from reftsearch.adapters import build_adapter
 from reftsearch.data import Encoded, collate, has_split
 from reftsearch.errors import BadInputError
-from reftsearch.final import configs_of, retrain, test_score
+from reftsearch.final import test_score, trained_adapter
 from reftsearch.models import BUILTIN_MODELS, BaseModel
 from reftsearch.positions import intervention_locations
 from reftsearch.pyreft_snippet import render_snippet
@@ -38,8 +37,7 @@ from reftsearch.reft import ReftModule
 from reftsearch.report import best_trials
 from reftsearch.spec import StudySpec
 from reftsearch.storage import load_named_study, mask_url
-from reftsearch.study import PreparedStudy, prepare
-from reftsearch.weights import restore
+from reftsearch.study import prepare
 
 Log = Callable[[str], None]
 
@@ -91,7 +89,7 @@ def export_study(
     trial = pick_trial(study, trial_number)
     _check_exportable(trial)
     prepared = prepare(spec)
-    reft, weights = trained_module(prepared, study, trial, log)
+    reft, weights = trained_adapter(prepared, study, trial, log)
     score = None
     if has_split(spec.task.data, "test"):
         score = test_score(spec, study, trial, log, trained=(prepared, reft))
@@ -176,23 +174,6 @@ def _check_exportable(trial: optuna.trial.FrozenTrial) -> None:
             f"trial {trial.number}: only ReFT trials export to pyreft; its config has no "
             f"intervention: {trial.user_attrs.get('config')}"
         )
-
-
-def trained_module(
-    prepared: PreparedStudy, study: optuna.Study, trial: optuna.trial.FrozenTrial, log: Log
-) -> tuple[ReftModule, str]:
-    """The trial's trained interventions (head loaded into the model): kept, else retrained."""
-    reft_config, train_config = configs_of(trial)
-    base = prepared.base
-    reft = build_adapter(reft_config, base, train_config.seed)  # overwritten by restore
-    source = restore(study, trial, reft, base.head)
-    if source is not None:
-        return reft, f"kept artifact {source}"
-    log(
-        f"trial {trial.number}: its trained weights were not kept (or are gone); "
-        f"retraining its config with seed {train_config.seed}"
-    )
-    return retrain(prepared, trial), f"retrained with seed {train_config.seed}"
 
 
 def write_pyreft_files(

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -191,12 +192,28 @@ def test_best_test_touches_test_once_and_caches(write_study, easy_task_files, ca
     assert main(["run", str(study)]) == 0
     capsys.readouterr()
     assert main(["best", str(study), "--json", "--test"]) == 0
-    first = json.loads(capsys.readouterr().out)["test_score"]
+    captured = capsys.readouterr()
+    first = json.loads(captured.out)["test_score"]
     assert 0.0 <= first <= 1.0
+    assert "scoring trial 0 (kept artifact " in captured.err  # the searched weights themselves
     assert main(["best", str(study), "--json", "--test"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["test_score"] == first
     assert "not touching test again" in captured.err
+
+
+def test_best_test_retrains_the_config_when_its_weights_are_gone(
+    write_study, easy_task_files, capsys
+):
+    study = write_study(tiny_study(easy_task_files, budget={"n_trials": 1, "max_epochs": 1}))
+    assert main(["run", str(study)]) == 0
+    shutil.rmtree(study.parent / "t.artifacts")
+    capsys.readouterr()
+    assert main(["best", str(study), "--json", "--test"]) == 0
+    captured = capsys.readouterr()
+    assert "its trained weights were not kept (or are gone); retraining" in captured.err
+    assert "scoring trial 0 (retrained with seed " in captured.err
+    assert 0.0 <= json.loads(captured.out)["test_score"] <= 1.0
 
 
 def test_best_of_a_missing_study_is_bad_input(write_study, easy_task_files, capsys):
