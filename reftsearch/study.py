@@ -37,6 +37,7 @@ from reftsearch.validity import Limits, check_space, limits_of
 from reftsearch.weights import WEIGHTS_DIR, weights_dir
 
 NO_GRID_POINT = -1  # the grid_id of a trial that gave its point back
+
 FINISHED_STATES = (
     optuna.trial.TrialState.COMPLETE,
     optuna.trial.TrialState.PRUNED,
