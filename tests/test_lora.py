@@ -1,6 +1,7 @@
 """LoRA (peft) through the same trainer as ReFT, and ``reftsearch compare`` on one budget."""
 
 import csv
+import json
 
 import optuna
 import pytest
@@ -46,6 +47,16 @@ def lora_study(data, **changes) -> dict:
     raw = tiny_study(data, method="lora", budget=budget, sampler="grid", **changes)
     raw["space"] = {"rank": [1, 2], "target_modules": "default", "lr": 5e-3, "batch_size": 16}
     return raw
+
+
+def test_best_test_scores_a_lora_trials_kept_weights(write_study, easy_task_files, capsys):
+    study = write_study(lora_study(easy_task_files))
+    assert main(["run", str(study)]) == 0
+    capsys.readouterr()
+    assert main(["best", str(study), "--json", "--test"]) == 0
+    captured = capsys.readouterr()
+    assert "(kept artifact " in captured.err and "retraining" not in captured.err
+    assert 0.0 <= json.loads(captured.out)["test_score"] <= 1.0
 
 
 def test_lora_study_runs_and_records_its_config(write_study, easy_task_files):
