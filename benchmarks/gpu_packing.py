@@ -26,11 +26,11 @@ from types import SimpleNamespace
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from reftsearch.cache import PrefixCache
-from reftsearch.data import IGNORE_INDEX, Encoded, collate
-from reftsearch.models import BaseModel
-from reftsearch.reft import ReftConfig, ReftModule
-from reftsearch.train import Pack, SplitData, TrainConfig, TrialRun
+from reftsearch.data.splits import IGNORE_INDEX, Encoded, collate
+from reftsearch.engine.activation_cache import PrefixCache
+from reftsearch.engine.train import Pack, SplitData, TrainConfig, TrialRun
+from reftsearch.methods.reft.module import ReftConfig, ReftModule
+from reftsearch.models.base import BaseModel
 
 WARMUP, TIMED = 2, 5
 RESPONSE = 8  # supervised tokens per row

@@ -33,14 +33,14 @@ from pathlib import Path
 import optuna
 import torch
 
-from reftsearch.adapters import build_adapter
-from reftsearch.data import carve_dev, encode, load_split, load_test_rows
-from reftsearch.final import configs_of
-from reftsearch.finalize import top_search_trials
-from reftsearch.runner import run_study
-from reftsearch.spec import StudySpec, load_spec
-from reftsearch.study import prepare
-from reftsearch.train import evaluate, train_trial
+from reftsearch.data.splits import carve_dev, encode, load_split, load_test_rows
+from reftsearch.engine.train import evaluate, train_trial
+from reftsearch.methods.adapter import build_adapter
+from reftsearch.run.driver import run_study
+from reftsearch.search.seed_reruns import top_search_trials
+from reftsearch.search.study import prepare
+from reftsearch.search.test_split import configs_of
+from reftsearch.spec.study_file import StudySpec, load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "studies" / "sst2-minilm.yaml"

@@ -38,17 +38,17 @@ from pathlib import Path
 
 import optuna
 
-from reftsearch.data import encode
+from reftsearch.data.splits import encode
+from reftsearch.engine.train import evaluate
 from reftsearch.errors import TrialFailed
-from reftsearch.final import trained_adapter
-from reftsearch.finalize import FINALIZE_OF, search_trials, seed_summary
-from reftsearch.objective import Objective
-from reftsearch.report import best_trials
-from reftsearch.runner import run_finalize, warm_start_recipes
-from reftsearch.spec import parse_spec
-from reftsearch.study import PreparedStudy, open_study, prepare
-from reftsearch.train import evaluate
-from reftsearch.warmstart import enqueue_warm_starts
+from reftsearch.results.best_table import best_trials
+from reftsearch.run.driver import run_finalize, warm_start_recipes
+from reftsearch.search.objective import Objective
+from reftsearch.search.seed_reruns import FINALIZE_OF, search_trials, seed_summary
+from reftsearch.search.study import PreparedStudy, open_study, prepare
+from reftsearch.search.test_split import trained_adapter
+from reftsearch.search.warm_start import enqueue_warm_starts
+from reftsearch.spec.study_file import parse_spec
 
 REPO = Path(__file__).resolve().parents[1]
 SST2 = REPO.parent / "shared" / "data" / "sst2"

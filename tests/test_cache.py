@@ -8,13 +8,10 @@ import pytest
 import torch
 from conftest import DEVICES
 
-from reftsearch import cache as cache_module
-from reftsearch.cache import PrefixCache, compute_states
-from reftsearch.data import batches, collate_rows, encode, pass_tokens, sorted_batch_rows
-from reftsearch.models import load_base_model
-from reftsearch.reft import ReftConfig, ReftModule
-from reftsearch.spec import DataSpec, TaskSpec
-from reftsearch.train import (
+from reftsearch.data.splits import batches, collate_rows, encode, pass_tokens, sorted_batch_rows
+from reftsearch.engine import activation_cache as cache_module
+from reftsearch.engine.activation_cache import PrefixCache, compute_states
+from reftsearch.engine.train import (
     SplitData,
     TrainConfig,
     evaluate,
@@ -23,6 +20,9 @@ from reftsearch.train import (
     span_losses,
     train_trial,
 )
+from reftsearch.methods.reft.module import ReftConfig, ReftModule
+from reftsearch.models.base import load_base_model
+from reftsearch.spec.study_file import DataSpec, TaskSpec
 
 WORDS = ["the", "film", "was", "not", "good", "but", "actors", "were", "hardly", "bad", "at"]
 

@@ -11,8 +11,8 @@ import optuna
 from conftest import tiny_study
 
 from reftsearch.cli import main
-from reftsearch.spec import load_spec
-from reftsearch.study import open_study
+from reftsearch.search.study import open_study
+from reftsearch.spec.study_file import load_spec
 
 START_TIMEOUT_S = 60
 

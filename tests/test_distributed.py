@@ -19,13 +19,13 @@ import pytest
 from conftest import tiny_study
 from sqlalchemy.engine import make_url
 
-from reftsearch import worker
 from reftsearch.cli import main
 from reftsearch.errors import TrialFailed
-from reftsearch.finalize import FINALIZE_OF, PAST_BUDGET, search_trials
-from reftsearch.report import trials_frame
-from reftsearch.spec import load_spec
-from reftsearch.study import asked_past_budget, count_finished, open_study
+from reftsearch.results.best_table import trials_frame
+from reftsearch.run import worker
+from reftsearch.search.seed_reruns import FINALIZE_OF, PAST_BUDGET, search_trials
+from reftsearch.search.study import asked_past_budget, count_finished, open_study
+from reftsearch.spec.study_file import load_spec
 
 SECRET = "s3cret"  # trust auth ignores the password; it must still never be printed
 State = optuna.trial.TrialState
@@ -171,7 +171,7 @@ def test_sixteen_standalone_workers_on_postgres(
     # 16 separate processes forked from one that imported reftsearch: 16 fresh imports of
     # torch would take minutes of CPU on 2 cores
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["reftsearch.worker"])
+    context.set_forkserver_preload(["reftsearch.run.worker"])
     workers = [
         context.Process(target=standalone_worker, args=(["--study", "t"],)) for _ in range(16)
     ]
@@ -263,7 +263,7 @@ def test_a_model_without_its_weights_is_bad_input_before_any_worker_starts(
 ):
     """The driver loads the weights itself: a broken model directory is refused there (exit
     2, one line), not in every Ray actor (exit 1, restarts, tracebacks)."""
-    from reftsearch.models import load_base_model
+    from reftsearch.models.base import load_base_model
 
     base = load_base_model("tiny:llama", "classification")
     model = tmp_path / "model"
@@ -294,9 +294,9 @@ def test_ray_driver_frees_its_weights_for_the_search_and_times_no_estimate(
     reuse them. Finalize, which the driver runs itself, loads the weights again (and only
     them: the data stays as tokenized). The workers' passes are reported in the driver's
     output."""
-    from reftsearch import cache as cache_module
-    from reftsearch import runner
-    from reftsearch import study as study_module
+    from reftsearch.engine import activation_cache as cache_module
+    from reftsearch.run import driver as runner
+    from reftsearch.search import study as study_module
 
     driver_passes, driver_models, data_loads, devices_during_search = [], [], [], []
     real_frozen, real_model, real_data, real_run_on_ray = (

@@ -3,15 +3,15 @@ import json
 import optuna
 from conftest import tiny_study
 
-from reftsearch import worker
-from reftsearch.adapters import build_adapter
 from reftsearch.cli import main
-from reftsearch.estimate import _batch_tokens, _step_run, estimate_study
-from reftsearch.reft import ReftConfig
-from reftsearch.spec import load_spec
-from reftsearch.study import open_study, prepare
-from reftsearch.train import TrainConfig
-from reftsearch.worker import EstimateRequest, Worker
+from reftsearch.engine.train import TrainConfig
+from reftsearch.methods.adapter import build_adapter
+from reftsearch.methods.reft.module import ReftConfig
+from reftsearch.run import worker
+from reftsearch.run.estimate import _batch_tokens, _step_run, estimate_study
+from reftsearch.run.worker import EstimateRequest, Worker
+from reftsearch.search.study import open_study, prepare
+from reftsearch.spec.study_file import load_spec
 
 
 def test_estimate_is_positive_and_close_to_a_measured_trial(write_study, easy_task_files, capsys):

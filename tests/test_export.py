@@ -18,11 +18,11 @@ import yaml
 from conftest import REPO
 
 from reftsearch.cli import main
-from reftsearch.export import pyvene_keys
-from reftsearch.models import load_base_model
-from reftsearch.reft import ReftConfig, ReftModule
-from reftsearch.spec import load_spec
-from reftsearch.study import open_study
+from reftsearch.export.pyreft import pyvene_keys
+from reftsearch.methods.reft.module import ReftConfig, ReftModule
+from reftsearch.models.base import load_base_model
+from reftsearch.search.study import open_study
+from reftsearch.spec.study_file import load_spec
 
 PYREFT_TOOLS = REPO.parent / "shared" / "tools" / "pyreft_ref"
 PYREFT_VENV = Path(

@@ -6,9 +6,9 @@ from conftest import tiny_study
 
 from reftsearch.cli import main
 from reftsearch.errors import SpecError
-from reftsearch.fidelity import data_ladder, example_steps, rung_count
-from reftsearch.spec import load_spec, parse_spec
-from reftsearch.study import open_study
+from reftsearch.search.fidelity import data_ladder, example_steps, rung_count
+from reftsearch.search.study import open_study
+from reftsearch.spec.study_file import load_spec, parse_spec
 
 
 def run_enqueued(write_study, raw, *params, name="study.yaml"):

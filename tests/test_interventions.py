@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from reftsearch.interventions import (
+from reftsearch.methods.reft.interventions import (
     INTERVENTIONS,
     DiReFT,
     LoReFT,
@@ -10,7 +10,7 @@ from reftsearch.interventions import (
     count_parameters,
     householder_product,
 )
-from reftsearch.space import INTERVENTION_NAMES
+from reftsearch.spec.space import INTERVENTION_NAMES
 
 
 @pytest.fixture(autouse=True)

@@ -9,9 +9,9 @@ import torch
 from conftest import tiny_study
 
 from reftsearch.cli import main
-from reftsearch.lora import LoraConfig, LoraModule
-from reftsearch.models import load_base_model
-from reftsearch.spec import load_spec
+from reftsearch.methods.lora.module import LoraConfig, LoraModule
+from reftsearch.models.base import load_base_model
+from reftsearch.spec.study_file import load_spec
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,8 @@ import torch  # noqa: E402
 from conftest import DEVICES  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
-from reftsearch import spec  # noqa: E402
 from reftsearch.errors import BadInputError  # noqa: E402
-from reftsearch.models import (  # noqa: E402
+from reftsearch.models.base import (
     BUILTIN_MODELS,
     DTYPES,
     BaseModel,
@@ -24,6 +23,7 @@ from reftsearch.models import (  # noqa: E402
     load_base_model,
     resolve_device,
 )
+from reftsearch.spec import study_file as spec  # noqa: E402
 
 TINY = ["tiny:llama", "tiny:bert"]
 

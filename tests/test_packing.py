@@ -9,15 +9,15 @@ import torch
 from conftest import DEVICES, tiny_study
 from test_cache import make_reft, setup
 
-from reftsearch.adapters import GLOBAL_RNG_LOCK, build_adapter
-from reftsearch.cache import PrefixCache
 from reftsearch.cli import main
+from reftsearch.engine.activation_cache import PrefixCache
+from reftsearch.engine.train import Pack, TrainConfig, TrialRun, own_head, train_trial
 from reftsearch.errors import SpecError
-from reftsearch.packing import AUTO_MAX_PACK, PackedTrainer, pack_size, trials_that_fit
-from reftsearch.reft import ReftConfig
-from reftsearch.spec import load_spec
-from reftsearch.study import prepare
-from reftsearch.train import Pack, TrainConfig, TrialRun, own_head, train_trial
+from reftsearch.methods.adapter import GLOBAL_RNG_LOCK, build_adapter
+from reftsearch.methods.reft.module import ReftConfig
+from reftsearch.search.packing import AUTO_MAX_PACK, PackedTrainer, pack_size, trials_that_fit
+from reftsearch.search.study import prepare
+from reftsearch.spec.study_file import load_spec
 
 # trials that differ in everything packing must keep apart: layers, positions, rank, batch
 # size, learning rate, schedule, epochs (so one leaves the pack before the others)

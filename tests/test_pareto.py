@@ -7,8 +7,8 @@ import pytest
 from conftest import REPO
 
 from reftsearch.cli import main
-from reftsearch.spec import load_spec
-from reftsearch.study import open_study
+from reftsearch.search.study import open_study
+from reftsearch.spec.study_file import load_spec
 
 PARETO_STUDY = REPO / "studies" / "tiny-pareto.yaml"
 

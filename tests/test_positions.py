@@ -1,7 +1,12 @@
 import pytest
 import torch
 
-from reftsearch.positions import describe, intervention_locations, num_groups, unedited_prefix
+from reftsearch.methods.reft.positions import (
+    describe,
+    intervention_locations,
+    num_groups,
+    unedited_prefix,
+)
 
 
 def locations(lengths, prefix, suffix, tied, offsets=None):

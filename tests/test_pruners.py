@@ -3,7 +3,7 @@
 import optuna
 import pytest
 
-from reftsearch.pruners import SparingPruner
+from reftsearch.search.pruners import SparingPruner
 
 
 class AlwaysPrune(optuna.pruners.BasePruner):

@@ -11,12 +11,12 @@ import torch
 from conftest import REPO, SHARED_DATA
 
 from reftsearch.cli import main
-from reftsearch.data import encode, load_split, load_task_data
+from reftsearch.data.splits import encode, load_split, load_task_data
+from reftsearch.engine.train import generate
 from reftsearch.errors import SpecError
-from reftsearch.models import CACHE_ENV, cache_dir, load_base_model
-from reftsearch.reft import ReftConfig, ReftModule
-from reftsearch.spec import DataSpec, TaskSpec, load_spec, parse_spec
-from reftsearch.train import generate
+from reftsearch.methods.reft.module import ReftConfig, ReftModule
+from reftsearch.models.base import CACHE_ENV, cache_dir, load_base_model
+from reftsearch.spec.study_file import DataSpec, TaskSpec, load_spec, parse_spec
 
 needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent")
 

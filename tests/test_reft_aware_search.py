@@ -8,11 +8,11 @@ from conftest import tiny_study
 
 from reftsearch.cli import main
 from reftsearch.errors import SpecError
-from reftsearch.finalize import FINALIZE_OF, SEED
-from reftsearch.space import Choice, Fixed, FloatRange, IntRange
-from reftsearch.spec import load_spec, parse_spec
-from reftsearch.study import open_study
-from reftsearch.warmstart import Recipe, map_onto_space, paper_recipes
+from reftsearch.search.seed_reruns import FINALIZE_OF, SEED
+from reftsearch.search.study import open_study
+from reftsearch.search.warm_start import Recipe, map_onto_space, paper_recipes
+from reftsearch.spec.space import Choice, Fixed, FloatRange, IntRange
+from reftsearch.spec.study_file import load_spec, parse_spec
 
 
 def trials_of(path):

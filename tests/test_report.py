@@ -13,9 +13,9 @@ import yaml
 from conftest import tiny_study
 
 from reftsearch.cli import main
-from reftsearch.report import pareto_front
-from reftsearch.spec import load_spec
-from reftsearch.study import open_study
+from reftsearch.results.best_table import pareto_front
+from reftsearch.search.study import open_study
+from reftsearch.spec.study_file import load_spec
 
 PLOTS = ("history.png", "layers_positions.png", "rank.png", "params.png", "states.png")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -136,8 +136,8 @@ def test_commands_that_read_a_spec_or_a_stored_study_import_no_model_library():
     ``reftsearch --help`` 4 s instead of 0.7."""
     demo = Path(__file__).parents[1] / "studies" / "demo.yaml"
     code = (
-        "import sys, reftsearch.cli, reftsearch.report, reftsearch.storage; "
-        f"reftsearch.spec.load_spec({str(demo)!r}); "
+        "import sys, reftsearch.cli, reftsearch.results.best_table, reftsearch.search.storage; "
+        f"reftsearch.spec.study_file.load_spec({str(demo)!r}); "
         "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

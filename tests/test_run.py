@@ -13,11 +13,11 @@ import pytest
 import torch
 from conftest import tiny_study
 
-from reftsearch import cache as cache_module
-from reftsearch import study as study_module
 from reftsearch.cli import main
-from reftsearch.spec import load_spec
-from reftsearch.study import open_study
+from reftsearch.engine import activation_cache as cache_module
+from reftsearch.search import study as study_module
+from reftsearch.search.study import open_study
+from reftsearch.spec.study_file import load_spec
 
 
 def trials_of(study_path):

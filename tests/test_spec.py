@@ -4,8 +4,8 @@ import pytest
 import yaml
 
 from reftsearch.errors import BadInputError, SpecError
-from reftsearch.space import Choice, Fixed, FloatRange, IntRange, parse_layers
-from reftsearch.spec import load_spec, parse_spec
+from reftsearch.spec.space import Choice, Fixed, FloatRange, IntRange, parse_layers
+from reftsearch.spec.study_file import load_spec, parse_spec
 
 STUDIES = sorted(Path(__file__).parents[1].joinpath("studies").glob("*.yaml"))
 

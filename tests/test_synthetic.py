@@ -1,4 +1,4 @@
-"""Tests for the builtin synthetic tasks (reftsearch.synthetic)."""
+"""Tests for the builtin synthetic tasks (reftsearch.data.synthetic)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from reftsearch.synthetic import (
+from reftsearch.data.synthetic import (
     BUILTIN_TASKS,
     INTENSIFIERS,
     NEGATIVE_ADJECTIVES,

@@ -8,10 +8,10 @@ from conftest import tiny_study
 
 from reftsearch.cli import main
 from reftsearch.errors import SpecError
-from reftsearch.reft import ReftConfig, ReftModule
-from reftsearch.spec import load_spec, parse_spec
-from reftsearch.study import open_study
-from reftsearch.validity import capped_share, limits_of, why_invalid
+from reftsearch.methods.reft.constraints import capped_share, limits_of, why_invalid
+from reftsearch.methods.reft.module import ReftConfig, ReftModule
+from reftsearch.search.study import open_study
+from reftsearch.spec.study_file import load_spec, parse_spec
 
 # tiny:llama has 4 layers and hidden size 64; easy_task_files prompts have 20-26 tokens
 LIMITS = limits_of(num_layers=4, hidden_size=64, prompt_lengths=[26, 20, 23, 21])

@@ -1,0 +1,1 @@
+"""A trained trial written for other libraries to load: pyreft's ``ReftModel.load``."""

@@ -1,0 +1,353 @@
+"""A trained trial -> a directory that ``pyreft.ReftModel.load`` (pyreft 0.1.0, pyvene 0.1.8) reads.
+
+``OUT_DIR`` holds what ``ReftModel.save`` writes, byte format included (``config.json`` and one
+``intkey_<key>.bin`` per intervention, see ../shared/tools/pyreft_ref/FORMAT.md), plus:
+
+* ``pytorch_model.bin``: the trained classification head, as pyvene's ``save(include_model=True)``
+  writes it (``ReftModel.load(..., include_model=True)`` loads it into the model);
+* ``reftsearch.json``: what pyreft does not store (positions, tied, dropout, scores, study);
+* ``reft_config.py``: a runnable pyreft snippet (see ``reftsearch.export.pyreft_snippet``);
+* ``reference_io.json``: a few inputs, their positions and reftsearch's own logits, in the
+  EXPECT.json format of the reference checker ``check_export.py``;
+* ``base_model/``: ``save_pretrained`` of a built-in base model, which pyreft cannot name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import torch
+import transformers
+
+from reftsearch import __version__
+from reftsearch.data.splits import Encoded, collate, has_split
+from reftsearch.errors import BadInputError
+from reftsearch.export.pyreft_snippet import render_snippet
+from reftsearch.methods.reft.module import ReftModule
+from reftsearch.methods.reft.positions import intervention_locations
+from reftsearch.models.base import BUILTIN_MODELS, BaseModel
+from reftsearch.results.best_table import best_trials
+from reftsearch.search.storage import load_named_study, mask_url
+from reftsearch.search.study import prepare
+from reftsearch.search.test_split import test_score, trained_adapter
+from reftsearch.spec.study_file import StudySpec
+
+Log = Callable[[str], None]
+
+# Model classes pyvene 0.1.8 maps to a "block_output" component (its type_to_module_mapping);
+# any other model is addressed by module path, "<path of block i>.output" (the output hook),
+# as pyreft's GLUE example does for RoBERTa.
+PYVENE_MAPPED_CLASSES = frozenset(
+    {
+        "GPT2Model", "GPT2LMHeadModel", "GPT2ForSequenceClassification", "LlamaModel",
+        "LlamaForCausalLM", "LlamaForSequenceClassification", "GPTNeoModel", "GPTNeoForCausalLM",
+        "GPTNeoXModel", "GPTNeoXForCausalLM", "MistralModel", "MistralForCausalLM", "GemmaModel",
+        "GemmaForCausalLM", "GemmaForSequenceClassification", "Gemma2Model", "Gemma2ForCausalLM",
+        "OlmoModel", "OlmoForCausalLM", "Qwen2Model", "Qwen2ForCausalLM",
+        "Qwen2ForSequenceClassification",
+    }
+)  # fmt: skip
+# pyreft 0.1.0's load() rebuilds interventions from config.json alone; these types it cannot
+# (it never passes the add_bias they read).
+NOT_LOADABLE = {
+    "noreft": "NoreftIntervention",
+    "direft": "NodireftIntervention",
+}
+HEAD_FILE = "pytorch_model.bin"  # pyvene's name for the model's trainable parameters
+REFERENCE_EXAMPLES = 3
+LOGITS_HEAD = 32  # next-token logits kept per reference input (all of them for classification)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out_dir: Path
+    trial: int
+    weights: str  # where the trained weights came from
+    pyreft_loadable: bool
+    note: str
+    test_score: float | None
+
+
+def export_study(
+    spec: StudySpec,
+    storage_url: str,
+    out_dir: str | Path,
+    trial_number: int | None = None,
+    log: Log = print,
+) -> ExportResult:
+    """Write the best trial (or ``trial_number``) of the stored study to ``out_dir``."""
+    out = Path(out_dir)
+    _check_out_dir(out)
+    study = load_named_study(spec.name, storage_url)
+    trial = pick_trial(study, trial_number)
+    _check_exportable(trial)
+    prepared = prepare(spec)
+    reft, weights = trained_adapter(prepared, study, trial, log)
+    score = None
+    if has_split(spec.task.data, "test"):
+        score = test_score(spec, study, trial, log, trained=(prepared, reft))
+
+    if out.exists():
+        shutil.rmtree(out)  # a previous export (checked above); stale intkey files must go
+    out.mkdir(parents=True)
+    base = prepared.base
+    keys, representations = write_pyreft_files(out, reft, base)
+    has_head = write_head(out, base)
+    base_model = _write_base_model(out, spec, base)
+    reference = reference_io(base, reft, prepared.split.dev[:REFERENCE_EXAMPLES], keys)
+    reference["model"] = str(out / "base_model") if base_model == "base_model" else base_model
+    _write_json(out / "reference_io.json", reference)
+
+    intervention = reft.config.intervention
+    loadable, note = pyreft_loadability(intervention, type(base.model).__name__)
+    sidecar = {
+        "reftsearch_version": __version__,
+        "study": spec.name,
+        "storage": mask_url(storage_url),
+        "trial": trial.number,
+        "task": spec.task.kind,
+        "metric": spec.metric,
+        "dev_score": trial.value,
+        "test_score": score,
+        "weights": weights,
+        "config": trial.user_attrs["config"],
+        "positions": reft.config.positions,
+        "prefix": reft.config.prefix,
+        "suffix": reft.config.suffix,
+        "tied": reft.config.tied,
+        "dropout": reft.config.dropout,
+        "activation": "linear",
+        "intervention_dtype": "float32",
+        "base_model": {
+            "path": spec.model.path,
+            "load_from": base_model,
+            "dtype": base.dtype,
+            "class": type(base.model).__name__,
+            "hidden_size": base.hidden_size,
+        },
+        "pyreft": {
+            "intervention_class": reft.intervention(reft.config.layers[0], 0).pyreft_class,
+            "sorted_keys": keys,
+            "representations": representations,
+            "head_file": HEAD_FILE if has_head else None,
+            "versions": {"pyreft": "0.1.0", "pyvene": "0.1.8"},
+        },
+        "pyreft_loadable": loadable,
+        "pyreft_note": note,
+    }
+    _write_json(out / "reftsearch.json", sidecar)
+    (out / "reft_config.py").write_text(render_snippet(sidecar))
+    return ExportResult(out, trial.number, weights, loadable, note, score)
+
+
+def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTrial:
+    """The study's best trial, or trial ``number``, which must have completed."""
+    if number is None:
+        best = best_trials(study, 1)
+        if not best:
+            raise BadInputError(f"study {study.study_name!r} has no completed trial to export")
+        return best[0]
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if number not in trials:
+        raise BadInputError(
+            f"--trial: study {study.study_name!r} has no trial {number} "
+            f"(its trials are numbered 0 to {len(trials) - 1})"
+        )
+    trial = trials[number]
+    if trial.state != optuna.trial.TrialState.COMPLETE:
+        raise BadInputError(
+            f"--trial: trial {number} must be COMPLETE to be exported, it is {trial.state.name}"
+        )
+    return trial
+
+
+def _check_exportable(trial: optuna.trial.FrozenTrial) -> None:
+    if "intervention" not in trial.user_attrs.get("config", {}):
+        raise BadInputError(
+            f"trial {trial.number}: only ReFT trials export to pyreft; its config has no "
+            f"intervention: {trial.user_attrs.get('config')}"
+        )
+
+
+def write_pyreft_files(
+    out: Path, reft: ReftModule, base: BaseModel
+) -> tuple[list[str], list[list]]:
+    """``config.json`` and the ``intkey_<key>.bin`` files; returns the keys and representations.
+
+    pyreft orders untied interventions position group first (layers listed twice: keys ``#0``
+    take the first tokens, ``#1`` the last), which is ReftModule's order too.
+    """
+    c = reft.config
+    representations = [
+        # pyvene's RepresentationConfig as the 14-item list save() writes: layer, component,
+        # unit, max_number_of_units, low_rank_dimension, then nine fields save() nulls.
+        [layer, pyvene_component(base, layer), "pos", 1, c.rank, *[None] * 9]
+        for group in range(c.groups)
+        for layer in c.layers
+    ]
+    modules = [reft.intervention(layer, group) for group in range(c.groups) for layer in c.layers]
+    keys = pyvene_keys(representations)
+    for key, module in zip(keys, modules, strict=True):
+        # weights float32 (pyreft asserts it for rotate_layer), on CPU (pyvene loads without
+        # map_location); pyvene's int64 dimension buffers stay as they are
+        state = OrderedDict(
+            (name, (tensor.float() if tensor.is_floating_point() else tensor).cpu().contiguous())
+            for name, tensor in module.pyreft_state_dict().items()
+        )
+        torch.save(state, out / f"intkey_{key}.bin")
+    config = {
+        "intervention_constant_sources": [True] * len(keys),  # false would silently do nothing
+        "intervention_dimensions": [base.hidden_size] * len(keys),
+        "intervention_types": [f"<class '{m.pyreft_class}'>" for m in modules],
+        "mode": "parallel",
+        "representations": representations,
+        "sorted_keys": keys,
+        "transformers_version": transformers.__version__,
+    }
+    _write_json(out / "config.json", config, indent=2, sort_keys=True)
+    return keys, representations
+
+
+def pyvene_component(base: BaseModel, layer: int) -> str:
+    """How pyvene addresses the output of block ``layer`` of ``base``'s model."""
+    if type(base.model).__name__ in PYVENE_MAPPED_CLASSES:
+        return "block_output"
+    names = {id(module): name for name, module in base.model.named_modules()}
+    # "bert.encoder.layer.2" -> "bert.encoder.layer[2]" (pyvene indexes lists with brackets)
+    path = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", names[id(base.blocks[layer])])
+    return f"{path}.output"
+
+
+def pyvene_keys(representations: list[list]) -> list[str]:
+    """pyvene's intervention keys, derived from the representations as its load() does."""
+    keys, seen = [], {}
+    for layer, component, unit, units, *_ in representations:
+        if "." in component:
+            stem = f"comp_{component.replace('.', '_')}_unit_{unit}_nunit_{units}"
+        else:
+            stem = f"layer_{layer}_comp_{component}_unit_{unit}_nunit_{units}"
+        seen[stem] = seen.get(stem, -1) + 1
+        keys.append(f"{stem}#{seen[stem]}")
+    return keys
+
+
+def write_head(out: Path, base: BaseModel) -> bool:
+    """The trained classification head under the model's own parameter names, if any."""
+    if base.head is None:
+        return False
+    head = {id(p) for p in base.head.parameters()}
+    state = {
+        name: p.detach().to("cpu").contiguous()
+        for name, p in base.model.named_parameters()
+        if id(p) in head
+    }
+    torch.save(state, out / HEAD_FILE)
+    return True
+
+
+@torch.no_grad()
+def reference_io(
+    base: BaseModel, reft: ReftModule, examples: list[Encoded], keys: list[str]
+) -> dict:
+    """Inputs, per-intervention positions and logits with and without the interventions.
+
+    The top level is the first example in check_export.py's EXPECT.json format; ``examples``
+    lists all of them in the same format. Prompts only (what pyreft intervenes on).
+    """
+    c = reft.config
+    reft.eval()
+    pad_id = base.tokenizer.pad_token_id
+    entries = []
+    for example in examples:
+        n = example.prompt_length
+        prompt = Encoded(
+            example.input_ids[:n],
+            n,
+            token_type_ids=None if example.token_type_ids is None else example.token_type_ids[:n],
+        )
+        batch = collate([prompt], pad_id).to(base.device)
+        with reft.attached(base.blocks):
+            reft.set_locations(batch.prompt_lengths, batch.offsets)
+            logits = _logits(base, batch)
+        base_logits = _logits(base, batch)
+        groups = intervention_locations(batch.prompt_lengths.cpu(), c.prefix, c.suffix, c.tied)
+        per_group = [[p for p in group[0].tolist() if p >= 0] for group in groups]
+        entry = {
+            "input_ids": prompt.input_ids,
+            "positions": [per_group[g] for g in range(c.groups) for _ in c.layers],
+            "logits_head": logits.tolist(),
+            "base_logits_head": base_logits.tolist(),
+            "logits_token_index": -1,
+            "logits_kind": "next_token" if base.head is None else "classification",
+        }
+        if prompt.token_type_ids is not None:
+            entry["token_type_ids"] = prompt.token_type_ids
+        entries.append(entry)
+    return {**entries[0], "sorted_keys": keys, "examples": entries}
+
+
+def _logits(base: BaseModel, batch) -> torch.Tensor:
+    logits = base.model(**batch.model_inputs()).logits[0].float().cpu()
+    # classification models give one row of label logits; causal LMs one row per token
+    return logits if base.head is not None else logits[-1, :LOGITS_HEAD]
+
+
+def _write_base_model(out: Path, spec: StudySpec, base: BaseModel) -> str:
+    """Where pyreft users get the base model: ``base_model/`` for built-ins, else the path."""
+    if spec.model.path not in BUILTIN_MODELS:
+        return spec.model.path
+    directory = out / "base_model"
+    base.model.save_pretrained(directory)
+    base.tokenizer.save_pretrained(directory)
+    # transformers 5 names its generic fast tokenizer TokenizersBackend, a class the
+    # transformers 4.45 that pyreft 0.1.0 pins does not know; the files are the same.
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        _write_json(config_path, config, indent=2)
+    return "base_model"
+
+
+def pyreft_loadability(intervention: str, model_class: str) -> tuple[bool, str]:
+    """Whether ``pyreft.ReftModel.load`` itself rebuilds such an export, and what to do."""
+    instead = (
+        "reft_config.py builds the model from its ReftConfig (as pyreft's GLUE example does) "
+        "and loads the intkey_*.bin files into it"
+    )
+    if intervention in NOT_LOADABLE:
+        return False, (
+            f"pyreft 0.1.0's ReftModel.load cannot rebuild {NOT_LOADABLE[intervention]} "
+            f"(it never passes add_bias: KeyError 'add_bias'); {instead}"
+        )
+    if model_class not in PYVENE_MAPPED_CLASSES:
+        return False, (
+            f"pyvene 0.1.8 has no dimension mapping for {model_class}, so ReftModel.load cannot "
+            f"size the interventions (KeyError on the model class); {instead}"
+        )
+    return True, (
+        "loads with pyreft.ReftModel.load; on a float32 model cast the interventions to float32 "
+        "and load their files again (pyreft 0.1.0 rebuilds them in bfloat16): reft_config.py "
+        "does both"
+    )
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"OUT_DIR: {out} must be a directory, it is a file")
+    if out.is_dir() and any(out.iterdir()) and not (out / "reftsearch.json").is_file():
+        raise BadInputError(
+            f"OUT_DIR: {out} must be empty, missing, or an earlier reftsearch export "
+            "(it has files but no reftsearch.json)"
+        )
+
+
+def _write_json(path: Path, data: dict, **options) -> None:
+    path.write_text(json.dumps(data, **(options or {"indent": 1})) + "\n")

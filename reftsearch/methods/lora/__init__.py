@@ -1,0 +1,1 @@
+"""LoRA through ``peft``, the baseline ReFT is compared with."""

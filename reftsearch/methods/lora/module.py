@@ -1,0 +1,140 @@
+"""LoRA (through ``peft``) behind the interface the trainer uses for ReFT interventions.
+
+A fair ReFT-vs-LoRA comparison trains both with the same loop, data, head, optimiser, seed
+and budget; only what learns differs. ``LoraModule`` builds peft's LoRA layers around the
+chosen linear layers of the blocks, and swaps them into the model only while ``attached``,
+so the frozen base model is left exactly as it was and serves the next trial, ReFT or LoRA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import peft
+from peft.tuners.lora.layer import dispatch_default
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+
+from reftsearch.errors import SpecError
+from reftsearch.methods.reft.interventions import count_parameters
+from reftsearch.models.base import BaseModel
+from reftsearch.spec.space import Dimension, layer_choices
+
+ADAPTER = "default"
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...]  # last parts of module names inside a block: q_proj, value
+
+    def to_dict(self) -> dict:
+        return {
+            "method": "lora",
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "dropout": self.dropout,
+            "target_modules": list(self.target_modules),
+        }
+
+
+def resolve_targets(text: str, model_type: str) -> tuple[str, ...]:
+    """``"default"`` -> peft's choice for the architecture; ``"q_proj;v_proj"`` -> those names."""
+    if text == "default":
+        names = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+        if names is None:
+            raise ValueError(
+                f"peft has no default LoRA target modules for model type {model_type!r}: "
+                f"name them, e.g. 'q_proj;v_proj'"
+            )
+        return tuple(names)
+    return tuple(name.strip() for name in text.split(";"))
+
+
+def target_sites(
+    blocks: Sequence[nn.Module], targets: Sequence[str]
+) -> list[tuple[str, nn.Module, str, nn.Module]]:
+    """``(key, parent, attribute, layer)`` for every block module whose name ends in a target."""
+    sites = []
+    for index, block in enumerate(blocks):
+        for name, module in block.named_modules():
+            parent_name, _, attribute = name.rpartition(".")
+            if attribute in targets:
+                key = f"{index}/{name.replace('.', '/')}"
+                sites.append((key, block.get_submodule(parent_name), attribute, module))
+    if not sites:
+        linear = sorted(
+            {n.rpartition(".")[2] for n, m in blocks[0].named_modules() if isinstance(m, nn.Linear)}
+        )
+        raise ValueError(
+            f"no module of the model's blocks is named {list(targets)}; its linear layers "
+            f"are {linear}"
+        )
+    return sites
+
+
+class LoraModule(nn.Module):
+    """One trial's LoRA adapters; only their A/B matrices are parameters of this module."""
+
+    def __init__(self, config: LoraConfig, blocks: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.config = config
+        peft_config = peft.LoraConfig(
+            r=config.rank,
+            lora_alpha=config.alpha,
+            lora_dropout=config.dropout,
+            target_modules=list(config.target_modules),
+        )
+        # (parent, attribute, original layer, LoRA layer wrapping it); a plain list, so the
+        # frozen base weights inside the wrappers are not parameters (nor state) of this module
+        self._sites: list[tuple[nn.Module, str, nn.Module, nn.Module]] = []
+        adapters = {}
+        for key, parent, attribute, layer in target_sites(blocks, config.target_modules):
+            wrapper = dispatch_default(
+                layer, ADAPTER, peft_config, r=config.rank, lora_alpha=config.alpha
+            )
+            if wrapper is None:
+                raise ValueError(f"peft cannot put LoRA on {key} ({type(layer).__name__})")
+            adapters[key] = nn.ModuleDict(
+                {"A": wrapper.lora_A, "B": wrapper.lora_B, "dropout": wrapper.lora_dropout}
+            )
+            self._sites.append((parent, attribute, layer, wrapper))
+        self.adapters = nn.ModuleDict(adapters)
+
+    def num_parameters(self) -> int:
+        return count_parameters(self)
+
+    def no_decay_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def set_locations(self, *args, **kwargs) -> None:
+        """LoRA changes the weights every token goes through: there are no positions to set."""
+
+    def clear_locations(self) -> None:
+        """Nothing to clear (see ``set_locations``)."""
+
+    @contextmanager
+    def attached(self, blocks: Sequence[nn.Module]) -> Iterator[LoraModule]:
+        """Swap the LoRA layers into the blocks given at construction for the duration."""
+        for parent, attribute, _, wrapper in self._sites:
+            setattr(parent, attribute, wrapper)
+        try:
+            yield self
+        finally:
+            for parent, attribute, layer, _ in self._sites:
+                setattr(parent, attribute, layer)
+
+
+def check_targets(space: Mapping[str, Dimension], base: BaseModel, path: str) -> None:
+    """Every ``target_modules`` choice must name linear layers the model's blocks have."""
+    choices = layer_choices(space["target_modules"])  # the values a dimension can take
+    for i, text in enumerate(choices):
+        try:
+            names = resolve_targets(text, base.model.config.model_type)
+            target_sites(base.blocks, names)
+        except ValueError as err:
+            raise SpecError(path if len(choices) == 1 else f"{path}[{i}]", str(err)) from None

@@ -1,0 +1,206 @@
+"""A worker: one process's share of a study, the model and data loaded once.
+
+The same ``Worker`` runs in the ``reftsearch run`` process (one worker), as a Ray actor (several
+workers, reftsearch.run.driver), or on its own for clusters without Ray::
+
+    REFTSEARCH_STORAGE=postgresql+psycopg://user:pass@db/studies \\
+        python -m reftsearch.run.worker --study sst2-minilm
+
+A stand-alone worker joins a study that ``reftsearch run`` created: the driver publishes the
+study's spec (without storage URLs, which may hold passwords) and its trial budget as study
+user attributes, and the worker rebuilds the spec from them, so every worker searches the
+same space with the same data. Relative data paths resolve against the study file's
+directory on the driver's machine: workers elsewhere need it at the same path (a shared
+filesystem), or hub/builtin data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import optuna
+
+from reftsearch.errors import BadInputError, TrialFailed
+from reftsearch.run.estimate import estimate_study
+from reftsearch.search.packing import make_objective, optimize, pack_size
+from reftsearch.search.seed_reruns import PAST_BUDGET, search_trials
+from reftsearch.search.storage import check_storage, load_named_study, mask_url
+from reftsearch.search.study import (
+    PreparedStudy,
+    asked_past_budget,
+    count_finished,
+    give_back_grid_point,
+    open_study,
+    prepare,
+)
+from reftsearch.spec.study_file import StudySpec, parse_spec
+
+Log = Callable[[str], None]
+Callback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
+
+SPEC_ATTR, SPEC_DIR_ATTR, N_TRIALS_ATTR = "spec", "spec_dir", "n_trials"
+# keys that may hold storage URLs (passwords) and that only the driver needs
+DRIVER_ONLY_KEYS = ("storage", "warm_start")
+STORAGE_ENV = "REFTSEARCH_STORAGE"
+IDLE_POLL_S = 1.0
+
+_model_loads = 0  # in this process; recorded on every trial: 1 means each trial reused the model
+
+
+class Worker:
+    """Loads the model and data once, then runs trial after trial of the shared study until
+    its budget (finished search trials, all workers together) is met."""
+
+    def __init__(
+        self,
+        spec: StudySpec,
+        storage_url: str,
+        prepared: PreparedStudy | None = None,
+        log: Log = print,
+        alone: bool = False,
+    ) -> None:
+        self.prepared = prepared or load(spec)
+        self.prepared.cache.log = log  # its frozen passes run for minutes on a CPU: say so
+        self.study = open_study(spec, storage_url)
+        if not alone:
+            # workers seeded alike would all sample the same "random" configs
+            self.study.sampler.reseed_rng()
+        self.pack_size = pack_size(self.prepared, log)  # trials trained side by side
+        self.objective = make_objective(self.prepared, log, self.pack_size)
+
+    def run(
+        self, n_trials: int, timeout: float | None = None, callbacks: Sequence[Callback] = ()
+    ) -> int:
+        """Run trials until the study holds ``n_trials`` finished ones; returns how many ran
+        here. While the trials still missing are all running elsewhere, wait: one of them may
+        die, and its retry must then be run."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        sampler = self.study.sampler
+        ran = 0
+        while deadline is None or time.monotonic() < deadline:
+            optuna.storages.fail_stale_trials(self.study)  # a dead worker's trial -> FAIL, retry
+            finished = count_finished(self.study)
+            if finished >= n_trials:
+                break
+            if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(
+                self.study
+            ):
+                break
+            running = len(search_trials(self.study, (optuna.trial.TrialState.RUNNING,)))
+            if finished + running >= n_trials:
+                time.sleep(IDLE_POLL_S)
+                continue
+            missing = n_trials - finished - running
+            run_trial = partial(self._trial, n_trials=n_trials)
+            optimize(self.study, run_trial, self.pack_size, missing, callbacks)
+            ran += 1
+        return ran
+
+    def estimate(self, request: EstimateRequest) -> str:
+        """The line that predicts the study's cost, timed here (the study's enqueued configs
+        first: its next trials run them): the cache builds it triggers are the ones this
+        worker's trials then reuse."""
+        waiting = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+        try:
+            estimate = estimate_study(
+                self.prepared,
+                request.n_trials,
+                request.workers,
+                request.samples,
+                enqueued=[trial.system_attrs.get("fixed_params", {}) for trial in waiting],
+            )
+        except ValueError as err:  # e.g. no valid config drawn: the trials will say why
+            return f"estimate: not available ({err})"
+        return estimate.line()
+
+    def _trial(self, trial: optuna.Trial, n_trials: int) -> float:
+        if asked_past_budget(self.study, trial, n_trials):
+            reason = f"not run: {n_trials} trials asked before it meet the budget"
+            trial.set_user_attr(PAST_BUDGET, reason)  # it counts nowhere (is_search_trial)
+            give_back_grid_point(trial)
+            raise TrialFailed(f"trial {trial.number} {reason}")
+        trial.set_user_attr("model_loads", _model_loads)
+        return self.objective(trial)
+
+
+@dataclass(frozen=True)
+class EstimateRequest:
+    """What ``Worker.estimate`` predicts: ``n_trials`` still to run on ``workers``."""
+
+    n_trials: int
+    workers: int
+
+    @property
+    def samples(self) -> int:
+        # no more configs timed than trials to run: the estimate is overhead on a short run
+        return min(3, self.n_trials)
+
+
+def load(spec: StudySpec, device: str | None = None) -> PreparedStudy:
+    """The model (on ``device``, by default the spec's) and tokenized data, counted in
+    ``model_loads``."""
+    global _model_loads
+    _model_loads += 1
+    return prepare(spec, device)
+
+
+def publish_spec(study: optuna.Study, spec: StudySpec, n_trials: int) -> None:
+    """Store what stand-alone workers need to join ``study``: the spec and the budget."""
+    raw = {key: value for key, value in spec.raw.items() if key not in DRIVER_ONLY_KEYS}
+    study.set_user_attr(SPEC_ATTR, json.dumps(raw))
+    study.set_user_attr(SPEC_DIR_ATTR, str(spec.base_dir or Path.cwd()))
+    study.set_user_attr(N_TRIALS_ATTR, n_trials)
+
+
+def published_spec(study: optuna.Study) -> tuple[StudySpec, int]:
+    """The spec and budget that ``publish_spec`` stored on ``study``."""
+    attrs = study.user_attrs
+    if SPEC_ATTR not in attrs:
+        raise BadInputError(
+            f"study {study.study_name!r} has no published spec: start it with "
+            f"`reftsearch run STUDY.yaml` before starting workers"
+        )
+    spec = parse_spec(json.loads(attrs[SPEC_ATTR]), base_dir=Path(attrs[SPEC_DIR_ATTR]))
+    return spec, attrs[N_TRIALS_ATTR]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from reftsearch.cli import EXIT_OK, report_errors
+    from reftsearch.run.driver import ProgressPrinter
+
+    parser = argparse.ArgumentParser(prog="python -m reftsearch.run.worker", description=__doc__)
+    parser.add_argument(
+        "--storage",
+        default=os.environ.get(STORAGE_ENV),
+        help=f"storage URL (default: ${STORAGE_ENV}; prefer it: a command line is visible "
+        "to every user of the machine)",
+    )
+    parser.add_argument("--study", required=True, help="name of a study `reftsearch run` created")
+    parser.add_argument("--n-trials", type=int, help="budget (default: the driver's)")
+    args = parser.parse_args(argv)
+    if not args.storage:
+        parser.error(f"give --storage or set ${STORAGE_ENV}")
+
+    def work() -> int:
+        check_storage(args.storage)
+        study = load_named_study(args.study, args.storage)
+        spec, n_trials = published_spec(study)
+        n_trials = args.n_trials or n_trials
+        print(f"joining study {spec.name!r} on {mask_url(args.storage)}: budget {n_trials}")
+        worker = Worker(spec, args.storage)
+        worker.run(n_trials, spec.budget.timeout, [ProgressPrinter(n_trials, print)])
+        return EXIT_OK
+
+    return report_errors(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""An Optuna trial -> a resolved config -> trained interventions -> a dev score.
+
+Every trial records what a person needs to read it later: the resolved config, trainable
+parameters, wall time, what its training cost (``epochs_trained``, in epochs over the whole
+train split) and the worker (``host:pid``) that trained it. A config this model and data cannot
+train ends PRUNED with ``invalid_reason`` before anything is built
+(reftsearch.methods.reft.constraints); one
+identical to a finished trial copies its result (``copied_from``). A diverging or
+out-of-memory trial ends FAIL with its reason; the study goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any
+
+import optuna
+import torch
+
+from reftsearch.engine.train import (
+    DevScores,
+    DivergedError,
+    TrainConfig,
+    train_trial,
+    trained_head,
+)
+from reftsearch.errors import TrialFailed
+from reftsearch.methods.adapter import Adapter, AdapterConfig, build_adapter
+from reftsearch.methods.lora.module import LoraConfig, resolve_targets
+from reftsearch.methods.reft.constraints import Limits, capped_share, why_invalid
+from reftsearch.methods.reft.module import ReftConfig
+from reftsearch.models.base import BaseModel
+from reftsearch.search.describe import readable_attrs
+from reftsearch.search.fidelity import Rung, data_ladder, example_steps
+from reftsearch.search.kept_weights import WEIGHTS_ARTIFACT, keep
+from reftsearch.search.seed_reruns import FINALIZE_OF, SEED
+from reftsearch.search.study import PreparedStudy
+from reftsearch.spec.space import parse_layers, sample
+
+# per-epoch dev scores of a trial in a two-objective study, where Trial.report raises
+DEV_CURVE = "dev_curve"
+
+
+@dataclass
+class Spent:
+    """What a trial's training cost: epochs over the whole train split (``epochs_trained``)."""
+
+    epochs: float = 0.0
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def resolve(
+    values: Mapping[str, Any], base: BaseModel, seed: int, method: str = "reft"
+) -> tuple[AdapterConfig, TrainConfig]:
+    """Sampled/fixed parameter values -> the configs the trainer takes."""
+    train = TrainConfig(
+        lr=values["lr"],
+        epochs=values["epochs"],
+        batch_size=values["batch_size"],
+        warmup_ratio=values["warmup_ratio"],
+        weight_decay=values["weight_decay"],
+        seed=seed,
+    )
+    if method == "lora":
+        lora = LoraConfig(
+            rank=values["rank"],
+            alpha=values["alpha"],
+            dropout=values["dropout"],
+            target_modules=resolve_targets(values["target_modules"], base.model.config.model_type),
+        )
+        return lora, train
+    reft = ReftConfig(
+        intervention=values["intervention"],
+        layers=parse_layers(values["layers"], base.num_layers),
+        prefix=values["prefix"],
+        suffix=values["suffix"],
+        tied=values["tied"],
+        rank=values["rank"],
+        dropout=values["dropout"],
+    )
+    return reft, train
+
+
+def invalid_reason(config: AdapterConfig, limits: Limits) -> str | None:
+    """Why a sampled config cannot be trained on this model and data, or None if it can."""
+    if isinstance(config, LoraConfig):
+        return None  # target modules were checked against the model in study.prepare
+    return why_invalid(config, limits)
+
+
+def finished_twin(trial: optuna.Trial, config: dict) -> optuna.trial.FrozenTrial | None:
+    """An earlier complete or pruned trial with the very same resolved config (seed included)."""
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    for other in trial.study.get_trials(deepcopy=False, states=states):
+        if other.user_attrs.get("config") == config and "invalid_reason" not in other.user_attrs:
+            return other
+    return None
+
+
+def copy_result(trial: optuna.Trial, twin: optuna.trial.FrozenTrial) -> list[float]:
+    """Finish ``trial`` with ``twin``'s outcome instead of training the same thing again."""
+    trial.set_user_attr("copied_from", twin.number)
+    copied = ("n_params", "n_head_params", "pruned_at_epoch", "pruned", WEIGHTS_ARTIFACT, DEV_CURVE)
+    for key in copied:
+        if key in twin.user_attrs:
+            trial.set_user_attr(key, twin.user_attrs[key])
+    for epoch, score in sorted(twin.intermediate_values.items()):
+        trial.report(score, epoch)
+    if twin.state == optuna.trial.TrialState.PRUNED:
+        raise optuna.TrialPruned(f"same config as trial {twin.number}, which was pruned")
+    return twin.values  # Optuna takes a list for one objective too
+
+
+class Objective:
+    """Callable for ``study.optimize``; holds the loaded model and data across trials."""
+
+    def __init__(self, prepared: PreparedStudy, log=print, trainer=train_trial) -> None:
+        self.prepared = prepared
+        self.log = log
+        self.trainer = trainer  # train_trial, or a packed trainer (reftsearch.search.packing)
+        pruner = prepared.spec.pruner
+        self.per_example = pruner.type == "wilcoxon"
+        self.rungs = None  # train on the whole split; else climb the data ladder
+        if pruner.type in ("successive_halving", "hyperband") and pruner.resource != "epochs":
+            self.rungs = data_ladder(
+                prepared.split.train,
+                pruner.reduction_factor,
+                pruner.min_fraction,
+                prepared.spec.seed,
+            )
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        spec, base = self.prepared.spec, self.prepared.base
+        values = sample(trial, spec.space)
+        # finalize runs repeat a config with another seed (reftsearch.search.seed_reruns)
+        seed = trial.user_attrs.get(SEED, spec.seed)
+        reft_config, train_config = resolve(values, base, seed, spec.method)
+        reason = invalid_reason(reft_config, self.prepared.limits)
+        if reason:
+            # costs milliseconds, and a pruned trial tells the sampler to look elsewhere
+            trial.set_user_attr("invalid_reason", reason)
+            raise optuna.TrialPruned(f"invalid config: {reason}")
+        config = {**reft_config.to_dict(), **vars(train_config)}
+        trial.set_user_attr("config", config)
+        for key, value in readable_attrs(config).items():  # columns in the dashboard
+            trial.set_user_attr(key, value)
+        if isinstance(reft_config, ReftConfig):
+            trial.set_user_attr("n_interventions", reft_config.num_interventions)
+            capped = capped_share(reft_config, self.prepared.limits)
+            if capped:  # pyreft's n // 2 cap: these prompts get fewer edited tokens
+                trial.set_user_attr("positions_capped", round(capped, 4))
+        trial.set_user_attr("worker", worker_id())
+        twin = finished_twin(trial, config)
+        if twin is not None:
+            return copy_result(trial, twin)
+        spent = Spent()
+        start = time.perf_counter()
+        try:
+            reft, score = self._train(trial, reft_config, train_config, spent)
+        except DivergedError as err:
+            raise self._fail(trial, f"diverged: {err}") from err
+        except torch.OutOfMemoryError as err:
+            raise self._fail(trial, f"out of memory: {str(err).splitlines()[0]}") from err
+        finally:
+            trial.set_user_attr("wall_time_s", round(time.perf_counter() - start, 3))
+            trial.set_user_attr("epochs_trained", round(spent.epochs, 4))
+        keep(trial, reft, trained_head(base, reft))  # so that export needs no retraining
+        if len(spec.objectives) == 1:
+            return score
+        return score, float(reft.num_parameters())  # objectives: [score, n_params]
+
+    def _train(
+        self, trial: optuna.Trial, config: AdapterConfig, train_config: TrainConfig, spent: Spent
+    ) -> tuple[Adapter, float]:
+        """Train on the whole train split, or up the data ladder (reftsearch.search.fidelity)."""
+        base, split = self.prepared.base, self.prepared.split
+        # a finalize run must finish: it measures seed variance, not promise
+        finalize = FINALIZE_OF in trial.user_attrs
+        rungs = self.rungs if self.rungs and not finalize else [Rung(1, 1.0, split.train)]
+        for rung in rungs:
+            # the seed fixes the adapter's init too; every rung starts from the same one
+            adapter = build_adapter(config, base, train_config.seed)
+            trial.set_user_attr("n_params", adapter.num_parameters())
+            trial.set_user_attr("n_head_params", sum(p.numel() for p in base.head_parameters()))
+            report = len(rungs) == 1 and not finalize
+            on_epoch = partial(self._epoch_done, trial, spent, rung.fraction, report)
+            subset = replace(split, train=rung.train)
+            cache = self.prepared.cache_for(config)
+            score = self.trainer(base, adapter, subset, train_config, on_epoch, cache)
+            if len(rungs) > 1:
+                self._report_rung(trial, rung, score, last=rung is rungs[-1])
+        return adapter, score
+
+    def _epoch_done(
+        self,
+        trial: optuna.Trial,
+        spent: Spent,
+        fraction: float,
+        report: bool,
+        epoch: int,
+        dev: DevScores,
+    ) -> None:
+        spent.epochs += fraction
+        if report:
+            self._report(trial, epoch, dev)
+
+    def _report(self, trial: optuna.Trial, epoch: int, dev: DevScores) -> None:
+        pareto = len(trial.study.directions) > 1
+        if pareto or self.per_example:
+            # the epochs' scores are not Optuna's intermediate values here: keep the curve
+            trial.set_user_attr(DEV_CURVE, [*trial.user_attrs.get(DEV_CURVE, []), dev.score])
+        if pareto:  # Optuna cannot prune a two-objective trial (Trial.report raises)
+            return
+        if self.per_example:  # Wilcoxon: one step per dev example (reftsearch.search.fidelity)
+            hits = dev.per_example
+            for step, hit in zip(example_steps(epoch, len(hits)), hits, strict=True):
+                trial.report(float(hit), step)
+        else:
+            trial.report(dev.score, epoch)
+        if trial.should_prune():
+            trial.set_user_attr("pruned_at_epoch", epoch)
+            trial.set_user_attr("pruned", f"after epoch {epoch} (dev={dev.score:.4f})")
+            raise optuna.TrialPruned(f"pruned after epoch {epoch} with dev score {dev.score:.4f}")
+
+    def _report_rung(self, trial: optuna.Trial, rung: Rung, score: float, last: bool) -> None:
+        trial.report(score, rung.step)
+        if not last and trial.should_prune():
+            where = f"at {rung.fraction:.3g} of the training data"
+            trial.set_user_attr("pruned", f"{where} (dev={score:.4f})")
+            raise optuna.TrialPruned(f"pruned {where} with dev score {score:.4f}")
+
+    def _fail(self, trial: optuna.Trial, reason: str) -> TrialFailed:
+        trial.set_user_attr("fail_reason", reason)
+        return TrialFailed(f"trial {trial.number} failed: {reason}")

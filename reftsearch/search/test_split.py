@@ -1,0 +1,85 @@
+"""The one evaluation on the test split, of the config the search picked.
+
+The search never sees test data. Here the picked trial's trained weights (kept when it
+completed, else its config retrained with its seed) are scored on test once; the score is
+stored on the study, so asking again reads it back instead of touching the test split a
+second time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import optuna
+
+from reftsearch.data.splits import encode, load_test_rows
+from reftsearch.engine.train import TrainConfig, evaluate, train_trial
+from reftsearch.methods.adapter import Adapter, AdapterConfig, adapter_config, build_adapter
+from reftsearch.search.kept_weights import restore
+from reftsearch.search.study import PreparedStudy, prepare
+from reftsearch.spec.study_file import StudySpec
+
+TRAIN_FIELDS = ("lr", "epochs", "batch_size", "warmup_ratio", "weight_decay", "seed")
+
+
+def configs_of(trial: optuna.trial.FrozenTrial) -> tuple[AdapterConfig, TrainConfig]:
+    """The resolved configs a trial recorded when it ran."""
+    config = trial.user_attrs["config"]
+    return adapter_config(config), TrainConfig(**{k: config[k] for k in TRAIN_FIELDS})
+
+
+def trained_adapter(
+    prepared: PreparedStudy,
+    study: optuna.Study,
+    trial: optuna.trial.FrozenTrial,
+    log: Callable[[str], None],
+) -> tuple[Adapter, str]:
+    """The trial's trained adapter (its head loaded into the model) and where it came from:
+    the weights kept when the trial completed, else its config retrained with its seed."""
+    reft_config, train_config = configs_of(trial)
+    base = prepared.base
+    adapter = build_adapter(reft_config, base, train_config.seed)
+    source = restore(study, trial, adapter, base.head)
+    if source is not None:
+        return adapter, f"kept artifact {source}"
+    log(
+        f"trial {trial.number}: its trained weights were not kept (or are gone); "
+        f"retraining its config with seed {train_config.seed}"
+    )
+    # through the frozen-activation cache, as the trial trained: the same arithmetic (and
+    # steps that skip the frozen blocks)
+    cache = prepared.cache_for(reft_config)
+    train_trial(base, adapter, prepared.split, train_config, cache=cache)
+    return adapter, f"retrained with seed {train_config.seed}"
+
+
+def test_score(
+    spec: StudySpec,
+    study: optuna.Study,
+    trial: optuna.trial.FrozenTrial,
+    log: Callable[[str], None] = print,
+    trained: tuple[PreparedStudy, Adapter] | None = None,
+) -> float:
+    """The trial's test score, evaluated at most once per study.
+
+    ``trained``: the loaded study and the trial's trained interventions (with its head in the
+    model), e.g. from export; without it they are the trial's kept weights, else its config
+    retrained with its seed.
+    """
+    key = f"test_score_trial_{trial.number}"
+    if key in study.user_attrs:
+        log(f"test score of trial {trial.number} was evaluated before; not touching test again")
+        return study.user_attrs[key]
+    if trained is None:
+        prepared = prepare(spec)
+        reft, source = trained_adapter(prepared, study, trial, log)
+    else:
+        (prepared, reft), source = trained, "as given"
+    test = encode(
+        load_test_rows(spec.task, prepared.data.label_names), prepared.base.tokenizer, spec.task
+    )
+    log(f"scoring trial {trial.number} ({source}) once on {len(test)} test examples")
+    with reft.attached(prepared.base.blocks):
+        score = evaluate(prepared.base, reft, prepared.split, test)
+    study.set_user_attr(key, score)
+    return score

@@ -1,0 +1,173 @@
+"""Warm starts: trials enqueued before the sampler's own, so a search starts from good configs.
+
+Two sources: the ReFT paper's recipes for the task kind (``{recipes: paper}``) and the best
+configs of another study (``{study: NAME, storage: URL, top_k: K}``, transfer between tasks
+or models of one family). Each config is mapped onto this study's space first: numbers are
+clipped into ranges or moved to the nearest listed value, a categorical value the space does
+not offer skips the recipe, and every such change is said in a line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+
+from reftsearch.errors import BadInputError
+from reftsearch.spec.space import (
+    Choice,
+    Dimension,
+    Fixed,
+    FloatRange,
+    IntRange,
+    parse_layers,
+    searched,
+)
+
+Log = Callable[[str], None]
+DONE_ATTR = "warm_start_enqueued"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    values: Mapping[str, Any]
+
+
+def paper_recipes(task_kind: str, num_layers: int) -> list[Recipe]:
+    """The ReFT paper's settings (Wu et al. 2024), scaled to this model's depth."""
+    if task_kind == "classification":
+        # GLUE with RoBERTa: LoReFT on the first token of every layer, rank 1; LR tuned.
+        return [
+            Recipe(
+                f"paper-glue-lr{lr:g}",
+                {
+                    "intervention": "loreft",
+                    "layers": "all",
+                    "prefix": 1,
+                    "suffix": 0,
+                    "rank": 1,
+                    "lr": lr,
+                },
+            )
+            for lr in (3e-4, 1e-3, 3e-3)
+        ]
+    # LLaMA-7B (32 layers) instruction tuning used layers 3;9;18;24, f5+l5 untied, rank 4;
+    # commonsense and math used f7+l7, rank 8, on all layers.
+    spread = ";".join(str(round(i * num_layers / 32)) for i in (3, 9, 18, 24))
+    return [
+        Recipe(
+            "paper-instruct",
+            {
+                "intervention": "loreft",
+                "layers": spread,
+                "prefix": 5,
+                "suffix": 5,
+                "tied": False,
+                "rank": 4,
+                "lr": 9e-4,
+            },
+        ),
+        Recipe(
+            "paper-commonsense-math",
+            {
+                "intervention": "loreft",
+                "layers": "all",
+                "prefix": 7,
+                "suffix": 7,
+                "tied": False,
+                "rank": 8,
+                "lr": 9e-4,
+            },
+        ),
+    ]
+
+
+def study_recipes(name: str, storage: str, top_k: int, method: str) -> list[Recipe]:
+    """The ``top_k`` completed configs of another study, best first; they must be configs
+    of this study's ``method`` (a LoRA rank says nothing about a ReFT intervention)."""
+    from reftsearch.results.best_table import best_trials
+    from reftsearch.search.storage import open_storage
+
+    source = optuna.load_study(study_name=name, storage=open_storage(storage, heartbeat_s=None))
+    recipes = []
+    for trial in best_trials(source, top_k):
+        config = dict(trial.user_attrs.get("config", {}))
+        if config.get("method", "reft") != method:
+            raise BadInputError(
+                f"warm_start.study: trial {trial.number} of study {name!r} is a "
+                f"{config.get('method', 'reft')} config; this study searches {method} configs"
+            )
+        config["layers"] = ";".join(map(str, config.get("layers", []))) or "all"
+        recipes.append(Recipe(f"study:{name}#{trial.number}", config))
+    return recipes
+
+
+def map_onto_space(
+    recipe: Recipe, space: Mapping[str, Dimension], num_layers: int
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """Optuna params for this recipe in ``space`` (None = skipped) and what was changed."""
+    params: dict[str, Any] = {}
+    notes: list[str] = []
+    sampled = searched(space)
+    for name, value in recipe.values.items():
+        if name not in sampled:
+            fixed = space[name].value if isinstance(space.get(name), Fixed) else None
+            if name in space and fixed is not None and fixed != value:
+                notes.append(f"{name}={value!r} is fixed to {fixed!r} in this space")
+            continue
+        mapped = _map_value(name, value, sampled[name], num_layers)
+        if mapped is None:
+            return None, [f"{name}={value!r} is not among {list(sampled[name].choices)}"]
+        if mapped != value:
+            notes.append(f"{name}={value!r} -> {mapped!r}")
+        params[name] = mapped
+    if params.get("prefix", 1) == 0 or params.get("suffix", 1) == 0:
+        params.pop("tied", None)  # tied is only sampled when both sides are intervened
+    return params, notes
+
+
+def _map_value(name: str, value: Any, dimension: Dimension, num_layers: int) -> Any:
+    if isinstance(dimension, IntRange | FloatRange):
+        clipped = min(max(value, dimension.low), dimension.high)
+        return int(round(clipped)) if isinstance(dimension, IntRange) else float(clipped)
+    assert isinstance(dimension, Choice)
+    if name == "layers":  # "all" and "0-5" are the same set on a 6-layer model
+        try:
+            wanted = parse_layers(str(value), num_layers)
+        except ValueError:  # a layer this model does not have
+            return None
+        return next((c for c in dimension.choices if parse_layers(c, num_layers) == wanted), None)
+    if value in dimension.choices:
+        return value
+    if all(isinstance(c, int | float) and not isinstance(c, bool) for c in dimension.choices):
+        return min(dimension.choices, key=lambda c: abs(c - value))
+    return None
+
+
+def enqueue_warm_starts(
+    study: optuna.Study,
+    recipes: list[Recipe],
+    space: Mapping[str, Dimension],
+    num_layers: int,
+    log: Log = print,
+) -> int:
+    """Enqueue each recipe once per study (a resumed study does not enqueue them again)."""
+    if study.user_attrs.get(DONE_ATTR):
+        return 0
+    seen: list[dict] = []
+    for recipe in recipes:
+        params, notes = map_onto_space(recipe, space, num_layers)
+        if params is None:
+            log(f"warm start {recipe.name}: skipped, {'; '.join(notes)}")
+            continue
+        if params in seen:
+            log(f"warm start {recipe.name}: skipped, same as an earlier one in this space")
+            continue
+        seen.append(params)
+        study.enqueue_trial(params, user_attrs={"warm_start": recipe.name})
+        log(f"warm start {recipe.name}: enqueued" + (f" ({'; '.join(notes)})" if notes else ""))
+    study.set_user_attr(DONE_ATTR, len(seen))
+    return len(seen)

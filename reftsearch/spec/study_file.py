@@ -1,0 +1,628 @@
+"""A study file (YAML) -> a validated, typed ``StudySpec``.
+
+Everything a study needs is checked here before anything is created; every error names its
+key path (``space.rank[2]: must be a positive integer, got -1``). Checks that need the model
+or the data (do the layers exist?) run in ``study.prepare`` right after, still before any
+storage is touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from reftsearch.errors import BadInputError, SpecError
+from reftsearch.metrics import PER_EXAMPLE
+from reftsearch.spec import readers as v
+from reftsearch.spec.space import Dimension, parse_space
+
+TASK_KINDS = ("classification", "generation")
+METRICS = {  # name -> direction
+    "accuracy": "maximize",
+    "f1": "maximize",
+    "matthews": "maximize",
+    "exact_match": "maximize",
+    "final_number": "maximize",  # exact match of the final number (GSM8K's "#### 42")
+    "loss": "minimize",
+}
+METRICS_FOR_KIND = {
+    "classification": ("accuracy", "f1", "matthews", "loss"),
+    "generation": ("exact_match", "final_number", "loss"),
+}
+SAMPLERS = ("tpe", "random", "grid", "cmaes", "nsga2")
+METHODS = ("reft", "lora")
+# what a study optimises: the dev score (the metric's direction), optionally also the trainable
+# parameter count (minimised): then the study searches a Pareto front
+OBJECTIVES = {"score": None, "n_params": "minimize"}
+PRUNERS = ("none", "median", "successive_halving", "hyperband", "wilcoxon")
+# what rung pruners (successive halving, hyperband) climb: epochs, or the share of the
+# training data (each rung trains on reduction_factor times more examples)
+PRUNER_RESOURCES = ("epochs", "data_fraction")
+# auto: bfloat16-mixed on a GPU with bfloat16 math, else float32 (``models.default_dtype``)
+DTYPES = ("auto", "float32", "bfloat16", "float16", "bfloat16-mixed")
+SPLITS = ("train", "dev", "test")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    path: str
+    dtype: str = "auto"
+    device: str = "auto"  # auto: the first CUDA device torch sees, else the CPU
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where each split comes from: files/dirs, splits of a hub dataset, or a builtin task."""
+
+    train: str | None = None
+    dev: str | None = None
+    test: str | None = None
+    builtin: str | None = None
+    hub: str | None = None
+    hub_config: str | None = None
+    read_options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    kind: str
+    data: DataSpec
+    text: str = "sentence"
+    text_pair: str | None = None
+    label: str = "label"
+    prompt: str = "prompt"
+    response: str = "response"
+    dev_fraction: float = 0.1
+    max_length: int = 256
+    max_train_examples: int | None = None
+    max_dev_examples: int | None = None
+    max_new_tokens: int = 32
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    n_trials: int = 20
+    timeout: float | None = None
+    max_epochs: int = 3
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    type: str = "tpe"
+    seed: int | None = None
+    n_startup_trials: int = 5
+
+
+@dataclass(frozen=True)
+class PrunerSpec:
+    type: str = "hyperband"
+    min_resource: int = 1
+    reduction_factor: int = 3
+    n_startup_trials: int = 3
+    resource: str = "epochs"
+    min_fraction: float = 0.1  # data_fraction: the smallest rung's share of the train split
+    p_threshold: float = 0.1  # wilcoxon: prune when worse than the best at this p-value
+
+
+@dataclass(frozen=True)
+class ResourcesSpec:
+    workers: int = 1
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    heartbeat_s: int = 60
+    # frozen activations, keys and values per worker (reftsearch.engine.activation_cache)
+    cache_mb: float = 2048.0
+    # trials trained side by side in one batch, or "auto": as many as fit the GPU's memory
+    trials_per_worker: int | Literal["auto"] = 1  # (reftsearch.search.packing)
+    spill_mb: float = 0.0  # what does not fit cache_mb, in memory-mapped files (0: not cached)
+    spill_dir: str | None = None  # where those files go (default: $REFTSEARCH_CACHE/spill)
+
+
+@dataclass(frozen=True)
+class WarmStartSpec:
+    """``{recipes: paper}`` or ``{study: NAME, storage: URL, top_k: K}``."""
+
+    recipes: str | None = None
+    study: str | None = None
+    storage: str | None = None  # None: the study's own storage
+    top_k: int = 3
+
+
+@dataclass(frozen=True)
+class FinalizeSpec:
+    """Retrain the top ``top_k`` configs with ``seeds`` and pick by the mean over seeds."""
+
+    top_k: int
+    seeds: tuple[int, ...]
+
+
+WARM_START_RECIPES = ("paper",)
+FINALIZE_DEFAULT_MIN_TRIALS = 20  # below this a study has too few trials to be worth it
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    storage: str
+    model: ModelSpec
+    task: TaskSpec
+    metric: str
+    direction: str
+    budget: BudgetSpec
+    sampler: SamplerSpec
+    pruner: PrunerSpec
+    space: Mapping[str, Dimension]
+    seed: int
+    resources: ResourcesSpec
+    export_dir: str
+    warm_start: tuple[WarmStartSpec, ...] = ()
+    finalize: FinalizeSpec | None = None
+    source: Path | None = None
+    # the mapping it was parsed from and the directory relative paths resolve against:
+    # workers on other machines rebuild the spec from these (reftsearch.run.worker)
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    base_dir: Path | None = None
+    method: str = "reft"
+    objectives: tuple[str, ...] = ("score",)
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        return tuple(OBJECTIVES[o] or self.direction for o in self.objectives)
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> StudySpec:
+    """Read, override (``key.path=value``) and validate a study file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise BadInputError(f"{path}: cannot read study file ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        raise BadInputError(f"{path}: not valid YAML: {err}") from None
+    raw = apply_overrides(raw if raw is not None else {}, overrides)
+    return parse_spec(raw, base_dir=path.resolve().parent, source=path)
+
+
+def apply_overrides(raw: Any, overrides: list[str]) -> dict:
+    """``--set budget.n_trials=5`` style overrides; values are read as YAML."""
+    if not isinstance(raw, Mapping):
+        raise SpecError(
+            "", f"a study file must be a mapping at the top level, got {type(raw).__name__}"
+        )
+    raw = _deep_copy(raw)
+    for item in overrides:
+        key_path, sep, text = item.partition("=")
+        if not sep or not key_path:
+            raise BadInputError(f"--set {item!r}: must look like key.path=value")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise BadInputError(f"--set {item!r}: value is not valid YAML: {err}") from None
+        node = raw
+        keys = key_path.split(".")
+        for depth, key in enumerate(keys[:-1]):
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise SpecError(
+                    ".".join(keys[: depth + 1]), "is not a mapping, cannot --set inside it"
+                )
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def _deep_copy(raw: Any) -> Any:
+    if isinstance(raw, Mapping):
+        return {key: _deep_copy(value) for key, value in raw.items()}
+    if isinstance(raw, list):
+        return [_deep_copy(item) for item in raw]
+    return raw
+
+
+TOP_LEVEL = (
+    "name",
+    "storage",
+    "model",
+    "task",
+    "metric",
+    "direction",
+    "budget",
+    "sampler",
+    "pruner",
+    "space",
+    "seed",
+    "resources",
+    "export",
+    "warm_start",
+    "finalize",
+    "method",
+    "objectives",
+)
+
+
+def parse_spec(raw: Any, base_dir: Path, source: Path | None = None) -> StudySpec:
+    entries = v.mapping(raw, "", TOP_LEVEL, required=["name", "model", "task"])
+    name = v.string(
+        entries["name"], "name", r"[A-Za-z0-9][A-Za-z0-9_.-]*", "letters, digits, '_', '.' or '-'"
+    )
+    task = _task(entries["task"], "task", base_dir)
+    metric = v.choice(entries.get("metric", METRICS_FOR_KIND[task.kind][0]), "metric", METRICS)
+    if metric not in METRICS_FOR_KIND[task.kind]:
+        raise SpecError(
+            "metric",
+            f"must be one of {list(METRICS_FOR_KIND[task.kind])} for a "
+            f"{task.kind} task, got {metric!r}",
+        )
+    direction = v.choice(
+        entries.get("direction", METRICS[metric]), "direction", ["maximize", "minimize"]
+    )
+    if direction != METRICS[metric]:
+        raise SpecError(
+            "direction", f"metric {metric!r} is to {METRICS[metric]}, got {direction!r}"
+        )
+    budget = _budget(entries.get("budget"), "budget")
+    seed = v.integer(entries.get("seed", 42), "seed", minimum=0)
+    method = v.choice(entries.get("method", "reft"), "method", METHODS)
+    objectives = _objectives(entries.get("objectives", ["score"]), "objectives")
+    pareto = len(objectives) > 1
+    if pareto and entries.get("finalize") not in (None, False):
+        raise SpecError("finalize", "picks one best config: a study with two objectives has none")
+    return StudySpec(
+        name=name,
+        storage=_storage(entries.get("storage"), "storage", base_dir, name),
+        model=_model(entries["model"], "model", base_dir),
+        task=task,
+        metric=metric,
+        direction=direction,
+        budget=budget,
+        sampler=_sampler(entries.get("sampler"), "sampler", pareto),
+        pruner=_pruner(entries.get("pruner", "none" if pareto else None), "pruner", pareto, metric),
+        space=parse_space(entries.get("space"), "space", budget.max_epochs, method),
+        seed=seed,
+        resources=_resources(entries.get("resources"), "resources", base_dir),
+        export_dir=_export(entries.get("export"), "export", base_dir, name),
+        warm_start=_warm_start(entries.get("warm_start"), "warm_start", base_dir, method),
+        finalize=_finalize(
+            entries.get("finalize", None if pareto else "default"), "finalize", budget, seed
+        ),
+        source=source,
+        raw=entries,
+        base_dir=base_dir,
+        method=method,
+        objectives=objectives,
+    )
+
+
+def _objectives(raw: Any, path: str) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise SpecError(path, f"must be a list like [score] or [score, n_params], got {raw!r}")
+    names = tuple(v.choice(o, v.join(path, i), OBJECTIVES) for i, o in enumerate(raw))
+    if names[0] != "score" or len(set(names)) != len(names):
+        raise SpecError(
+            path, f"must start with score and name each objective once, got {list(names)}"
+        )
+    return names
+
+
+def _storage(raw: Any, path: str, base_dir: Path, name: str) -> str:
+    if raw is None:
+        return f"sqlite:///{base_dir / (name + '.db')}"
+    url = v.string(raw, path)
+    if "://" not in url:
+        raise SpecError(
+            path,
+            f"must be a SQLAlchemy URL like sqlite:///study.db or "
+            f"postgresql+psycopg://user@host/db, got {url!r}",
+        )
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        # a relative SQLite path is relative to the study file, not to the shell's cwd
+        return f"sqlite:///{base_dir / url[len('sqlite:///') :]}"
+    return url
+
+
+def _model(raw: Any, path: str, base_dir: Path) -> ModelSpec:
+    if isinstance(raw, str):
+        raw = {"path": raw}
+    entries = v.mapping(raw, path, ["path", "dtype", "device"], required=["path"])
+    model_path = v.string(entries["path"], v.join(path, "path"))
+    if model_path.startswith((".", "/", "~")):
+        model_path = str((base_dir / Path(model_path).expanduser()).resolve())
+    dtype = v.choice(entries.get("dtype", "auto"), v.join(path, "dtype"), DTYPES)
+    device = v.string(
+        entries.get("device", "auto"),
+        v.join(path, "device"),
+        pattern=r"auto|cpu|cuda(:[0-9]+)?",
+        hint="auto, cpu, cuda or cuda:<index>",
+    )
+    return ModelSpec(model_path, dtype, device)
+
+
+TASK_KEYS = (
+    "kind",
+    "data",
+    "text",
+    "text_pair",
+    "label",
+    "prompt",
+    "response",
+    "dev_fraction",
+    "max_length",
+    "max_train_examples",
+    "max_dev_examples",
+    "max_new_tokens",
+)
+
+
+def _task(raw: Any, path: str, base_dir: Path) -> TaskSpec:
+    entries = v.mapping(raw, path, TASK_KEYS, required=["kind", "data"])
+    kind = v.choice(entries["kind"], v.join(path, "kind"), TASK_KINDS)
+    columns = {
+        key: v.string(entries[key], v.join(path, key))
+        for key in ("text", "text_pair", "label", "prompt", "response")
+        if entries.get(key) is not None
+    }
+    limits = {
+        key: v.integer(entries[key], v.join(path, key), minimum=1)
+        for key in ("max_train_examples", "max_dev_examples", "max_length", "max_new_tokens")
+        if key in entries
+    }
+    return TaskSpec(
+        kind=kind,
+        data=_data(entries["data"], v.join(path, "data"), base_dir),
+        dev_fraction=v.number(
+            entries.get("dev_fraction", 0.1),
+            v.join(path, "dev_fraction"),
+            0,
+            1,
+            exclusive_min=True,
+            exclusive_max=True,
+        ),
+        **columns,
+        **limits,
+    )
+
+
+def _data(raw: Any, path: str, base_dir: Path) -> DataSpec:
+    if isinstance(raw, str):
+        raw = (
+            {"builtin": raw.removeprefix("builtin:")}
+            if raw.startswith("builtin:")
+            else {"train": raw}
+        )
+    entries = v.mapping(raw, path, [*SPLITS, "builtin", "hub", "hub_config", "read_options"])
+    splits = {
+        s: v.string(entries[s], v.join(path, s)) for s in SPLITS if entries.get(s) is not None
+    }
+    if "builtin" in entries:
+        if splits or "hub" in entries:
+            raise SpecError(path, "builtin data comes with its own splits: give builtin alone")
+        return DataSpec(builtin=v.string(entries["builtin"], v.join(path, "builtin")))
+    hub = entries.get("hub")
+    if hub is None:
+        if "train" not in splits:
+            raise SpecError(
+                v.join(path, "train"), "is required (a file, a directory, or a split of data.hub)"
+            )
+        # local files are relative to the study file
+        splits = {s: str((base_dir / Path(p).expanduser()).resolve()) for s, p in splits.items()}
+    else:
+        splits.setdefault("train", "train")
+    read_options = v.mapping(
+        entries.get("read_options"),
+        v.join(path, "read_options"),
+        ["sep", "delimiter", "quoting", "encoding"],
+    )
+    return DataSpec(
+        **splits,
+        hub=v.string(hub, v.join(path, "hub")) if hub is not None else None,
+        hub_config=(
+            v.string(entries["hub_config"], v.join(path, "hub_config"))
+            if entries.get("hub_config") is not None
+            else None
+        ),
+        read_options=read_options,
+    )
+
+
+def _budget(raw: Any, path: str) -> BudgetSpec:
+    entries = v.mapping(raw, path, ["n_trials", "timeout", "max_epochs"])
+    timeout = entries.get("timeout")
+    return BudgetSpec(
+        n_trials=v.integer(entries.get("n_trials", 20), v.join(path, "n_trials"), minimum=1),
+        timeout=v.duration(timeout, v.join(path, "timeout")) if timeout is not None else None,
+        max_epochs=v.integer(entries.get("max_epochs", 3), v.join(path, "max_epochs"), minimum=1),
+    )
+
+
+def _sampler(raw: Any, path: str, pareto: bool) -> SamplerSpec:
+    if isinstance(raw, str):
+        raw = {"type": raw}
+    entries = v.mapping(raw, path, ["type", "seed", "n_startup_trials"])
+    seed = entries.get("seed")
+    kind = v.choice(entries.get("type", "tpe"), v.join(path, "type"), SAMPLERS)
+    if pareto and kind == "cmaes":
+        raise SpecError(
+            v.join(path, "type"), "cmaes cannot search two objectives: use nsga2 or tpe"
+        )
+    return SamplerSpec(
+        type=kind,
+        seed=v.integer(seed, v.join(path, "seed"), minimum=0) if seed is not None else None,
+        n_startup_trials=v.integer(
+            entries.get("n_startup_trials", 5), v.join(path, "n_startup_trials"), minimum=0
+        ),
+    )
+
+
+def _pruner(raw: Any, path: str, pareto: bool, metric: str) -> PrunerSpec:
+    if isinstance(raw, str):
+        raw = {"type": raw}
+    entries = v.mapping(
+        raw,
+        path,
+        [
+            "type",
+            "min_resource",
+            "reduction_factor",
+            "n_startup_trials",
+            "resource",
+            "min_fraction",
+            "p_threshold",
+        ],
+    )
+    kind = v.choice(entries.get("type", "hyperband"), v.join(path, "type"), PRUNERS)
+    if pareto and kind != "none":
+        # Trial.report raises in multi-objective studies (optuna RFC #3450)
+        raise SpecError(
+            v.join(path, "type"),
+            f"Optuna cannot prune a study with two objectives: must be none, got {kind!r}",
+        )
+    reduction_factor = v.integer(
+        entries.get("reduction_factor", 3), v.join(path, "reduction_factor"), minimum=2
+    )
+    resource = v.choice(
+        entries.get("resource", "epochs"), v.join(path, "resource"), PRUNER_RESOURCES
+    )
+    _only_with(entries, path, "resource", kind in ("successive_halving", "hyperband"), kind)
+    _only_with(entries, path, "p_threshold", kind == "wilcoxon", kind)
+    if kind == "wilcoxon" and metric not in PER_EXAMPLE:
+        raise SpecError(
+            v.join(path, "type"),
+            "wilcoxon compares trials example by example: it needs a metric that is the share "
+            f"of dev examples right, one of {sorted(PER_EXAMPLE)}, got {metric!r}",
+        )
+    if "min_fraction" in entries and resource != "data_fraction":
+        raise SpecError(v.join(path, "min_fraction"), "only with resource: data_fraction")
+    if "min_resource" in entries and resource == "data_fraction":
+        raise SpecError(
+            v.join(path, "min_resource"),
+            "counts epochs; with resource: data_fraction give min_fraction instead",
+        )
+    return PrunerSpec(
+        type=kind,
+        min_resource=v.integer(entries.get("min_resource", 1), v.join(path, "min_resource"), 1),
+        reduction_factor=reduction_factor,
+        n_startup_trials=v.integer(
+            entries.get("n_startup_trials", 3), v.join(path, "n_startup_trials"), minimum=0
+        ),
+        resource=resource,
+        min_fraction=v.number(
+            entries.get("min_fraction", 0.1),
+            v.join(path, "min_fraction"),
+            0,
+            1 / reduction_factor,  # at least one rung below the whole train split
+            exclusive_min=True,
+        ),
+        p_threshold=v.number(
+            entries.get("p_threshold", 0.1), v.join(path, "p_threshold"), 0, 1, exclusive_min=True
+        ),
+    )
+
+
+def _only_with(entries: dict, path: str, key: str, allowed: bool, kind: str) -> None:
+    if key in entries and not allowed:
+        raise SpecError(v.join(path, key), f"does not apply to pruner type {kind!r}")
+
+
+def _resources(raw: Any, path: str, base_dir: Path) -> ResourcesSpec:
+    keys = ["workers", "cpus_per_trial", "gpus_per_trial", "heartbeat_s", "cache_mb"]
+    entries = v.mapping(raw, path, [*keys, "trials_per_worker", "spill_mb", "spill_dir"])
+    spill_dir = entries.get("spill_dir")
+    if spill_dir is not None:
+        folder = Path(v.string(spill_dir, v.join(path, "spill_dir"))).expanduser()
+        spill_dir = str(base_dir / folder)  # relative to the study file, as data paths
+    return ResourcesSpec(
+        workers=v.integer(entries.get("workers", 1), v.join(path, "workers"), minimum=1),
+        cpus_per_trial=v.number(
+            entries.get("cpus_per_trial", 1), v.join(path, "cpus_per_trial"), 0, exclusive_min=True
+        ),
+        gpus_per_trial=v.number(
+            entries.get("gpus_per_trial", 0), v.join(path, "gpus_per_trial"), 0
+        ),
+        heartbeat_s=v.integer(entries.get("heartbeat_s", 60), v.join(path, "heartbeat_s"), 1),
+        cache_mb=v.number(entries.get("cache_mb", 2048), v.join(path, "cache_mb"), 0),
+        trials_per_worker=_trials_per_worker(
+            entries.get("trials_per_worker", 1), v.join(path, "trials_per_worker")
+        ),
+        spill_mb=v.number(entries.get("spill_mb", 0), v.join(path, "spill_mb"), 0),
+        spill_dir=spill_dir,
+    )
+
+
+def _trials_per_worker(raw: Any, path: str) -> int | Literal["auto"]:
+    if raw == "auto":
+        return raw
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
+        raise SpecError(path, f"must be a positive integer or 'auto', got {raw!r}")
+    return raw
+
+
+def _export(raw: Any, path: str, base_dir: Path, name: str) -> str:
+    entries = v.mapping(raw, path, ["dir"])
+    directory = entries.get("dir")
+    if directory is None:
+        return str(base_dir / "exports" / name)
+    return str((base_dir / Path(v.string(directory, v.join(path, "dir")))).resolve())
+
+
+def _warm_start(raw: Any, path: str, base_dir: Path, method: str) -> tuple[WarmStartSpec, ...]:
+    if raw is None:
+        return ()
+    items = raw if isinstance(raw, list) else [raw]
+    paths = [v.join(path, i) for i in range(len(items))] if isinstance(raw, list) else [path]
+    return tuple(
+        _one_warm_start(item, p, base_dir, method) for item, p in zip(items, paths, strict=True)
+    )
+
+
+def _one_warm_start(raw: Any, path: str, base_dir: Path, method: str) -> WarmStartSpec:
+    entries = v.mapping(raw, path, ["recipes", "study", "storage", "top_k"])
+    if ("recipes" in entries) == ("study" in entries):
+        raise SpecError(
+            path,
+            "must name either recipes (e.g. {recipes: paper}) or a study "
+            "({study: NAME, storage: URL, top_k: K})",
+        )
+    if "recipes" in entries:
+        if set(entries) != {"recipes"}:
+            raise SpecError(path, "recipes takes no other keys")
+        if method != "reft":
+            raise SpecError(
+                v.join(path, "recipes"),
+                f"the paper's recipes are ReFT configs; this study's method is {method!r}",
+            )
+        return WarmStartSpec(
+            recipes=v.choice(entries["recipes"], v.join(path, "recipes"), WARM_START_RECIPES)
+        )
+    storage = entries.get("storage")
+    return WarmStartSpec(
+        study=v.string(entries["study"], v.join(path, "study")),
+        storage=_storage(storage, v.join(path, "storage"), base_dir, "") if storage else None,
+        top_k=v.integer(entries.get("top_k", 3), v.join(path, "top_k"), minimum=1),
+    )
+
+
+def _finalize(raw: Any, path: str, budget: BudgetSpec, seed: int) -> FinalizeSpec | None:
+    """Default: on for studies of >= 20 trials (top 3 configs, each on 2 more seeds)."""
+    default = FinalizeSpec(top_k=3, seeds=(seed + 1, seed + 2))
+    if raw == "default":
+        return default if budget.n_trials >= FINALIZE_DEFAULT_MIN_TRIALS else None
+    if raw is False or raw is None:
+        return None
+    entries = v.mapping(raw, path, ["top_k", "seeds"])
+    seeds = entries.get("seeds", list(default.seeds))
+    if not isinstance(seeds, list) or not seeds:
+        raise SpecError(v.join(path, "seeds"), f"must be a non-empty list of seeds, got {seeds!r}")
+    checked = tuple(
+        v.integer(s, v.join(v.join(path, "seeds"), i), minimum=0) for i, s in enumerate(seeds)
+    )
+    if seed in checked or len(set(checked)) != len(checked):
+        raise SpecError(
+            v.join(path, "seeds"),
+            f"must be distinct extra seeds, other than the study seed {seed}, got {list(checked)}",
+        )
+    top_k = v.integer(entries.get("top_k", default.top_k), v.join(path, "top_k"), minimum=1)
+    return FinalizeSpec(top_k=top_k, seeds=checked)
