@@ -37,7 +37,7 @@ from reftsearch.data.splits import carve_dev, encode, load_split, load_test_rows
 from reftsearch.engine.train import evaluate, train_trial
 from reftsearch.methods.adapter import build_adapter
 from reftsearch.run.driver import run_study
-from reftsearch.search.seed_reruns import top_search_trials
+from reftsearch.search.ranking import top_search_trials
 from reftsearch.search.study import prepare
 from reftsearch.search.test_split import configs_of
 from reftsearch.spec.study_file import StudySpec, load_spec

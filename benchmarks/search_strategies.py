@@ -41,10 +41,10 @@ import optuna
 from reftsearch.data.splits import encode
 from reftsearch.engine.train import evaluate
 from reftsearch.errors import TrialFailed
-from reftsearch.results.best_table import best_trials
 from reftsearch.run.driver import run_finalize, warm_start_recipes
 from reftsearch.search.objective import Objective
-from reftsearch.search.seed_reruns import FINALIZE_OF, search_trials, seed_summary
+from reftsearch.search.ranking import best_trials, seed_summary
+from reftsearch.search.record import is_search_trial, search_trials
 from reftsearch.search.study import PreparedStudy, open_study, prepare
 from reftsearch.search.test_split import trained_adapter
 from reftsearch.search.warm_start import enqueue_warm_starts
@@ -248,7 +248,7 @@ def curve(trials: list[optuna.trial.FrozenTrial], max_epochs: int) -> list[tuple
     points, spent, best = [], 0.0, None
     for trial in trials:
         spent += trial.user_attrs.get("epochs_trained", 0) / max_epochs
-        if trial.state == optuna.trial.TrialState.COMPLETE and FINALIZE_OF not in trial.user_attrs:
+        if trial.state == optuna.trial.TrialState.COMPLETE and is_search_trial(trial):
             best = trial.value if best is None else max(best, trial.value)
         if best is not None:
             points.append((spent, best))

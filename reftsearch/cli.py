@@ -14,6 +14,7 @@ from reftsearch.errors import BadInputError, ReftSearchError, TrialFailed
 from reftsearch.spec.study_file import StudySpec, load_spec
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+STORAGE_ENV = "REFTSEARCH_STORAGE"  # where `reftsearch worker` finds its storage URL
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,6 +101,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--trial", type=int, help="trial number (default: the best trial)")
     export.set_defaults(handler=_export)
+
+    worker = commands.add_parser(
+        "worker", help="join a study `reftsearch run` created, as one more worker (no Ray)"
+    )
+    worker.add_argument(
+        "--storage",
+        default=os.environ.get(STORAGE_ENV),
+        help=f"storage URL (default: ${STORAGE_ENV}; prefer it: a command line is visible "
+        "to every user of the machine)",
+    )
+    worker.add_argument("--study", required=True, help="name of a study `reftsearch run` created")
+    worker.add_argument("--n-trials", type=int, help="budget (default: the driver's)")
+    worker.set_defaults(handler=_worker)
     return parser
 
 
@@ -176,13 +190,8 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _best(args: argparse.Namespace) -> int:
-    from reftsearch.results.best_table import (
-        best_trials,
-        is_pareto,
-        pareto_front,
-        trial_summary,
-        trials_frame,
-    )
+    from reftsearch.results.best_table import trial_summary, trials_frame
+    from reftsearch.search.ranking import best_trials, is_pareto, pareto_front
     from reftsearch.search.storage import load_named_study
 
     if args.top < 1:
@@ -268,14 +277,28 @@ def _export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _print_best(study, top: int, summaries: list[dict] | None = None) -> None:
-    from reftsearch.results.best_table import (
-        best_trials,
-        format_table,
-        is_pareto,
-        pareto_front,
-        trial_summary,
+def _worker(args: argparse.Namespace) -> int:
+    from reftsearch.search.storage import check_storage, load_named_study, mask_url
+
+    if not args.storage:
+        raise BadInputError(f"--storage: give a storage URL or set ${STORAGE_ENV}")
+    check_storage(args.storage)
+    from reftsearch.run.lines import ProgressPrinter
+    from reftsearch.run.worker import Worker, published_spec
+
+    study = load_named_study(args.study, args.storage)
+    spec, n_trials = published_spec(study)
+    n_trials = args.n_trials or n_trials
+    print(f"joining study {spec.name!r} on {mask_url(args.storage)}: budget {n_trials}")
+    Worker(spec, args.storage).run(
+        n_trials, spec.budget.timeout, [ProgressPrinter(n_trials, print)]
     )
+    return EXIT_OK
+
+
+def _print_best(study, top: int, summaries: list[dict] | None = None) -> None:
+    from reftsearch.results.best_table import format_table, trial_summary
+    from reftsearch.search.ranking import best_trials, is_pareto, pareto_front
 
     if summaries is None:
         trials = pareto_front(study) if is_pareto(study) else best_trials(study, top)

@@ -6,6 +6,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+# where a line of progress goes: print, a Ray worker's forwarder, a test's list.append
+Log = Callable[[str], None]
+
 
 def format_duration(seconds: float) -> str:
     """``42.0s``, ``3.5min``, ``2.1h``."""
@@ -21,7 +24,7 @@ class Progress:
     every ``every_s`` seconds and never at its end (the caller says how it ended):
     ``frozen pass over 512 train examples: 48% after 23.0s, ~25.0s left``."""
 
-    def __init__(self, what: str, log: Callable[[str], None], every_s: float) -> None:
+    def __init__(self, what: str, log: Log, every_s: float) -> None:
         self.what, self.log, self.every_s = what, log, every_s
         self.started = self.last = time.perf_counter()
 

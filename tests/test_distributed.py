@@ -19,11 +19,11 @@ import pytest
 from conftest import tiny_study
 from sqlalchemy.engine import make_url
 
-from reftsearch.cli import main
+from reftsearch.cli import STORAGE_ENV, main
 from reftsearch.errors import TrialFailed
 from reftsearch.results.best_table import trials_frame
 from reftsearch.run import worker
-from reftsearch.search.seed_reruns import FINALIZE_OF, PAST_BUDGET, search_trials
+from reftsearch.search.record import TrialRecord, search_trials
 from reftsearch.search.study import asked_past_budget, count_finished, open_study
 from reftsearch.spec.study_file import load_spec
 
@@ -154,7 +154,7 @@ def test_killed_driver_resumes_without_losing_or_duplicating(
 
 
 def standalone_worker(argv: list[str]) -> None:
-    sys.exit(worker.main(argv))
+    sys.exit(main(["worker", *argv]))
 
 
 def test_sixteen_standalone_workers_on_postgres(
@@ -167,7 +167,7 @@ def test_sixteen_standalone_workers_on_postgres(
     spec = load_spec(write_study(raw))
     worker.publish_spec(open_study(spec, postgres_url), spec, 24)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv(worker.STORAGE_ENV, postgres_url)
+    monkeypatch.setenv(STORAGE_ENV, postgres_url)
     # 16 separate processes forked from one that imported reftsearch: 16 fresh imports of
     # torch would take minutes of CPU on 2 cores
     context = multiprocessing.get_context("forkserver")
@@ -192,8 +192,9 @@ def test_sixteen_standalone_workers_on_postgres(
     for extra in result.get_trials():
         if extra not in trials:
             assert extra.state == State.FAIL and "model_loads" not in extra.user_attrs
-            assert extra.user_attrs[PAST_BUDGET].startswith("not run: 24 trials asked before")
-            assert notes[extra.number] == extra.user_attrs[PAST_BUDGET]
+            past_budget = TrialRecord.of(extra).past_budget
+            assert past_budget.startswith("not run: 24 trials asked before")
+            assert notes[extra.number] == past_budget
 
 
 def test_only_trials_asked_within_the_budget_count_toward_it():
@@ -206,7 +207,7 @@ def test_only_trials_asked_within_the_budget_count_toward_it():
     study.tell(dead, state=State.FAIL)
     running = study.ask()  # 2: a trial another worker runs
     waiting = partial(optuna.trial.create_trial, state=State.WAITING)
-    study.add_trial(waiting(user_attrs={FINALIZE_OF: 0}))  # 3: a finalize rerun
+    study.add_trial(waiting(user_attrs=TrialRecord(finalize_of=0).to_user_attrs()))  # 3: a rerun
     study.add_trial(waiting(system_attrs={"retry_history": [1]}))  # 4: the retry, as Optuna's
     trials = study.get_trials()
     # counted before trial 4: 0 and 2 (1 was retried, 3 is a finalize rerun)
@@ -231,7 +232,7 @@ def test_a_trial_refused_past_the_budget_leaves_its_grid_point_to_a_later_run(
     # a second worker that saw the trial missing too asks one more, which is refused
     alone.study.optimize(partial(alone._trial, n_trials=1), n_trials=1, catch=(TrialFailed,))
     refused = alone.study.trials[-1]
-    assert refused.state == State.FAIL and PAST_BUDGET in refused.user_attrs
+    assert refused.state == State.FAIL and TrialRecord.of(refused).past_budget is not None
 
     alone.run(n_trials=4)  # the budget raised to the whole grid
     trained = [(t.params["rank"], t.params["suffix"]) for t in search_trials(alone.study)]
@@ -245,7 +246,7 @@ def test_wrong_database_is_bad_input_with_password_masked(
     study = write_study(tiny_study(easy_task_files))
     began = time.time()
     assert main(["run", str(study), "--storage", url, "--workers", "2"]) == 2
-    assert worker.main(["--storage", url, "--study", "t"]) == 2
+    assert main(["worker", "--storage", url, "--study", "t"]) == 2
     err = capsys.readouterr().err
     assert err.count("cannot connect to 127.0.0.1") == 2 and "no_such_database" in err
     assert SECRET not in err and "***" in err
@@ -254,7 +255,7 @@ def test_wrong_database_is_bad_input_with_password_masked(
 
 def test_worker_refuses_a_study_without_a_published_spec(postgres_url, capsys):
     optuna.create_study(study_name="bare", storage=postgres_url)
-    assert worker.main(["--storage", postgres_url, "--study", "bare"]) == 2
+    assert main(["worker", "--storage", postgres_url, "--study", "bare"]) == 2
     assert "start it with `reftsearch run STUDY.yaml`" in capsys.readouterr().err
 
 

@@ -15,7 +15,7 @@ from reftsearch.engine.train import Pack, TrainConfig, TrialRun, own_head, train
 from reftsearch.errors import SpecError
 from reftsearch.methods.adapter import GLOBAL_RNG_LOCK, build_adapter
 from reftsearch.methods.reft.module import ReftConfig
-from reftsearch.search.packing import AUTO_MAX_PACK, PackedTrainer, pack_size, trials_that_fit
+from reftsearch.run.packing import AUTO_MAX_PACK, PackedTrainer, pack_size, trials_that_fit
 from reftsearch.search.study import prepare
 from reftsearch.spec.study_file import load_spec
 

@@ -8,7 +8,7 @@ from conftest import tiny_study
 
 from reftsearch.cli import main
 from reftsearch.errors import SpecError
-from reftsearch.search.seed_reruns import FINALIZE_OF, SEED
+from reftsearch.search.record import TrialRecord
 from reftsearch.search.study import open_study
 from reftsearch.search.warm_start import Recipe, map_onto_space, paper_recipes
 from reftsearch.spec.space import Choice, Fixed, FloatRange, IntRange
@@ -116,10 +116,11 @@ def test_finalize_reruns_top_configs_and_best_picks_the_mean(write_study, easy_t
     study = write_study(raw)
     assert main(["run", str(study)]) == 0
     trials = trials_of(study)
-    reruns = [t for t in trials if FINALIZE_OF in t.user_attrs]
+    reruns = [t for t in trials if TrialRecord.of(t).finalize_of is not None]
     assert len(reruns) == 4 and all(t.state.name == "COMPLETE" for t in reruns)
-    assert {t.user_attrs[SEED] for t in reruns} == {11, 12}
-    assert all(t.user_attrs["config"]["seed"] == t.user_attrs[SEED] for t in reruns)
+    records = [TrialRecord.of(t) for t in reruns]
+    assert {r.seed for r in records} == {11, 12}
+    assert all(r.config["seed"] == r.seed for r in records)
     capsys.readouterr()
     assert main(["best", str(study), "--json", "--top", "3"]) == 0
     best = json.loads(capsys.readouterr().out)
@@ -129,7 +130,7 @@ def test_finalize_reruns_top_configs_and_best_picks_the_mean(write_study, easy_t
     assert set(finalized[0]["seed_scores"]) == {"3", "11", "12"}
     # resumed: nothing is rerun twice
     assert main(["run", str(study)]) == 0
-    assert sum(FINALIZE_OF in t.user_attrs for t in trials_of(study)) == 4
+    assert sum(TrialRecord.of(t).finalize_of is not None for t in trials_of(study)) == 4
 
 
 def test_finalize_defaults_on_for_big_studies(tmp_path):

@@ -13,7 +13,7 @@ import yaml
 from conftest import tiny_study
 
 from reftsearch.cli import main
-from reftsearch.results.best_table import pareto_front
+from reftsearch.search.ranking import pareto_front
 from reftsearch.search.study import open_study
 from reftsearch.spec.study_file import load_spec
 

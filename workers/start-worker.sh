@@ -17,4 +17,4 @@ study="$1"
 shift
 # one torch thread per CPU given to this worker (default 1): oversubscribed threads are slow
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec "${PYTHON:-python}" -m reftsearch.run.worker --study "$study" "$@"
+exec "${PYTHON:-python}" -m reftsearch.cli worker --study "$study" "$@"

@@ -35,7 +35,7 @@ from transformers import DynamicCache
 from reftsearch.data.splits import Batch, Encoded, batches, pass_tokens
 from reftsearch.methods.reft.positions import unedited_prefix
 from reftsearch.models.base import BaseModel, kv_argument
-from reftsearch.progress import Progress
+from reftsearch.progress import Log, Progress
 
 
 @dataclass
@@ -227,7 +227,7 @@ class PrefixCache:
     minutes, and nothing else is said meanwhile.
     """
 
-    log: Callable[[str], None] | None = None
+    log: Log | None = None
     progress_every_s = 30.0  # how often a pass says how far it has come
 
     def __init__(

@@ -178,7 +178,7 @@ class Pack:
     each trial's rows through its own interventions (and its own classification head).
 
     Each trial keeps its own optimizer, schedule, dev scores and pruning decision; a trial
-    that ends leaves the pack and another may join (reftsearch.search.packing). A single trial is
+    that ends leaves the pack and another may join (reftsearch.run.packing). A single trial is
     the same thing with one member, which is how ``train_trial`` runs.
     """
 

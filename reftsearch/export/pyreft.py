@@ -18,7 +18,6 @@ import json
 import re
 import shutil
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,13 +32,13 @@ from reftsearch.export.pyreft_snippet import render_snippet
 from reftsearch.methods.reft.module import ReftModule
 from reftsearch.methods.reft.positions import intervention_locations
 from reftsearch.models.base import BUILTIN_MODELS, BaseModel
-from reftsearch.results.best_table import best_trials
+from reftsearch.progress import Log
+from reftsearch.search.ranking import best_trials
+from reftsearch.search.record import TrialRecord
 from reftsearch.search.storage import load_named_study, mask_url
 from reftsearch.search.study import prepare
 from reftsearch.search.test_split import test_score, trained_adapter
 from reftsearch.spec.study_file import StudySpec
-
-Log = Callable[[str], None]
 
 # Model classes pyvene 0.1.8 maps to a "block_output" component (its type_to_module_mapping);
 # any other model is addressed by module path, "<path of block i>.output" (the output hook),
@@ -117,7 +116,7 @@ def export_study(
         "dev_score": trial.value,
         "test_score": score,
         "weights": weights,
-        "config": trial.user_attrs["config"],
+        "config": TrialRecord.of(trial).config,
         "positions": reft.config.positions,
         "prefix": reft.config.prefix,
         "suffix": reft.config.suffix,
@@ -169,10 +168,11 @@ def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTr
 
 
 def _check_exportable(trial: optuna.trial.FrozenTrial) -> None:
-    if "intervention" not in trial.user_attrs.get("config", {}):
+    config = TrialRecord.of(trial).config or {}
+    if "intervention" not in config:
         raise BadInputError(
             f"trial {trial.number}: only ReFT trials export to pyreft; its config has no "
-            f"intervention: {trial.user_attrs.get('config')}"
+            f"intervention: {config}"
         )
 
 

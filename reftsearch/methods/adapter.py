@@ -2,7 +2,7 @@
 
 Both expose the interface the trainer uses (``attached``, ``set_locations``, parameters), so
 one training loop serves both methods. A trial records its resolved config as a dict (the
-``config`` user attribute); ``adapter_config`` reads it back (``reftsearch.search.describe`` puts it
+``config`` user attribute); ``adapter_config`` reads it back (``reftsearch.search.record`` puts it
 in words and columns).
 """
 
@@ -22,7 +22,7 @@ Adapter = ReftModule | LoraModule
 
 
 #: Held by whoever draws from torch's global RNG while other threads may too: an adapter's
-#: seeded init here, and a packed training step (its dropout) in reftsearch.search.packing. Without
+#: seeded init here, and a packed training step (its dropout) in reftsearch.run.packing. Without
 #: it, one packed trial's init could draw numbers between another's seeding and its init.
 GLOBAL_RNG_LOCK = threading.RLock()
 

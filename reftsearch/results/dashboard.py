@@ -9,7 +9,6 @@ for that line and then talk to the server.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -19,6 +18,7 @@ import optuna_dashboard
 from optuna.artifacts import FileSystemArtifactStore
 
 from reftsearch.errors import BadInputError
+from reftsearch.progress import Log
 from reftsearch.search.kept_weights import WEIGHTS_DIR
 from reftsearch.search.storage import mask_url, open_storage
 
@@ -45,7 +45,7 @@ def serve(
     storage_url: str,
     host: str = "127.0.0.1",
     port: int = 8080,
-    log: Callable[[str], None] = print,
+    log: Log = print,
 ) -> None:
     """Serve the dashboard until interrupted (Ctrl-C)."""
     storage = open_storage(storage_url, heartbeat_s=None)

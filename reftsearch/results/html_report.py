@@ -18,15 +18,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from reftsearch.results.best_table import (
-    best_trials,
-    is_maximized,
-    is_pareto,
-    pareto_front,
-    trial_summary,
-    trials_frame,
-)
-from reftsearch.search.describe import describe_config
+from reftsearch.results.best_table import trial_summary, trials_frame
+from reftsearch.search.ranking import best_trials, is_maximized, is_pareto, pareto_front
+from reftsearch.search.record import TrialRecord, describe_config
 
 TOP_TRIALS = 10
 STATE_COLOURS = {"COMPLETE": "tab:blue", "PRUNED": "tab:orange", "FAIL": "tab:red"}
@@ -196,7 +190,7 @@ def _by_params(
         ax.scatter(rows["n_params"], rows["score"], label=kind, alpha=0.8)
     if front:
         ax.plot(
-            [t.user_attrs["n_params"] for t in front],
+            [TrialRecord.of(t).n_params for t in front],
             [t.values[0] for t in front],
             color="black",
             marker="D",
@@ -206,7 +200,7 @@ def _by_params(
         for t in front:
             ax.annotate(
                 f"#{t.number}",
-                (t.user_attrs["n_params"], t.values[0]),
+                (TrialRecord.of(t).n_params, t.values[0]),
                 fontsize=8,
                 textcoords="offset points",
                 xytext=(4, 4),

@@ -9,20 +9,19 @@ study that already ran further than the budget is judged on its first ``n_trials
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import optuna
 import pandas as pd
 
 from reftsearch.errors import BadInputError, ReftSearchError
+from reftsearch.progress import Log
 from reftsearch.run.driver import run_study
-from reftsearch.search.seed_reruns import search_trials
+from reftsearch.search.ranking import ranked
+from reftsearch.search.record import TrialRecord, search_trials
 from reftsearch.search.study import FINISHED_STATES
 from reftsearch.search.test_split import test_score
 from reftsearch.spec.study_file import StudySpec
-
-Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -90,8 +89,7 @@ def judge(spec: StudySpec, study: optuna.Study, n_trials: int, log: Log) -> ArmR
     completed = [t for t in finished if t.state == optuna.trial.TrialState.COMPLETE]
     if not completed:
         raise ReftSearchError(f"study {spec.name!r} has no completed trial to compare")
-    sign = 1 if spec.direction == "maximize" else -1
-    best = max(completed, key=lambda t: (sign * t.values[0], -t.number))
+    best = ranked(study, completed)[0]
     return ArmResult(
         study=spec.name,
         method=spec.method,
@@ -99,9 +97,9 @@ def judge(spec: StudySpec, study: optuna.Study, n_trials: int, log: Log) -> ArmR
         best_trial=best.number,
         dev_score=best.values[0],
         test_score=test_score(spec, study, best, log=log),
-        n_params=best.user_attrs["n_params"],
-        epochs_trained=sum(t.user_attrs.get("epochs_trained", 0.0) for t in finished),
-        train_s=sum(t.user_attrs.get("wall_time_s", 0.0) for t in finished),
+        n_params=TrialRecord.of(best).n_params,
+        epochs_trained=sum(TrialRecord.of(t).epochs_trained or 0.0 for t in finished),
+        train_s=sum(TrialRecord.of(t).wall_time_s or 0.0 for t in finished),
     )
 
 

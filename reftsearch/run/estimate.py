@@ -26,8 +26,8 @@ from reftsearch.engine.train import Pack, TrainConfig, TrialRun, evaluate_exampl
 from reftsearch.methods.adapter import Adapter, AdapterConfig, build_adapter
 from reftsearch.methods.reft.module import ReftConfig
 from reftsearch.progress import format_duration
-from reftsearch.search.describe import describe_config
 from reftsearch.search.objective import invalid_reason, resolve
+from reftsearch.search.record import describe_config
 from reftsearch.search.study import PreparedStudy
 from reftsearch.spec.space import sample
 

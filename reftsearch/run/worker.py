@@ -4,7 +4,7 @@ The same ``Worker`` runs in the ``reftsearch run`` process (one worker), as a Ra
 workers, reftsearch.run.driver), or on its own for clusters without Ray::
 
     REFTSEARCH_STORAGE=postgresql+psycopg://user:pass@db/studies \\
-        python -m reftsearch.run.worker --study sst2-minilm
+        reftsearch worker --study sst2-minilm
 
 A stand-alone worker joins a study that ``reftsearch run`` created: the driver publishes the
 study's spec (without storage URLs, which may hold passwords) and its trial budget as study
@@ -16,10 +16,7 @@ filesystem), or hub/builtin data.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,10 +26,10 @@ from pathlib import Path
 import optuna
 
 from reftsearch.errors import BadInputError, TrialFailed
+from reftsearch.progress import Log
 from reftsearch.run.estimate import estimate_study
-from reftsearch.search.packing import make_objective, optimize, pack_size
-from reftsearch.search.seed_reruns import PAST_BUDGET, search_trials
-from reftsearch.search.storage import check_storage, load_named_study, mask_url
+from reftsearch.run.packing import make_objective, optimize, pack_size
+from reftsearch.search.record import search_trials, store
 from reftsearch.search.study import (
     PreparedStudy,
     asked_past_budget,
@@ -43,13 +40,11 @@ from reftsearch.search.study import (
 )
 from reftsearch.spec.study_file import StudySpec, parse_spec
 
-Log = Callable[[str], None]
 Callback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
 
 SPEC_ATTR, SPEC_DIR_ATTR, N_TRIALS_ATTR = "spec", "spec_dir", "n_trials"
 # keys that may hold storage URLs (passwords) and that only the driver needs
 DRIVER_ONLY_KEYS = ("storage", "warm_start")
-STORAGE_ENV = "REFTSEARCH_STORAGE"
 IDLE_POLL_S = 1.0
 
 _model_loads = 0  # in this process; recorded on every trial: 1 means each trial reused the model
@@ -124,10 +119,10 @@ class Worker:
     def _trial(self, trial: optuna.Trial, n_trials: int) -> float:
         if asked_past_budget(self.study, trial, n_trials):
             reason = f"not run: {n_trials} trials asked before it meet the budget"
-            trial.set_user_attr(PAST_BUDGET, reason)  # it counts nowhere (is_search_trial)
+            store(trial, past_budget=reason)  # it counts nowhere (is_search_trial)
             give_back_grid_point(trial)
             raise TrialFailed(f"trial {trial.number} {reason}")
-        trial.set_user_attr("model_loads", _model_loads)
+        store(trial, model_loads=_model_loads)
         return self.objective(trial)
 
 
@@ -170,37 +165,3 @@ def published_spec(study: optuna.Study) -> tuple[StudySpec, int]:
         )
     spec = parse_spec(json.loads(attrs[SPEC_ATTR]), base_dir=Path(attrs[SPEC_DIR_ATTR]))
     return spec, attrs[N_TRIALS_ATTR]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from reftsearch.cli import EXIT_OK, report_errors
-    from reftsearch.run.driver import ProgressPrinter
-
-    parser = argparse.ArgumentParser(prog="python -m reftsearch.run.worker", description=__doc__)
-    parser.add_argument(
-        "--storage",
-        default=os.environ.get(STORAGE_ENV),
-        help=f"storage URL (default: ${STORAGE_ENV}; prefer it: a command line is visible "
-        "to every user of the machine)",
-    )
-    parser.add_argument("--study", required=True, help="name of a study `reftsearch run` created")
-    parser.add_argument("--n-trials", type=int, help="budget (default: the driver's)")
-    args = parser.parse_args(argv)
-    if not args.storage:
-        parser.error(f"give --storage or set ${STORAGE_ENV}")
-
-    def work() -> int:
-        check_storage(args.storage)
-        study = load_named_study(args.study, args.storage)
-        spec, n_trials = published_spec(study)
-        n_trials = args.n_trials or n_trials
-        print(f"joining study {spec.name!r} on {mask_url(args.storage)}: budget {n_trials}")
-        worker = Worker(spec, args.storage)
-        worker.run(n_trials, spec.budget.timeout, [ProgressPrinter(n_trials, print)])
-        return EXIT_OK
-
-    return report_errors(work)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,11 +21,11 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from torch import nn
 
 from reftsearch.methods.reft.module import ReftModule
+from reftsearch.search.record import TrialRecord, store
 from reftsearch.search.storage import sqlite_path
 from reftsearch.spec.study_file import StudySpec
 
 WEIGHTS_DIR = "weights_dir"  # study user attribute: where the artifact store is
-WEIGHTS_ARTIFACT = "weights_artifact"  # trial user attribute: the artifact id
 
 
 def weights_dir(spec: StudySpec, storage_url: str) -> Path:
@@ -55,7 +55,7 @@ def keep(trial: optuna.Trial, reft: nn.Module, head: nn.Module | None) -> None:
             file_path=str(path),
             study_or_trial=trial,
         )
-    trial.set_user_attr(WEIGHTS_ARTIFACT, artifact_id)
+    store(trial, weights_artifact=artifact_id)
 
 
 def restore(
@@ -68,7 +68,7 @@ def restore(
 
     Returns where they came from (for the user), or None when there is nothing to load.
     """
-    folder, artifact_id = study.user_attrs.get(WEIGHTS_DIR), trial.user_attrs.get(WEIGHTS_ARTIFACT)
+    folder, artifact_id = study.user_attrs.get(WEIGHTS_DIR), TrialRecord.of(trial).weights_artifact
     if folder is None or artifact_id is None:
         return None
     try:

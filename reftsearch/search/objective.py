@@ -35,15 +35,11 @@ from reftsearch.methods.lora.module import LoraConfig, resolve_targets
 from reftsearch.methods.reft.constraints import Limits, capped_share, why_invalid
 from reftsearch.methods.reft.module import ReftConfig
 from reftsearch.models.base import BaseModel
-from reftsearch.search.describe import readable_attrs
 from reftsearch.search.fidelity import Rung, data_ladder, example_steps
-from reftsearch.search.kept_weights import WEIGHTS_ARTIFACT, keep
-from reftsearch.search.seed_reruns import FINALIZE_OF, SEED
+from reftsearch.search.kept_weights import keep
+from reftsearch.search.record import TrialRecord, store
 from reftsearch.search.study import PreparedStudy
 from reftsearch.spec.space import parse_layers, sample
-
-# per-epoch dev scores of a trial in a two-objective study, where Trial.report raises
-DEV_CURVE = "dev_curve"
 
 
 @dataclass
@@ -100,18 +96,25 @@ def finished_twin(trial: optuna.Trial, config: dict) -> optuna.trial.FrozenTrial
     """An earlier complete or pruned trial with the very same resolved config (seed included)."""
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     for other in trial.study.get_trials(deepcopy=False, states=states):
-        if other.user_attrs.get("config") == config and "invalid_reason" not in other.user_attrs:
+        record = TrialRecord.of(other)
+        if record.config == config and record.invalid_reason is None:
             return other
     return None
 
 
 def copy_result(trial: optuna.Trial, twin: optuna.trial.FrozenTrial) -> list[float]:
     """Finish ``trial`` with ``twin``'s outcome instead of training the same thing again."""
-    trial.set_user_attr("copied_from", twin.number)
-    copied = ("n_params", "n_head_params", "pruned_at_epoch", "pruned", WEIGHTS_ARTIFACT, DEV_CURVE)
-    for key in copied:
-        if key in twin.user_attrs:
-            trial.set_user_attr(key, twin.user_attrs[key])
+    done = TrialRecord.of(twin)
+    store(
+        trial,
+        copied_from=twin.number,
+        n_params=done.n_params,
+        n_head_params=done.n_head_params,
+        pruned_at_epoch=done.pruned_at_epoch,
+        pruned=done.pruned,
+        weights_artifact=done.weights_artifact,
+        dev_curve=done.dev_curve,
+    )
     for epoch, score in sorted(twin.intermediate_values.items()):
         trial.report(score, epoch)
     if twin.state == optuna.trial.TrialState.PRUNED:
@@ -125,7 +128,7 @@ class Objective:
     def __init__(self, prepared: PreparedStudy, log=print, trainer=train_trial) -> None:
         self.prepared = prepared
         self.log = log
-        self.trainer = trainer  # train_trial, or a packed trainer (reftsearch.search.packing)
+        self.trainer = trainer  # train_trial, or a packed trainer (reftsearch.run.packing)
         pruner = prepared.spec.pruner
         self.per_example = pruner.type == "wilcoxon"
         self.rungs = None  # train on the whole split; else climb the data ladder
@@ -141,23 +144,24 @@ class Objective:
         spec, base = self.prepared.spec, self.prepared.base
         values = sample(trial, spec.space)
         # finalize runs repeat a config with another seed (reftsearch.search.seed_reruns)
-        seed = trial.user_attrs.get(SEED, spec.seed)
+        rerun_seed = TrialRecord.of(trial).seed
+        seed = spec.seed if rerun_seed is None else rerun_seed
         reft_config, train_config = resolve(values, base, seed, spec.method)
         reason = invalid_reason(reft_config, self.prepared.limits)
         if reason:
             # costs milliseconds, and a pruned trial tells the sampler to look elsewhere
-            trial.set_user_attr("invalid_reason", reason)
+            store(trial, invalid_reason=reason)
             raise optuna.TrialPruned(f"invalid config: {reason}")
         config = {**reft_config.to_dict(), **vars(train_config)}
-        trial.set_user_attr("config", config)
-        for key, value in readable_attrs(config).items():  # columns in the dashboard
-            trial.set_user_attr(key, value)
+        store(trial, config=config, worker=worker_id())
         if isinstance(reft_config, ReftConfig):
-            trial.set_user_attr("n_interventions", reft_config.num_interventions)
             capped = capped_share(reft_config, self.prepared.limits)
-            if capped:  # pyreft's n // 2 cap: these prompts get fewer edited tokens
-                trial.set_user_attr("positions_capped", round(capped, 4))
-        trial.set_user_attr("worker", worker_id())
+            store(
+                trial,
+                n_interventions=reft_config.num_interventions,
+                # pyreft's n // 2 cap: these prompts get fewer edited tokens
+                positions_capped=round(capped, 4) if capped else None,
+            )
         twin = finished_twin(trial, config)
         if twin is not None:
             return copy_result(trial, twin)
@@ -170,8 +174,11 @@ class Objective:
         except torch.OutOfMemoryError as err:
             raise self._fail(trial, f"out of memory: {str(err).splitlines()[0]}") from err
         finally:
-            trial.set_user_attr("wall_time_s", round(time.perf_counter() - start, 3))
-            trial.set_user_attr("epochs_trained", round(spent.epochs, 4))
+            store(
+                trial,
+                wall_time_s=round(time.perf_counter() - start, 3),
+                epochs_trained=round(spent.epochs, 4),
+            )
         keep(trial, reft, trained_head(base, reft))  # so that export needs no retraining
         if len(spec.objectives) == 1:
             return score
@@ -183,13 +190,13 @@ class Objective:
         """Train on the whole train split, or up the data ladder (reftsearch.search.fidelity)."""
         base, split = self.prepared.base, self.prepared.split
         # a finalize run must finish: it measures seed variance, not promise
-        finalize = FINALIZE_OF in trial.user_attrs
+        finalize = TrialRecord.of(trial).finalize_of is not None
         rungs = self.rungs if self.rungs and not finalize else [Rung(1, 1.0, split.train)]
         for rung in rungs:
             # the seed fixes the adapter's init too; every rung starts from the same one
             adapter = build_adapter(config, base, train_config.seed)
-            trial.set_user_attr("n_params", adapter.num_parameters())
-            trial.set_user_attr("n_head_params", sum(p.numel() for p in base.head_parameters()))
+            n_head_params = sum(p.numel() for p in base.head_parameters())
+            store(trial, n_params=adapter.num_parameters(), n_head_params=n_head_params)
             report = len(rungs) == 1 and not finalize
             on_epoch = partial(self._epoch_done, trial, spent, rung.fraction, report)
             subset = replace(split, train=rung.train)
@@ -216,7 +223,7 @@ class Objective:
         pareto = len(trial.study.directions) > 1
         if pareto or self.per_example:
             # the epochs' scores are not Optuna's intermediate values here: keep the curve
-            trial.set_user_attr(DEV_CURVE, [*trial.user_attrs.get(DEV_CURVE, []), dev.score])
+            store(trial, dev_curve=(*TrialRecord.of(trial).dev_curve, dev.score))
         if pareto:  # Optuna cannot prune a two-objective trial (Trial.report raises)
             return
         if self.per_example:  # Wilcoxon: one step per dev example (reftsearch.search.fidelity)
@@ -226,17 +233,16 @@ class Objective:
         else:
             trial.report(dev.score, epoch)
         if trial.should_prune():
-            trial.set_user_attr("pruned_at_epoch", epoch)
-            trial.set_user_attr("pruned", f"after epoch {epoch} (dev={dev.score:.4f})")
+            store(trial, pruned_at_epoch=epoch, pruned=f"after epoch {epoch} (dev={dev.score:.4f})")
             raise optuna.TrialPruned(f"pruned after epoch {epoch} with dev score {dev.score:.4f}")
 
     def _report_rung(self, trial: optuna.Trial, rung: Rung, score: float, last: bool) -> None:
         trial.report(score, rung.step)
         if not last and trial.should_prune():
             where = f"at {rung.fraction:.3g} of the training data"
-            trial.set_user_attr("pruned", f"{where} (dev={score:.4f})")
+            store(trial, pruned=f"{where} (dev={score:.4f})")
             raise optuna.TrialPruned(f"pruned {where} with dev score {score:.4f}")
 
     def _fail(self, trial: optuna.Trial, reason: str) -> TrialFailed:
-        trial.set_user_attr("fail_reason", reason)
+        store(trial, fail_reason=reason)
         return TrialFailed(f"trial {trial.number} failed: {reason}")

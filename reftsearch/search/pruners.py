@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import optuna
 from optuna.pruners import BasePruner
-from optuna.study import StudyDirection
+
+from reftsearch.search.ranking import is_maximized
 
 
 class SparingPruner(BasePruner):
@@ -29,6 +30,6 @@ class SparingPruner(BasePruner):
         if step is None or not completed:
             return True
         score = trial.intermediate_values[step]
-        if study.direction == StudyDirection.MAXIMIZE:
+        if is_maximized(study):
             return score < max(t.value for t in completed)
         return score > min(t.value for t in completed)

@@ -31,7 +31,7 @@ from reftsearch.models.base import (
 from reftsearch.search.fidelity import rung_count
 from reftsearch.search.kept_weights import WEIGHTS_DIR, weights_dir
 from reftsearch.search.pruners import SparingPruner
-from reftsearch.search.seed_reruns import is_search_trial, search_trials
+from reftsearch.search.record import is_search_trial, search_trials
 from reftsearch.search.storage import open_storage
 from reftsearch.spec.space import grid, lowest_layers
 from reftsearch.spec.study_file import PrunerSpec, StudySpec

@@ -8,14 +8,14 @@ second time.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import optuna
 
 from reftsearch.data.splits import encode, load_test_rows
 from reftsearch.engine.train import TrainConfig, evaluate, train_trial
 from reftsearch.methods.adapter import Adapter, AdapterConfig, adapter_config, build_adapter
+from reftsearch.progress import Log
 from reftsearch.search.kept_weights import restore
+from reftsearch.search.record import TrialRecord
 from reftsearch.search.study import PreparedStudy, prepare
 from reftsearch.spec.study_file import StudySpec
 
@@ -24,7 +24,7 @@ TRAIN_FIELDS = ("lr", "epochs", "batch_size", "warmup_ratio", "weight_decay", "s
 
 def configs_of(trial: optuna.trial.FrozenTrial) -> tuple[AdapterConfig, TrainConfig]:
     """The resolved configs a trial recorded when it ran."""
-    config = trial.user_attrs["config"]
+    config = TrialRecord.of(trial).config
     return adapter_config(config), TrainConfig(**{k: config[k] for k in TRAIN_FIELDS})
 
 
@@ -32,7 +32,7 @@ def trained_adapter(
     prepared: PreparedStudy,
     study: optuna.Study,
     trial: optuna.trial.FrozenTrial,
-    log: Callable[[str], None],
+    log: Log,
 ) -> tuple[Adapter, str]:
     """The trial's trained adapter (its head loaded into the model) and where it came from:
     the weights kept when the trial completed, else its config retrained with its seed."""
@@ -57,7 +57,7 @@ def test_score(
     spec: StudySpec,
     study: optuna.Study,
     trial: optuna.trial.FrozenTrial,
-    log: Callable[[str], None] = print,
+    log: Log = print,
     trained: tuple[PreparedStudy, Adapter] | None = None,
 ) -> float:
     """The trial's test score, evaluated at most once per study.

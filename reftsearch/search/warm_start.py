@@ -9,24 +9,26 @@ not offer skips the recipe, and every such change is said in a line.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
 
 from reftsearch.errors import BadInputError
+from reftsearch.progress import Log
+from reftsearch.search.record import TrialRecord
 from reftsearch.spec.space import (
     Choice,
     Dimension,
     Fixed,
     FloatRange,
     IntRange,
+    both_sides,
     parse_layers,
     searched,
 )
 
-Log = Callable[[str], None]
 DONE_ATTR = "warm_start_enqueued"
 
 
@@ -88,13 +90,13 @@ def paper_recipes(task_kind: str, num_layers: int) -> list[Recipe]:
 def study_recipes(name: str, storage: str, top_k: int, method: str) -> list[Recipe]:
     """The ``top_k`` completed configs of another study, best first; they must be configs
     of this study's ``method`` (a LoRA rank says nothing about a ReFT intervention)."""
-    from reftsearch.results.best_table import best_trials
+    from reftsearch.search.ranking import best_trials
     from reftsearch.search.storage import open_storage
 
     source = optuna.load_study(study_name=name, storage=open_storage(storage, heartbeat_s=None))
     recipes = []
     for trial in best_trials(source, top_k):
-        config = dict(trial.user_attrs.get("config", {}))
+        config = dict(TrialRecord.of(trial).config or {})
         if config.get("method", "reft") != method:
             raise BadInputError(
                 f"warm_start.study: trial {trial.number} of study {name!r} is a "
@@ -124,8 +126,8 @@ def map_onto_space(
         if mapped != value:
             notes.append(f"{name}={value!r} -> {mapped!r}")
         params[name] = mapped
-    if params.get("prefix", 1) == 0 or params.get("suffix", 1) == 0:
-        params.pop("tied", None)  # tied is only sampled when both sides are intervened
+    if not both_sides(params.get("prefix", 1), params.get("suffix", 1)):
+        params.pop("tied", None)  # not sampled then
     return params, notes
 
 
@@ -167,7 +169,7 @@ def enqueue_warm_starts(
             log(f"warm start {recipe.name}: skipped, same as an earlier one in this space")
             continue
         seen.append(params)
-        study.enqueue_trial(params, user_attrs={"warm_start": recipe.name})
+        study.enqueue_trial(params, user_attrs=TrialRecord(warm_start=recipe.name).to_user_attrs())
         log(f"warm start {recipe.name}: enqueued" + (f" ({'; '.join(notes)})" if notes else ""))
     study.set_user_attr(DONE_ATTR, len(seen))
     return len(seen)

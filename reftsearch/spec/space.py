@@ -194,11 +194,18 @@ def searched(space: Mapping[str, Dimension]) -> dict[str, Dimension]:
     }
 
 
+def both_sides(prefix: int, suffix: int) -> bool:
+    """Whether the first and the last prompt tokens are both intervened on: the only case
+    where ``tied`` (one intervention shared by the two) means anything, and the only one with
+    two intervention groups per layer when untied (pyreft ditto)."""
+    return prefix > 0 and suffix > 0
+
+
 def sample(trial: optuna.Trial, space: Mapping[str, Dimension]) -> dict[str, Any]:
-    """One value per parameter; ``tied`` is only sampled when both prefix and suffix are > 0."""
+    """One value per parameter; ``tied`` is only sampled when both sides are intervened."""
     values: dict[str, Any] = {}
     for name, dimension in space.items():
-        if name == "tied" and not (values["prefix"] > 0 and values["suffix"] > 0):
+        if name == "tied" and not both_sides(values["prefix"], values["suffix"]):
             values[name] = False  # one position group: tying has no meaning (pyreft ditto)
             continue
         values[name] = _suggest(trial, name, dimension)

@@ -24,8 +24,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from reftsearch.errors import SpecError
+from reftsearch.methods.reft.interventions import max_rank
 from reftsearch.methods.reft.module import ReftConfig
-from reftsearch.spec.space import Choice, Dimension, Fixed, IntRange, layer_choices, parse_layers
+from reftsearch.spec.space import (
+    Choice,
+    Dimension,
+    Fixed,
+    IntRange,
+    both_sides,
+    layer_choices,
+    parse_layers,
+)
 
 
 @dataclass(frozen=True)
@@ -50,9 +59,9 @@ def why_invalid(config: ReftConfig, limits: Limits) -> str | None:
     """Why a resolved config cannot be trained here, or None if it can."""
     if config.prefix == 0 and config.suffix == 0:
         return "prefix and suffix are both 0: no token would be intervened on"
-    if config.tied and not (config.prefix > 0 and config.suffix > 0):
+    if config.tied and not both_sides(config.prefix, config.suffix):
         return "tied needs both a prefix and a suffix to share one intervention"
-    if config.rank >= limits.hidden_size:
+    if config.rank > max_rank(limits.hidden_size):
         return f"rank {config.rank} is not below the hidden size {limits.hidden_size}"
     for name, count in (("prefix", config.prefix), ("suffix", config.suffix)):
         if count > limits.max_positions:
@@ -81,7 +90,7 @@ def check_space(space: Mapping[str, Dimension], limits: Limits, path: str = "spa
         except ValueError as err:
             raise SpecError(key, str(err)) from None
     rank_rule = f"must be below the hidden size {limits.hidden_size} of this model"
-    _check_smallest(space["rank"], f"{path}.rank", limits.hidden_size - 1, rank_rule)
+    _check_smallest(space["rank"], f"{path}.rank", max_rank(limits.hidden_size), rank_rule)
     side_rule = (
         f"must be at most {limits.max_positions}: the longest training prompt has "
         f"{limits.prompt_lengths[-1]} tokens and pyreft caps each side at n // 2"

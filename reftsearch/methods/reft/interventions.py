@@ -155,14 +155,22 @@ INTERVENTIONS: dict[str, type[Intervention]] = {
 }
 
 
+def max_rank(hidden_size: int) -> int:
+    """The largest rank an intervention may have: below the hidden size, or the edit is no
+    longer low-rank (LoReFT's ``R`` would be a whole rotation of the hidden space)."""
+    return hidden_size - 1
+
+
 def build_intervention(
     name: str, hidden_size: int, rank: int, dropout: float = 0.0
 ) -> Intervention:
     """Instantiate the intervention registered under ``name`` in float32."""
     if name not in INTERVENTIONS:
         raise ValueError(f"intervention must be one of {sorted(INTERVENTIONS)}, got {name!r}")
-    if not 0 < rank <= hidden_size:
-        raise ValueError(f"rank must be in [1, {hidden_size}] (the hidden size), got {rank}")
+    if not 0 < rank <= max_rank(hidden_size):
+        raise ValueError(
+            f"rank must be in [1, {max_rank(hidden_size)}] (below the hidden size), got {rank}"
+        )
     return INTERVENTIONS[name](hidden_size, rank, dropout).float()
 
 

@@ -87,7 +87,7 @@ class ReftModule(nn.Module):
         """Point the interventions at the prompts of the next batch.
 
         ``rows``: which rows of the batch are this trial's (all by default); when several
-        trials share one batch (reftsearch.search.packing) each edits only its own rows.
+        trials share one batch (reftsearch.run.packing) each edits only its own rows.
         """
         c = self.config
         locations = intervention_locations(prompt_lengths, c.prefix, c.suffix, c.tied, offsets)

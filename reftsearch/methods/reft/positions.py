@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import torch
 
+from reftsearch.spec.space import both_sides
+
 PAD_POSITION = -1
 
 
 def num_groups(prefix: int, suffix: int, tied: bool) -> int:
     """Intervention groups per layer: two only for untied configs with both ``f`` and ``l``."""
-    return 2 if prefix > 0 and suffix > 0 and not tied else 1
+    return 2 if both_sides(prefix, suffix) and not tied else 1
 
 
 def describe(prefix: int, suffix: int) -> str:

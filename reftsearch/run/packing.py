@@ -35,6 +35,7 @@ from reftsearch.errors import SpecError, TrialFailed
 from reftsearch.methods.adapter import GLOBAL_RNG_LOCK
 from reftsearch.methods.reft.module import ReftModule
 from reftsearch.models.base import BaseModel
+from reftsearch.progress import Log
 from reftsearch.run.estimate import step_bytes
 from reftsearch.search.objective import Objective
 from reftsearch.search.study import PreparedStudy
@@ -49,14 +50,14 @@ AUTO_MAX_PACK = 16
 MEMORY_SHARE = 0.7
 
 
-def make_objective(prepared: PreparedStudy, log: Callable[[str], None], k: int) -> Objective:
+def make_objective(prepared: PreparedStudy, log: Log, k: int) -> Objective:
     """The worker's objective: trials train alone (``k`` = 1), or join a shared pack."""
     if k == 1:
         return Objective(prepared, log)
     return Objective(prepared, log, trainer=PackedTrainer(prepared.base, prepared.cache))
 
 
-def pack_size(prepared: PreparedStudy, log: Callable[[str], None]) -> int:
+def pack_size(prepared: PreparedStudy, log: Log) -> int:
     """How many trials this worker packs: ``resources.trials_per_worker``, or for ``auto`` as
     many as fit its GPU's free memory (at most ``AUTO_MAX_PACK``); one on a CPU."""
     wanted = prepared.spec.resources.trials_per_worker
@@ -77,9 +78,7 @@ def pack_size(prepared: PreparedStudy, log: Callable[[str], None]) -> int:
     return wanted
 
 
-def _trials_fitting_the_gpu(
-    prepared: PreparedStudy, device: torch.device, log: Callable[[str], None]
-) -> int:
+def _trials_fitting_the_gpu(prepared: PreparedStudy, device: torch.device, log: Log) -> int:
     try:
         per_trial = step_bytes(prepared)
     except torch.cuda.OutOfMemoryError:  # one trial alone barely fits: nothing to pack beside it

@@ -1,0 +1,93 @@
+"""Which trials are best: by dev score (seed reruns' means first), or the Pareto front of
+dev score and trainable parameters."""
+
+from __future__ import annotations
+
+import statistics
+
+import optuna
+
+from reftsearch.search.record import TrialRecord, search_trials
+
+
+def top_search_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
+    """The ``k`` best completed search trials by their own (single-seed) dev score.
+
+    The dev score is the first objective, also in a study that trades it off against size.
+    """
+    return ranked(study, search_trials(study, (optuna.trial.TrialState.COMPLETE,)))[:k]
+
+
+def best_trials(study: optuna.Study, top: int) -> list[optuna.trial.FrozenTrial]:
+    """The ``top`` completed search trials, best first.
+
+    Trials retrained with extra seeds (``finalize``) rank first, by their mean over seeds: a
+    single seed's lucky score is not a reason to pick a config. The rest follow by value.
+    """
+    ranked = top_search_trials(study, len(study.trials))
+    means = {t.number: s["mean"] for t in ranked if (s := seed_summary(study, t)) is not None}
+    maximize = is_maximized(study)
+    finalized = sorted(
+        (t for t in ranked if t.number in means), key=lambda t: means[t.number], reverse=maximize
+    )
+    return (finalized + [t for t in ranked if t.number not in means])[:top]
+
+
+def is_maximized(study: optuna.Study) -> bool:
+    """Whether the dev score (the first objective) is to be maximised."""
+    return study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+
+
+def ranked(
+    study: optuna.Study, trials: list[optuna.trial.FrozenTrial]
+) -> list[optuna.trial.FrozenTrial]:
+    """Completed ``trials`` best dev score first; of equal scores, the earlier trial first."""
+    sign = 1 if is_maximized(study) else -1
+    return sorted(trials, key=lambda t: (-sign * t.values[0], t.number))
+
+
+def is_pareto(study: optuna.Study) -> bool:
+    return len(study.directions) > 1
+
+
+def pareto_front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Completed search trials no other beats on dev score and trainable parameters both,
+    fewest parameters first (in a one-objective study too: what each parameter buys)."""
+    size = {
+        t.number: n_params
+        for t in search_trials(study, (optuna.trial.TrialState.COMPLETE,))
+        if (n_params := TrialRecord.of(t).n_params) is not None
+    }
+    completed = [t for t in study.get_trials(deepcopy=False) if t.number in size]
+    sign = 1 if is_maximized(study) else -1
+
+    def dominates(a: optuna.trial.FrozenTrial, b: optuna.trial.FrozenTrial) -> bool:
+        score_a, score_b = sign * a.values[0], sign * b.values[0]
+        size_a, size_b = size[a.number], size[b.number]
+        return score_a >= score_b and size_a <= size_b and (score_a > score_b or size_a < size_b)
+
+    front = [t for t in completed if not any(dominates(o, t) for o in completed)]
+    return sorted(front, key=lambda t: (size[t.number], -sign * t.values[0], t.number))
+
+
+def seed_scores(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict[int, float]:
+    """Dev score per seed for a search trial: its own run plus its finalize runs."""
+    scores = {TrialRecord.of(trial).config["seed"]: trial.values[0]}
+    for other in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        rerun = TrialRecord.of(other)
+        if rerun.finalize_of == trial.number:
+            scores[rerun.seed] = other.value
+    return scores
+
+
+def seed_summary(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict | None:
+    """``{seed_scores, mean, std}`` when the trial was rerun with other seeds, else None."""
+    scores = seed_scores(study, trial)
+    if len(scores) < 2:
+        return None
+    values = list(scores.values())
+    return {
+        "seed_scores": {str(seed): score for seed, score in sorted(scores.items())},
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values),
+    }

@@ -1,0 +1,134 @@
+"""What a trial records: its Optuna user attributes, as one typed dataclass.
+
+Everything reftsearch stores on a trial goes through ``TrialRecord``: the objective writes the
+fields as it learns them (``store``: the config before training, so that a trial whose worker
+dies still shows what it was training), and ``best``, the report, the progress lines, export
+and warm starts read them back (``TrialRecord.of``). Values are numbers and short strings,
+cheap for the dashboard's trial table (optuna #760); trained weights are an artifact whose id
+is recorded here.
+
+Nothing here imports torch: commands that only read a stored study import this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+
+Trial = optuna.Trial | optuna.trial.FrozenTrial
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """A trial's user attributes. ``None`` (or an empty curve) means not recorded."""
+
+    # what was trained: the resolved adapter and training config (``AdapterConfig.to_dict``
+    # and ``TrainConfig``'s fields), written before training starts
+    config: dict[str, Any] | None = None
+    n_params: int | None = None  # trainable parameters of the adapter
+    n_head_params: int | None = None  # and of the classification head, if the task has one
+    n_interventions: int | None = None  # ReFT only
+    positions_capped: float | None = None  # share of train prompts pyreft's n // 2 cap shortens
+    worker: str | None = None  # host:pid
+    model_loads: int | None = None  # how often that worker had loaded the model so far
+    wall_time_s: float | None = None
+    epochs_trained: float | None = None  # in epochs over the whole train split
+    # per-epoch dev scores where they are not Optuna's intermediate values (two objectives,
+    # or one step per dev example for the Wilcoxon pruner)
+    dev_curve: tuple[float, ...] = ()
+    weights_artifact: str | None = None  # Optuna artifact id of the trained weights
+
+    # how it ended, when not COMPLETE with a score of its own
+    invalid_reason: str | None = None  # PRUNED before training: the config cannot train
+    pruned: str | None = None  # where it was pruned, in words
+    pruned_at_epoch: int | None = None
+    fail_reason: str | None = None  # FAIL: diverged, out of memory
+    copied_from: int | None = None  # the same config finished already: its result copied
+    past_budget: str | None = None  # asked once the budget was met, never run, counts nowhere
+
+    # where its config came from, when not from the sampler
+    warm_start: str | None = None  # the recipe's name
+    finalize_of: int | None = None  # a seed rerun of this search trial ...
+    seed: int | None = None  # ... with this seed
+
+    @classmethod
+    def of(cls, trial: Trial) -> TrialRecord:
+        return cls.from_user_attrs(trial.user_attrs)
+
+    @classmethod
+    def from_user_attrs(cls, attrs: Mapping[str, Any]) -> TrialRecord:
+        """The record in ``attrs``; other keys (the config's readable columns) are left out."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {key: value for key, value in attrs.items() if key in known}
+        if "dev_curve" in values:
+            values["dev_curve"] = tuple(values["dev_curve"])
+        return cls(**values)
+
+    def to_user_attrs(self) -> dict[str, Any]:
+        """The recorded fields, plus the config's readable columns for the dashboard."""
+        attrs: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is not None and value != ():
+                attrs[field.name] = list(value) if isinstance(value, tuple) else value
+        if self.config is not None:
+            attrs.update(readable_columns(self.config))
+        return attrs
+
+    @property
+    def is_search_trial(self) -> bool:
+        """Not a seed rerun, nor a trial asked past the budget (which never ran)."""
+        return self.finalize_of is None and self.past_budget is None
+
+
+def store(trial: optuna.Trial, **fields: Any) -> None:
+    """Record ``fields`` (names of ``TrialRecord`` fields) on ``trial`` now."""
+    for key, value in TrialRecord(**fields).to_user_attrs().items():
+        trial.set_user_attr(key, value)
+
+
+def is_search_trial(trial: Trial) -> bool:
+    return TrialRecord.of(trial).is_search_trial
+
+
+def search_trials(study: optuna.Study, states=None) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False, states=states) if is_search_trial(t)]
+
+
+def describe_config(config: Mapping[str, Any] | None) -> str:
+    """A short human line for a resolved config."""
+    if not config:
+        return "?"
+    training = f"lr={config['lr']:.2g} ep{config['epochs']} bs{config['batch_size']}"
+    if config.get("method") == "lora":  # reftsearch.methods.lora
+        targets = ";".join(config["target_modules"])
+        return f"lora [{targets}] r{config['rank']} alpha={config['alpha']:g} {training}"
+    layers = config["layers"]
+    layer_text = ";".join(map(str, layers)) if len(layers) <= 6 else f"{len(layers)} layers"
+    tied = " tied" if config.get("tied") else ""
+    return (
+        f"{config['intervention']} L[{layer_text}] {config['positions']}{tied} "
+        f"r{config['rank']} {training}"
+    )
+
+
+def readable_columns(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat, short columns (strings and numbers) for the dashboard's trial table."""
+    if config.get("method") == "lora":
+        return {
+            "type": "lora",
+            "target_modules": ";".join(config["target_modules"]),
+            "rank": config["rank"],
+            "alpha": config["alpha"],
+        }
+    return {
+        "type": config["intervention"],
+        "layers": ";".join(map(str, config["layers"])),
+        "positions": config["positions"],
+        "tied": config["tied"],
+        "rank": config["rank"],
+    }
