@@ -26,10 +26,12 @@ from types import SimpleNamespace
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from reftsearch.data.splits import IGNORE_INDEX, Encoded, collate
+from reftsearch.data.batches import IGNORE_INDEX, Encoded, SplitData, collate
 from reftsearch.engine.activation_cache import PrefixCache
-from reftsearch.engine.train import Pack, SplitData, TrainConfig, TrialRun
-from reftsearch.methods.reft.module import ReftConfig, ReftModule
+from reftsearch.engine.packing import Pack, TrialRun
+from reftsearch.engine.train import TrainConfig
+from reftsearch.methods.reft.config import ReftConfig
+from reftsearch.methods.reft.module import ReftModule
 from reftsearch.models.base import BaseModel
 
 WARMUP, TIMED = 2, 5

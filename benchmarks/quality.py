@@ -33,8 +33,10 @@ from pathlib import Path
 import optuna
 import torch
 
-from reftsearch.data.splits import carve_dev, encode, load_split, load_test_rows
-from reftsearch.engine.train import evaluate, train_trial
+from reftsearch.data.batches import encode
+from reftsearch.data.splits import carve_dev, load_split, load_test_rows
+from reftsearch.engine.scoring import evaluate
+from reftsearch.engine.train import train_trial
 from reftsearch.methods.adapter import build_adapter
 from reftsearch.run.driver import run_study
 from reftsearch.search.ranking import top_search_trials

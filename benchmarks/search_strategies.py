@@ -38,8 +38,8 @@ from pathlib import Path
 
 import optuna
 
-from reftsearch.data.splits import encode
-from reftsearch.engine.train import evaluate
+from reftsearch.data.batches import encode
+from reftsearch.engine.scoring import evaluate
 from reftsearch.errors import TrialFailed
 from reftsearch.run.driver import run_finalize, warm_start_recipes
 from reftsearch.search.objective import Objective

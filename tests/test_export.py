@@ -19,7 +19,8 @@ from conftest import REPO
 
 from reftsearch.cli import main
 from reftsearch.export.pyreft import pyvene_keys
-from reftsearch.methods.reft.module import ReftConfig, ReftModule
+from reftsearch.methods.reft.config import ReftConfig
+from reftsearch.methods.reft.module import ReftModule
 from reftsearch.models.base import load_base_model
 from reftsearch.search.study import open_study
 from reftsearch.spec.study_file import load_spec

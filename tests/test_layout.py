@@ -8,6 +8,8 @@ for type checkers only and are left out.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).parents[1] / "reftsearch"
@@ -134,3 +136,19 @@ def test_no_import_cycles():
 def test_the_cycle_finder_finds_a_cycle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(graph) == [["a", "b", "c"]]
+
+
+def test_configs_specs_and_the_trial_record_import_no_torch():
+    """What commands read before any model (a spec, a stored trial, a config) imports no torch:
+    ~4 s on these machines."""
+    light = (
+        "reftsearch.spec",
+        "reftsearch.methods.reft.config",
+        "reftsearch.methods.lora.config",
+        "reftsearch.search.record",
+        "reftsearch.search.ranking",
+    )
+    code = f"import sys; import {', '.join(light)}; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

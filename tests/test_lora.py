@@ -9,7 +9,8 @@ import torch
 from conftest import tiny_study
 
 from reftsearch.cli import main
-from reftsearch.methods.lora.module import LoraConfig, LoraModule
+from reftsearch.methods.lora.config import LoraConfig
+from reftsearch.methods.lora.module import LoraModule
 from reftsearch.models.base import load_base_model
 from reftsearch.spec.study_file import load_spec
 

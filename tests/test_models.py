@@ -14,15 +14,9 @@ from conftest import DEVICES  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
 from reftsearch.errors import BadInputError  # noqa: E402
-from reftsearch.models.base import (
-    BUILTIN_MODELS,
-    DTYPES,
-    BaseModel,
-    ModelLoadError,
-    emulated_on,
-    load_base_model,
-    resolve_device,
-)
+from reftsearch.models.base import DTYPES, BaseModel, emulated_on, load_base_model, resolve_device
+from reftsearch.models.builtin import BUILTIN_MODELS
+from reftsearch.models.pretrained import ModelLoadError
 from reftsearch.spec import study_file as spec  # noqa: E402
 
 TINY = ["tiny:llama", "tiny:bert"]
@@ -180,8 +174,15 @@ def test_mixed_precision_runs_frozen_matmuls_in_bfloat16_and_trains_the_head_in_
     want = exact.model(input_ids=ids, output_hidden_states=True)
     got = mixed.model(input_ids=ids, output_hidden_states=True)
     assert {h.dtype for h in got.hidden_states} == {torch.float32} == {got.logits.dtype}
-    for got_states, want_states in zip(got.hidden_states, want.hidden_states, strict=True):
-        torch.testing.assert_close(got_states, want_states, rtol=0.05, atol=0.05)
+    # bfloat16 keeps 8 bits of mantissa (unit roundoff u = 2**-8), whatever kernel rounds:
+    # the embeddings are rounded once (the first states within u of float32's) and each block
+    # adds outputs of matmuls whose inputs, weights and results are rounded: 2u more per block,
+    # relative to the states' size (measured: 0.4u, then 1.4u after four blocks)
+    u = torch.finfo(torch.bfloat16).eps / 2
+    pairs = zip(got.hidden_states, want.hidden_states, strict=True)
+    for depth, (got_states, want_states) in enumerate(pairs):
+        error = (got_states - want_states).norm() / want_states.norm()
+        assert error <= (1 + 2 * depth) * u, f"states after {depth} blocks: {error / u:.2f}u"
 
 
 def test_an_edit_smaller_than_bfloat16_rounding_survives_only_a_mixed_stream():

@@ -11,11 +11,12 @@ from test_cache import make_reft, setup
 
 from reftsearch.cli import main
 from reftsearch.engine.activation_cache import PrefixCache
-from reftsearch.engine.train import Pack, TrainConfig, TrialRun, own_head, train_trial
+from reftsearch.engine.packing import Pack, PackedTrainer, TrialRun, own_head
+from reftsearch.engine.train import TrainConfig, train_trial
 from reftsearch.errors import SpecError
 from reftsearch.methods.adapter import GLOBAL_RNG_LOCK, build_adapter
-from reftsearch.methods.reft.module import ReftConfig
-from reftsearch.run.packing import AUTO_MAX_PACK, PackedTrainer, pack_size, trials_that_fit
+from reftsearch.methods.reft.config import ReftConfig
+from reftsearch.run.packed_search import AUTO_MAX_PACK, pack_size, trials_that_fit
 from reftsearch.search.study import prepare
 from reftsearch.spec.study_file import load_spec
 
@@ -128,8 +129,8 @@ def test_packed_trainer_is_train_trial_for_each_thread():
     base, data = setup("tiny:llama")
     trainer = PackedTrainer(base)
     reft = make_reft(base, seed=0)
-    score = trainer(base, reft, data, config(0))
-    want = train_trial(base, make_reft(base, seed=0), data, config(0))
+    score = trainer(base, reft, data, config(0)).score
+    want = train_trial(base, make_reft(base, seed=0), data, config(0)).score
     assert score == pytest.approx(want, abs=1e-6)
     assert trainer.pack.runs == []
 

@@ -1,12 +1,8 @@
 import pytest
 import torch
 
-from reftsearch.methods.reft.positions import (
-    describe,
-    intervention_locations,
-    num_groups,
-    unedited_prefix,
-)
+from reftsearch.methods.reft.config import describe, num_groups
+from reftsearch.methods.reft.positions import intervention_locations, unedited_prefix
 
 
 def locations(lengths, prefix, suffix, tied, offsets=None):

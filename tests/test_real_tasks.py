@@ -11,11 +11,14 @@ import torch
 from conftest import REPO, SHARED_DATA
 
 from reftsearch.cli import main
-from reftsearch.data.splits import encode, load_split, load_task_data
-from reftsearch.engine.train import generate
+from reftsearch.data.batches import encode
+from reftsearch.data.splits import load_split, load_task_data
+from reftsearch.engine.scoring import generate
 from reftsearch.errors import SpecError
-from reftsearch.methods.reft.module import ReftConfig, ReftModule
-from reftsearch.models.base import CACHE_ENV, cache_dir, load_base_model
+from reftsearch.methods.reft.config import ReftConfig
+from reftsearch.methods.reft.module import ReftModule
+from reftsearch.models.base import load_base_model
+from reftsearch.models.builtin import CACHE_ENV, cache_dir
 from reftsearch.spec.study_file import DataSpec, TaskSpec, load_spec, parse_spec
 
 needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent")

@@ -8,8 +8,9 @@ from conftest import tiny_study
 
 from reftsearch.cli import main
 from reftsearch.errors import SpecError
+from reftsearch.methods.reft.config import ReftConfig
 from reftsearch.methods.reft.constraints import capped_share, limits_of, why_invalid
-from reftsearch.methods.reft.module import ReftConfig, ReftModule
+from reftsearch.methods.reft.module import ReftModule
 from reftsearch.search.study import open_study
 from reftsearch.spec.study_file import load_spec, parse_spec
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from reftsearch.data.splits import Batch, Encoded, batches, pass_tokens
+from reftsearch.data.batches import Batch, Encoded, batches, pass_tokens
 from reftsearch.methods.reft.positions import unedited_prefix
 from reftsearch.models.base import BaseModel, kv_argument
 from reftsearch.progress import Log, Progress

@@ -26,12 +26,14 @@ import torch
 import transformers
 
 from reftsearch import __version__
-from reftsearch.data.splits import Encoded, collate, has_split
+from reftsearch.data.batches import Encoded, collate
+from reftsearch.data.splits import has_split
 from reftsearch.errors import BadInputError
 from reftsearch.export.pyreft_snippet import render_snippet
 from reftsearch.methods.reft.module import ReftModule
 from reftsearch.methods.reft.positions import intervention_locations
-from reftsearch.models.base import BUILTIN_MODELS, BaseModel
+from reftsearch.models.base import BaseModel
+from reftsearch.models.builtin import BUILTIN_MODELS
 from reftsearch.progress import Log
 from reftsearch.search.ranking import best_trials
 from reftsearch.search.record import TrialRecord

@@ -13,8 +13,10 @@ from collections.abc import Mapping
 
 import torch
 
-from reftsearch.methods.lora.module import LoraConfig, LoraModule
-from reftsearch.methods.reft.module import ReftConfig, ReftModule
+from reftsearch.methods.lora.config import LoraConfig
+from reftsearch.methods.lora.module import LoraModule
+from reftsearch.methods.reft.config import ReftConfig
+from reftsearch.methods.reft.module import ReftModule
 from reftsearch.models.base import BaseModel
 
 AdapterConfig = ReftConfig | LoraConfig
@@ -22,7 +24,7 @@ Adapter = ReftModule | LoraModule
 
 
 #: Held by whoever draws from torch's global RNG while other threads may too: an adapter's
-#: seeded init here, and a packed training step (its dropout) in reftsearch.run.packing. Without
+#: seeded init here, and a packed training step (its dropout) in reftsearch.engine.packing. Without
 #: it, one packed trial's init could draw numbers between another's seeding and its init.
 GLOBAL_RNG_LOCK = threading.RLock()
 

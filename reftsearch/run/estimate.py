@@ -22,9 +22,11 @@ import optuna
 import torch
 
 from reftsearch.engine.activation_cache import PrefixCache
-from reftsearch.engine.train import Pack, TrainConfig, TrialRun, evaluate_examples, reset_head
+from reftsearch.engine.packing import Pack, TrialRun
+from reftsearch.engine.scoring import evaluate_examples
+from reftsearch.engine.train import TrainConfig, reset_head
 from reftsearch.methods.adapter import Adapter, AdapterConfig, build_adapter
-from reftsearch.methods.reft.module import ReftConfig
+from reftsearch.methods.reft.config import ReftConfig
 from reftsearch.progress import format_duration
 from reftsearch.search.objective import invalid_reason, resolve
 from reftsearch.search.record import describe_config
@@ -117,27 +119,27 @@ def _lowest_layer(config: AdapterConfig) -> int:
 
 
 def _cost(
-    prepared: PreparedStudy, reft_config: AdapterConfig, train_config: TrainConfig
+    prepared: PreparedStudy, adapter_config: AdapterConfig, train_config: TrainConfig
 ) -> ConfigCost:
     base, split = prepared.base, prepared.split
-    reft = build_adapter(reft_config, base, train_config.seed)
-    cache = prepared.cache_for(reft_config)
-    step_s = _step_seconds(prepared, reft, train_config, cache)
-    per_dev_example = _dev_seconds(prepared, reft, cache) / EVAL_SAMPLE
+    adapter = build_adapter(adapter_config, base, train_config.seed)
+    cache = prepared.cache_for(adapter_config)
+    step_s = _step_seconds(prepared, adapter, train_config, cache)
+    per_dev_example = _dev_seconds(prepared, adapter, cache) / EVAL_SAMPLE
     steps = math.ceil(len(split.train) / train_config.batch_size)
     epoch_s = steps * step_s + len(split.dev) * per_dev_example
-    described = describe_config({**reft_config.to_dict(), **vars(train_config)})
+    described = describe_config({**adapter_config.to_dict(), **vars(train_config)})
     return ConfigCost(described, step_s, epoch_s, epoch_s * train_config.epochs)
 
 
 def _step_seconds(
-    prepared: PreparedStudy, reft: Adapter, config: TrainConfig, cache: PrefixCache | None
+    prepared: PreparedStudy, adapter: Adapter, config: TrainConfig, cache: PrefixCache | None
 ) -> float:
     """A training step as a trial runs it (``Pack`` of one), over a whole epoch: batches
     bucketed by length cost as their tokens (a full-row step of SmolLM2 took 0.6 s on short
     rows, 3.0 s on long ones), so the timed steps' seconds per token are scaled by the
     epoch's mean tokens per batch."""
-    run = _step_run(prepared, reft, config, cache)
+    run = _step_run(prepared, adapter, config, cache)
     tokens = _batch_tokens(prepared, run, cache)
     timings = _steps(prepared, run, cache)
     # the first step pays one-off costs (allocations, lazy init): leave it out when possible
@@ -151,13 +153,13 @@ def _batch_tokens(prepared: PreparedStudy, run: TrialRun, cache: PrefixCache | N
     train = run.data.train
     frozen = None
     if cache is not None:
-        frozen = cache.frozen(prepared.base, min(run.reft.config.layers), "train", [train])
+        frozen = cache.frozen(prepared.base, min(run.adapter.config.layers), "train", [train])
     counts = []
     for rows in run.batches_left:
         examples = [train[i] for i in rows]
         starts = None
         if frozen is not None:
-            config = run.reft.config
+            config = run.adapter.config
             starts = frozen.starts([(examples, config.prefix, config.suffix)])
         starts = starts or [0] * len(examples)
         longest = max(len(e.input_ids) - start for e, start in zip(examples, starts, strict=True))
@@ -171,10 +173,10 @@ def step_bytes(prepared: PreparedStudy, samples: int = 3, seed: int = 0) -> int:
     largest of ``samples`` drawn configs. What each trial packed beside others adds."""
     device = prepared.base.device
     peaks = []
-    for reft_config, train_config in _configs(prepared, samples, seed):
-        reft = build_adapter(reft_config, prepared.base, train_config.seed)
-        cache = prepared.cache_for(reft_config)
-        run = _step_run(prepared, reft, train_config, cache)  # builds the shared cache first
+    for adapter_config, train_config in _configs(prepared, samples, seed):
+        adapter = build_adapter(adapter_config, prepared.base, train_config.seed)
+        cache = prepared.cache_for(adapter_config)
+        run = _step_run(prepared, adapter, train_config, cache)  # builds the shared cache first
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         held = torch.cuda.memory_allocated(device)
@@ -186,7 +188,7 @@ def step_bytes(prepared: PreparedStudy, samples: int = 3, seed: int = 0) -> int:
 
 
 def _step_run(
-    prepared: PreparedStudy, reft: Adapter, config: TrainConfig, cache: PrefixCache | None
+    prepared: PreparedStudy, adapter: Adapter, config: TrainConfig, cache: PrefixCache | None
 ) -> TrialRun:
     """A trial's run over the train split, which must hold one batch more than stepped so
     that no epoch ends (and no dev pass runs) while timing: a small one is repeated. The
@@ -197,8 +199,8 @@ def _step_run(
     if len(rows) < config.batch_size * (TIMED_STEPS + 2):
         rows = list(itertools.islice(itertools.cycle(rows), config.batch_size * (TIMED_STEPS + 2)))
     if cache is not None:
-        cache.frozen(base, min(reft.config.layers), "train", [rows])
-    return TrialRun(reft, replace(split, train=rows), config, reset_head(base, config.seed))
+        cache.frozen(base, min(adapter.config.layers), "train", [rows])
+    return TrialRun(adapter, replace(split, train=rows), config, reset_head(base, config.seed))
 
 
 def _steps(prepared: PreparedStudy, run: TrialRun, cache: PrefixCache | None) -> list[float]:
@@ -215,13 +217,13 @@ def _steps(prepared: PreparedStudy, run: TrialRun, cache: PrefixCache | None) ->
     return timings
 
 
-def _dev_seconds(prepared: PreparedStudy, reft: Adapter, cache: PrefixCache | None) -> float:
+def _dev_seconds(prepared: PreparedStudy, adapter: Adapter, cache: PrefixCache | None) -> float:
     """A dev pass over the first ``EVAL_SAMPLE`` dev examples, from the cache as trials
     score (its one-off build left out)."""
     base, split = prepared.base, prepared.split
     if cache is not None:
-        cache.frozen(base, min(reft.config.layers), "dev", [split.dev])
-    with reft.attached(base.blocks):
+        cache.frozen(base, min(adapter.config.layers), "dev", [split.dev])
+    with adapter.attached(base.blocks):
         start = time.perf_counter()
-        evaluate_examples(base, reft, split, cache=cache, limit=EVAL_SAMPLE)
+        evaluate_examples(base, adapter, split, cache=cache, limit=EVAL_SAMPLE)
         return time.perf_counter() - start

@@ -28,7 +28,7 @@ import optuna
 from reftsearch.errors import BadInputError, TrialFailed
 from reftsearch.progress import Log
 from reftsearch.run.estimate import estimate_study
-from reftsearch.run.packing import make_objective, optimize, pack_size
+from reftsearch.run.packed_search import make_objective, optimize, pack_size
 from reftsearch.search.record import search_trials, store
 from reftsearch.search.study import (
     PreparedStudy,

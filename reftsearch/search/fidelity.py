@@ -29,7 +29,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from reftsearch.data.splits import Encoded
+from reftsearch.data.batches import Encoded
 
 
 @dataclass(frozen=True)

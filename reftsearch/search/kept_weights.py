@@ -20,7 +20,7 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.artifacts.exceptions import ArtifactNotFound
 from torch import nn
 
-from reftsearch.methods.reft.module import ReftModule
+from reftsearch.methods.adapter import Adapter
 from reftsearch.search.record import TrialRecord, store
 from reftsearch.search.storage import sqlite_path
 from reftsearch.spec.study_file import StudySpec
@@ -37,14 +37,14 @@ def weights_dir(spec: StudySpec, storage_url: str) -> Path:
     return home / f"{spec.name}.artifacts"
 
 
-def keep(trial: optuna.Trial, reft: nn.Module, head: nn.Module | None) -> None:
+def keep(trial: optuna.Trial, adapter: Adapter, head: nn.Module | None) -> None:
     """Upload ``trial``'s trained weights, if the study says where they go."""
     folder = trial.study.user_attrs.get(WEIGHTS_DIR)
     if folder is None:
         return
     Path(folder).mkdir(parents=True, exist_ok=True)
     state = {
-        "reft": _cpu(reft.state_dict()),
+        "reft": _cpu(adapter.state_dict()),  # the key of every kept file: ReFT or LoRA
         "head": None if head is None else _cpu(head.state_dict()),
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,10 +61,10 @@ def keep(trial: optuna.Trial, reft: nn.Module, head: nn.Module | None) -> None:
 def restore(
     study: optuna.Study,
     trial: optuna.trial.FrozenTrial,
-    reft: ReftModule,
+    adapter: Adapter,
     head: nn.Module | None,
 ) -> str | None:
-    """Load ``trial``'s kept weights into ``reft`` (and ``head``); None if they are gone.
+    """Load ``trial``'s kept weights into ``adapter`` (and ``head``); None if they are gone.
 
     Returns where they came from (for the user), or None when there is nothing to load.
     """
@@ -76,7 +76,7 @@ def restore(
             state = torch.load(io.BytesIO(reader.read()), weights_only=True)
     except (ArtifactNotFound, FileNotFoundError):
         return None
-    reft.load_state_dict(state["reft"])
+    adapter.load_state_dict(state["reft"])
     if head is not None:
         head.load_state_dict(state["head"])
     return f"{folder}/{artifact_id}"

@@ -22,18 +22,14 @@ from typing import Any
 import optuna
 import torch
 
-from reftsearch.engine.train import (
-    DevScores,
-    DivergedError,
-    TrainConfig,
-    train_trial,
-    trained_head,
-)
+from reftsearch.engine.scoring import DevScores
+from reftsearch.engine.train import DivergedError, TrainConfig, Trained, train_trial
 from reftsearch.errors import TrialFailed
 from reftsearch.methods.adapter import Adapter, AdapterConfig, build_adapter
-from reftsearch.methods.lora.module import LoraConfig, resolve_targets
+from reftsearch.methods.lora.config import LoraConfig
+from reftsearch.methods.lora.module import resolve_targets
+from reftsearch.methods.reft.config import ReftConfig
 from reftsearch.methods.reft.constraints import Limits, capped_share, why_invalid
-from reftsearch.methods.reft.module import ReftConfig
 from reftsearch.models.base import BaseModel
 from reftsearch.search.fidelity import Rung, data_ladder, example_steps
 from reftsearch.search.kept_weights import keep
@@ -128,7 +124,7 @@ class Objective:
     def __init__(self, prepared: PreparedStudy, log=print, trainer=train_trial) -> None:
         self.prepared = prepared
         self.log = log
-        self.trainer = trainer  # train_trial, or a packed trainer (reftsearch.run.packing)
+        self.trainer = trainer  # train_trial, or a packed trainer (reftsearch.run.packed_search)
         pruner = prepared.spec.pruner
         self.per_example = pruner.type == "wilcoxon"
         self.rungs = None  # train on the whole split; else climb the data ladder
@@ -146,19 +142,19 @@ class Objective:
         # finalize runs repeat a config with another seed (reftsearch.search.seed_reruns)
         rerun_seed = TrialRecord.of(trial).seed
         seed = spec.seed if rerun_seed is None else rerun_seed
-        reft_config, train_config = resolve(values, base, seed, spec.method)
-        reason = invalid_reason(reft_config, self.prepared.limits)
+        adapter_config, train_config = resolve(values, base, seed, spec.method)
+        reason = invalid_reason(adapter_config, self.prepared.limits)
         if reason:
             # costs milliseconds, and a pruned trial tells the sampler to look elsewhere
             store(trial, invalid_reason=reason)
             raise optuna.TrialPruned(f"invalid config: {reason}")
-        config = {**reft_config.to_dict(), **vars(train_config)}
+        config = {**adapter_config.to_dict(), **vars(train_config)}
         store(trial, config=config, worker=worker_id())
-        if isinstance(reft_config, ReftConfig):
-            capped = capped_share(reft_config, self.prepared.limits)
+        if isinstance(adapter_config, ReftConfig):
+            capped = capped_share(adapter_config, self.prepared.limits)
             store(
                 trial,
-                n_interventions=reft_config.num_interventions,
+                n_interventions=adapter_config.num_interventions,
                 # pyreft's n // 2 cap: these prompts get fewer edited tokens
                 positions_capped=round(capped, 4) if capped else None,
             )
@@ -168,7 +164,7 @@ class Objective:
         spent = Spent()
         start = time.perf_counter()
         try:
-            reft, score = self._train(trial, reft_config, train_config, spent)
+            adapter, trained = self._train(trial, adapter_config, train_config, spent)
         except DivergedError as err:
             raise self._fail(trial, f"diverged: {err}") from err
         except torch.OutOfMemoryError as err:
@@ -179,14 +175,14 @@ class Objective:
                 wall_time_s=round(time.perf_counter() - start, 3),
                 epochs_trained=round(spent.epochs, 4),
             )
-        keep(trial, reft, trained_head(base, reft))  # so that export needs no retraining
+        keep(trial, adapter, trained.head)  # so that export needs no retraining
         if len(spec.objectives) == 1:
-            return score
-        return score, float(reft.num_parameters())  # objectives: [score, n_params]
+            return trained.score
+        return trained.score, float(adapter.num_parameters())  # objectives: [score, n_params]
 
     def _train(
         self, trial: optuna.Trial, config: AdapterConfig, train_config: TrainConfig, spent: Spent
-    ) -> tuple[Adapter, float]:
+    ) -> tuple[Adapter, Trained]:
         """Train on the whole train split, or up the data ladder (reftsearch.search.fidelity)."""
         base, split = self.prepared.base, self.prepared.split
         # a finalize run must finish: it measures seed variance, not promise
@@ -201,10 +197,10 @@ class Objective:
             on_epoch = partial(self._epoch_done, trial, spent, rung.fraction, report)
             subset = replace(split, train=rung.train)
             cache = self.prepared.cache_for(config)
-            score = self.trainer(base, adapter, subset, train_config, on_epoch, cache)
+            trained = self.trainer(base, adapter, subset, train_config, on_epoch, cache)
             if len(rungs) > 1:
-                self._report_rung(trial, rung, score, last=rung is rungs[-1])
-        return adapter, score
+                self._report_rung(trial, rung, trained.score, last=rung is rungs[-1])
+        return adapter, trained
 
     def _epoch_done(
         self,

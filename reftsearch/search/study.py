@@ -13,21 +13,17 @@ from pathlib import Path
 
 import optuna
 
-from reftsearch.data.splits import TaskData, encode, load_task_data
+from reftsearch.data.batches import SplitData, encode
+from reftsearch.data.splits import TaskData, load_task_data
 from reftsearch.engine.activation_cache import PrefixCache
-from reftsearch.engine.train import SplitData
 from reftsearch.errors import BadInputError, SpecError
 from reftsearch.methods.adapter import AdapterConfig
 from reftsearch.methods.lora.module import check_targets
+from reftsearch.methods.reft.config import ReftConfig
 from reftsearch.methods.reft.constraints import Limits, check_space, limits_of
-from reftsearch.methods.reft.module import ReftConfig
-from reftsearch.models.base import (
-    BaseModel,
-    ModelLoadError,
-    cache_dir,
-    load_base_model,
-    resolve_device,
-)
+from reftsearch.models.base import BaseModel, load_base_model, resolve_device
+from reftsearch.models.builtin import cache_dir
+from reftsearch.models.pretrained import ModelLoadError
 from reftsearch.search.fidelity import rung_count
 from reftsearch.search.kept_weights import WEIGHTS_DIR, weights_dir
 from reftsearch.search.pruners import SparingPruner

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import optuna
 
-from reftsearch.data.splits import encode, load_test_rows
-from reftsearch.engine.train import TrainConfig, evaluate, train_trial
+from reftsearch.data.batches import encode
+from reftsearch.data.splits import load_test_rows
+from reftsearch.engine.scoring import evaluate
+from reftsearch.engine.train import TrainConfig, train_trial
 from reftsearch.methods.adapter import Adapter, AdapterConfig, adapter_config, build_adapter
 from reftsearch.progress import Log
 from reftsearch.search.kept_weights import restore
@@ -36,9 +38,9 @@ def trained_adapter(
 ) -> tuple[Adapter, str]:
     """The trial's trained adapter (its head loaded into the model) and where it came from:
     the weights kept when the trial completed, else its config retrained with its seed."""
-    reft_config, train_config = configs_of(trial)
+    config, train_config = configs_of(trial)
     base = prepared.base
-    adapter = build_adapter(reft_config, base, train_config.seed)
+    adapter = build_adapter(config, base, train_config.seed)
     source = restore(study, trial, adapter, base.head)
     if source is not None:
         return adapter, f"kept artifact {source}"
@@ -48,7 +50,7 @@ def trained_adapter(
     )
     # through the frozen-activation cache, as the trial trained: the same arithmetic (and
     # steps that skip the frozen blocks)
-    cache = prepared.cache_for(reft_config)
+    cache = prepared.cache_for(config)
     train_trial(base, adapter, prepared.split, train_config, cache=cache)
     return adapter, f"retrained with seed {train_config.seed}"
 
@@ -72,14 +74,14 @@ def test_score(
         return study.user_attrs[key]
     if trained is None:
         prepared = prepare(spec)
-        reft, source = trained_adapter(prepared, study, trial, log)
+        adapter, source = trained_adapter(prepared, study, trial, log)
     else:
-        (prepared, reft), source = trained, "as given"
+        (prepared, adapter), source = trained, "as given"
     test = encode(
         load_test_rows(spec.task, prepared.data.label_names), prepared.base.tokenizer, spec.task
     )
     log(f"scoring trial {trial.number} ({source}) once on {len(test)} test examples")
-    with reft.attached(prepared.base.blocks):
-        score = evaluate(prepared.base, reft, prepared.split, test)
+    with adapter.attached(prepared.base.blocks):
+        score = evaluate(prepared.base, adapter, prepared.split, test)
     study.set_user_attr(key, score)
     return score

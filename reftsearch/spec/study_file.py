@@ -117,7 +117,7 @@ class ResourcesSpec:
     # frozen activations, keys and values per worker (reftsearch.engine.activation_cache)
     cache_mb: float = 2048.0
     # trials trained side by side in one batch, or "auto": as many as fit the GPU's memory
-    trials_per_worker: int | Literal["auto"] = 1  # (reftsearch.run.packing)
+    trials_per_worker: int | Literal["auto"] = 1  # (reftsearch.run.packed_search)
     spill_mb: float = 0.0  # what does not fit cache_mb, in memory-mapped files (0: not cached)
     spill_dir: str | None = None  # where those files go (default: $REFTSEARCH_CACHE/spill)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import peft
 from peft.tuners.lora.layer import dispatch_default
@@ -18,28 +17,12 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from reftsearch.errors import SpecError
+from reftsearch.methods.lora.config import LoraConfig
 from reftsearch.methods.reft.interventions import count_parameters
 from reftsearch.models.base import BaseModel
 from reftsearch.spec.space import Dimension, layer_choices
 
 ADAPTER = "default"
-
-
-@dataclass(frozen=True)
-class LoraConfig:
-    rank: int
-    alpha: float
-    dropout: float
-    target_modules: tuple[str, ...]  # last parts of module names inside a block: q_proj, value
-
-    def to_dict(self) -> dict:
-        return {
-            "method": "lora",
-            "rank": self.rank,
-            "alpha": self.alpha,
-            "dropout": self.dropout,
-            "target_modules": list(self.target_modules),
-        }
 
 
 def resolve_targets(text: str, model_type: str) -> tuple[str, ...]:

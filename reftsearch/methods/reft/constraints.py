@@ -24,8 +24,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from reftsearch.errors import SpecError
+from reftsearch.methods.reft.config import ReftConfig
 from reftsearch.methods.reft.interventions import max_rank
-from reftsearch.methods.reft.module import ReftConfig
 from reftsearch.spec.space import (
     Choice,
     Dimension,

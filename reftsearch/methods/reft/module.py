@@ -9,44 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from reftsearch.methods.reft.config import ReftConfig
 from reftsearch.methods.reft.interventions import (
     Intervention,
     build_intervention,
     count_parameters,
 )
-from reftsearch.methods.reft.positions import describe, intervention_locations, num_groups
-
-
-@dataclass(frozen=True)
-class ReftConfig:
-    intervention: str
-    layers: tuple[int, ...]
-    prefix: int
-    suffix: int
-    tied: bool
-    rank: int
-    dropout: float = 0.0
-
-    @property
-    def groups(self) -> int:
-        return num_groups(self.prefix, self.suffix, self.tied)
-
-    @property
-    def positions(self) -> str:
-        return describe(self.prefix, self.suffix)
-
-    @property
-    def num_interventions(self) -> int:
-        """layers x position groups: what pyreft's ``num_interventions`` must equal."""
-        return len(self.layers) * self.groups
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "layers": list(self.layers), "positions": self.positions}
+from reftsearch.methods.reft.positions import intervention_locations
 
 
 class ReftModule(nn.Module):
@@ -87,7 +60,7 @@ class ReftModule(nn.Module):
         """Point the interventions at the prompts of the next batch.
 
         ``rows``: which rows of the batch are this trial's (all by default); when several
-        trials share one batch (reftsearch.run.packing) each edits only its own rows.
+        trials share one batch (reftsearch.run.packed_search) each edits only its own rows.
         """
         c = self.config
         locations = intervention_locations(prompt_lengths, c.prefix, c.suffix, c.tied, offsets)

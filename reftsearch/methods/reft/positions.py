@@ -12,20 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from reftsearch.spec.space import both_sides
+from reftsearch.methods.reft.config import num_groups
 
 PAD_POSITION = -1
-
-
-def num_groups(prefix: int, suffix: int, tied: bool) -> int:
-    """Intervention groups per layer: two only for untied configs with both ``f`` and ``l``."""
-    return 2 if both_sides(prefix, suffix) and not tied else 1
-
-
-def describe(prefix: int, suffix: int) -> str:
-    """pyreft's spelling of a position config, e.g. ``f1+l3``, ``f2``, ``l1``."""
-    parts = [f"f{prefix}"] * (prefix > 0) + [f"l{suffix}"] * (suffix > 0)
-    return "+".join(parts) or "none"
 
 
 def intervention_locations(

@@ -1,0 +1,47 @@
+"""What a training step minimises: the mean loss of a batch, or of each trial's rows in it.
+
+Shared by training (``train.py``, ``packing.py``) and by dev scoring with ``metric: loss``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from reftsearch.data.batches import IGNORE_INDEX, Batch
+from reftsearch.methods.adapter import Adapter
+from reftsearch.models.base import BaseModel
+
+
+def loss_of(base: BaseModel, adapter: Adapter, batch: Batch) -> torch.Tensor:
+    """Mean loss of one batch with the interventions at this batch's prompt positions."""
+    adapter.set_locations(batch.prompt_lengths, batch.offsets)
+    return span_losses(base, batch, [slice(None)])[0]
+
+
+def span_losses(base: BaseModel, batch: Batch, spans: list[slice]) -> list[torch.Tensor]:
+    """Mean loss of each span of batch rows (each span one trial's rows when packed)."""
+    if base.head is not None:
+        logits = base.model(**batch.model_inputs()).logits
+        per_row = nn.functional.cross_entropy(logits.float(), batch.labels, reduction="none")
+        return [per_row[span].mean() for span in spans]
+    return _supervised_token_losses(base, batch, spans)
+
+
+def _supervised_token_losses(
+    base: BaseModel, batch: Batch, spans: list[slice]
+) -> list[torch.Tensor]:
+    """Next-token losses computing the LM head only where a label exists (the response).
+
+    The vocabulary projection is the most expensive matmul of a small decoder; running it on
+    every prompt and pad token would waste most of it.
+    """
+    hidden = base.model.base_model(**batch.model_inputs()).last_hidden_state
+    targets = batch.labels[:, 1:]
+    supervised = targets != IGNORE_INDEX
+    logits = base.model.get_output_embeddings()(hidden[:, :-1][supervised])
+    per_token = nn.functional.cross_entropy(logits.float(), targets[supervised], reduction="none")
+    row_of = torch.arange(len(targets), device=targets.device)[:, None].expand_as(targets)
+    row_of = row_of[supervised]
+    rows = torch.arange(len(targets), device=targets.device)
+    return [per_token[torch.isin(row_of, rows[span])].mean() for span in spans]
