@@ -79,6 +79,17 @@ def tiny_study(data, **changes) -> dict:
     return raw
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(items):
+    """A test that takes ``postgres_url`` is marked ``postgres``; ``ray`` and ``postgres``
+    tests are ``slow`` too, so that ``pytest -m "not slow"`` stays a quick loop."""
+    for item in items:
+        if "postgres_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.postgres)
+        if item.get_closest_marker("ray") or item.get_closest_marker("postgres"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def postgres_url():
     """A fresh database on the PostgreSQL at 127.0.0.1:5432 (trust auth), dropped afterwards."""

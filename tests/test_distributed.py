@@ -99,6 +99,7 @@ def assert_retried_once(trials, victim) -> None:
     assert retries[0].params == victim.params and retries[0].state == State.COMPLETE
 
 
+@pytest.mark.ray
 def test_ray_workers_share_a_study_and_a_killed_worker_is_retried(
     write_study, easy_task_files, postgres_url
 ):
@@ -287,6 +288,7 @@ def test_bad_worker_count_is_bad_input(write_study, easy_task_files, capsys, wor
     assert "--workers: must be a positive integer" in capsys.readouterr().err
 
 
+@pytest.mark.ray
 def test_ray_driver_frees_its_weights_for_the_search_and_times_no_estimate(
     write_study, easy_task_files, monkeypatch, capsys
 ):

@@ -1,6 +1,9 @@
 import json
+from types import SimpleNamespace
 
 import optuna
+import pytest
+import torch
 from conftest import tiny_study
 
 from reftsearch.cli import main
@@ -13,24 +16,70 @@ from reftsearch.run.worker import EstimateRequest, Worker
 from reftsearch.search.study import open_study, prepare
 from reftsearch.spec.study_file import load_spec
 
+DEV_EXAMPLE = 10  # the work a dev example counts for, in tokens of a training step
 
-def test_estimate_is_positive_and_close_to_a_measured_trial(write_study, easy_task_files, capsys):
+
+def test_estimate_predicts_the_work_a_trial_then_does(
+    write_study, easy_task_files, capsys, monkeypatch
+):
+    """The estimate times a few training steps and a dev batch, then scales them by a trial's
+    steps, epochs and dev examples. Timed on a clock that counts work instead of seconds (a
+    training forward: the tokens it computes; a dev example: ``DEV_EXAMPLE`` of them), it
+    must predict the work the trial then does: its steps of the same batches and its dev
+    passes. (Seconds on a busy machine would measure the machine's load, not the estimate.)"""
+    from reftsearch.run import estimate as estimate_module
+
     raw = tiny_study(easy_task_files, budget={"n_trials": 4, "max_epochs": 2})
     raw["space"].update(rank=2, lr=0.005, suffix=1)  # a single config: estimate vs reality
     study = write_study(raw)
-    assert main(["estimate", str(study), "--json", "--samples", "2"]) == 0
-    estimate = json.loads(capsys.readouterr().out)
+    train, dev, batch_size = 96, 48, 16  # easy_task_files' rows; tiny_study's batches
+    clock = [0.0]
+    timing = [False]  # within the estimate's own timed steps
+    trial_forwards: list[int] = []  # the tokens of each training forward outside them
+
+    def count_work(module, args):
+        if not isinstance(module, torch.nn.Embedding):  # the tiny Llama's only one: once a pass
+            return
+        if torch.is_grad_enabled():
+            clock[0] += args[0].numel()
+            if not timing[0]:
+                trial_forwards.append(args[0].numel())
+        else:  # dev scoring (and frozen passes, which the estimate leaves out of its timing)
+            clock[0] += len(args[0]) * DEV_EXAMPLE
+
+    def estimate_study(*args, **kwargs):
+        timing[0] = True
+        try:
+            return estimate_module.estimate_study(*args, **kwargs)
+        finally:
+            timing[0] = False
+
+    monkeypatch.setattr(estimate_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(worker, "estimate_study", estimate_study)  # the one `run` prints
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(count_work)
+    try:
+        assert main(["estimate", str(study), "--json", "--samples", "2"]) == 0
+        estimate = json.loads(capsys.readouterr().out)
+        trial_forwards.clear()  # the CLI estimate's own steps
+        assert main(["run", str(study), "--n-trials", "1"]) == 0
+    finally:
+        hook.remove()
+    out = capsys.readouterr().out
+    assert "estimate: " in out and "per trial (median" in out
     for key in ("cheapest", "median", "most_expensive"):
         assert estimate[key]["epoch_s"] > 0 and estimate[key]["trial_s"] > 0
     assert estimate["study_s"] == estimate["median"]["trial_s"] * 4
 
-    assert main(["run", str(study), "--n-trials", "1"]) == 0
-    out = capsys.readouterr().out
     spec = load_spec(study)
     (trial,) = optuna.load_study(study_name="t", storage=spec.storage).get_trials()
-    measured = trial.user_attrs["wall_time_s"]
-    assert measured / 3 <= estimate["median"]["trial_s"] <= measured * 3
-    assert "estimate: " in out and "per trial (median" in out
+    epochs = len(trial.intermediate_values)  # one dev pass each
+    steps = -(-train // batch_size)
+    assert epochs == 2 and len(trial_forwards) == epochs * steps
+    # the estimate's steps are the trial's first epoch's batches (same seed); a later epoch
+    # draws other batches, whose padding differs a little
+    first_epoch = sum(trial_forwards[:steps]) + dev * DEV_EXAMPLE
+    assert estimate["median"]["epoch_s"] == pytest.approx(first_epoch, rel=1e-9)
+    assert estimate["median"]["trial_s"] == pytest.approx(epochs * first_epoch, rel=1e-9)
 
 
 def test_estimate_table(write_study, easy_task_files, capsys):
