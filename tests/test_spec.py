@@ -175,3 +175,12 @@ def test_parse_layers():
     assert parse_layers("0;3-5", 6) == (0, 3, 4, 5)
     with pytest.raises(ValueError, match="layer 6 does not exist in a model with 6 layers"):
         parse_layers("2;6", 6)
+
+
+def test_every_sampler_a_spec_accepts_is_built():
+    """``sampler.type`` is checked in the spec (no torch), built in search/study.py: a name
+    in one and not the other would be refused, or silently built as another sampler."""
+    from reftsearch.search.study import SAMPLERS as BUILDERS
+    from reftsearch.spec.study_file import SAMPLERS
+
+    assert sorted(SAMPLERS) == sorted(BUILDERS)

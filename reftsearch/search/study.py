@@ -7,6 +7,7 @@ storage exactly as it was.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -125,22 +126,23 @@ def make_sampler(spec: StudySpec, resumed_after: int = 0) -> optuna.samplers.Bas
     """The spec's sampler, seeded; a study resumed after ``n`` trials seeds it ``seed + n``,
     or a random sampler would draw again the very configs its first trials drew."""
     seed = spec.sampler.seed if spec.sampler.seed is not None else spec.seed
-    seed += resumed_after
-    kind = spec.sampler.type
-    if kind == "grid":
-        return optuna.samplers.GridSampler(grid(spec.space, "space"), seed=seed)
-    if kind == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if kind == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    if kind == "cmaes":
-        # CMA-ES handles the numeric parameters; categorical ones fall back to random.
-        return optuna.samplers.CmaEsSampler(
-            seed=seed,
-            warn_independent_sampling=False,
-            n_startup_trials=spec.sampler.n_startup_trials,
-        )
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.sampler.n_startup_trials)
+    return SAMPLERS[spec.sampler.type](spec, seed + resumed_after)
+
+
+# sampler.type -> the sampler, given the spec and the seed; the names are the spec's SAMPLERS
+# (a test holds the two equal: reading a spec must not import this module)
+SAMPLERS: dict[str, Callable[[StudySpec, int], optuna.samplers.BaseSampler]] = {
+    "tpe": lambda spec, seed: optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=spec.sampler.n_startup_trials
+    ),
+    "random": lambda spec, seed: optuna.samplers.RandomSampler(seed=seed),
+    "grid": lambda spec, seed: optuna.samplers.GridSampler(grid(spec.space, "space"), seed=seed),
+    # CMA-ES handles the numeric parameters; categorical ones fall back to random
+    "cmaes": lambda spec, seed: optuna.samplers.CmaEsSampler(
+        seed=seed, warn_independent_sampling=False, n_startup_trials=spec.sampler.n_startup_trials
+    ),
+    "nsga2": lambda spec, seed: optuna.samplers.NSGAIISampler(seed=seed),
+}
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
