@@ -3,8 +3,8 @@
 A SmolLM2-135M-shaped Llama (random weights: only shapes matter for speed), batch 32 x 128
 tokens per trial, LoReFT (rank 4, f1+l2) at layer 15, LM head on the 8 response tokens.
 Measured: a bare forward+backward of the layers a trial runs (those above the cached
-frozen prefix; no interventions), one trial's training step (``train.Pack`` with one member,
-from the prefix cache), and the step of k = 1, 2, 4, 8, 16 packed trials, each with its own
+frozen prefix; no interventions), one trial's training step (``engine.packing.Pack`` with one
+member, from the prefix cache), and the step of k = 1, 2, 4, 8, 16 packed trials, each with its own
 interventions and optimizer. On CUDA the base weights are bf16
 (interventions fp32); on CPU float32. ``--quick`` shrinks the model and batch for a CPU run.
 

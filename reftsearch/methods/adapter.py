@@ -1,4 +1,4 @@
-"""What a trial trains on the frozen model: ReFT interventions (``reft.py``) or LoRA (``lora.py``).
+"""What a trial trains on the frozen model: ReFT interventions (``reft/``) or LoRA (``lora/``).
 
 Both expose the interface the trainer uses (``attached``, ``set_locations``, parameters), so
 one training loop serves both methods. A trial records its resolved config as a dict (the
