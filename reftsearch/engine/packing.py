@@ -60,6 +60,7 @@ class TrialRun:
         self.config = config
         self.head = head
         self.on_epoch = on_epoch
+        self.params = trainable(adapter, head)
         self.optimizer = build_optimizer(adapter, head, config)
         self.scheduler = build_scheduler(self.optimizer, config, len(data.train))
         self.epoch = 1
@@ -87,7 +88,7 @@ class TrialRun:
 
     def step(self) -> None:
         """Apply the gradients of the last backward pass."""
-        optimizer_step(trainable(self.adapter, self.head), self.optimizer, self.scheduler)
+        optimizer_step(self.params, self.optimizer, self.scheduler)
 
     def end_epoch(self, scores: DevScores) -> None:
         """Record the dev score of the epoch just trained (``on_epoch`` may raise)."""

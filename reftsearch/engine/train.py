@@ -79,6 +79,7 @@ def train_trial(
     # batches drawn from the trial's own generator: the same ones alone, packed or cached
     order = torch.Generator().manual_seed(config.seed)
     lengths = [len(e.input_ids) for e in data.train]
+    params = trainable(adapter, head)
     score = math.nan
     with adapter.attached(base.blocks):
         for epoch in range(1, config.epochs + 1):
@@ -87,7 +88,7 @@ def train_trial(
                 if not torch.isfinite(loss):
                     raise diverged(loss, epoch)
                 loss.backward()
-                optimizer_step(trainable(adapter, head), optimizer, scheduler)
+                optimizer_step(params, optimizer, scheduler)
             dev = evaluate_examples(base, adapter, data, cache=cache)
             score = dev.score
             if on_epoch is not None:

@@ -135,7 +135,8 @@ def _cost(
 def _step_seconds(
     prepared: PreparedStudy, adapter: Adapter, config: TrainConfig, cache: PrefixCache | None
 ) -> float:
-    """A training step as a trial runs it (``Pack`` of one), over a whole epoch: batches
+    """A training step (a ``Pack`` of one: ``train_trial``'s forward, backward and optimizer
+    step, and those of a packed trial), over a whole epoch: batches
     bucketed by length cost as their tokens (a full-row step of SmolLM2 took 0.6 s on short
     rows, 3.0 s on long ones), so the timed steps' seconds per token are scaled by the
     epoch's mean tokens per batch."""

@@ -24,13 +24,13 @@ def best_trials(study: optuna.Study, top: int) -> list[optuna.trial.FrozenTrial]
     Trials retrained with extra seeds (``finalize``) rank first, by their mean over seeds: a
     single seed's lucky score is not a reason to pick a config. The rest follow by value.
     """
-    ranked = top_search_trials(study, len(study.trials))
-    means = {t.number: s["mean"] for t in ranked if (s := seed_summary(study, t)) is not None}
+    by_score = top_search_trials(study, len(study.trials))
+    means = {t.number: s["mean"] for t in by_score if (s := seed_summary(study, t)) is not None}
     maximize = is_maximized(study)
     finalized = sorted(
-        (t for t in ranked if t.number in means), key=lambda t: means[t.number], reverse=maximize
+        (t for t in by_score if t.number in means), key=lambda t: means[t.number], reverse=maximize
     )
-    return (finalized + [t for t in ranked if t.number not in means])[:top]
+    return (finalized + [t for t in by_score if t.number not in means])[:top]
 
 
 def is_maximized(study: optuna.Study) -> bool:
@@ -53,12 +53,13 @@ def is_pareto(study: optuna.Study) -> bool:
 def pareto_front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Completed search trials no other beats on dev score and trainable parameters both,
     fewest parameters first (in a one-objective study too: what each parameter buys)."""
-    size = {
-        t.number: n_params
-        for t in search_trials(study, (optuna.trial.TrialState.COMPLETE,))
-        if (n_params := TrialRecord.of(t).n_params) is not None
-    }
-    completed = [t for t in study.get_trials(deepcopy=False) if t.number in size]
+    size = {}  # trial number -> trainable parameters
+    completed = []
+    for t in search_trials(study, (optuna.trial.TrialState.COMPLETE,)):
+        n_params = TrialRecord.of(t).n_params
+        if n_params is not None:
+            size[t.number] = n_params
+            completed.append(t)
     sign = 1 if is_maximized(study) else -1
 
     def dominates(a: optuna.trial.FrozenTrial, b: optuna.trial.FrozenTrial) -> bool:

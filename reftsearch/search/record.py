@@ -62,8 +62,7 @@ class TrialRecord:
     @classmethod
     def from_user_attrs(cls, attrs: Mapping[str, Any]) -> TrialRecord:
         """The record in ``attrs``; other keys (the config's readable columns) are left out."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {key: value for key, value in attrs.items() if key in known}
+        values = {key: value for key, value in attrs.items() if key in _FIELDS}
         if "dev_curve" in values:
             values["dev_curve"] = tuple(values["dev_curve"])
         return cls(**values)
@@ -83,6 +82,9 @@ class TrialRecord:
     def is_search_trial(self) -> bool:
         """Not a seed rerun, nor a trial asked past the budget (which never ran)."""
         return self.finalize_of is None and self.past_budget is None
+
+
+_FIELDS = frozenset(field.name for field in dataclasses.fields(TrialRecord))
 
 
 def store(trial: optuna.Trial, **fields: Any) -> None:
