@@ -57,7 +57,12 @@ def _parser() -> argparse.ArgumentParser:
 
     estimate = commands.add_parser("estimate", help="time a few configs, predict the cost")
     _add_study_arguments(estimate)
-    estimate.add_argument("--samples", type=int, default=6, help="configs to time (default 6)")
+    estimate.add_argument(
+        "--samples",
+        type=int,
+        help="configs to time: the study's warm starts first, then random ones (default: as "
+        "`run` does, min(3, n_trials))",
+    )
     estimate.add_argument("--workers", type=int, help="workers (default: resources.workers)")
     estimate.add_argument("--json", action="store_true", help="print JSON")
     estimate.set_defaults(handler=_estimate)
@@ -155,14 +160,15 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    if args.samples < 1:
+    if args.samples is not None and args.samples < 1:
         raise BadInputError(f"--samples: must be a positive integer, got {args.samples}")
     spec = _spec(args)
-    from reftsearch.run.estimate import estimate_study  # after the spec is read (see _run)
+    from reftsearch.run.driver import estimate_new_study  # after the spec is read (see _run)
     from reftsearch.search.study import prepare
 
     workers = args.workers or spec.resources.workers
-    estimate = estimate_study(prepare(spec), spec.budget.n_trials, workers, args.samples)
+    storage = args.storage or spec.storage
+    estimate = estimate_new_study(spec, storage, prepare(spec), workers, args.samples)
     if args.json:
         print(json.dumps(estimate.to_dict(), indent=2))
         return EXIT_OK

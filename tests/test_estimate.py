@@ -11,8 +11,8 @@ from reftsearch.engine.train import TrainConfig
 from reftsearch.methods.adapter import build_adapter
 from reftsearch.methods.reft.config import ReftConfig
 from reftsearch.run import worker
-from reftsearch.run.estimate import _batch_tokens, _step_run, estimate_study
-from reftsearch.run.worker import EstimateRequest, Worker
+from reftsearch.run.estimate import EstimateRequest, _batch_tokens, _step_run, estimate_study
+from reftsearch.run.worker import Worker
 from reftsearch.search.study import open_study, prepare
 from reftsearch.spec.study_file import load_spec
 
@@ -101,10 +101,10 @@ def test_estimate_times_the_enqueued_configs_first(write_study, easy_task_files)
     spec = load_spec(write_study(raw))
     prepared = prepare(spec)
     enqueued = {"rank": 7, "suffix": 3, "lr": 2e-3}
-    drawn = estimate_study(prepared, n_trials=1, workers=1, samples=1)
+    drawn = estimate_study(prepared, EstimateRequest(1, 1, samples=1))
     assert "r7" not in drawn.median.config.split()  # else the next check could not fail
 
-    timed = estimate_study(prepared, n_trials=1, workers=1, samples=1, enqueued=[enqueued])
+    timed = estimate_study(prepared, EstimateRequest(1, 1, samples=1), enqueued=[enqueued])
     assert {"r7", "f1+l3", "lr=0.002"} <= set(timed.median.config.split())
 
 
@@ -123,6 +123,38 @@ def test_a_run_estimates_its_waiting_trials(write_study, easy_task_files, monkey
     line = Worker(spec, spec.storage, alone=True).estimate(EstimateRequest(3, 1))
     assert line.startswith("estimate: ") and "per trial" in line
     assert timed == [{"rank": 2, "suffix": 2, "lr": 5e-3}]
+
+
+def test_estimate_and_run_predict_alike_finalize_included(
+    write_study, easy_task_files, monkeypatch, capsys
+):
+    """``reftsearch estimate`` and the line ``run`` prints are one computation on the same
+    inputs: the trials left, the warm starts timed first, and finalize's seed reruns."""
+    raw = tiny_study(easy_task_files, budget={"n_trials": 4, "max_epochs": 1})
+    raw["space"].update(rank=[1, 2, 4], lr=[1e-3, 3e-3], suffix=[1, 2], layers=["all", "0;1"])
+    raw.update(warm_start={"recipes": "paper"}, finalize={"top_k": 2, "seeds": [5, 6, 7]})
+    study = write_study(raw)
+    asked = []
+
+    def estimate_and_record(prepared, request, enqueued=(), seed=0):
+        asked.append((request, list(enqueued)))
+        return estimate_module.estimate_study(prepared, request, enqueued, seed)
+
+    from reftsearch.run import driver
+    from reftsearch.run import estimate as estimate_module
+
+    monkeypatch.setattr(driver, "estimate_study", estimate_and_record)
+    monkeypatch.setattr(worker, "estimate_study", estimate_and_record)
+    assert main(["estimate", str(study), "--json"]) == 0
+    predicted = json.loads(capsys.readouterr().out)
+    assert main(["run", str(study)]) == 0
+    (alone, timed_alone), (in_run, timed_in_run) = asked
+    assert alone == in_run == EstimateRequest(4, 1, finalize_runs=6)
+    assert timed_alone and timed_alone == timed_in_run  # the paper recipes, as run enqueues them
+    assert predicted["finalize_runs"] == 6
+    assert predicted["finalize_s"] == pytest.approx(6 * predicted["median"]["trial_s"])
+    assert predicted["total_s"] == pytest.approx(predicted["study_s"] + predicted["finalize_s"])
+    assert "then finalize" in capsys.readouterr().out
 
 
 def test_a_steps_cost_scales_with_the_tokens_its_batch_computes(write_study, easy_task_files):

@@ -13,7 +13,10 @@ import yaml
 from conftest import tiny_study
 
 from reftsearch.cli import main
+from reftsearch.results.best_table import trials_frame
+from reftsearch.results.html_report import best_so_far, split_reruns, write_report
 from reftsearch.search.ranking import pareto_front
+from reftsearch.search.record import TrialRecord
 from reftsearch.search.study import open_study
 from reftsearch.spec.study_file import load_spec
 
@@ -119,6 +122,33 @@ def _trial(score: float, n_params: int) -> optuna.trial.FrozenTrial:
     return optuna.trial.create_trial(
         value=score, params={}, distributions={}, user_attrs={"n_params": n_params}
     )
+
+
+def test_finalize_reruns_are_drawn_apart_and_are_not_search_progress(tmp_path):
+    """A lucky seed rerun (0.875) of the pick (0.8) is neither the best so far nor the pick:
+    it is drawn as a rerun, and the history's line follows the search trials only."""
+    study = optuna.create_study(direction="maximize")
+    config = {
+        "intervention": "loreft", "layers": [0], "positions": "l1", "tied": False, "rank": 1,
+        "seed": 3, "lr": 1e-3, "epochs": 1, "batch_size": 8,
+    }  # fmt: skip
+    for score, record in [
+        (0.6, TrialRecord(config=config, n_params=10)),
+        (0.8, TrialRecord(config=config, n_params=10)),
+        (0.875, TrialRecord(config=config, n_params=10, finalize_of=1, seed=4)),
+        (0.7, TrialRecord(config=config, n_params=10)),
+    ]:
+        study.add_trial(
+            optuna.trial.create_trial(
+                value=score, params={}, distributions={}, user_attrs=record.to_user_attrs()
+            )
+        )
+    search, reruns = split_reruns(trials_frame(study))
+    assert list(search["number"]) == [0, 1, 3] and list(reruns["number"]) == [2]
+    assert list(best_so_far(search, maximize=True)) == [0.6, 0.8, 0.8]
+    write_report(study, tmp_path)
+    with open(tmp_path / "trials.csv") as f:
+        assert [row["finalize_of"] for row in csv.DictReader(f)] == ["", "", "1.0", ""]
 
 
 def test_pareto_front_keeps_only_undominated_trials():

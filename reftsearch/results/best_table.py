@@ -11,7 +11,7 @@ from reftsearch.search.record import TrialRecord, describe_config, readable_colu
 
 # what the plots read even from a study without trials
 EMPTY_FRAME_COLUMNS = (
-    "number", "state", "score", "n_params", "last_dev_score", "started", "finished"
+    "number", "state", "score", "n_params", "last_dev_score", "finalize_of", "started", "finished"
 )  # fmt: skip
 TRAINING_COLUMNS = ("dropout", "lr", "epochs", "batch_size", "warmup_ratio", "weight_decay", "seed")
 

@@ -40,21 +40,23 @@ def write_report(study: optuna.Study, out_dir: Path) -> Path:
     frame = trials_frame(study)
     frame.to_csv(out_dir / "trials.csv", index=False)
     metric = study.user_attrs.get("metric", "dev score")
-    done = frame[frame["state"] == "COMPLETE"]
+    search, reruns = split_reruns(frame)
+    done = search[search["state"] == "COMPLETE"]
     sections = [
         _save(
             out_dir,
             "history.png",
             "Optimisation history",
-            f"Dev {metric} of each trial by trial number; the line is the best so far. Pruned "
-            "trials sit at their last dev score.",
-            _history(frame, metric, is_maximized(study)),
+            f"Dev {metric} of each search trial by trial number; the line is the best so far. "
+            "Pruned trials sit at their last dev score. Finalize's seed reruns (hollow) repeat "
+            "a config with another seed: not search progress.",
+            _history(search, reruns, metric, is_maximized(study)),
         ),
         _save(
             out_dir,
             "layers_positions.png",
             "Dev score by layer set and positions",
-            f"Best dev {metric} of the completed trials for each layer set (rows) and "
+            f"Best dev {metric} of the completed search trials for each layer set (rows) and "
             "intervened positions (columns); the number of trials is in brackets.",
             _heatmap(done, metric),
         ),
@@ -62,7 +64,7 @@ def write_report(study: optuna.Study, out_dir: Path) -> Path:
             out_dir,
             "rank.png",
             "Score vs rank",
-            f"Dev {metric} of completed trials by rank.",
+            f"Dev {metric} of completed search trials by rank.",
             _by_rank(done, metric),
         ),
         _save(
@@ -72,8 +74,9 @@ def write_report(study: optuna.Study, out_dir: Path) -> Path:
             if is_pareto(study)
             else "Score vs trainable parameters",
             f"Dev {metric} against trainable parameters (log scale). The line joins the "
-            "Pareto front: no other trial is both better and smaller.",
-            _by_params(done, metric, pareto_front(study)),
+            "Pareto front: no other trial is both better and smaller. Finalize's seed reruns "
+            "are hollow.",
+            _by_params(done, reruns, metric, pareto_front(study)),
         ),
         _save(
             out_dir,
@@ -109,8 +112,23 @@ def _figure(width: float = 7.5, height: float = 4.2) -> tuple[Figure, object]:
     return figure, figure.add_subplot()
 
 
-def _history(frame: pd.DataFrame, metric: str, maximize: bool) -> Figure | str:
-    scored = frame[frame["state"].isin(["COMPLETE", "PRUNED"]) & frame["last_dev_score"].notna()]
+def split_reruns(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The search's trials, and finalize's completed seed reruns (``finalize_of`` set): a
+    rerun's score measures seed variance, so a lucky one is neither progress nor the pick."""
+    rerun = frame["finalize_of"].notna()
+    return frame[~rerun], frame[rerun & (frame["state"] == "COMPLETE")]
+
+
+def best_so_far(search: pd.DataFrame, maximize: bool) -> pd.Series:
+    """The best completed search trial's score after each completed search trial."""
+    scores = search[search["state"] == "COMPLETE"]["score"]
+    return scores.cummax() if maximize else scores.cummin()
+
+
+def _history(
+    search: pd.DataFrame, reruns: pd.DataFrame, metric: str, maximize: bool
+) -> Figure | str:
+    scored = search[search["state"].isin(["COMPLETE", "PRUNED"]) & search["last_dev_score"].notna()]
     if scored.empty:
         return "No trial has a dev score yet."
     figure, ax = _figure()
@@ -126,11 +144,11 @@ def _history(frame: pd.DataFrame, metric: str, maximize: bool) -> Figure | str:
             color=STATE_COLOURS[state],
             label=state.lower(),
         )
-    done = frame[frame["state"] == "COMPLETE"]
-    if not done.empty:
-        running = done["score"].cummax() if maximize else done["score"].cummin()
+    _draw_reruns(ax, reruns, "number")
+    running = best_so_far(search, maximize)
+    if not running.empty:
         # carried on to the last trial: later pruned trials did not change the best
-        numbers = [*done["number"], frame["number"].max()]
+        numbers = [*search.loc[running.index, "number"], search["number"].max()]
         ax.step(
             numbers, [*running, running.iloc[-1]], where="post", color="black", label="best so far"
         )
@@ -180,14 +198,30 @@ def _by_rank(done: pd.DataFrame, metric: str) -> Figure | str:
     return figure
 
 
+def _draw_reruns(ax: object, reruns: pd.DataFrame, x: str) -> None:
+    if not reruns.empty:
+        ax.scatter(
+            reruns[x],
+            reruns["score"],
+            marker="D",
+            facecolors="none",
+            edgecolors="tab:gray",
+            label="seed rerun (finalize)",
+        )
+
+
 def _by_params(
-    done: pd.DataFrame, metric: str, front: list[optuna.trial.FrozenTrial]
+    done: pd.DataFrame,
+    reruns: pd.DataFrame,
+    metric: str,
+    front: list[optuna.trial.FrozenTrial],
 ) -> Figure | str:
     if done.empty or done["n_params"].isna().all():
         return "No completed trial yet."
     figure, ax = _figure()
     for kind, rows in done.groupby("type"):
         ax.scatter(rows["n_params"], rows["score"], label=kind, alpha=0.8)
+    _draw_reruns(ax, reruns, "n_params")
     if front:
         ax.plot(
             [TrialRecord.of(t).n_params for t in front],

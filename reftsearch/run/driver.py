@@ -16,9 +16,10 @@ import optuna
 
 from reftsearch.errors import SpecError, TrialFailed
 from reftsearch.progress import Log
+from reftsearch.run.estimate import Estimate, EstimateRequest, estimate_study, finalize_runs
 from reftsearch.run.lines import ProgressPrinter, print_now
 from reftsearch.run.ray_cluster import run_on_ray
-from reftsearch.run.worker import EstimateRequest, Worker, load, publish_spec
+from reftsearch.run.worker import Worker, load, publish_spec
 from reftsearch.search.objective import Objective
 from reftsearch.search.seed_reruns import enqueue_finalize
 from reftsearch.search.storage import check_storage, mask_url
@@ -29,7 +30,13 @@ from reftsearch.search.study import (
     spec_device,
     with_model_on,
 )
-from reftsearch.search.warm_start import Recipe, enqueue_warm_starts, paper_recipes, study_recipes
+from reftsearch.search.warm_start import (
+    Recipe,
+    enqueue_warm_starts,
+    paper_recipes,
+    study_recipes,
+    warm_start_params,
+)
 from reftsearch.spec.study_file import StudySpec
 
 
@@ -72,7 +79,7 @@ def run_study(
             prepared.base.num_layers,
             log,
         )
-        estimate = EstimateRequest(n_trials - done, workers)
+        estimate = EstimateRequest(n_trials - done, workers, finalize_runs(spec))
         if not on_ray:
             worker = Worker(spec, storage_url, prepared, log, alone=True)
             log(worker.estimate(estimate))
@@ -97,6 +104,17 @@ def warm_start_recipes(spec: StudySpec, storage_url: str, prepared: PreparedStud
                 source.study, source.storage or storage_url, source.top_k, spec.method
             )
     return recipes
+
+
+def estimate_new_study(
+    spec: StudySpec, storage_url: str, prepared: PreparedStudy, workers: int, samples: int | None
+) -> Estimate:
+    """What ``run_study`` would predict for ``spec`` as a new study, stored nowhere: the same
+    estimate on the same configs (its warm starts first)."""
+    recipes = warm_start_recipes(spec, storage_url, prepared)
+    kept = warm_start_params(recipes, spec.space, prepared.base.num_layers, log=lambda _: None)
+    request = EstimateRequest(spec.budget.n_trials, workers, finalize_runs(spec), samples)
+    return estimate_study(prepared, request, enqueued=[params for _, params in kept])
 
 
 def run_finalize(study: optuna.Study, prepared: PreparedStudy, log: Log) -> None:

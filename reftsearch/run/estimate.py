@@ -6,7 +6,11 @@ training steps and one dev batch are timed on this machine (after a warm-up step
 the path trials take (the worker's frozen-activation cache included, whose one-off build is
 left out). Scaled by the data sizes and epochs, that gives seconds per epoch and per trial for
 the cheapest, median and most expensive of them, and the study's expected wall time for its
-budget and workers.
+budget and workers, finalize's seed reruns included.
+
+``reftsearch estimate`` and the line ``reftsearch run`` prints before its trials are this one
+computation on the same inputs: the configs the study's next trials run (its warm starts),
+then random ones, ``EstimateRequest.samples`` of them.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from reftsearch.search.objective import invalid_reason, resolve
 from reftsearch.search.record import describe_config
 from reftsearch.search.study import PreparedStudy
 from reftsearch.spec.space import sample
+from reftsearch.spec.study_file import StudySpec
 
 TIMED_STEPS = 2
 EVAL_SAMPLE = 16  # dev examples timed per config
@@ -46,39 +51,70 @@ class ConfigCost:
 
 
 @dataclass(frozen=True)
+class EstimateRequest:
+    """What to predict: ``n_trials`` still to search on ``workers``, then ``finalize_runs``
+    seed reruns (which the driver runs one after another), timing ``samples`` configs."""
+
+    n_trials: int
+    workers: int
+    finalize_runs: int = 0
+    samples: int | None = None  # default: no more configs timed than trials, at most 3
+
+    @property
+    def configs_to_time(self) -> int:
+        # the estimate is overhead on a short run: not more configs than it has trials
+        return self.samples or min(3, self.n_trials)
+
+
+def finalize_runs(spec: StudySpec) -> int:
+    """The seed reruns a study's finalize step trains once its search is done."""
+    return spec.finalize.top_k * len(spec.finalize.seeds) if spec.finalize else 0
+
+
+@dataclass(frozen=True)
 class Estimate:
     cheapest: ConfigCost
     median: ConfigCost
     most_expensive: ConfigCost
     n_trials: int
     workers: int
-    study_s: float  # expected wall time: median trial x trials / workers (before pruning)
+    study_s: float  # expected search wall time: median trial x trials / workers (before pruning)
+    finalize_runs: int
+    finalize_s: float  # the seed reruns, median trials each, never pruned, one after another
+
+    @property
+    def total_s(self) -> float:
+        return self.study_s + self.finalize_s
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "total_s": self.total_s}
 
     def line(self) -> str:
         costs = (self.median, self.cheapest, self.most_expensive)
         median, low, high = (format_duration(cost.trial_s) for cost in costs)
-        return (
+        line = (
             f"estimate: {median} per trial (median; {low}-{high}), "
             f"{format_duration(self.study_s)} for {self.n_trials} trials on {self.workers} "
             "worker(s) before pruning"
         )
+        if self.finalize_runs:
+            line += (
+                f", then finalize {format_duration(self.finalize_s)} for {self.finalize_runs} "
+                f"seed reruns: {format_duration(self.total_s)} in all"
+            )
+        return line
 
 
 def estimate_study(
     prepared: PreparedStudy,
-    n_trials: int,
-    workers: int,
-    samples: int = 6,
-    seed: int = 0,
+    request: EstimateRequest,
     enqueued: Sequence[dict] = (),
+    seed: int = 0,
 ) -> Estimate:
-    """Time ``samples`` configs of the space and extrapolate: the ``enqueued`` ones (fixed
-    params, as ``study.enqueue_trial`` takes them; what they leave out is drawn) first, then
-    random ones."""
-    configs = _configs(prepared, samples, seed, enqueued)
+    """Time ``request.configs_to_time`` configs of the space and extrapolate: the
+    ``enqueued`` ones (fixed params, as ``study.enqueue_trial`` takes them; what they leave out
+    is drawn) first, then random ones."""
+    configs = _configs(prepared, request.configs_to_time, seed, enqueued)
     # lowest intervened layer first: each cache build starts from the one below it
     configs.sort(key=lambda pair: _lowest_layer(pair[0]))
     costs = sorted((_cost(prepared, *pair) for pair in configs), key=lambda c: c.trial_s)
@@ -89,9 +125,11 @@ def estimate_study(
         cheapest=costs[0],
         median=median,
         most_expensive=costs[-1],
-        n_trials=n_trials,
-        workers=workers,
-        study_s=median.trial_s * math.ceil(n_trials / workers),
+        n_trials=request.n_trials,
+        workers=request.workers,
+        study_s=median.trial_s * math.ceil(request.n_trials / request.workers),
+        finalize_runs=request.finalize_runs,
+        finalize_s=median.trial_s * request.finalize_runs,
     )
 
 

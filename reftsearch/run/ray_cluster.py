@@ -16,8 +16,9 @@ import optuna
 
 from reftsearch.errors import BadInputError, ReftSearchError
 from reftsearch.progress import Log
+from reftsearch.run.estimate import EstimateRequest
 from reftsearch.run.lines import ProgressPrinter, StoragePrinter
-from reftsearch.run.worker import EstimateRequest, Worker
+from reftsearch.run.worker import Worker
 from reftsearch.spec.study_file import StudySpec
 
 # a worker killed this many times (OOM killer, preemption) ends the run instead of looping

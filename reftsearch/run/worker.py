@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import optuna
 
 from reftsearch.errors import BadInputError, TrialFailed
 from reftsearch.progress import Log
-from reftsearch.run.estimate import estimate_study
+from reftsearch.run.estimate import EstimateRequest, estimate_study
 from reftsearch.run.packed_search import make_objective, optimize, pack_size
 from reftsearch.search.record import search_trials, store
 from reftsearch.search.study import (
@@ -107,9 +106,7 @@ class Worker:
         try:
             estimate = estimate_study(
                 self.prepared,
-                request.n_trials,
-                request.workers,
-                request.samples,
+                request,
                 enqueued=[trial.system_attrs.get("fixed_params", {}) for trial in waiting],
             )
         except ValueError as err:  # e.g. no valid config drawn: the trials will say why
@@ -124,19 +121,6 @@ class Worker:
             raise TrialFailed(f"trial {trial.number} {reason}")
         store(trial, model_loads=_model_loads)
         return self.objective(trial)
-
-
-@dataclass(frozen=True)
-class EstimateRequest:
-    """What ``Worker.estimate`` predicts: ``n_trials`` still to run on ``workers``."""
-
-    n_trials: int
-    workers: int
-
-    @property
-    def samples(self) -> int:
-        # no more configs timed than trials to run: the estimate is overhead on a short run
-        return min(3, self.n_trials)
 
 
 def load(spec: StudySpec, device: str | None = None) -> PreparedStudy:

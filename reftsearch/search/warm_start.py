@@ -149,6 +149,23 @@ def _map_value(name: str, value: Any, dimension: Dimension, num_layers: int) -> 
     return None
 
 
+def warm_start_params(
+    recipes: list[Recipe], space: Mapping[str, Dimension], num_layers: int, log: Log = print
+) -> list[tuple[Recipe, dict[str, Any]]]:
+    """The recipes that map onto ``space``, as Optuna params, each distinct config once."""
+    kept: list[tuple[Recipe, dict[str, Any]]] = []
+    for recipe in recipes:
+        params, notes = map_onto_space(recipe, space, num_layers)
+        if params is None:
+            log(f"warm start {recipe.name}: skipped, {'; '.join(notes)}")
+        elif any(params == seen for _, seen in kept):
+            log(f"warm start {recipe.name}: skipped, same as an earlier one in this space")
+        else:
+            kept.append((recipe, params))
+            log(f"warm start {recipe.name}: enqueued" + (f" ({'; '.join(notes)})" if notes else ""))
+    return kept
+
+
 def enqueue_warm_starts(
     study: optuna.Study,
     recipes: list[Recipe],
@@ -159,17 +176,8 @@ def enqueue_warm_starts(
     """Enqueue each recipe once per study (a resumed study does not enqueue them again)."""
     if study.user_attrs.get(DONE_ATTR):
         return 0
-    seen: list[dict] = []
-    for recipe in recipes:
-        params, notes = map_onto_space(recipe, space, num_layers)
-        if params is None:
-            log(f"warm start {recipe.name}: skipped, {'; '.join(notes)}")
-            continue
-        if params in seen:
-            log(f"warm start {recipe.name}: skipped, same as an earlier one in this space")
-            continue
-        seen.append(params)
+    kept = warm_start_params(recipes, space, num_layers, log)
+    for recipe, params in kept:
         study.enqueue_trial(params, user_attrs=TrialRecord(warm_start=recipe.name).to_user_attrs())
-        log(f"warm start {recipe.name}: enqueued" + (f" ({'; '.join(notes)})" if notes else ""))
-    study.set_user_attr(DONE_ATTR, len(seen))
-    return len(seen)
+    study.set_user_attr(DONE_ATTR, len(kept))
+    return len(kept)
