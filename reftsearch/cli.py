@@ -9,6 +9,8 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
 
 from reftsearch.errors import BadInputError, ReftSearchError, TrialFailed
 from reftsearch.spec.study_file import StudySpec, load_spec
@@ -106,6 +108,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--trial", type=int, help="trial number (default: the best trial)")
     export.set_defaults(handler=_export)
+
+    predict = commands.add_parser(
+        "predict", help="run a trained trial on new texts: labels and probabilities, or text"
+    )
+    _add_study_arguments(predict)
+    predict.add_argument("--trial", type=int, help="trial number (default: the best trial)")
+    inputs = predict.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--text", nargs="+", metavar="T", help="texts (prompts for generation)")
+    inputs.add_argument(
+        "--input", metavar="FILE", help="a file in the task's format (its columns; label optional)"
+    )
+    predict.add_argument("--json", action="store_true", help="print JSON")
+    predict.add_argument("--out", metavar="FILE", help="write to a new FILE instead of stdout")
+    predict.set_defaults(handler=_predict)
 
     worker = commands.add_parser(
         "worker", help="join a study `reftsearch run` created, as one more worker (no Ray)"
@@ -280,6 +296,38 @@ def _export(args: argparse.Namespace) -> int:
     print(f"exported trial {result.trial}{test} to {result.out_dir} ({result.weights})")
     if not result.pyreft_loadable:
         _stderr(f"note: {result.note}")
+    return EXIT_OK
+
+
+def _predict(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists():
+        raise BadInputError(f"--out: {out} exists; name a new file (predict never overwrites)")
+    spec = _spec(args)
+    from reftsearch.export.pyreft import pick_trial  # after the spec is read (see _run)
+    from reftsearch.results.predict import file_inputs, predict, text_inputs
+    from reftsearch.search.storage import load_named_study
+    from reftsearch.search.study import prepare
+    from reftsearch.search.test_split import trained_adapter
+
+    task = spec.task
+    inputs = text_inputs(task, args.text) if args.text else file_inputs(task, Path(args.input))
+    study = load_named_study(spec.name, args.storage or spec.storage)
+    trial = pick_trial(study, args.trial)
+    prepared = prepare(spec)
+    adapter, source = trained_adapter(prepared, study, trial, _stderr)
+    _stderr(f"trial {trial.number} ({source}): {len(inputs)} inputs")
+    predictions = predict(prepared, adapter, inputs)
+    if args.json:
+        rows = [{k: v for k, v in asdict(p).items() if v is not None} for p in predictions]
+        text = json.dumps(rows, indent=2)
+    else:
+        text = "\n".join(p.line() for p in predictions)
+    if out is None:
+        print(text)
+    else:
+        out.write_text(text + "\n")
+        _stderr(f"wrote {len(predictions)} predictions to {out}")
     return EXIT_OK
 
 

@@ -81,11 +81,15 @@ def carve_dev(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict],
     )
 
 
-def load_split(task: TaskSpec, split: str) -> list[dict]:
-    """One split as rows with canonical keys; errors name the missing column or file."""
+def load_split(task: TaskSpec, split: str, optional: tuple[str, ...] = ()) -> list[dict]:
+    """One split as rows with canonical keys; errors name the missing column or file. The
+    ``optional`` canonical columns (e.g. ``label`` for inputs to predict) may be absent."""
     records = _read_records(task.data, split)
     columns = _columns(task)
     if records:
+        columns = {
+            key: name for key, name in columns.items() if key not in optional or name in records[0]
+        }
         missing = [
             f"task.{key}: column {name!r}"
             for key, name in columns.items()
@@ -96,7 +100,7 @@ def load_split(task: TaskSpec, split: str) -> list[dict]:
                 f"{split} data lacks {', '.join(missing)}; its columns are {sorted(records[0])}"
             )
     return [
-        {canonical: _clean(canonical, record[name]) for canonical, name in columns.items()}
+        {canonical: clean_value(canonical, record[name]) for canonical, name in columns.items()}
         for record in records
     ]
 
@@ -107,7 +111,7 @@ def load_split(task: TaskSpec, split: str) -> list[dict]:
 STRIPPED_COLUMNS = ("text", "text_pair")
 
 
-def _clean(canonical: str, value: Any) -> Any:
+def clean_value(canonical: str, value: Any) -> Any:
     return value.strip() if canonical in STRIPPED_COLUMNS and isinstance(value, str) else value
 
 

@@ -113,14 +113,26 @@ def _mean_loss(
 def _classify(
     base: BaseModel, adapter: Adapter, examples: list[Encoded], frozen: FrozenParts | None
 ) -> list[int]:
-    predictions = [0] * len(examples)
+    return class_probabilities(base, adapter, examples, frozen).argmax(-1).tolist()
+
+
+@torch.no_grad()
+def class_probabilities(
+    base: BaseModel,
+    adapter: Adapter,
+    examples: list[Encoded],
+    frozen: FrozenParts | None = None,
+) -> torch.Tensor:
+    """Each example's class probabilities (softmax of the head's logits), in example order,
+    float32 on the CPU; the interventions must be attached."""
+    adapter.eval()
+    probabilities = torch.empty(len(examples), base.model.config.num_labels)
     for batch in _eval_batches(base, adapter, examples, frozen):
         adapter.set_locations(batch.prompt_lengths, batch.offsets)
         with _replaying(base, frozen, batch):
-            predicted = base.model(**batch.model_inputs()).logits.argmax(-1)
-        for row, label in zip(batch.rows.tolist(), predicted.tolist(), strict=True):
-            predictions[row] = label
-    return predictions
+            logits = base.model(**batch.model_inputs()).logits
+        probabilities[batch.rows.cpu()] = logits.float().softmax(-1).cpu()
+    return probabilities
 
 
 def _eval_batches(
