@@ -66,7 +66,7 @@ def load_yaml(text: str, where: str) -> Any:
     try:
         _check_events(yaml.parse(text, Loader=StudyLoader), where)
         return yaml.load(text, Loader=StudyLoader)  # noqa: S506 (a safe loader)
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, ValueError) as err:  # ValueError: an integer of 4,300+ digits
         raise BadInputError(f"{where}: not valid YAML: {err}") from None
 
 
