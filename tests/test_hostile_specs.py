@@ -206,6 +206,16 @@ def hostile_files(folder: Path) -> dict[str, tuple[Path, str]]:
         "control character": (tiny.replace("tiny:llama", "tiny:\x07llama").encode(), "YAML"),
         "not a mapping": (b"- just\n- a list\n", "must be a mapping at the top level"),
         "empty": (b"", "name: is required"),
+        "python tag": (
+            tiny.replace("seed: 7", "seed: !!python/object:os.system x").encode(),
+            "YAML",
+        ),
+        "binary tag": (tiny.replace("name: tiny", "name: !!binary aGk=").encode(), "name: must"),
+        "set tag": (tiny.replace("rank: [1, 2, 4]", "rank: !!set {1, 2}").encode(), "space.rank"),
+        "a long name": (
+            tiny.replace("name: tiny", "name: " + "n!" * 50_000).encode(),
+            "characters)",
+        ),
         "a long integer": (tiny.replace("seed: 7", "seed: " + "9" * 4000).encode(), "4000 digits"),
         "a huge integer": (tiny.replace("seed: 7", "seed: " + "9" * 5000).encode(), "4300 digits"),
     }
@@ -277,13 +287,18 @@ def test_exponent_without_a_dot_is_a_number(capsys):
     assert code == 0, err
 
 
-def test_compare_refuses_a_zero_budget_and_a_bad_timeout(capsys):
-    for option, needle in (
-        ("--n-trials=0", "--n-trials: must be a positive integer, got 0"),
-        ("--timeout=nan", "--timeout: must be a positive number"),
+def test_compare_and_worker_refuse_a_zero_budget_and_a_bad_timeout(tmp_path, capsys):
+    """0 trials once fell back to the default budget (``args.n_trials or default``)."""
+    zero = "--n-trials: must be a positive integer, got 0"
+    for argv, needle in (
+        (["compare", TINY, TINY, "--n-trials=0"], zero),
+        (["compare", TINY, TINY, "--timeout=nan"], "--timeout: must be a positive number"),
+        (["compare", TINY, TINY, "--timeout=-5"], "--timeout: must be a positive number"),
+        (["worker", "--storage", f"sqlite:///{tmp_path}/w.db", "--study=x", "--n-trials=0"], zero),
     ):
-        code, err, _ = run_cli(["compare", TINY, TINY, option], capsys)
-        assert code == 2 and needle in err
+        code, err, _ = run_cli(argv, capsys)
+        assert code == 2 and needle in err, err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_validate_reads_configs_not_weights(tmp_path):

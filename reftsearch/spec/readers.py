@@ -36,7 +36,7 @@ def string(raw: Any, path: str, pattern: str | None = None, hint: str = "") -> s
     if not isinstance(raw, str) or not raw:
         raise SpecError(path, f"must be a non-empty string, got {_show(raw)}")
     if pattern and not re.fullmatch(pattern, raw):
-        raise SpecError(path, f"must be {hint or 'matching ' + pattern}, got {raw!r}")
+        raise SpecError(path, f"must be {hint or 'matching ' + pattern}, got {_show(raw)}")
     return raw
 
 
