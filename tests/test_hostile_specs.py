@@ -266,6 +266,10 @@ TINY = str(REPO / "studies" / "tiny.yaml")
         (["--set", "model=./no-such-model"], "no-such-model: no such model directory"),
         (["--set", "space.lr=&a [*a]"], "alias *a refers to a value that contains it"),
         (["--storage", ""], "argument --storage: must be a storage URL, got an empty string"),
+        (
+            ["--set", "warm_start={study: other, storage: ''}"],
+            "warm_start.storage: must be a non-empty string, got ''",
+        ),
     ],
 )
 def test_hostile_values_exit_2_at_validate_and_run(argv, needle, tmp_path, stored, capsys):

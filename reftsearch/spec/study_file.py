@@ -594,7 +594,11 @@ def _one_warm_start(raw: Any, path: str, base_dir: Path, method: str) -> WarmSta
     storage = entries.get("storage")
     return WarmStartSpec(
         study=v.string(entries["study"], v.join(path, "study")),
-        storage=_storage(storage, v.join(path, "storage"), base_dir, "") if storage else None,
+        storage=(
+            _storage(storage, v.join(path, "storage"), base_dir, "")
+            if storage is not None
+            else None
+        ),
         top_k=v.integer(entries.get("top_k", 3), v.join(path, "top_k"), minimum=1),
     )
 
