@@ -52,7 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(handler=_run)
 
-    validate = commands.add_parser("validate", help="check study files (spec only)")
+    validate = commands.add_parser(
+        "validate", help="check study files, and each against its model's config (no weights)"
+    )
     validate.add_argument("studies", nargs="+", metavar="STUDY")
     validate.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
     validate.set_defaults(handler=_validate)
@@ -128,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     worker.add_argument(
         "--storage",
+        type=_storage_url,
         default=os.environ.get(STORAGE_ENV),
         help=f"storage URL (default: ${STORAGE_ENV}; prefer it: a command line is visible "
         "to every user of the machine)",
@@ -140,7 +143,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("study", metavar="STUDY", help="study file (YAML)")
-    parser.add_argument("--storage", help="storage URL (default: the spec's storage)")
+    parser.add_argument(
+        "--storage", type=_storage_url, help="storage URL (default: the spec's storage)"
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -148,6 +153,13 @@ def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY.PATH=VALUE",
         help="override a spec value, e.g. --set budget.n_trials=5",
     )
+
+
+def _storage_url(text: str) -> str:
+    # an empty --storage (an unset shell variable) must not fall back to the spec's storage
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must be a storage URL, got an empty string")
+    return text
 
 
 def _spec(args: argparse.Namespace) -> StudySpec:
@@ -199,15 +211,24 @@ def _estimate(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    # the model's config, not its weights: no torch is imported (tests/test_hostile_specs.py)
+    from reftsearch.search.fit import check_model_fit, read_model_shape
+
     status = EXIT_OK
     for path in args.studies:
         try:
             spec = load_spec(path, args.set)
+            shape = read_model_shape(spec)
+            check_model_fit(spec, shape)
         except BadInputError as err:
             print(f"{path}: error: {err}", file=sys.stderr)
             status = EXIT_BAD_INPUT
         else:
-            print(f"{path}: ok (study {spec.name!r}, {spec.task.kind}, metric {spec.metric})")
+            print(
+                f"{path}: ok (study {spec.name!r}, {spec.task.kind}, metric {spec.metric}; "
+                f"{spec.model.path}: {shape.num_layers} layers, hidden size {shape.hidden_size}, "
+                f"{shape.max_positions} positions)"
+            )
     return status
 
 
@@ -268,13 +289,15 @@ def _report(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    if args.n_trials is not None and args.n_trials < 1:
+        raise BadInputError(f"--n-trials: must be a positive integer, got {args.n_trials}")
+    if args.timeout is not None and not 0 < args.timeout < float("inf"):
+        raise BadInputError(f"--timeout: must be a positive number of seconds, got {args.timeout}")
     specs = [load_spec(path) for path in args.studies]
     from reftsearch.run.compare import check_comparable, compare, table  # after the specs (_run)
 
     check_comparable(*specs)
-    n_trials = args.n_trials or specs[0].budget.n_trials
-    if n_trials < 1:
-        raise BadInputError(f"--n-trials: must be a positive integer, got {n_trials}")
+    n_trials = args.n_trials if args.n_trials is not None else specs[0].budget.n_trials
     results = compare([(s, s.storage) for s in specs], n_trials, args.timeout, log=_stderr)
     frame = table(results, specs[0].metric)
     name = f"compare-{specs[0].name}-vs-{specs[1].name}.csv"
@@ -336,13 +359,15 @@ def _worker(args: argparse.Namespace) -> int:
 
     if not args.storage:
         raise BadInputError(f"--storage: give a storage URL or set ${STORAGE_ENV}")
+    if args.n_trials is not None and args.n_trials < 1:
+        raise BadInputError(f"--n-trials: must be a positive integer, got {args.n_trials}")
     check_storage(args.storage)
     from reftsearch.run.lines import ProgressPrinter
     from reftsearch.run.worker import Worker, published_spec
 
     study = load_named_study(args.study, args.storage)
     spec, n_trials = published_spec(study)
-    n_trials = args.n_trials or n_trials
+    n_trials = args.n_trials if args.n_trials is not None else n_trials
     print(f"joining study {spec.name!r} on {mask_url(args.storage)}: budget {n_trials}")
     Worker(spec, args.storage).run(
         n_trials, spec.budget.timeout, [ProgressPrinter(n_trials, print)]

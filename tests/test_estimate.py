@@ -11,7 +11,13 @@ from reftsearch.engine.train import TrainConfig
 from reftsearch.methods.adapter import build_adapter
 from reftsearch.methods.reft.config import ReftConfig
 from reftsearch.run import worker
-from reftsearch.run.estimate import EstimateRequest, _batch_tokens, _step_run, estimate_study
+from reftsearch.run.estimate import (
+    TIMED_STEPS,
+    EstimateRequest,
+    _batch_tokens,
+    _step_run,
+    estimate_study,
+)
 from reftsearch.run.worker import Worker
 from reftsearch.search.study import open_study, prepare
 from reftsearch.spec.study_file import load_spec
@@ -176,3 +182,17 @@ def test_a_steps_cost_scales_with_the_tokens_its_batch_computes(write_study, eas
     assert counts[1] == lengths  # full rows: rows x the longest row
     assert len(set(counts[1])) > 1  # batches of different lengths
     assert all(0 < trimmed < full for trimmed, full in zip(counts[0], counts[1], strict=True))
+
+
+def test_a_batch_larger_than_the_train_split_is_timed_at_the_splits_size(
+    write_study, easy_task_files
+):
+    """Training never makes a batch larger than the split; timing one repeated the split to
+    ``batch_size`` rows (a batch_size of 1e18 filled 21 GB before the OOM killer came)."""
+    prepared = prepare(load_spec(write_study(tiny_study(easy_task_files))))
+    reft = build_adapter(ReftConfig("loreft", (1,), 1, 0, False, 1), prepared.base, seed=0)
+    rows = len(prepared.split.train)
+    large = TrainConfig(lr=1e-3, epochs=1, batch_size=2 * rows, seed=0)
+    run = _step_run(prepared, reft, large, prepared.cache)
+    assert run.config.batch_size == rows
+    assert len(run.data.train) == rows * (TIMED_STEPS + 2)

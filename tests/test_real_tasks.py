@@ -18,7 +18,7 @@ from reftsearch.errors import SpecError
 from reftsearch.methods.reft.config import ReftConfig
 from reftsearch.methods.reft.module import ReftModule
 from reftsearch.models.base import load_base_model
-from reftsearch.models.builtin import CACHE_ENV, cache_dir
+from reftsearch.models.sources import CACHE_ENV, cache_dir
 from reftsearch.spec.study_file import DataSpec, TaskSpec, load_spec, parse_spec
 
 needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent")

@@ -19,11 +19,9 @@ import copy
 import ctypes
 import gc
 import inspect
-import os
 import warnings
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 import transformers
@@ -31,7 +29,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from reftsearch.models.builtin import BUILTIN_MODELS
-from reftsearch.models.pretrained import ModelLoadError, from_pretrained
+from reftsearch.models.pretrained import from_pretrained
+from reftsearch.models.sources import ModelLoadError, check_builtin_name, local_dir
 
 HEADS = ("classification", "causal_lm")
 
@@ -278,31 +277,12 @@ def emulated_on(dtype: torch.dtype, device: torch.device) -> bool:
 def _load(
     path: str, head: str, num_labels: int, dtype: torch.dtype
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
+    check_builtin_name(path, list(BUILTIN_MODELS))
     if path in BUILTIN_MODELS:
         return BUILTIN_MODELS[path](path, head, num_labels, dtype)
-    if path.split(":", 1)[0] in {name.split(":", 1)[0] for name in BUILTIN_MODELS}:
-        raise ModelLoadError(
-            f"{path}: unknown built-in model; must be one of {sorted(BUILTIN_MODELS)}"
-        )
-    if _looks_local(path):
-        directory = Path(path).expanduser()
-        if not directory.is_dir():
-            raise ModelLoadError(f"{path}: no such model directory")
-        if not (directory / "config.json").is_file():
-            raise ModelLoadError(f"{path}: not a Hugging Face model directory (no config.json)")
-        return from_pretrained(path, str(directory), head, num_labels, dtype)
-    return from_pretrained(path, path, head, num_labels, dtype)
-
-
-def _looks_local(path: str) -> bool:
-    # A hub id is "name" or "owner/name"; anything path-shaped is the user meaning a directory,
-    # and a missing directory deserves "no such directory", not a hub lookup.
-    return (
-        os.path.exists(os.path.expanduser(path))
-        or os.path.isabs(path)
-        or path.startswith((".", "~"))
-        or path.count("/") > 1
-    )
+    directory = local_dir(path)
+    location = path if directory is None else str(directory)
+    return from_pretrained(path, location, head, num_labels, dtype)
 
 
 def _finish(

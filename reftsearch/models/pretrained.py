@@ -12,15 +12,7 @@ from transformers import (
     AutoTokenizer,
 )
 
-from reftsearch.errors import BadInputError
-
-
-class ModelLoadError(BadInputError, ValueError):
-    """A model path could not be turned into a usable base model; the message names the path.
-
-    A ``BadInputError`` so the CLI reports it without a traceback (exit code 2), and a
-    ``ValueError`` because it is a bad argument value to ``load_base_model``.
-    """
+from reftsearch.models.sources import ModelLoadError
 
 
 def from_pretrained(

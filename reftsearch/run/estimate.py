@@ -235,6 +235,9 @@ def _step_run(
     counted as a step's cost)."""
     base, split = prepared.base, prepared.split
     rows = split.train
+    # a batch holds at most the whole split, as in training: a larger batch_size is timed at
+    # that size (repeating the split to a batch of 1e18 rows filled the memory)
+    config = replace(config, batch_size=min(config.batch_size, len(rows)))
     if len(rows) < config.batch_size * (TIMED_STEPS + 2):
         rows = list(itertools.islice(itertools.cycle(rows), config.batch_size * (TIMED_STEPS + 2)))
     if cache is not None:

@@ -23,9 +23,9 @@ from reftsearch.methods.lora.module import check_targets
 from reftsearch.methods.reft.config import ReftConfig
 from reftsearch.methods.reft.constraints import Limits, check_space, limits_of
 from reftsearch.models.base import BaseModel, load_base_model, resolve_device
-from reftsearch.models.builtin import cache_dir
-from reftsearch.models.pretrained import ModelLoadError
+from reftsearch.models.sources import ModelLoadError, cache_dir, shape_of
 from reftsearch.search.fidelity import rung_count
+from reftsearch.search.fit import check_lengths
 from reftsearch.search.kept_weights import WEIGHTS_DIR, weights_dir
 from reftsearch.search.pruners import SparingPruner
 from reftsearch.search.record import is_search_trial, search_trials
@@ -87,6 +87,7 @@ def prepare(spec: StudySpec, device: str | None = None) -> PreparedStudy:
         max_new_tokens=spec.task.max_new_tokens,
     )
     prepared = PreparedStudy(spec, base, data, split)
+    check_lengths(spec.task, shape_of(base.model.config.to_dict()).max_positions)
     if spec.method == "reft":
         check_space(spec.space, prepared.limits)
     else:

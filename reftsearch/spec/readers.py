@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -35,7 +36,7 @@ def string(raw: Any, path: str, pattern: str | None = None, hint: str = "") -> s
     if not isinstance(raw, str) or not raw:
         raise SpecError(path, f"must be a non-empty string, got {_show(raw)}")
     if pattern and not re.fullmatch(pattern, raw):
-        raise SpecError(path, f"must be {hint or 'matching ' + pattern}, got {raw!r}")
+        raise SpecError(path, f"must be {hint or 'matching ' + pattern}, got {_show(raw)}")
     return raw
 
 
@@ -52,12 +53,18 @@ def boolean(raw: Any, path: str) -> bool:
     return raw
 
 
-def integer(raw: Any, path: str, minimum: int | None = None, maximum: int | None = None) -> int:
+# No count in a study file comes near this; anything larger is a typo, and an integer past
+# 64 bits would overflow torch, numpy or SQLite wherever it first reached them.
+MAX_INTEGER = 2**31 - 1
+
+
+def integer(raw: Any, path: str, minimum: int | None = None, maximum: int = MAX_INTEGER) -> int:
     if isinstance(raw, bool) or not isinstance(raw, int):
         raise SpecError(path, f"must be {_int_words(minimum)}, got {_show(raw)}")
-    if (minimum is not None and raw < minimum) or (maximum is not None and raw > maximum):
-        bound = f" <= {maximum}" if maximum is not None else ""
-        raise SpecError(path, f"must be {_int_words(minimum)}{bound}, got {raw}")
+    if minimum is not None and raw < minimum:
+        raise SpecError(path, f"must be {_int_words(minimum)}, got {raw}")
+    if raw > maximum:
+        raise SpecError(path, f"must be {_int_words(minimum)} <= {maximum}, got {_show(raw)}")
     return raw
 
 
@@ -72,6 +79,8 @@ def number(
     expected = f"must be a number{_range_words(minimum, maximum, exclusive_min, exclusive_max)}"
     if isinstance(raw, bool) or not isinstance(raw, int | float):
         raise SpecError(path, f"{expected}, got {_show(raw)}")
+    if not math.isfinite(raw):  # .nan passes every comparison; .inf trains nothing
+        raise SpecError(path, f"{expected} (finite), got {raw}")
     too_low = minimum is not None and (raw <= minimum if exclusive_min else raw < minimum)
     too_high = maximum is not None and (raw >= maximum if exclusive_max else raw > maximum)
     if too_low or too_high:
@@ -85,7 +94,7 @@ _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 def duration(raw: Any, path: str) -> float:
     """Seconds from a number or a string like ``90``, ``30m``, ``2h``, ``1.5h``."""
-    if isinstance(raw, int | float) and not isinstance(raw, bool) and raw > 0:
+    if isinstance(raw, int | float) and not isinstance(raw, bool) and 0 < raw < math.inf:
         return float(raw)
     match = _DURATION.fullmatch(raw.strip()) if isinstance(raw, str) else None
     if not match or float(match.group(1)) <= 0:
@@ -115,4 +124,7 @@ def _show(raw: Any) -> str:
         return "a mapping"
     if isinstance(raw, list):
         return "a list"
-    return repr(raw)
+    if isinstance(raw, int) and not isinstance(raw, bool) and raw.bit_length() > 64:
+        return f"an integer of {len(str(abs(raw)))} digits"
+    text = repr(raw)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"

@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from reftsearch.errors import BadInputError, SpecError
 from reftsearch.metrics import PER_EXAMPLE
 from reftsearch.spec import readers as v
-from reftsearch.spec.space import Dimension, parse_space
+from reftsearch.spec.space import Dimension, grid, parse_space
+from reftsearch.spec.yaml_file import load_yaml, read_study_file
 
 TASK_KINDS = ("classification", "generation")
 METRICS = {  # name -> direction
@@ -177,12 +176,7 @@ class StudySpec:
 def load_spec(path: str | Path, overrides: list[str] = ()) -> StudySpec:
     """Read, override (``key.path=value``) and validate a study file."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise BadInputError(f"{path}: cannot read study file ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        raise BadInputError(f"{path}: not valid YAML: {err}") from None
+    raw = read_study_file(path)
     raw = apply_overrides(raw if raw is not None else {}, overrides)
     return parse_spec(raw, base_dir=path.resolve().parent, source=path)
 
@@ -198,10 +192,7 @@ def apply_overrides(raw: Any, overrides: list[str]) -> dict:
         key_path, sep, text = item.partition("=")
         if not sep or not key_path:
             raise BadInputError(f"--set {item!r}: must look like key.path=value")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise BadInputError(f"--set {item!r}: value is not valid YAML: {err}") from None
+        value = load_yaml(text, f"--set {item!r}")
         node = raw
         keys = key_path.split(".")
         for depth, key in enumerate(keys[:-1]):
@@ -271,7 +262,7 @@ def parse_spec(raw: Any, base_dir: Path, source: Path | None = None) -> StudySpe
     pareto = len(objectives) > 1
     if pareto and entries.get("finalize") not in (None, False):
         raise SpecError("finalize", "picks one best config: a study with two objectives has none")
-    return StudySpec(
+    spec = StudySpec(
         name=name,
         storage=_storage(entries.get("storage"), "storage", base_dir, name),
         model=_model(entries["model"], "model", base_dir),
@@ -295,6 +286,9 @@ def parse_spec(raw: Any, base_dir: Path, source: Path | None = None) -> StudySpe
         method=method,
         objectives=objectives,
     )
+    if spec.sampler.type == "grid":
+        grid(spec.space, "space")  # GridSampler takes lists only: a range is refused here
+    return spec
 
 
 def _objectives(raw: Any, path: str) -> tuple[str, ...]:
@@ -600,7 +594,11 @@ def _one_warm_start(raw: Any, path: str, base_dir: Path, method: str) -> WarmSta
     storage = entries.get("storage")
     return WarmStartSpec(
         study=v.string(entries["study"], v.join(path, "study")),
-        storage=_storage(storage, v.join(path, "storage"), base_dir, "") if storage else None,
+        storage=(
+            _storage(storage, v.join(path, "storage"), base_dir, "")
+            if storage is not None
+            else None
+        ),
         top_k=v.integer(entries.get("top_k", 3), v.join(path, "top_k"), minimum=1),
     )
 

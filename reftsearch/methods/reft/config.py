@@ -11,6 +11,12 @@ from dataclasses import asdict, dataclass
 from reftsearch.spec.space import both_sides
 
 
+def max_rank(hidden_size: int) -> int:
+    """The largest rank an intervention may have: below the hidden size, or the edit is no
+    longer low-rank (LoReFT's ``R`` would be a whole rotation of the hidden space)."""
+    return hidden_size - 1
+
+
 def num_groups(prefix: int, suffix: int, tied: bool) -> int:
     """Intervention groups per layer: two only for untied configs with both ``f`` and ``l``."""
     return 2 if both_sides(prefix, suffix) and not tied else 1

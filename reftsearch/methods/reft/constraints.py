@@ -24,8 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from reftsearch.errors import SpecError
-from reftsearch.methods.reft.config import ReftConfig
-from reftsearch.methods.reft.interventions import max_rank
+from reftsearch.methods.reft.config import ReftConfig, max_rank
 from reftsearch.spec.space import (
     Choice,
     Dimension,
@@ -81,22 +80,30 @@ def capped_share(config: ReftConfig, limits: Limits) -> float:
 
 def check_space(space: Mapping[str, Dimension], limits: Limits, path: str = "space") -> None:
     """Refuse values of the space that no trial could ever train (SpecError with the key)."""
-    layers = space["layers"]
-    for i, text in enumerate(layer_choices(layers)):
-        # a listed layer set the model lacks is a typo, not a region worth searching
-        key = path + ".layers" if isinstance(layers, Fixed) else f"{path}.layers[{i}]"
-        try:
-            parse_layers(text, limits.num_layers)
-        except ValueError as err:
-            raise SpecError(key, str(err)) from None
-    rank_rule = f"must be below the hidden size {limits.hidden_size} of this model"
-    _check_smallest(space["rank"], f"{path}.rank", max_rank(limits.hidden_size), rank_rule)
+    check_model_space(space, limits.num_layers, limits.hidden_size, path)
     side_rule = (
         f"must be at most {limits.max_positions}: the longest training prompt has "
         f"{limits.prompt_lengths[-1]} tokens and pyreft caps each side at n // 2"
     )
     for side in ("prefix", "suffix"):
         _check_smallest(space[side], f"{path}.{side}", limits.max_positions, side_rule)
+
+
+def check_model_space(
+    space: Mapping[str, Dimension], num_layers: int, hidden_size: int, path: str = "space"
+) -> None:
+    """The part of ``check_space`` that needs the model alone (its config, not its weights):
+    ``reftsearch validate`` runs it."""
+    layers = space["layers"]
+    for i, text in enumerate(layer_choices(layers)):
+        # a listed layer set the model lacks is a typo, not a region worth searching
+        key = path + ".layers" if isinstance(layers, Fixed) else f"{path}.layers[{i}]"
+        try:
+            parse_layers(text, num_layers)
+        except ValueError as err:
+            raise SpecError(key, str(err)) from None
+    rank_rule = f"must be below the hidden size {hidden_size} of this model"
+    _check_smallest(space["rank"], f"{path}.rank", max_rank(hidden_size), rank_rule)
 
 
 def _check_smallest(dimension: Dimension, key: str, largest_valid: int, rule: str) -> None:

@@ -13,6 +13,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
+from reftsearch.methods.reft.config import max_rank
+
 
 def householder_product(reflectors: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """``torch.linalg.householder_product(reflectors, tau)`` for a tall ``[n, k]`` matrix: the
@@ -153,12 +155,6 @@ INTERVENTIONS: dict[str, type[Intervention]] = {
     "direft": DiReFT,
     "noreft": NoReFT,
 }
-
-
-def max_rank(hidden_size: int) -> int:
-    """The largest rank an intervention may have: below the hidden size, or the edit is no
-    longer low-rank (LoReFT's ``R`` would be a whole rotation of the hidden space)."""
-    return hidden_size - 1
 
 
 def build_intervention(

@@ -1,0 +1,158 @@
+"""Reading a study file's YAML with bounds, so that hostile input costs milliseconds.
+
+``yaml.safe_load`` alone accepts what a study file must not hold: a 500-byte "billion
+laughs" of nested aliases that expands to gigabytes once copied, recursive aliases, nesting
+deep enough to exhaust the stack, and a mapping that gives a key twice (YAML keeps the last
+value, silently). Here the file's size is capped before it is read, and one pass over the
+parser's events (libyaml's, iterative) counts the nodes the document expands to, its depth,
+and each mapping's keys, before anything is built.
+
+YAML 1.1 reads ``1e-3`` (no dot) as a string; a study file means the number, as YAML 1.2
+and JSON do, so that form is resolved as a float too.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reftsearch.errors import BadInputError
+from reftsearch.spec.readers import join
+
+MAX_BYTES = 256 * 1024  # the shipped studies are under 3 KB
+MAX_NODES = 20_000  # scalars and collections, aliases expanded (the shipped: under 150)
+MAX_DEPTH = 32  # nested mappings and lists (the shipped: 4)
+
+_BASE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class StudyLoader(_BASE_LOADER):  # type: ignore[misc, valid-type]
+    """The safe loader (libyaml's when installed), reading ``1e-3`` as a number."""
+
+
+StudyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def read_study_file(path: Path) -> Any:
+    """The YAML value in ``path``, read within the bounds above."""
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_BYTES + 1)
+    except OSError as err:
+        raise BadInputError(f"{path}: cannot read study file ({err.strerror})") from None
+    if len(data) > MAX_BYTES:
+        raise BadInputError(f"{path}: is over {MAX_BYTES // 1024} KiB, too large for a study file")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data:
+        raise BadInputError(f"{path}: is not UTF-8 text (UTF-16 or binary): save it as UTF-8")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise BadInputError(
+            f"{path}: is not UTF-8 text (byte {data[err.start]:#04x} at offset {err.start})"
+        ) from None
+    return load_yaml(text, str(path))
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """``text``'s YAML value; ``where`` names it in errors (a file, a ``--set`` item)."""
+    try:
+        _check_events(yaml.parse(text, Loader=StudyLoader), where)
+        return yaml.load(text, Loader=StudyLoader)  # noqa: S506 (a safe loader)
+    except (yaml.YAMLError, ValueError) as err:  # ValueError: an integer of 4,300+ digits
+        raise BadInputError(f"{where}: not valid YAML: {err}") from None
+
+
+@dataclass
+class _Collection:
+    """A mapping or list being read: its key path, expanded size so far, and keys seen."""
+
+    path: str
+    anchor: str | None
+    is_mapping: bool
+    size: int = 1
+    items: int = 0  # list items, or mapping keys and values
+    key: str | None = None  # a mapping's current key (the last scalar key read)
+    keys: dict[str, int] = field(default_factory=dict)  # key -> its line
+
+    def child_path(self) -> str:
+        if not self.is_mapping:
+            return join(self.path, self.items)
+        return join(self.path, self.key) if self.key is not None else self.path
+
+
+def _check_events(events, where: str) -> None:
+    """Refuse a document that expands past ``MAX_NODES``, nests past ``MAX_DEPTH``, aliases
+    itself, or repeats a key in a mapping. One pass; memory stays that of the text."""
+    stack: list[_Collection] = []
+    sizes: dict[str, int] = {}  # anchor -> the expanded size of its node
+    total = 0
+
+    def add(size: int, anchor: str | None, event) -> None:
+        nonlocal total
+        total += size
+        if total > MAX_NODES:
+            raise BadInputError(
+                f"{where}: expands to over {MAX_NODES} values (aliases counted each time they "
+                "are used): too large for a study file"
+            )
+        if anchor is not None:
+            sizes[anchor] = size
+        if stack:
+            parent = stack[-1]
+            parent.size += size
+            if parent.is_mapping and parent.items % 2 == 0:
+                _key(parent, event, where)
+            parent.items += 1
+
+    for event in events:
+        if isinstance(event, yaml.ScalarEvent):
+            add(1, event.anchor, event)
+        elif isinstance(event, yaml.AliasEvent):
+            if any(c.anchor == event.anchor for c in stack):
+                path = stack[-1].child_path() if stack else ""
+                raise BadInputError(
+                    f"{where}: {path or 'the document'}: alias *{event.anchor} refers to a "
+                    "value that contains it (a recursive alias)"
+                )
+            add(sizes.get(event.anchor, 1), None, event)  # undefined: yaml.load says so
+        elif isinstance(event, yaml.CollectionStartEvent):
+            path = stack[-1].child_path() if stack else ""
+            if len(stack) >= MAX_DEPTH:
+                raise BadInputError(
+                    f"{where}: {path}: nested over {MAX_DEPTH} levels deep, too deep for a "
+                    "study file"
+                )
+            is_mapping = isinstance(event, yaml.MappingStartEvent)
+            if stack and stack[-1].is_mapping and stack[-1].items % 2 == 0:
+                stack[-1].key = None  # a list or mapping as a key: no name to report
+            stack.append(_Collection(path, event.anchor, is_mapping))
+        elif isinstance(event, yaml.CollectionEndEvent):
+            done = stack.pop()
+            add(done.size, done.anchor, None)
+
+
+def _key(parent: _Collection, event, where: str) -> None:
+    """Record a mapping key; a key given twice is an error naming its path and lines."""
+    if not isinstance(event, yaml.ScalarEvent):
+        parent.key = None
+        return
+    parent.key = event.value
+    if event.value == "<<":  # a merge key: the merged keys may be overridden, by design
+        return
+    line = event.start_mark.line + 1
+    if event.value in parent.keys:
+        first = parent.keys[event.value]
+        lines = f"lines {first} and {line}" if first != line else f"line {line}"
+        raise BadInputError(
+            f"{where}: {join(parent.path, event.value)}: given twice ({lines}); YAML would "
+            "keep only the last"
+        )
+    parent.keys[event.value] = line
