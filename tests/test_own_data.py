@@ -4,8 +4,10 @@ split (``reftsearch data``), ``validate`` on the data, label names in the study 
 import collections
 import csv
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import optuna
 import pytest
@@ -292,3 +294,27 @@ def test_label_names_are_kept_in_the_study_and_the_export(tmp_path, capsys, mode
     assert main(["run", str(path), "--n-trials", "2"]) == 2
     assert "was run with the classes" in capsys.readouterr().err
     assert len(optuna.load_study(study_name="own", storage=spec.storage).trials) == 1
+
+
+# ------------------------------------------------------------------- the README's example
+
+
+def test_the_readmes_worked_example_reads_as_it_says(tmp_path, capsys):
+    """The "Bring your own data" study file and sample lines, as a new user copies them."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Bring your own data", 1)[1]
+    sample_lines, study_file = re.findall(r"```(?:yaml)?\n(.*?)```", section, re.S)[:2]
+    (tmp_path / "news.tsv").write_text(sample_lines * 8)  # 24 rows, 3 classes
+    raw = yaml.safe_load(study_file)
+    assert raw["task"]["data"]["header"] is False
+    path = tmp_path / "news.yaml"
+    path.write_text(yaml.safe_dump({**raw, "model": "tiny:bert"}))
+    assert main(["validate", str(path)]) == 0
+    assert capsys.readouterr().out == (
+        f"{path}: ok (study 'news-minilm', classification, metric accuracy; data: "
+        "train 22 rows, dev 2 rows; 3 classes: Business, Sports, World)\n"
+    )
+    del raw["task"]["data"]["read_options"]
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(path)]) == 2
+    assert "read_options: {quoting: 3}" in capsys.readouterr().err
