@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from reftsearch.errors import BadInputError, ReftSearchError, TrialFailed
-from reftsearch.spec.study_file import StudySpec, load_spec
+from reftsearch.spec.study_file import SPLITS, StudySpec, load_spec
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 STORAGE_ENV = "REFTSEARCH_STORAGE"  # where `reftsearch worker` finds its storage URL
@@ -53,11 +53,23 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run)
 
     validate = commands.add_parser(
-        "validate", help="check study files, and each against its model's config (no weights)"
+        "validate",
+        help="check study files, their data files (columns, labels, classes) and each against "
+        "its model's config (no weights)",
     )
     validate.add_argument("studies", nargs="+", metavar="STUDY")
     validate.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
     validate.set_defaults(handler=_validate)
+
+    data = commands.add_parser(
+        "data", help="list the rows of each split (a carved dev split's too), by source row"
+    )
+    _add_study_arguments(data)
+    data.add_argument(
+        "--split", action="append", choices=SPLITS, help="only this split (repeatable)"
+    )
+    data.add_argument("--out", metavar="FILE", help="write the rows to FILE (.csv or .tsv)")
+    data.set_defaults(handler=_data)
 
     estimate = commands.add_parser("estimate", help="time a few configs, predict the cost")
     _add_study_arguments(estimate)
@@ -78,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     best.add_argument(
         "--test",
         action="store_true",
-        help="evaluate the best config once on the test split (retrains it)",
+        help="score the best trial once on the test split, with its kept weights (its "
+        "config retrained with its seed only if they are gone)",
     )
     best.add_argument("--csv", metavar="FILE", help="also write every trial as a CSV table")
     best.set_defaults(handler=_best)
@@ -220,6 +233,7 @@ def _validate(args: argparse.Namespace) -> int:
             spec = load_spec(path, args.set)
             shape = read_model_shape(spec)
             check_model_fit(spec, shape)
+            data = _data_summary(spec)
         except BadInputError as err:
             print(f"{path}: error: {err}", file=sys.stderr)
             status = EXIT_BAD_INPUT
@@ -227,9 +241,36 @@ def _validate(args: argparse.Namespace) -> int:
             print(
                 f"{path}: ok (study {spec.name!r}, {spec.task.kind}, metric {spec.metric}; "
                 f"{spec.model.path}: {shape.num_layers} layers, hidden size {shape.hidden_size}, "
-                f"{shape.max_positions} positions)"
+                f"{shape.max_positions} positions; data: {data})"
             )
     return status
+
+
+def _data_summary(spec: StudySpec) -> str:
+    """The data as ``run`` reads it (local files and builtin tasks; a hub dataset is left to
+    ``run``, which needs the network for it)."""
+    if spec.task.data.hub is not None:
+        return f"hub dataset {spec.task.data.hub}, not opened"
+    from reftsearch.data.listing import list_rows
+
+    return list_rows(spec.task, spec.seed).summary()
+
+
+def _data(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    spec = _spec(args)
+    from reftsearch.data.listing import describe, list_rows, print_rows, write_rows
+
+    listing = list_rows(spec.task, spec.seed, args.split or SPLITS)
+    for split in listing.splits:
+        _stderr(describe(split))
+    if args.out:
+        n = write_rows(listing, spec.task, Path(args.out))
+        _stderr(f"wrote {n:,} rows to {args.out}")
+    else:
+        print_rows(listing, spec.task, sys.stdout)
+    return EXIT_OK
 
 
 def _best(args: argparse.Namespace) -> int:

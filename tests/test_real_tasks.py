@@ -98,8 +98,8 @@ def test_classification_texts_lose_outer_whitespace(tmp_path):
     (tmp_path / "train.tsv").write_text('sentence\tlabel\nit \'s "fine" . \t1\n dull \t0\n')
     spec = load_spec(_write(tmp_path, {"train": "train.tsv", "read_options": {"quoting": 3}}), [])
     assert load_split(spec.task, "train") == [
-        {"text": 'it \'s "fine" .', "label": 1},
-        {"text": "dull", "label": 0},
+        {"text": 'it \'s "fine" .', "label": 1, "row": 0},
+        {"text": "dull", "label": 0, "row": 1},
     ]
 
 
@@ -118,14 +118,14 @@ def test_glue_files_read_as_provenance_says():
     train, test = load_split(sst2, "train"), load_split(sst2, "test")
     assert (len(train), len(test)) == (67_349, 872)
     assert sum(row["label"] for row in test) == 444
-    assert train[0] == {"text": "hide new secretions from the parental units", "label": 0}
+    assert train[0] == {"text": "hide new secretions from the parental units", "label": 0, "row": 0}
     assert all(row["text"] == row["text"].strip() for row in test)  # GLUE's trailing space
 
     rte = load_spec(study_file("rte-minilm"), offline("rte-minilm")).task
     train, test = load_split(rte, "train"), load_split(rte, "test")
     assert (len(train), len(test)) == (2_490, 277)
     assert sum(row["label"] for row in test) == 131
-    assert set(train[0]) == {"text", "text_pair", "label"}
+    assert set(train[0]) == {"text", "text_pair", "label", "row"}
     # the files were written with CSV quoting: read as Python's csv reads them by default
     with (SHARED_DATA / "rte" / "validation.tsv").open(newline="") as file:
         expected = [(r["sentence1"], r["sentence2"]) for r in csv.DictReader(file, delimiter="\t")]

@@ -172,7 +172,7 @@ def test_a_duplicate_config_is_not_trained_again(write_study, easy_task_files, c
 
 def test_an_invalid_sampled_config_is_pruned_with_its_reason(write_study, easy_task_files):
     raw = tiny_study(easy_task_files, budget={"n_trials": 1, "max_epochs": 1})
-    raw["space"].update(prefix=[0, 1], suffix=[0, 1])
+    raw["space"].update(prefix=[0, 1], suffix={"low": 0, "high": 1})  # drawn: never (0, 0)
     study = write_study(raw)
     spec = load_spec(study)
     open_study(spec, spec.storage).enqueue_trial({"prefix": 0, "suffix": 0})

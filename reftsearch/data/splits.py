@@ -8,6 +8,7 @@ carved from train with the study seed. The test split is read only on request
 
 from __future__ import annotations
 
+import csv
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +29,16 @@ DEV_SPLIT_NAMES = ("dev", "validation", "valid", "val")
 
 @dataclass
 class TaskData:
-    """Rows of the search splits; labels already mapped to ids for classification."""
+    """Rows of the search splits; labels already mapped to ids for classification.
+
+    Every row keeps ``row``, its 0-based index in the split it was read from (header not
+    counted), so that ``reftsearch data`` can say which rows a carved dev split holds.
+    """
 
     train: list[dict]
     dev: list[dict]
     label_names: list[str] | None  # classification only: id -> original label, as text
+    dev_carved: bool = False  # dev was carved from train: its rows are train's
 
     @property
     def num_labels(self) -> int:
@@ -42,23 +48,23 @@ class TaskData:
 def load_task_data(task: TaskSpec, seed: int) -> TaskData:
     """Train and dev rows for the search (the test split is left untouched)."""
     train = load_split(task, "train")
-    dev = load_split(task, "dev") if has_split(task.data, "dev") else None
-    if dev is None:
+    dev_carved = not has_split(task.data, "dev")
+    if dev_carved:
         train, dev = carve_dev(train, task.dev_fraction, seed)
+    else:
+        dev = load_split(task, "dev")
     train = _subset(train, task.max_train_examples, seed)
     dev = _subset(dev, task.max_dev_examples, seed)
-    label_names = None
-    if task.kind == "classification":
-        label_names = _label_vocabulary(train)
-        train, dev = (
-            _map_labels(rows, label_names, split)
-            for rows, split in ((train, "train"), (dev, "dev"))
-        )
     if not train or not dev:
         raise BadInputError(
             f"task.data: the train ({len(train)}) and dev ({len(dev)}) splits must both have rows"
         )
-    return TaskData(train, dev, label_names)
+    label_names = None
+    if task.kind == "classification":
+        label_names = label_vocabulary(train, task)
+        train = map_labels(train, label_names, task, "train")
+        dev = map_labels(dev, label_names, task, "train" if dev_carved else "dev", dev_carved)
+    return TaskData(train, dev, label_names, dev_carved)
 
 
 def load_test_rows(task: TaskSpec, label_names: list[str] | None) -> list[dict]:
@@ -66,7 +72,7 @@ def load_test_rows(task: TaskSpec, label_names: list[str] | None) -> list[dict]:
     if not has_split(task.data, "test"):
         raise BadInputError("task.data.test: the study has no test split")
     rows = load_split(task, "test")
-    return _map_labels(rows, label_names, "test") if label_names else rows
+    return map_labels(rows, label_names, task, "test") if label_names else rows
 
 
 def carve_dev(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -82,27 +88,51 @@ def carve_dev(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict],
 
 
 def load_split(task: TaskSpec, split: str, optional: tuple[str, ...] = ()) -> list[dict]:
-    """One split as rows with canonical keys; errors name the missing column or file. The
+    """One split as rows with canonical keys and ``row`` (the row's index in the split);
+    errors name the split's key path, its file, and the missing column or the empty row. The
     ``optional`` canonical columns (e.g. ``label`` for inputs to predict) may be absent."""
     records = _read_records(task.data, split)
     columns = _columns(task)
+    where = source(task.data, split)
     if records:
         columns = {
             key: name for key, name in columns.items() if key not in optional or name in records[0]
         }
         missing = [
-            f"task.{key}: column {name!r}"
+            f"column {name!r} (task.{key})"
             for key, name in columns.items()
             if name not in records[0]
         ]
         if missing:
             raise BadInputError(
-                f"{split} data lacks {', '.join(missing)}; its columns are {sorted(records[0])}"
+                f"{where}: no {', '.join(missing)}; its columns are {sorted(records[0])}"
+                f"{_header_hint(task.data)}"
             )
-    return [
-        {canonical: clean_value(canonical, record[name]) for canonical, name in columns.items()}
-        for record in records
-    ]
+    rows = []
+    for index, record in enumerate(records):
+        row = {
+            key: clean_value(key, record[name], f"{where}: row {index}: column {name!r}")
+            for key, name in columns.items()
+        }
+        row["row"] = index
+        rows.append(row)
+    return rows
+
+
+def source(data: DataSpec, split: str) -> str:
+    """Where ``split`` comes from, as errors and ``reftsearch data`` name it."""
+    if data.builtin is not None:
+        return f"task.data.builtin ({data.builtin}, split {split})"
+    location = getattr(data, split)
+    if data.hub is not None:
+        return f"task.data.{split} ({data.hub}, split {location})"
+    return f"task.data.{split} ({Path(location).name})"
+
+
+def _header_hint(data: DataSpec) -> str:
+    if data.builtin is not None or data.hub is not None or not data.header:
+        return ""
+    return " (a file whose first line is a row, not column names: set task.data.header: false)"
 
 
 # Whitespace at the ends of a classification text means nothing, but GLUE's SST-2 files end
@@ -111,8 +141,15 @@ def load_split(task: TaskSpec, split: str, optional: tuple[str, ...] = ()) -> li
 STRIPPED_COLUMNS = ("text", "text_pair")
 
 
-def clean_value(canonical: str, value: Any) -> Any:
-    return value.strip() if canonical in STRIPPED_COLUMNS and isinstance(value, str) else value
+def clean_value(canonical: str, value: Any, where: str) -> Any:
+    """A cell, checked: an empty one is refused (a tokenizer would fail on it, or train on
+    nothing); texts are text even where the reader saw numbers."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise BadInputError(f"{where} (task.{canonical}) is empty")
+    if canonical == "label":
+        return value
+    text = value if isinstance(value, str) else str(value)
+    return text.strip() if canonical in STRIPPED_COLUMNS else text
 
 
 def _columns(task: TaskSpec) -> dict[str, str]:
@@ -136,15 +173,15 @@ def _read_records(data: DataSpec, split: str) -> list[dict]:
             return make_builtin_task(data.builtin)[split]
         except ValueError as err:
             raise BadInputError(f"task.data.builtin: {err}") from None
-    location = getattr(data, split)
     if data.hub is not None:
-        return _read_hub(data, location, split)
-    return _read_local(Path(location), data.read_options, split)
+        return _read_hub(data, getattr(data, split), split)
+    return _read_local(data, split)
 
 
-def _read_local(path: Path, read_options: dict[str, Any], split: str) -> list[dict]:
+def _read_local(data: DataSpec, split: str) -> list[dict]:
     import datasets
 
+    path = Path(getattr(data, split))
     if path.is_dir():
         try:
             loaded = datasets.load_from_disk(str(path))
@@ -163,14 +200,68 @@ def _read_local(path: Path, read_options: dict[str, Any], split: str) -> list[di
         )
     if not path.is_file():
         raise BadInputError(f"task.data.{split}: file not found: {path}")
-    options = dict(read_options)
-    if path.suffix.lower() == ".tsv":
-        options.setdefault("sep", "\t")
+    options = dict(data.read_options)
+    if builder == "csv":
+        options = _csv_options(path, data, split)
+    elif not data.header or data.columns:
+        raise BadInputError(f"task.data.header: only for .csv and .tsv files, not {path.name}")
     try:
         dataset = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
     except Exception as err:  # parse errors come from pandas/pyarrow in many types
         raise BadInputError(f"task.data.{split}: cannot read {path}: {err}") from None
     return dataset.to_list()
+
+
+def _csv_options(path: Path, data: DataSpec, split: str) -> dict[str, Any]:
+    """``read_options`` for pandas, with the header and column names, once the file has been
+    checked with Python's strict CSV reader: pandas reads a field that opens a quote it does
+    not close right before the separator (``"Tigers" win``) by dropping the quotes, and one
+    it never closes by swallowing the lines after it, silently."""
+    options = dict(data.read_options)
+    if path.suffix.lower() == ".tsv":
+        options.setdefault("sep", "\t")
+    separator = options.get("sep", options.get("delimiter", ","))
+    first = _strict_first_row(path, separator, options, split) if len(separator) == 1 else None
+    if data.header:
+        return options
+    if data.columns and first is not None and len(first) != len(data.columns):
+        raise BadInputError(
+            f"task.data.columns: names {len(data.columns)} columns, {path.name} has "
+            f"{len(first)} in its first row"
+        )
+    options["header"] = None
+    if data.columns:
+        options["column_names"] = list(data.columns)
+    return options
+
+
+def _strict_first_row(path: Path, separator: str, options: dict[str, Any], split: str) -> list[str]:
+    """The file's first row, after reading every row as pandas will (quoting as set)."""
+    quoting = options.get("quoting", csv.QUOTE_MINIMAL)
+    first: list[str] = []
+    try:
+        with path.open(newline="", encoding=options.get("encoding", "utf-8")) as file:
+            reader = csv.reader(file, delimiter=separator, quoting=quoting, strict=True)
+            try:
+                first = next(reader, [])
+                for _ in reader:
+                    pass
+            except csv.Error as err:
+                quotes = "'\"'" in str(err) or "end of data" in str(err)
+                hint = (
+                    ": a field starts with a quote that is text, not CSV quoting; read quotes "
+                    "as text with task.data.read_options: {quoting: 3}"
+                )
+                raise BadInputError(
+                    f"task.data.{split} ({path.name}): line {reader.line_num}: {err}"
+                    f"{hint if quotes else ''}"
+                ) from None
+    except (UnicodeDecodeError, LookupError) as err:
+        raise BadInputError(
+            f"task.data.{split} ({path.name}): not {options.get('encoding', 'utf-8')} "
+            f"text ({err}); set task.data.read_options: {{encoding: ...}}"
+        ) from None
+    return first
 
 
 def _pick_split(loaded, split: str, path: Path):
@@ -202,25 +293,36 @@ def _subset(rows: list[dict], limit: int | None, seed: int) -> list[dict]:
     return random.Random(seed).sample(rows, limit)
 
 
-def _label_vocabulary(rows: list[dict]) -> list[str]:
+def label_vocabulary(rows: list[dict], task: TaskSpec) -> list[str]:
+    """The classes: the label values that occur in train, sorted (numbers as numbers, else
+    as text); class id i is the i-th. Labels 0..K-1 so keep their ids, and any other labels
+    (strings, 1..4) get the same ids whatever the order of the rows."""
     values = {row["label"] for row in rows}
-    if all(isinstance(x, int) and not isinstance(x, bool) for x in values) and min(values) >= 0:
-        return [str(i) for i in range(max(values) + 1)]
-    return sorted(str(x) for x in values)
+    numbers = all(isinstance(x, int | float) and not isinstance(x, bool) for x in values)
+    names = [str(x) for x in sorted(values)] if numbers else sorted({str(x) for x in values})
+    if len(names) < 2:
+        raise BadInputError(
+            f"{source(task.data, 'train')}: column {task.label!r} (task.label) holds one "
+            f"value, {names[0]!r}, in all {len(rows)} rows: a classifier needs two classes "
+            "or more"
+        )
+    return names
 
 
-def _map_labels(rows: list[dict], label_names: list[str], split: str) -> list[dict]:
+def map_labels(
+    rows: list[dict], label_names: list[str], task: TaskSpec, split: str, carved: bool = False
+) -> list[dict]:
+    """``rows`` with each label replaced by its class id; a label train lacks is refused."""
     ids = {name: i for i, name in enumerate(label_names)}
     mapped = []
     for row in rows:
         key = str(row["label"])
         if key not in ids:
+            carved_note = " (it occurs only in the rows carved out as dev)" if carved else ""
             raise BadInputError(
-                f"{split} data: label {row['label']!r} does not occur in train "
-                f"(train labels: {label_names})"
+                f"{source(task.data, split)}: row {row['row']}: label {row['label']!r} "
+                f"(column {task.label!r}) does not occur in train{carved_note}; "
+                f"train's labels are {label_names}"
             )
         mapped.append({**row, "label": ids[key]})
     return mapped
-
-
-# --- tokenization and batching -------------------------------------------------------------

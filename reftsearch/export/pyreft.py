@@ -115,6 +115,9 @@ def export_study(
         "trial": trial.number,
         "task": spec.task.kind,
         "metric": spec.metric,
+        # the classes, as HF configs name them (classification; base_model/ has them too)
+        "id2label": dict(enumerate(prepared.data.label_names or [])) or None,
+        "label2id": {n: i for i, n in enumerate(prepared.data.label_names or [])} or None,
         "dev_score": trial.value,
         "test_score": score,
         "weights": weights,

@@ -41,15 +41,14 @@ class Prediction:
 
 
 def text_inputs(task: TaskSpec, texts: list[str]) -> list[dict[str, str]]:
-    """``--text`` values as inputs: prompts for generation, texts for classification."""
-    if task.kind == "generation":
-        return [{"prompt": text} for text in texts]
-    if task.text_pair:
+    """``--text`` values as inputs (prompts for generation), cleaned as the task's files are."""
+    if task.kind == "classification" and task.text_pair:
         raise BadInputError(
             f"--text: this task reads text pairs (columns {task.text!r} and "
             f"{task.text_pair!r}); give them in a file with --input"
         )
-    return [{"text": clean_value("text", text)} for text in texts]  # as the task's files are
+    key = "prompt" if task.kind == "generation" else "text"
+    return [{key: clean_value(key, text, f"--text[{i}]")} for i, text in enumerate(texts)]
 
 
 def file_inputs(task: TaskSpec, path: Path) -> list[dict[str, str]]:

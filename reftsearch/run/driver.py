@@ -26,6 +26,7 @@ from reftsearch.search.storage import check_storage, mask_url
 from reftsearch.search.study import (
     PreparedStudy,
     count_finished,
+    keep_label_names,
     open_study,
     spec_device,
     with_model_on,
@@ -67,6 +68,7 @@ def run_study(
         f"{time.perf_counter() - start:.1f}s"
     )
     study = open_study(spec, storage_url)
+    keep_label_names(study, prepared.data.label_names)
     publish_spec(study, spec, n_trials)
     optuna.storages.fail_stale_trials(study)
     done = count_finished(study)

@@ -34,6 +34,7 @@ from reftsearch.spec.space import grid, lowest_layers
 from reftsearch.spec.study_file import PrunerSpec, StudySpec
 
 NO_GRID_POINT = -1  # the grid_id of a trial that gave its point back
+LABELS_ATTR = "label_names"  # a classification study's classes: class id i is the i-th
 
 FINISHED_STATES = (
     optuna.trial.TrialState.COMPLETE,
@@ -104,7 +105,7 @@ def with_model_on(prepared: PreparedStudy, device: str) -> PreparedStudy:
 def _load_model(spec: StudySpec, data: TaskData, device: str) -> BaseModel:
     head = "classification" if spec.task.kind == "classification" else "causal_lm"
     try:
-        return load_base_model(
+        base = load_base_model(
             spec.model.path,
             head,
             num_labels=max(data.num_labels, 2),
@@ -113,6 +114,26 @@ def _load_model(spec: StudySpec, data: TaskData, device: str) -> BaseModel:
         )
     except ModelLoadError as err:
         raise SpecError("model.path", str(err)) from None
+    if data.label_names:  # so save_pretrained and HF pipelines say "Sports", not LABEL_2
+        base.model.config.id2label = dict(enumerate(data.label_names))
+        base.model.config.label2id = {name: i for i, name in enumerate(data.label_names)}
+    return base
+
+
+def keep_label_names(study: optuna.Study, label_names: list[str] | None) -> None:
+    """Store a classification study's classes on it; a resumed study must find the same
+    ones, or the ids its trials' heads learned would now mean other classes."""
+    if label_names is None:
+        return
+    stored = study.user_attrs.get(LABELS_ATTR)
+    if stored is None:
+        study.set_user_attr(LABELS_ATTR, list(label_names))
+    elif stored != list(label_names):
+        raise BadInputError(
+            f"task.data: study {study.study_name!r} was run with the classes {stored}, "
+            f"the data now gives {list(label_names)}: class ids would change meaning; "
+            "run the new data as a study of another name"
+        )
 
 
 def spec_device(spec: StudySpec) -> str:

@@ -9,7 +9,7 @@ Only searched parameters become Optuna parameters, under their own names (``rank
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import optuna
@@ -122,10 +122,8 @@ def parse_space(raw: Any, path: str, max_epochs: int, method: str = "reft") -> d
         default = max_epochs if name == "epochs" else parameter.default
         space[name] = _parse_dimension(entries.get(name, default), v.join(path, name), parameter)
     _check_epochs(space["epochs"], v.join(path, "epochs"), max_epochs)
-    if method == "reft" and space["prefix"] == Fixed(0) and space["suffix"] == Fixed(0):
-        raise SpecError(
-            v.join(path, "prefix"), "prefix and suffix are both 0: no token would be intervened on"
-        )
+    if method == "reft":
+        _check_some_position(space["prefix"], space["suffix"], path)
     one_sided = Fixed(0) in (space.get("prefix"), space.get("suffix"))
     if method == "reft" and space["tied"] == Fixed(True) and one_sided:
         raise SpecError(
@@ -133,6 +131,48 @@ def parse_space(raw: Any, path: str, max_epochs: int, method: str = "reft") -> d
             "true needs a prefix and a suffix to share one intervention, but one is fixed to 0",
         )
     return space
+
+
+def _check_some_position(prefix: Dimension, suffix: Dimension, path: str) -> None:
+    """Every config the space can draw intervenes on some token: (prefix, suffix) = (0, 0)
+    would only waste a trial of the budget. Where both can be 0, ``sample`` draws the suffix
+    from 1 when the prefix is 0, which needs the suffix to be a range: Optuna refuses a list
+    whose items change between trials."""
+    if _only_zero(prefix) and _only_zero(suffix):
+        raise SpecError(
+            v.join(path, "prefix"), "prefix and suffix are both 0: no token would be intervened on"
+        )
+    sides = {"prefix": prefix, "suffix": suffix}
+    for side, other in (("prefix", "suffix"), ("suffix", "prefix")):
+        if _only_zero(sides[other]) and _can_be_zero(sides[side]):
+            raise SpecError(
+                v.join(path, side),
+                f"can be 0, and {other} is 0: that config intervenes on no token; start it at 1",
+            )
+    if _can_be_zero(prefix) and _can_be_zero(suffix) and not isinstance(suffix, IntRange):
+        raise SpecError(
+            v.join(path, "suffix"),
+            "can be 0, as can prefix: give suffix as a range ({low: 0, high: N}, drawn from 1 "
+            "when prefix is 0), or leave 0 out of one of the two lists",
+        )
+
+
+def _can_be_zero(dimension: Dimension) -> bool:
+    return 0 in _values(dimension)
+
+
+def _only_zero(dimension: Dimension) -> bool:
+    return set(_values(dimension)) == {0}
+
+
+def _values(dimension: Dimension) -> tuple:
+    """Values an integer dimension can take: all of them, or a range's first two."""
+    if isinstance(dimension, Fixed):
+        return (dimension.value,)
+    if isinstance(dimension, Choice):
+        return dimension.choices
+    second = dimension.low + dimension.step
+    return (dimension.low, second) if second <= dimension.high else (dimension.low,)
 
 
 def _parse_dimension(raw: Any, path: str, parameter: Parameter) -> Dimension:
@@ -208,6 +248,9 @@ def sample(trial: optuna.Trial, space: Mapping[str, Dimension]) -> dict[str, Any
         if name == "tied" and not both_sides(values["prefix"], values["suffix"]):
             values[name] = False  # one position group: tying has no meaning (pyreft ditto)
             continue
+        if name == "suffix" and values.get("prefix") == 0 and isinstance(dimension, IntRange):
+            # at least one position (parse_space holds a suffix that can be 0 to a range)
+            dimension = replace(dimension, low=max(dimension.low, dimension.step))
         values[name] = _suggest(trial, name, dimension)
     return values
 

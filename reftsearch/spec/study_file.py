@@ -64,6 +64,10 @@ class DataSpec:
     hub: str | None = None
     hub_config: str | None = None
     read_options: Mapping[str, Any] = field(default_factory=dict)
+    # .csv/.tsv only: header false = the first line is a row; its columns are named by
+    # ``columns`` or, without it, by their index ("0", "1", ...; task.text: 2 names one)
+    header: bool = True
+    columns: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -355,7 +359,7 @@ def _task(raw: Any, path: str, base_dir: Path) -> TaskSpec:
     entries = v.mapping(raw, path, TASK_KEYS, required=["kind", "data"])
     kind = v.choice(entries["kind"], v.join(path, "kind"), TASK_KINDS)
     columns = {
-        key: v.string(entries[key], v.join(path, key))
+        key: _column(entries[key], v.join(path, key))
         for key in ("text", "text_pair", "label", "prompt", "response")
         if entries.get(key) is not None
     }
@@ -380,6 +384,17 @@ def _task(raw: Any, path: str, base_dir: Path) -> TaskSpec:
     )
 
 
+def _column(raw: Any, path: str) -> str:
+    """A column name, or a column's 0-based index in a file without a header."""
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return str(v.integer(raw, path, minimum=0))
+    return v.string(raw, path)
+
+
+# what read_options passes on to the CSV reader (pandas.read_csv), and nothing else
+READ_OPTIONS = ("sep", "delimiter", "quoting", "encoding")
+
+
 def _data(raw: Any, path: str, base_dir: Path) -> DataSpec:
     if isinstance(raw, str):
         raw = (
@@ -387,12 +402,16 @@ def _data(raw: Any, path: str, base_dir: Path) -> DataSpec:
             if raw.startswith("builtin:")
             else {"train": raw}
         )
-    entries = v.mapping(raw, path, [*SPLITS, "builtin", "hub", "hub_config", "read_options"])
+    entries = v.mapping(
+        raw,
+        path,
+        [*SPLITS, "builtin", "hub", "hub_config", "read_options", "header", "columns"],
+    )
     splits = {
         s: v.string(entries[s], v.join(path, s)) for s in SPLITS if entries.get(s) is not None
     }
     if "builtin" in entries:
-        if splits or "hub" in entries:
+        if set(entries) != {"builtin"}:
             raise SpecError(path, "builtin data comes with its own splits: give builtin alone")
         return DataSpec(builtin=v.string(entries["builtin"], v.join(path, "builtin")))
     hub = entries.get("hub")
@@ -406,10 +425,9 @@ def _data(raw: Any, path: str, base_dir: Path) -> DataSpec:
     else:
         splits.setdefault("train", "train")
     read_options = v.mapping(
-        entries.get("read_options"),
-        v.join(path, "read_options"),
-        ["sep", "delimiter", "quoting", "encoding"],
+        entries.get("read_options"), v.join(path, "read_options"), READ_OPTIONS
     )
+    header, columns = _header(entries, path, hub is not None)
     return DataSpec(
         **splits,
         hub=v.string(hub, v.join(path, "hub")) if hub is not None else None,
@@ -419,7 +437,28 @@ def _data(raw: Any, path: str, base_dir: Path) -> DataSpec:
             else None
         ),
         read_options=read_options,
+        header=header,
+        columns=columns,
     )
+
+
+def _header(entries: dict, path: str, hub: bool) -> tuple[bool, tuple[str, ...] | None]:
+    header = v.boolean(entries.get("header", True), v.join(path, "header"))
+    raw = entries.get("columns")
+    if (not header or raw is not None) and hub:
+        raise SpecError(v.join(path, "header" if not header else "columns"), "only for files")
+    if raw is None:
+        return header, None
+    if header:
+        raise SpecError(
+            v.join(path, "columns"), "names the columns of a file without one: set header: false"
+        )
+    if not isinstance(raw, list) or not raw:
+        raise SpecError(v.join(path, "columns"), f"must be a list of column names, got {raw!r}")
+    names = tuple(v.string(name, v.join(v.join(path, "columns"), i)) for i, name in enumerate(raw))
+    if len(set(names)) != len(names):
+        raise SpecError(v.join(path, "columns"), f"names a column twice: {list(names)}")
+    return header, names
 
 
 def _budget(raw: Any, path: str) -> BudgetSpec:

@@ -1,0 +1,320 @@
+"""A study on the user's own files: headerless TSV, string labels, bad cells, the rows of each
+split (``reftsearch data``), ``validate`` on the data, label names in the study and export."""
+
+import collections
+import csv
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from reftsearch.cli import main
+from reftsearch.data.splits import load_task_data
+from reftsearch.errors import BadInputError, SpecError
+from reftsearch.spec.space import parse_space, sample
+from reftsearch.spec.study_file import load_spec, parse_spec
+
+TOPICS = ["Sports", "Business", "World", "Sci/Tech"]  # not in sorted order on purpose
+
+
+def topic_rows(n: int, start: int = 0) -> list[tuple[str, str]]:
+    """(label, text): the topic's first word leads, a quote inside most texts."""
+    return [
+        (TOPICS[i % 4], f'{TOPICS[i % 4].lower()} news "item" {i}') for i in range(start, start + n)
+    ]
+
+
+def write_tsv(path, rows, header=None):
+    lines = ([header] if header else []) + ["\t".join(row) for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def study(tmp_path, data, name="own.yaml", model="tiny:bert", **task):
+    raw = {
+        "name": "own",
+        "model": model,
+        "task": {"kind": "classification", "data": data, "max_length": 24, **task},
+        "seed": 1,
+        "budget": {"n_trials": 1, "max_epochs": 1},
+        "sampler": "random",
+        "pruner": "none",
+        "space": {"prefix": 1, "suffix": 1, "rank": 1, "lr": 5e-3, "batch_size": 8},
+    }
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+# ------------------------------------------------------------------------ reading the files
+
+
+@pytest.mark.parametrize(
+    "columns",
+    [{"columns": ["label", "text"]}, {}],
+    ids=["named", "by-index"],
+)
+def test_headerless_tsv_by_column_names_or_indices(tmp_path, columns):
+    write_tsv(tmp_path / "train.tsv", [(label, text) for label, text in topic_rows(20)])
+    names = {"text": "text", "label": "label"} if columns else {"text": 1, "label": 0}
+    spec = load_spec(study(tmp_path, {"train": "train.tsv", "header": False, **columns}, **names))
+    data = load_task_data(spec.task, spec.seed)
+    assert len(data.train) + len(data.dev) == 20  # the first line is a row, not a header
+    assert data.label_names == sorted(TOPICS)
+    first = min(data.train + data.dev, key=lambda row: row["row"])
+    assert first == {"text": 'sports news "item" 0', "label": 2, "row": 0}
+
+
+def test_string_labels_get_sorted_ids_whatever_the_row_order(tmp_path):
+    rows = topic_rows(12)
+    forward = write_tsv(tmp_path / "a.tsv", rows, "label\ttext")
+    backward = write_tsv(tmp_path / "b.tsv", rows[::-1], "label\ttext")
+    for path, order in ((forward, rows), (backward, rows[::-1])):
+        spec = load_spec(study(tmp_path, {"train": path.name, "dev": path.name}, text="text"))
+        data = load_task_data(spec.task, spec.seed)
+        assert data.label_names == ["Business", "Sci/Tech", "Sports", "World"]
+        assert [data.label_names[row["label"]] for row in data.train] == [r[0] for r in order]
+    # numbers sort as numbers; 0..K-1 keep their ids, 1..4 or 2..10 become 0..K-1
+    numbers = [("10", "a"), ("2", "b"), ("3", "c"), ("2", "d")]
+    write_tsv(tmp_path / "n.tsv", numbers, "label\ttext")
+    spec = load_spec(study(tmp_path, {"train": "n.tsv", "dev": "n.tsv"}, text="text"))
+    data = load_task_data(spec.task, spec.seed)
+    assert data.label_names == ["2", "3", "10"]
+    assert [row["label"] for row in data.train] == [2, 0, 1, 0]
+
+
+def test_quotes_pandas_would_drop_are_refused_with_the_fix(tmp_path, capsys):
+    write_tsv(tmp_path / "t.tsv", [("Sports", '"Tigers" win'), ("World", "talks")] * 3)
+    data = {"train": "t.tsv", "header": False, "columns": ["label", "text"]}
+    path = study(tmp_path, data, text="text")
+    assert main(["validate", str(path)]) == 2  # pandas read it as: Tigers win
+    err = capsys.readouterr().err
+    assert "task.data.train (t.tsv): line 1: " in err
+    assert "read_options: {quoting: 3}" in err
+    assert main(["validate", str(path), "--set", "task.data.read_options.quoting=3"]) == 0
+    spec = load_spec(path, ["task.data.read_options.quoting=3"])
+    texts = {row["text"] for row in load_task_data(spec.task, spec.seed).train}
+    assert '"Tigers" win' in texts
+
+
+# ------------------------------------------------------------------- bad input, exit 2
+
+
+def _empty_text(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label\nfine,a\n,b\nalso fine,a\nok,b\n")
+    return {"train": "train.csv"}, "task.data.train (train.csv): row 1: column 'text' (task.text)"
+
+
+def _label_dev_lacks(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label\nx,a\ny,b\nz,a\n")
+    (tmp_path / "dev.csv").write_text("text,label\nx,a\ny,c\n")
+    return (
+        {"train": "train.csv", "dev": "dev.csv"},
+        "task.data.dev (dev.csv): row 1: label 'c' (column 'label') does not occur in train",
+    )
+
+
+def _one_class(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label\nx,a\ny,a\nz,a\nw,a\n")
+    return {"train": "train.csv"}, "task.data.train (train.csv): column 'label' (task.label) "
+
+
+def _missing_file(tmp_path):
+    return {"train": "nowhere.csv"}, "task.data.train: file not found: "
+
+
+def _missing_column(tmp_path):
+    (tmp_path / "train.csv").write_text("sentence,label\nx,a\ny,b\n")
+    return {"train": "train.csv"}, "task.data.train (train.csv): no column 'text' (task.text)"
+
+
+def _wrong_column_count(tmp_path):
+    write_tsv(tmp_path / "t.tsv", [("a", "x", "y"), ("b", "z", "w")])
+    data = {"train": "t.tsv", "header": False, "columns": ["label", "text"]}
+    return data, "task.data.columns: names 2 columns, t.tsv has 3 in its first row"
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        _empty_text,
+        _label_dev_lacks,
+        _one_class,
+        _missing_file,
+        _missing_column,
+        _wrong_column_count,
+    ],
+)
+def test_validate_opens_the_data_and_names_file_column_and_row(tmp_path, capsys, case):
+    """These passed validate and failed at run: a tokenizer traceback (empty cell), exit 2
+    without the key (dev label), or were accepted silently (one class)."""
+    data, message = case(tmp_path)
+    path = study(tmp_path, data, text="text")
+    assert main(["validate", str(path)]) == 2
+    assert message in capsys.readouterr().err
+    assert main(["run", str(path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "own.db").exists()  # refused before the storage
+
+
+def test_validate_says_what_run_will_read_and_loads_no_model(tmp_path):
+    write_tsv(tmp_path / "train.tsv", topic_rows(40), "label\ttext")
+    path = study(tmp_path, {"train": "train.tsv"}, text="text")
+    code = (
+        "import sys; from reftsearch.cli import main; "
+        f"code = main(['validate', {str(path)!r}]); print(code, 'torch' in sys.modules)"
+    )
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert ran.stdout.splitlines() == [
+        f"{path}: ok (study 'own', classification, metric accuracy; data: train 36 rows, "
+        "dev 4 rows; 4 classes: Business, Sci/Tech, Sports, World)",
+        "0 False",
+    ], ran.stderr
+
+
+def test_header_options_are_checked(tmp_path):
+    base = {"name": "t", "model": "tiny:bert"}
+    for data, message in [
+        ({"train": "a.csv", "columns": ["x"]}, "task.data.columns: names the columns of a file"),
+        ({"hub": "glue", "header": False}, "task.data.header: only for files"),
+        ({"train": "a.csv", "header": False, "columns": ["x", "x"]}, "names a column twice"),
+    ]:
+        raw = {**base, "task": {"kind": "classification", "data": data}}
+        with pytest.raises(SpecError, match=message):
+            parse_spec(raw, tmp_path)
+    (tmp_path / "a.jsonl").write_text('{"text": "x", "label": 1}\n')
+    path = study(tmp_path, {"train": "a.jsonl", "header": False}, text="text")
+    spec = load_spec(path)
+    with pytest.raises(BadInputError, match=r"task.data.header: only for .csv and .tsv files"):
+        load_task_data(spec.task, spec.seed)
+
+
+# ------------------------------------------------------------------------- reftsearch data
+
+
+def test_data_lists_the_rows_of_each_split_by_source_row(tmp_path, capsys):
+    rows = topic_rows(30)
+    write_tsv(tmp_path / "train.tsv", rows, "label\ttext")
+    write_tsv(tmp_path / "test.tsv", topic_rows(8, start=100), "label\ttext")
+    path = study(tmp_path, {"train": "train.tsv", "test": "test.tsv"}, text="text")
+    assert main(["data", str(path)]) == 0
+    captured = capsys.readouterr()
+    said = [line for line in captured.err.splitlines() if line.startswith(("train", "dev", "test"))]
+    assert said == [
+        "train: 27 rows from task.data.train (train.tsv)",
+        "dev: 3 rows carved from task.data.train (train.tsv) (task.dev_fraction 0.1, seed 1)",
+        "test: 8 rows from task.data.test (test.tsv)",
+    ]
+    table = [line.split("\t") for line in captured.out.splitlines()]
+    assert table[0] == ["split", "row", "label", "text"]
+    by_split = collections.defaultdict(list)
+    for split, row, label, text in table[1:]:
+        by_split[split].append(int(row))
+        source = rows if split != "test" else topic_rows(8, start=100)
+        assert (label, text) == source[int(row)]  # the row's number names its line
+    assert sorted(by_split["train"] + by_split["dev"]) == list(range(30))  # a partition
+    spec = load_spec(path)
+    carved = {row["row"] for row in load_task_data(spec.task, spec.seed).dev}
+    assert set(by_split["dev"]) == carved  # the very rows dev scores come from
+
+    out = tmp_path / "dev.csv"
+    assert main(["data", str(path), "--split", "dev", "--out", str(out)]) == 0
+    with out.open(newline="") as file:
+        written = list(csv.DictReader(file))
+    assert [int(r["row"]) for r in written] == by_split["dev"]
+    assert all((r["label"], r["text"]) == rows[int(r["row"])] for r in written)
+    assert main(["data", str(path), "--split", "dev", "--out", str(out)]) == 0  # its own file
+    mine = tmp_path / "mine.csv"
+    mine.write_text("my,notes\n")
+    assert main(["data", str(path), "--out", str(mine)]) == 2
+    assert "is not a file `reftsearch data` wrote" in capsys.readouterr().err
+    assert mine.read_text() == "my,notes\n"
+
+
+# ------------------------------------------------------------------------ the search space
+
+
+def test_the_space_never_draws_a_config_without_positions():
+    """Ranges copied from a shipped study drew prefix = suffix = 0 twice in 20 trials."""
+    space = parse_space({"prefix": {"low": 0, "high": 3}, "suffix": {"low": 0, "high": 3}}, "s", 3)
+    for sampler in (
+        optuna.samplers.RandomSampler(seed=0),
+        optuna.samplers.TPESampler(seed=0, n_startup_trials=5),
+    ):
+        study = optuna.create_study(sampler=sampler)
+        drawn = collections.Counter()
+        for _ in range(60):
+            trial = study.ask()
+            values = sample(trial, space)
+            study.tell(trial, values["suffix"] - values["prefix"])  # TPE: pull toward (0, 3)
+            drawn[values["prefix"], values["suffix"]] += 1
+        assert (0, 0) not in drawn
+        assert any(p == 0 for p, _ in drawn) and any(s == 0 for _, s in drawn)
+    for raw, message in [
+        ({"prefix": {"low": 0, "high": 3}}, "space.prefix: can be 0, and suffix is 0"),
+        ({"prefix": [0, 1], "suffix": [0, 2]}, "space.suffix: can be 0, as can prefix"),
+    ]:
+        with pytest.raises(SpecError, match=message):
+            parse_space(raw, "space", 3)
+
+
+# -------------------------------------------------------- label names: study, model, export
+
+
+@pytest.mark.parametrize(
+    "model", ["tiny:bert", pytest.param("embedded:minilm", marks=pytest.mark.slow)]
+)
+def test_label_names_are_kept_in_the_study_and_the_export(tmp_path, capsys, model):
+    write_tsv(tmp_path / "train.tsv", topic_rows(48))
+    data = {"train": "train.tsv", "header": False, "columns": ["label", "text"]}
+    path = study(tmp_path, data, model=model, text="text")
+    assert main(["run", str(path)]) == 0
+    spec = load_spec(path)
+    stored = optuna.load_study(study_name="own", storage=spec.storage)
+    names = ["Business", "Sci/Tech", "Sports", "World"]
+    assert stored.user_attrs["label_names"] == names
+
+    out = tmp_path / "export"
+    assert main(["export", str(path), str(out)]) == 0
+    sidecar = json.loads((out / "reftsearch.json").read_text())
+    assert sidecar["id2label"] == {"0": "Business", "1": "Sci/Tech", "2": "Sports", "3": "World"}
+    assert sidecar["label2id"] == {name: i for i, name in enumerate(names)}
+    # built-in models are saved beside the export: HF pipelines read the names there
+    config = json.loads((out / "base_model" / "config.json").read_text())
+    assert config["id2label"] == sidecar["id2label"]
+
+    # the same study resumed on data whose classes changed would relabel its trials' heads
+    write_tsv(tmp_path / "train.tsv", [r for r in topic_rows(48) if r[0] != "World"])
+    capsys.readouterr()
+    assert main(["run", str(path), "--n-trials", "2"]) == 2
+    assert "was run with the classes" in capsys.readouterr().err
+    assert len(optuna.load_study(study_name="own", storage=spec.storage).trials) == 1
+
+
+# ------------------------------------------------------------------- the README's example
+
+
+def test_the_readmes_worked_example_reads_as_it_says(tmp_path, capsys):
+    """The "Bring your own data" study file and sample lines, as a new user copies them."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Bring your own data", 1)[1]
+    sample_lines, study_file = re.findall(r"```(?:yaml)?\n(.*?)```", section, re.S)[:2]
+    (tmp_path / "news.tsv").write_text(sample_lines * 8)  # 24 rows, 3 classes
+    raw = yaml.safe_load(study_file)
+    assert raw["task"]["data"]["header"] is False
+    path = tmp_path / "news.yaml"
+    path.write_text(yaml.safe_dump({**raw, "model": "tiny:bert"}))
+    assert main(["validate", str(path)]) == 0
+    assert capsys.readouterr().out == (
+        f"{path}: ok (study 'news-minilm', classification, metric accuracy; data: "
+        "train 22 rows, dev 2 rows; 3 classes: Business, Sports, World)\n"
+    )
+    del raw["task"]["data"]["read_options"]
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(path)]) == 2
+    assert "read_options: {quoting: 3}" in capsys.readouterr().err
