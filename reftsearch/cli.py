@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import re
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,6 +20,7 @@ from reftsearch.errors import BadInputError, ReftSearchError, TrialFailed
 from reftsearch.spec.study_file import SPLITS, StudySpec, load_spec
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+MAX_PORT = 65535
 STORAGE_ENV = "REFTSEARCH_STORAGE"  # where `reftsearch worker` finds its storage URL
 
 
@@ -26,8 +31,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def report_errors(command: Callable[[], int]) -> int:
-    """Run ``command``: a ReftSearchError becomes one line on stderr and its exit code."""
+    """Run ``command``: a ReftSearchError becomes one line on stderr and its exit code.
+    SIGTERM (``kill``, a scheduler's stop) interrupts it as Ctrl-C does: the running trial
+    ends recorded as interrupted, and the same command resumes."""
     _quiet_libraries()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         return command()
     except ReftSearchError as err:
@@ -36,6 +45,10 @@ def report_errors(command: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -280,11 +293,13 @@ def _best(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise BadInputError(f"--top: must be a positive integer, got {args.top}")
+    csv = _output_file(args.csv, "--csv") if args.csv else None
     spec = _spec(args)
     study = load_named_study(spec.name, args.storage or spec.storage)
-    if args.csv:
-        trials_frame(study).to_csv(args.csv, index=False)
-        _stderr(f"wrote {len(study.trials)} trials to {args.csv}")
+    if csv is not None:
+        with _writing(csv, "--csv"):
+            trials_frame(study).to_csv(csv, index=False)
+        _stderr(f"wrote {len(study.trials)} trials to {csv}")
     pareto = is_pareto(study)  # two objectives: the whole front, fewest parameters first
     if pareto and args.test:
         raise BadInputError("--test: a study with two objectives has a front, not one best config")
@@ -307,6 +322,8 @@ def _dashboard(args: argparse.Namespace) -> int:
     from reftsearch.results.dashboard import serve
     from reftsearch.search.storage import check_storage
 
+    if not 0 <= args.port <= MAX_PORT:
+        raise BadInputError(f"--port: must be 0 to {MAX_PORT} (0: any free one), got {args.port}")
     spec = _spec(args)
     storage = args.storage or spec.storage
     check_storage(storage)
@@ -315,25 +332,25 @@ def _dashboard(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from reftsearch.results.html_report import write_report
     from reftsearch.search.storage import load_named_study
 
     spec = _spec(args)
-    study = load_named_study(spec.name, args.storage or spec.storage)
     out = Path(args.out) if args.out else Path("reports") / spec.name
-    print(f"wrote {write_report(study, out)}")
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"--out {out}: exists and is not a directory")
+    study = load_named_study(spec.name, args.storage or spec.storage)
+    with _writing(out, "--out"):
+        print(f"wrote {write_report(study, out)}")
     return EXIT_OK
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     if args.n_trials is not None and args.n_trials < 1:
         raise BadInputError(f"--n-trials: must be a positive integer, got {args.n_trials}")
     if args.timeout is not None and not 0 < args.timeout < float("inf"):
         raise BadInputError(f"--timeout: must be a positive number of seconds, got {args.timeout}")
+    out = _output_file(args.out, "--out") if args.out else None
     specs = [load_spec(path) for path in args.studies]
     from reftsearch.run.compare import check_comparable, compare, table  # after the specs (_run)
 
@@ -342,8 +359,9 @@ def _compare(args: argparse.Namespace) -> int:
     results = compare([(s, s.storage) for s in specs], n_trials, args.timeout, log=_stderr)
     frame = table(results, specs[0].metric)
     name = f"compare-{specs[0].name}-vs-{specs[1].name}.csv"
-    out = Path(args.out) if args.out else Path(args.studies[0]).with_name(name)
-    frame.to_csv(out, index=False)
+    out = out or Path(args.studies[0]).with_name(name)
+    with _writing(out, "--out"):
+        frame.to_csv(out, index=False)
     print(frame.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     print(f"wrote {out}")
     return EXIT_OK
@@ -364,9 +382,9 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    out = Path(args.out) if args.out else None
+    out = _output_file(args.out, "--out") if args.out else None
     if out is not None and out.exists():
-        raise BadInputError(f"--out: {out} exists; name a new file (predict never overwrites)")
+        raise BadInputError(f"--out {out}: exists; name a new file (predict never overwrites)")
     spec = _spec(args)
     from reftsearch.export.pyreft import pick_trial  # after the spec is read (see _run)
     from reftsearch.results.predict import file_inputs, predict, text_inputs
@@ -390,13 +408,14 @@ def _predict(args: argparse.Namespace) -> int:
     if out is None:
         print(text)
     else:
-        out.write_text(text + "\n")
+        with _writing(out, "--out"):
+            out.write_text(text + "\n")
         _stderr(f"wrote {len(predictions)} predictions to {out}")
     return EXIT_OK
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from reftsearch.search.storage import check_storage, load_named_study, mask_url
+    from reftsearch.search.storage import check_storage, load_named_study, mask_url, storage_errors
 
     if not args.storage:
         raise BadInputError(f"--storage: give a storage URL or set ${STORAGE_ENV}")
@@ -410,9 +429,10 @@ def _worker(args: argparse.Namespace) -> int:
     spec, n_trials = published_spec(study)
     n_trials = args.n_trials if args.n_trials is not None else n_trials
     print(f"joining study {spec.name!r} on {mask_url(args.storage)}: budget {n_trials}")
-    Worker(spec, args.storage).run(
-        n_trials, spec.budget.timeout, [ProgressPrinter(n_trials, print)]
-    )
+    with storage_errors(args.storage):
+        Worker(spec, args.storage).run(
+            n_trials, spec.budget.timeout, [ProgressPrinter(n_trials, print)]
+        )
     return EXIT_OK
 
 
@@ -424,6 +444,28 @@ def _print_best(study, top: int, summaries: list[dict] | None = None) -> None:
         trials = pareto_front(study) if is_pareto(study) else best_trials(study, top)
         summaries = [trial_summary(study, t) for t in trials]
     print(format_table(summaries, study.user_attrs.get("metric", "value")))
+
+
+def _output_file(path: str, option: str) -> Path:
+    """``path`` as a file this command is to write, refused before any work if it cannot be."""
+    out = Path(path)
+    if out.is_dir():
+        raise BadInputError(f"{option} {out}: is a directory; give a file name")
+    if not out.parent.is_dir():
+        raise BadInputError(f"{option} {out}: directory {out.parent} does not exist")
+    return out
+
+
+@contextmanager
+def _writing(path: Path, option: str) -> Iterator[None]:
+    """Writing ``path`` failed (no permission, a file where a folder is wanted): bad input."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise
+        reason = err.strerror or err
+        raise BadInputError(f"{option} {path}: cannot write there ({reason})") from None
 
 
 def _stderr(message: str) -> None:

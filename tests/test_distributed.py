@@ -228,7 +228,7 @@ def test_a_trial_refused_past_the_budget_leaves_its_grid_point_to_a_later_run(
     raw = tiny_study(easy_task_files, sampler="grid", budget={"n_trials": 1, "max_epochs": 1})
     raw["space"].update(rank=[1, 2], suffix=[1, 2], lr=1e-3)  # a grid of 4 configs
     spec = load_spec(write_study(raw))
-    alone = worker.Worker(spec, spec.storage, alone=True)
+    alone = worker.Worker(spec, spec.storage)
     alone.run(n_trials=1)
     # a second worker that saw the trial missing too asks one more, which is refused
     alone.study.optimize(partial(alone._trial, n_trials=1), n_trials=1, catch=(TrialFailed,))

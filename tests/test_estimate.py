@@ -126,7 +126,7 @@ def test_a_run_estimates_its_waiting_trials(write_study, easy_task_files, monkey
         return estimate_study(*args, **kwargs)
 
     monkeypatch.setattr(worker, "estimate_study", estimate_and_record)
-    line = Worker(spec, spec.storage, alone=True).estimate(EstimateRequest(3, 1))
+    line = Worker(spec, spec.storage).estimate(EstimateRequest(3, 1))
     assert line.startswith("estimate: ") and "per trial" in line
     assert timed == [{"rank": 2, "suffix": 2, "lr": 5e-3}]
 

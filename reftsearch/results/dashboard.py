@@ -20,7 +20,7 @@ from optuna.artifacts import FileSystemArtifactStore
 from reftsearch.errors import BadInputError
 from reftsearch.progress import Log
 from reftsearch.search.kept_weights import WEIGHTS_DIR
-from reftsearch.search.storage import mask_url, open_storage
+from reftsearch.search.storage import mask_url, open_existing_storage
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -47,8 +47,9 @@ def serve(
     port: int = 8080,
     log: Log = print,
 ) -> None:
-    """Serve the dashboard until interrupted (Ctrl-C)."""
-    storage = open_storage(storage_url, heartbeat_s=None)
+    """Serve the dashboard until interrupted (Ctrl-C). The storage must exist: a mistyped
+    SQLite path is refused, not created."""
+    storage = open_existing_storage(storage_url, study_name)
     try:
         study_id = storage.get_study_id_from_name(study_name)
     except KeyError:

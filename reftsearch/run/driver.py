@@ -1,7 +1,10 @@
 """Run a study: trials pulled from the Optuna study until its budget of finished trials is met.
 
 The budget counts finished trials (complete, pruned or failed) across every process that
-works on the study, so running the same study again resumes it instead of starting over.
+works on the study, so running the same study again resumes it instead of starting over. An
+interrupted trial (Ctrl-C, SIGTERM) does not count: its config runs again on resume. A run
+whose trials all failed ends with exit code 1 and their reasons; one whose storage fails
+mid-run ends with one line (``storage_errors``), and the same command resumes it.
 One worker runs in this process; several run as Ray actors (each a ``reftsearch.run.worker.Worker``
 holding its own model) on a local Ray cluster that the run starts and stops, or on an existing
 cluster (``address``). The study storage is the single source of truth: Ray only places the
@@ -11,20 +14,23 @@ workers, and this process prints their trials by reading the storage.
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import optuna
 
-from reftsearch.errors import SpecError, TrialFailed
+from reftsearch.errors import ReftSearchError, SpecError, TrialFailed
 from reftsearch.progress import Log
 from reftsearch.run.estimate import Estimate, EstimateRequest, estimate_study, finalize_runs
 from reftsearch.run.lines import ProgressPrinter, print_now
 from reftsearch.run.ray_cluster import run_on_ray
 from reftsearch.run.worker import Worker, load, publish_spec
 from reftsearch.search.objective import Objective
+from reftsearch.search.record import TrialRecord
 from reftsearch.search.seed_reruns import enqueue_finalize
-from reftsearch.search.storage import check_storage, mask_url
+from reftsearch.search.storage import check_storage, mask_url, storage_errors
 from reftsearch.search.study import (
     PreparedStudy,
+    budget_trials,
     count_finished,
     keep_label_names,
     open_study,
@@ -51,6 +57,20 @@ def run_study(
 ) -> optuna.Study:
     """Validate everything, then run trials until ``n_trials`` have finished: in this process
     (one worker) or on Ray actors (several, or any number on the cluster at ``address``)."""
+    with storage_errors(storage_url):
+        study = _run_study(spec, storage_url, n_trials, log, workers, address)
+    check_some_completed(study)
+    return study
+
+
+def _run_study(
+    spec: StudySpec,
+    storage_url: str,
+    n_trials: int | None,
+    log: Log | None,
+    workers: int,
+    address: str | None,
+) -> optuna.Study:
     n_trials = n_trials or spec.budget.n_trials
     log = log or print_now
     check_storage(storage_url)
@@ -67,6 +87,9 @@ def run_study(
         f"{len(prepared.split.train)} train / {len(prepared.split.dev)} dev examples in "
         f"{time.perf_counter() - start:.1f}s"
     )
+    # read before the study is created: a warm start from a study that is not there is refused
+    # with the storage unchanged
+    recipes = warm_start_recipes(spec, storage_url, prepared)
     study = open_study(spec, storage_url)
     keep_label_names(study, prepared.data.label_names)
     publish_spec(study, spec, n_trials)
@@ -74,16 +97,10 @@ def run_study(
     done = count_finished(study)
     log(f"study {spec.name!r} on {mask_url(storage_url)}: {done} of {n_trials} trials finished")
     if done < n_trials:
-        enqueue_warm_starts(
-            study,
-            warm_start_recipes(spec, storage_url, prepared),
-            spec.space,
-            prepared.base.num_layers,
-            log,
-        )
+        enqueue_warm_starts(study, recipes, spec.space, prepared.base.num_layers, log)
         estimate = EstimateRequest(n_trials - done, workers, finalize_runs(spec))
         if not on_ray:
-            worker = Worker(spec, storage_url, prepared, log, alone=True)
+            worker = Worker(spec, storage_url, prepared, log)
             log(worker.estimate(estimate))
             worker.run(n_trials, spec.budget.timeout, [ProgressPrinter(n_trials, log)])
         else:
@@ -94,6 +111,20 @@ def run_study(
     if spec.finalize and count_finished(study) >= n_trials:
         run_finalize(study, prepared, log)
     return study
+
+
+def check_some_completed(study: optuna.Study) -> None:
+    """A study whose every counted trial failed has no result: say why they failed (exit 1)
+    instead of printing an empty table."""
+    trials = budget_trials(study)
+    if not trials or any(t.state != optuna.trial.TrialState.FAIL for t in trials):
+        return
+    reasons = Counter(
+        TrialRecord.of(t).fail_reason or f"worker {TrialRecord.of(t).worker or '?'} stopped"
+        for t in trials
+    )
+    summary = "; ".join(f"{count} x {reason}" for reason, count in reasons.most_common())
+    raise ReftSearchError(f"all {len(trials)} trials failed: {summary}")
 
 
 def warm_start_recipes(spec: StudySpec, storage_url: str, prepared: PreparedStudy) -> list[Recipe]:

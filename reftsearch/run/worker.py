@@ -23,6 +23,7 @@ from functools import partial
 from pathlib import Path
 
 import optuna
+from optuna.trial import TrialState
 
 from reftsearch.errors import BadInputError, TrialFailed
 from reftsearch.progress import Log
@@ -36,6 +37,7 @@ from reftsearch.search.study import (
     give_back_grid_point,
     open_study,
     prepare,
+    requeue_interrupted,
 )
 from reftsearch.spec.study_file import StudySpec, parse_spec
 
@@ -59,14 +61,13 @@ class Worker:
         storage_url: str,
         prepared: PreparedStudy | None = None,
         log: Log = print,
-        alone: bool = False,
     ) -> None:
         self.prepared = prepared or load(spec)
+        self.log = log
         self.prepared.cache.log = log  # its frozen passes run for minutes on a CPU: say so
+        # each worker's sampler is seeded by its first trial's number (SeededByFirstTrial):
+        # workers on one study draw different configs
         self.study = open_study(spec, storage_url)
-        if not alone:
-            # workers seeded alike would all sample the same "random" configs
-            self.study.sampler.reseed_rng()
         self.pack_size = pack_size(self.prepared, log)  # trials trained side by side
         self.objective = make_objective(self.prepared, log, self.pack_size)
 
@@ -77,32 +78,47 @@ class Worker:
         here. While the trials still missing are all running elsewhere, wait: one of them may
         die, and its retry must then be run."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        sampler = self.study.sampler
         ran = 0
+        waited_for: set[int] = set()
         while deadline is None or time.monotonic() < deadline:
             optuna.storages.fail_stale_trials(self.study)  # a dead worker's trial -> FAIL, retry
             finished = count_finished(self.study)
             if finished >= n_trials:
                 break
+            sampler = self.study.sampler.sampler  # SeededByFirstTrial's
             if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(
                 self.study
             ):
                 break
-            running = len(search_trials(self.study, (optuna.trial.TrialState.RUNNING,)))
-            if finished + running >= n_trials:
+            running = [t.number for t in search_trials(self.study, (TrialState.RUNNING,))]
+            if finished + len(running) >= n_trials:
+                if not waited_for.issuperset(running):
+                    self.log(self._waiting_line(running))
+                    waited_for.update(running)
                 time.sleep(IDLE_POLL_S)
                 continue
-            missing = n_trials - finished - running
+            missing = n_trials - finished - len(running)
             run_trial = partial(self._trial, n_trials=n_trials)
             optimize(self.study, run_trial, self.pack_size, missing, callbacks)
             ran += 1
         return ran
 
+    def _waiting_line(self, running: list[int]) -> str:
+        """Said once per trial waited for: the wait may last minutes with nothing printed."""
+        interval = self.study._storage.get_heartbeat_interval()
+        if interval is None:
+            return f"waiting for trials {running}, running in other processes"
+        return (
+            f"waiting for trials {running}: other processes run them, or were killed (a killed "
+            f"one's trial is failed and retried here once its heartbeat is {2 * interval} s "
+            "old: resources.heartbeat_s x 2)"
+        )
+
     def estimate(self, request: EstimateRequest) -> str:
         """The line that predicts the study's cost, timed here (the study's enqueued configs
         first: its next trials run them): the cache builds it triggers are the ones this
         worker's trials then reuse."""
-        waiting = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+        waiting = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         try:
             estimate = estimate_study(
                 self.prepared,
@@ -120,7 +136,11 @@ class Worker:
             give_back_grid_point(trial)
             raise TrialFailed(f"trial {trial.number} {reason}")
         store(trial, model_loads=_model_loads)
-        return self.objective(trial)
+        try:
+            return self.objective(trial)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (reftsearch.cli): not this config's fault
+            requeue_interrupted(trial)
+            raise
 
 
 def load(spec: StudySpec, device: str | None = None) -> PreparedStudy:

@@ -3,22 +3,34 @@
 SQLite (the default, one machine) runs in WAL mode with a busy timeout so that a dashboard
 reading the file, or several local processes, do not hit "database is locked". Heartbeats
 are on, so a trial whose process died is failed and retried once instead of staying RUNNING.
-Read-only commands load a study that must exist already (``load_named_study``).
+Read-only commands (best, report, dashboard, export) open a storage that must exist already
+and change nothing in it (``open_existing_storage``, ``load_named_study``). A storage that
+fails mid-run ends the command with one line (``storage_errors``).
 """
 
 from __future__ import annotations
 
+import errno
+import sqlite3
+import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
 import sqlalchemy
 from sqlalchemy.engine import make_url
 
-from reftsearch.errors import BadInputError
+from reftsearch.errors import BadInputError, ReftSearchError
 
 SQLITE_BUSY_TIMEOUT_S = 60
 CONNECT_TIMEOUT_S = 10
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+# processes that create one new storage at once race on its tables ("table studies already
+# exists", a duplicate version row): the loser tries again and finds them made
+CREATE_ATTEMPTS = 5
+CREATE_RACE = ("already exists", "UNIQUE constraint failed", "duplicate key value")
 
 
 def mask_url(url: str) -> str:
@@ -40,14 +52,22 @@ def check_storage(url: str) -> None:
     """Raise BadInputError if ``url`` cannot hold a study; creates and changes nothing."""
     try:
         parsed = make_url(url)
-    except sqlalchemy.exc.ArgumentError:
-        raise BadInputError(f"storage: not a valid SQLAlchemy URL: {mask_url(url)}") from None
+        parsed.port  # noqa: B018 (a non-numeric port raises here)
+    except (sqlalchemy.exc.ArgumentError, ValueError) as err:
+        raise BadInputError(
+            f"storage: not a valid SQLAlchemy URL: {mask_url(url)} ({_first_line(err, url)})"
+        ) from None
     path = sqlite_path(url)
     if path is not None:
         if not path.parent.is_dir():
             raise BadInputError(
                 f"storage: directory {path.parent} does not exist (for {mask_url(url)})"
             )
+        if path.is_dir():
+            raise BadInputError(f"storage: {path} is a directory, not a SQLite database file")
+        if path.is_file() and path.stat().st_size and not _is_sqlite(path):
+            # SQLite would fail on it mid-command; nothing here overwrites a file it did not write
+            raise BadInputError(f"storage: {path} exists and is not a SQLite database")
         return
     try:
         engine = sqlalchemy.create_engine(url, connect_args=_connect_args(url))
@@ -65,15 +85,18 @@ def check_storage(url: str) -> None:
         engine.dispose()
 
 
-def open_storage(url: str, heartbeat_s: int | None = 60) -> optuna.storages.RDBStorage:
-    """The Optuna storage for ``url``, creating tables on first use."""
+def open_storage(
+    url: str, heartbeat_s: int | None = 60, read_only: bool = False
+) -> optuna.storages.RDBStorage:
+    """The Optuna storage for ``url``, creating tables on first use; ``read_only`` creates and
+    changes nothing (the tables must be there)."""
     engine_kwargs: dict = {"connect_args": _connect_args(url)}
     if sqlite_path(url) is None:
         # a worker needs two connections (its trials, its heartbeat thread); small pools keep
         # dozens of workers under PostgreSQL's default max_connections of 100, and pre-ping
         # replaces connections the server or a proxy dropped while a long trial trained
         engine_kwargs.update(pool_pre_ping=True, pool_size=2, max_overflow=2)
-    else:
+    elif not read_only:
         _enable_wal(sqlite_path(url))
     heartbeat = {}
     if heartbeat_s:
@@ -84,9 +107,27 @@ def open_storage(url: str, heartbeat_s: int | None = 60) -> optuna.storages.RDBS
                 max_retry=1
             ),
         }
-    with warnings.catch_warnings():  # heartbeats are experimental in Optuna, used by design
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+    for attempt in range(CREATE_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():  # heartbeats are experimental in Optuna, by design
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine_kwargs, skip_table_creation=read_only, **heartbeat
+                )
+        except sqlalchemy.exc.DBAPIError as err:
+            if read_only or attempt + 1 == CREATE_ATTEMPTS or not _lost_create_race(err):
+                raise
+            time.sleep(0.1 * (attempt + 1))  # the winner is still creating its tables
+    raise AssertionError("unreachable")
+
+
+def _lost_create_race(err: Exception) -> bool:
+    return any(text in str(err) for text in CREATE_RACE)
+
+
+def _is_sqlite(path: Path) -> bool:
+    with path.open("rb") as file:
+        return file.read(len(SQLITE_HEADER)) == SQLITE_HEADER
 
 
 def _connect_args(url: str) -> dict:
@@ -98,28 +139,82 @@ def _connect_args(url: str) -> dict:
 
 
 def _enable_wal(path: Path) -> None:
-    import sqlite3
-
     with sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S) as connection:
         connection.execute("PRAGMA journal_mode=WAL")
 
 
 def _first_line(err: Exception, url: str | None = None) -> str:
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    password = make_url(url).password if url else None
+    try:
+        password = make_url(url).password if url else None
+    except (sqlalchemy.exc.ArgumentError, ValueError):  # not a URL: nothing to mask in it
+        password = None
     return text.replace(str(password), "***") if password else text
 
 
-def load_named_study(name: str, storage_url: str) -> optuna.Study:
-    """The stored study called ``name``; it must exist."""
-    check_storage(storage_url)
-    path = sqlite_path(storage_url)
+def open_existing_storage(url: str, name: str) -> optuna.storages.RDBStorage:
+    """The storage at ``url`` for a command that only reads study ``name``: it must exist and
+    hold Optuna's tables, and nothing in it is created or changed (a mistyped SQLite path
+    is refused, not made into a new database)."""
+    check_storage(url)
+    path = sqlite_path(url)
     if path is not None and not path.exists():
         raise BadInputError(
             f"no study named {name!r}: {path} does not exist yet (run the study first)"
         )
-    storage = open_storage(storage_url, heartbeat_s=None)
+    try:
+        return open_storage(url, heartbeat_s=None, read_only=True)
+    except sqlalchemy.exc.DBAPIError as err:
+        raise BadInputError(
+            f"storage {mask_url(url)} holds no Optuna studies ({_first_line(err, url)})"
+        ) from None
+
+
+def load_named_study(name: str, storage_url: str) -> optuna.Study:
+    """The stored study called ``name``; it must exist."""
+    storage = open_existing_storage(storage_url, name)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
     if name not in names:
         raise BadInputError(f"no study named {name!r} in this storage; it has {names}")
     return optuna.load_study(study_name=name, storage=storage)
+
+
+@contextmanager
+def storage_errors(url: str) -> Iterator[None]:
+    """A storage that fails mid-command (server down, connections cut, database dropped, disk
+    full) ends it with one line naming the storage, password masked, instead of a traceback
+    (exit code 1). What it stored stays: the same command resumes once the storage is back.
+    Other errors pass through."""
+    try:
+        yield
+    except Exception as err:
+        cause = storage_cause(err)
+        if cause is None:
+            raise
+        if isinstance(cause, OSError):
+            raise ReftSearchError(
+                f"disk full: {cause}; free some space, then run the same command again to resume"
+            ) from None
+        raise ReftSearchError(
+            f"storage {mask_url(url)} failed: {_first_line(cause, url)}; run the same command "
+            "again to resume once it is back"
+        ) from None
+
+
+def storage_cause(err: BaseException) -> BaseException | None:
+    """The storage error (or full disk) behind ``err``, following its causes: Optuna wraps a
+    failed commit in StorageInternalError, and a failed ``tell`` surfaces as whatever its
+    clean-up raised next."""
+    found = None
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, sqlalchemy.exc.SQLAlchemyError | sqlite3.Error):
+            return current
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            return current
+        if isinstance(current, optuna.exceptions.StorageInternalError) and found is None:
+            found = current
+        current = current.__cause__ or current.__context__
+    return found

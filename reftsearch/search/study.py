@@ -7,12 +7,16 @@ storage exactly as it was.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import optuna
+from optuna.distributions import BaseDistribution
+from optuna.trial import FrozenTrial
 
 from reftsearch.data.batches import SplitData, encode
 from reftsearch.data.splits import TaskData, load_task_data
@@ -28,13 +32,14 @@ from reftsearch.search.fidelity import rung_count
 from reftsearch.search.fit import check_lengths
 from reftsearch.search.kept_weights import WEIGHTS_DIR, weights_dir
 from reftsearch.search.pruners import SparingPruner
-from reftsearch.search.record import is_search_trial, search_trials
+from reftsearch.search.record import TrialRecord, is_search_trial, search_trials, store
 from reftsearch.search.storage import open_storage
-from reftsearch.spec.space import grid, lowest_layers
+from reftsearch.spec.space import Choice, Dimension, IntRange, grid, lowest_layers, searched
 from reftsearch.spec.study_file import PrunerSpec, StudySpec
 
 NO_GRID_POINT = -1  # the grid_id of a trial that gave its point back
 LABELS_ATTR = "label_names"  # a classification study's classes: class id i is the i-th
+INTERRUPTED = "interrupted"  # the fail_reason of a trial stopped by Ctrl-C or SIGTERM
 
 FINISHED_STATES = (
     optuna.trial.TrialState.COMPLETE,
@@ -144,11 +149,60 @@ def spec_device(spec: StudySpec) -> str:
         raise SpecError("model.device", str(err)) from None
 
 
-def make_sampler(spec: StudySpec, resumed_after: int = 0) -> optuna.samplers.BaseSampler:
-    """The spec's sampler, seeded; a study resumed after ``n`` trials seeds it ``seed + n``,
-    or a random sampler would draw again the very configs its first trials drew."""
+def make_sampler(spec: StudySpec) -> SeededByFirstTrial:
+    """The spec's sampler, seeded by the first trial this process asks (SeededByFirstTrial)."""
     seed = spec.sampler.seed if spec.sampler.seed is not None else spec.seed
-    return SAMPLERS[spec.sampler.type](spec, seed + resumed_after)
+    return SeededByFirstTrial(lambda seed: SAMPLERS[spec.sampler.type](spec, seed), seed)
+
+
+class SeededByFirstTrial(optuna.samplers.BaseSampler):
+    """A sampler seeded ``seed + n``, ``n`` the number of the first trial this process asks.
+
+    Trial numbers are unique across processes: two runs or workers on one study get two
+    seeds, where one seed each drew the very same configs (a budget of 4 trained 2). A lone
+    run of a new study starts at trial 0 with the spec's seed (reproducible), and a resumed
+    one past the trials stored, so it does not draw its first configs again."""
+
+    def __init__(self, build: Callable[[int], optuna.samplers.BaseSampler], seed: int) -> None:
+        self._build = build
+        self._seed = seed
+        self.sampler = build(seed)  # the one that samples (GridSampler.is_exhausted)
+        self._seeded = False
+        self._lock = threading.Lock()  # packed trials ask from several threads
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        with self._lock:
+            if not self._seeded:
+                self.sampler = self._build(self._seed + trial.number)
+                self._seeded = True
+        self.sampler.before_trial(study, trial)
+
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: FrozenTrial
+    ) -> dict[str, BaseDistribution]:
+        return self.sampler.infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        return self.sampler.sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, name: str, distribution: BaseDistribution
+    ) -> Any:
+        return self.sampler.sample_independent(study, trial, name, distribution)
+
+    def after_trial(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        state: optuna.trial.TrialState,
+        values: Sequence[float] | None,
+    ) -> None:
+        self.sampler.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.sampler.reseed_rng()
 
 
 # sampler.type -> the sampler, given the spec and the seed; the names are the spec's SAMPLERS
@@ -195,7 +249,8 @@ def _rung_pruner(p: PrunerSpec, max_epochs: int) -> optuna.pruners.BasePruner:
 
 
 def open_study(spec: StudySpec, storage_url: str, heartbeat: bool = True) -> optuna.Study:
-    """Create the study, or load it if it exists (resume)."""
+    """Create the study, or load it if it exists (resume): then the spec must search the
+    space its trials were drawn from."""
     storage = open_storage(storage_url, spec.resources.heartbeat_s if heartbeat else None)
     study = optuna.create_study(
         study_name=spec.name,
@@ -205,15 +260,13 @@ def open_study(spec: StudySpec, storage_url: str, heartbeat: bool = True) -> opt
         pruner=make_pruner(spec),
         load_if_exists=True,
     )
-    existing = len(study.get_trials(deepcopy=False))
-    if existing:
-        study.sampler = make_sampler(spec, resumed_after=existing)
     stored = tuple(d.name.lower() for d in study.directions)
     if stored != spec.directions:
         raise BadInputError(
             f"study {spec.name!r} in this storage is to {' and '.join(stored)} "
             f"({len(stored)} objectives), the spec says {' and '.join(spec.directions)}"
         )
+    check_same_space(spec, study.get_trials(deepcopy=False))
     study.set_user_attr("metric", spec.metric)
     # the dashboard's axes say "dev accuracy" / "trainable params", not "Objective 0"
     names = {"score": f"dev {spec.metric}", "n_params": "trainable params"}
@@ -225,12 +278,61 @@ def open_study(spec: StudySpec, storage_url: str, heartbeat: bool = True) -> opt
     return study
 
 
+def check_same_space(spec: StudySpec, trials: Sequence[optuna.trial.FrozenTrial]) -> None:
+    """Refuse a spec whose space Optuna cannot resume ``trials`` in: a list's values changed
+    (``space.rank: [1, 2, 4]`` widened, other ``space.layers``), or a list became a range.
+    Optuna fails every new trial of such a study; this says so before any is asked."""
+    wanted = _distributions(spec.space)
+    for trial in trials:
+        for name, old in trial.distributions.items():
+            new = wanted.get(name)
+            if new is None:
+                continue  # no longer searched: fixed values are not Optuna parameters
+            try:
+                optuna.distributions.check_distribution_compatibility(old, new)
+            except ValueError:
+                raise BadInputError(
+                    f"space.{name}: study {spec.name!r} searched {_describe(old)}, the spec "
+                    f"now says {_describe(new)}, and a study cannot change a parameter's "
+                    f"values; keep them to resume, or start a new study (--set name=NEW) and "
+                    f"give it this one's best configs with warm_start: [{{study: {spec.name}}}]"
+                ) from None
+
+
+def _distributions(
+    space: dict[str, Dimension],
+) -> dict[str, optuna.distributions.BaseDistribution]:
+    """What ``reftsearch.spec.space.sample`` suggests for each searched parameter."""
+    out: dict[str, optuna.distributions.BaseDistribution] = {}
+    for name, dim in searched(space).items():
+        if isinstance(dim, Choice):
+            out[name] = optuna.distributions.CategoricalDistribution(dim.choices)
+        elif isinstance(dim, IntRange):
+            out[name] = optuna.distributions.IntDistribution(
+                dim.low, dim.high, log=dim.log, step=dim.step
+            )
+        else:
+            out[name] = optuna.distributions.FloatDistribution(dim.low, dim.high, log=dim.log)
+    return out
+
+
+def _describe(distribution: optuna.distributions.BaseDistribution) -> str:
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return str(list(distribution.choices))
+    assert isinstance(
+        distribution, optuna.distributions.IntDistribution | optuna.distributions.FloatDistribution
+    )
+    log = ", log" if distribution.log else ""
+    return f"a range {distribution.low} to {distribution.high}{log}"
+
+
 def budget_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """The finished search trials that the budget counts. Finalize reruns do not count, nor
-    does a trial whose worker died and that was retried: its retry counts instead."""
+    does a trial whose worker died and that was retried (its retry counts instead), nor one
+    interrupted (its config runs again)."""
     trials = search_trials(study)
-    retried = _retried(trials)
-    return [t for t in trials if t.state in FINISHED_STATES and t.number not in retried]
+    skipped = _not_counted(trials)
+    return [t for t in trials if t.state in FINISHED_STATES and t.number not in skipped]
 
 
 def asked_past_budget(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> bool:
@@ -241,8 +343,23 @@ def asked_past_budget(study: optuna.Study, trial: optuna.Trial, n_trials: int) -
     if not is_search_trial(trial):
         return False
     trials = search_trials(study)
-    retried = _retried(trials)
-    return sum(t.number < trial.number and t.number not in retried for t in trials) >= n_trials
+    skipped = _not_counted(trials)
+    return sum(t.number < trial.number and t.number not in skipped for t in trials) >= n_trials
+
+
+def requeue_interrupted(trial: optuna.Trial) -> None:
+    """Record ``trial``, stopped by Ctrl-C or SIGTERM, as ``interrupted`` and enqueue its
+    config again: it does not count toward the budget, and the next run trains it first.
+    (A finalize rerun is not enqueued here: ``enqueue_finalize`` enqueues what is missing.)"""
+    frozen = trial.study._storage.get_trial(trial._trial_id)
+    store(trial, fail_reason=INTERRUPTED)
+    origin = TrialRecord.of(frozen)
+    if not origin.is_search_trial:
+        return
+    give_back_grid_point(trial)
+    params = {**frozen.system_attrs.get("fixed_params", {}), **frozen.params}
+    again = TrialRecord(warm_start=origin.warm_start)
+    trial.study.enqueue_trial(params, user_attrs=again.to_user_attrs())
 
 
 def give_back_grid_point(trial: optuna.Trial) -> None:
@@ -257,9 +374,12 @@ def give_back_grid_point(trial: optuna.Trial) -> None:
         storage.set_trial_system_attr(trial_id, "grid_id", NO_GRID_POINT)
 
 
-def _retried(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
-    """The trials whose worker died and that were retried (by a later trial)."""
-    return {number for t in trials for number in t.system_attrs.get("retry_history", [])}
+def _not_counted(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
+    """The trials whose worker died and that were retried (by a later trial), and those
+    interrupted, whose config was enqueued again."""
+    retried = {number for t in trials for number in t.system_attrs.get("retry_history", [])}
+    interrupted = {t.number for t in trials if TrialRecord.of(t).fail_reason == INTERRUPTED}
+    return retried | interrupted
 
 
 def count_finished(study: optuna.Study) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 
 import optuna
 
-from reftsearch.errors import BadInputError
+from reftsearch.errors import BadInputError, SpecError
 from reftsearch.progress import Log
 from reftsearch.search.record import TrialRecord
 from reftsearch.spec.space import (
@@ -91,9 +91,12 @@ def study_recipes(name: str, storage: str, top_k: int, method: str) -> list[Reci
     """The ``top_k`` completed configs of another study, best first; they must be configs
     of this study's ``method`` (a LoRA rank says nothing about a ReFT intervention)."""
     from reftsearch.search.ranking import best_trials
-    from reftsearch.search.storage import open_storage
+    from reftsearch.search.storage import load_named_study
 
-    source = optuna.load_study(study_name=name, storage=open_storage(storage, heartbeat_s=None))
+    try:  # read only: a mistyped name or path creates nothing
+        source = load_named_study(name, storage)
+    except BadInputError as err:
+        raise SpecError("warm_start.study", str(err)) from None
     recipes = []
     for trial in best_trials(source, top_k):
         config = dict(TrialRecord.of(trial).config or {})
