@@ -4,6 +4,7 @@ Unit tests read the files back into reftsearch; the integration tests load them 
 pyreft (an isolated venv built by ../shared/tools/pyreft_ref/INSTALL.sh, never a dependency).
 """
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -18,10 +19,13 @@ import yaml
 from conftest import REPO
 
 from reftsearch.cli import main
+from reftsearch.errors import BadInputError
+from reftsearch.export.base_model import transformers4_config
 from reftsearch.export.pyreft import pyvene_keys
 from reftsearch.methods.reft.config import ReftConfig
 from reftsearch.methods.reft.module import ReftModule
 from reftsearch.models.base import load_base_model
+from reftsearch.models.builtin import BUILTIN_MODELS
 from reftsearch.search.study import open_study
 from reftsearch.spec.study_file import load_spec
 
@@ -74,7 +78,8 @@ def reload_into_reftsearch(out: Path) -> tuple[object, ReftModule]:
                         c["tied"], c["rank"], c["dropout"])  # fmt: skip
     head = "classification" if sidecar["task"] == "classification" else "causal_lm"
     dtype = sidecar["base_model"]["dtype"]
-    base = load_base_model(str(out / "base_model"), head, dtype=dtype)
+    location = sidecar["base_model"]["load_from"]
+    base = load_base_model(str(out / location), head, dtype=dtype)
     reft = ReftModule(config, base.hidden_size)
     modules = [reft.intervention(layer, g) for g in range(config.groups) for layer in config.layers]
     keys = json.loads((out / "config.json").read_text())["sorted_keys"]
@@ -227,6 +232,108 @@ def test_export_refuses_bad_input(tmp_path, capsys):
     assert main(["export", str(study), str(tmp_path / "busy")]) == 2
     assert "must be empty" in capsys.readouterr().err
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
+
+def test_export_replaces_only_what_a_previous_export_wrote(tmp_path, capsys):
+    space = {"intervention": "loreft", "layers": "1", "prefix": 1, "suffix": 1, "tied": True}
+    study = write_study(tmp_path, "gen", "tiny:llama", space)
+    out = tmp_path / "out"
+    assert run_and_export(study, out) == 0
+    sidecar = json.loads((out / "reftsearch.json").read_text())
+    assert sidecar["files"] == sorted(p.name for p in out.iterdir())
+    assert "base_model" in sidecar["files"] and "reftsearch.json" in sidecar["files"]
+    first = (out / "reference_io.json").read_text()
+
+    assert main(["export", str(study), str(out)]) == 0  # a previous export: replaced
+    assert sorted(p.name for p in out.iterdir()) == sidecar["files"]
+    assert (out / "reference_io.json").read_text() == first
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []
+
+    (out / "notes.txt").write_text("mine")  # an export with a file of the user's: refused
+    capsys.readouterr()
+    assert main(["export", str(study), str(out)]) == 2
+    assert "holds files no reftsearch export wrote (notes.txt)" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == sorted([*sidecar["files"], "notes.txt"])
+
+
+def test_export_into_a_symlink_is_refused_before_scoring(tmp_path, capsys):
+    space = {"intervention": "loreft", "layers": "1", "prefix": 1, "suffix": 1, "tied": True}
+    study = write_study(tmp_path, "gen", "tiny:llama", space)
+    assert main(["run", str(study)]) == 0
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    capsys.readouterr()
+    assert main(["export", str(study), str(tmp_path / "link")]) == 2
+    captured = capsys.readouterr()
+    assert "is a symbolic link" in captured.err and "scoring" not in captured.err
+    spec = load_spec(study)
+    stored = optuna.load_study(study_name="gen", storage=spec.storage).user_attrs
+    assert not [key for key in stored if key.startswith("test_score")]  # test never touched
+    assert (tmp_path / "link").is_symlink() and list((tmp_path / "real").iterdir()) == []
+
+
+def tiny_llama_directory(directory: Path, rope_theta: float) -> Path:
+    """tiny:llama saved as a Hugging Face directory by transformers 5, with ``rope_theta``
+    (a key only ``rope_parameters`` holds there, as in SmolLM2's config)."""
+    model, tokenizer = BUILTIN_MODELS["tiny:llama"]("tiny:llama", "causal_lm", 2, torch.float32)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    config = json.loads((directory / "config.json").read_text())
+    assert "rope_theta" not in config
+    config["rope_parameters"]["rope_theta"] = rope_theta
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_a_local_model_is_referenced_with_its_checksums(tmp_path):
+    model = tiny_llama_directory(tmp_path / "my-llama", rope_theta=100000.0)
+    space = {"intervention": "direft", "layers": "1;2", "prefix": 1, "suffix": 2, "tied": False}
+    study = write_study(tmp_path, "gen", str(model), space)
+    out = tmp_path / "out"
+    assert run_and_export(study, out) == 0
+    assert not (out / "base_model").exists()
+    assert sum(p.stat().st_size for p in out.iterdir()) < 200_000  # the model alone is ~530 kB
+    sidecar = json.loads((out / "reftsearch.json").read_text())
+    base_model = sidecar["base_model"]
+    assert base_model["load_from"] == str(model.resolve()) and base_model["copied"] is False
+    weights = model / "model.safetensors"
+    assert base_model["sha256"] == {weights.name: hashlib.sha256(weights.read_bytes()).hexdigest()}
+    config = json.loads((out / base_model["config"]).read_text())
+    assert config["rope_theta"] == 100000.0 and config["rope_scaling"] is None
+    assert config["rope_parameters"]["rope_theta"] == 100000.0  # transformers 5 reads it too
+    snippet = (out / "reft_config.py").read_text()
+    assert f"BASE_MODEL = {str(model.resolve())!r}" in snippet
+    assert "BASE_MODEL_CONFIG = 'base_model_config.json'" in snippet
+
+    assert main(["export", str(study), str(tmp_path / "full"), "--with-base-model"]) == 0
+    copied = json.loads((tmp_path / "full" / "base_model" / "config.json").read_text())
+    assert copied["rope_theta"] == 100000.0
+    assert json.loads((tmp_path / "full" / "reftsearch.json").read_text())["base_model"]["copied"]
+
+
+def test_transformers5_config_fields_are_written_under_their_4_45_names():
+    from transformers import LlamaConfig
+
+    plain = transformers4_config(LlamaConfig(rope_theta=5e5, dtype="float32").to_dict())
+    assert plain["rope_theta"] == 5e5 and plain["rope_scaling"] is None
+    assert plain["torch_dtype"] == "float32"
+    scaled = LlamaConfig(
+        max_position_embeddings=16384,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    )  # fmt: skip
+    legacy = transformers4_config(scaled.to_dict())
+    assert legacy["rope_theta"] == 10000.0
+    assert legacy["rope_scaling"] == {
+        "rope_type": "llama3", "type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+    }  # fmt: skip
+    per_layer = {"rope_parameters": {"full_attention": {"rope_theta": 1e6}}}
+    with pytest.raises(BadInputError, match="one rope setting per layer type"):
+        transformers4_config(per_layer)
+    with pytest.raises(BadInputError, match="rope_parameters.rope_type: .* no 'proportional'"):
+        transformers4_config({"rope_parameters": {"rope_type": "proportional"}})
 
 
 # --- the real pyreft -------------------------------------------------------------------------
