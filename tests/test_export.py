@@ -4,6 +4,7 @@ Unit tests read the files back into reftsearch; the integration tests load them 
 pyreft (an isolated venv built by ../shared/tools/pyreft_ref/INSTALL.sh, never a dependency).
 """
 
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -329,6 +330,8 @@ def test_transformers5_config_fields_are_written_under_their_4_45_names():
         "rope_type": "llama3", "type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
     }  # fmt: skip
+    ignored = {"model_type": "bert", "position_embedding_type": "relative_key"}
+    assert transformers4_config(ignored)["position_embedding_type"] == "absolute"
     per_layer = {"rope_parameters": {"full_attention": {"rope_theta": 1e6}}}
     with pytest.raises(BadInputError, match="one rope setting per layer type"):
         transformers4_config(per_layer)
@@ -341,20 +344,24 @@ def test_transformers5_config_fields_are_written_under_their_4_45_names():
 
 @pytest.fixture(scope="session")
 def pyreft_python() -> Path:
-    """The isolated pyreft 0.1.0 venv's python: reused when built, else built once (~80 s)."""
+    """The isolated pyreft 0.1.0 venv's python: reused when built, else built once (~80 s).
+
+    Skips only without the reference tools (../shared); a failed build fails the tests."""
     python = PYREFT_VENV / "bin" / "python"
     done = PYREFT_VENV / "pyreft-ref-freeze.txt"  # INSTALL.sh's last step
     # the checks run check_export.py from the tools too, so a built venv alone is not enough
     if not (PYREFT_TOOLS / "INSTALL.sh").exists():
-        pytest.skip(f"no pyreft reference tools at {PYREFT_TOOLS}")
-    if not (python.exists() and done.exists()):
-        PYREFT_VENV.parent.mkdir(parents=True, exist_ok=True)
-        built = subprocess.run(
-            ["bash", str(PYREFT_TOOLS / "INSTALL.sh"), str(PYREFT_VENV)],
-            capture_output=True, text=True, timeout=900,
-        )  # fmt: skip
-        if built.returncode != 0:
-            pytest.skip(f"the pyreft venv could not be built: {built.stderr[-500:]}")
+        pytest.skip(f"no pyreft reference tools at {PYREFT_TOOLS} (../shared is missing)")
+    PYREFT_VENV.parent.mkdir(parents=True, exist_ok=True)
+    # INSTALL.sh starts by removing the venv: one build at a time (two test runs at once)
+    with open(PYREFT_VENV.parent / f"{PYREFT_VENV.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (python.exists() and done.exists()):
+            built = subprocess.run(
+                ["bash", str(PYREFT_TOOLS / "INSTALL.sh"), str(PYREFT_VENV)],
+                capture_output=True, text=True, timeout=900,
+            )  # fmt: skip
+            assert built.returncode == 0, f"building the pyreft venv: {built.stderr[-2000:]}"
     return python
 
 
@@ -409,6 +416,34 @@ def test_decoder_export_loads_in_real_pyreft(tmp_path, pyreft_python, case):
     assert torch.allclose(
         torch.tensor(printed["logits"]), torch.tensor(reference["logits_head"]), atol=ATOL
     )
+    assert_matches_real_pyreft(pyreft_python, out)
+
+
+def assert_matches_real_pyreft(python: Path, out: Path) -> dict:
+    """tests/pyreft_check.py on ``out``: pyreft's logits with and without the interventions
+    within ATOL of reftsearch's, and, for a decoder, the same greedy tokens."""
+    summary = run_checker(python, str(REPO / "tests" / "pyreft_check.py"), str(out))
+    print(json.dumps(summary))  # the figures, for `pytest -rA`
+    assert summary["ok"] and summary["examples"] == 3, summary["failures"]
+    assert summary["logits_max_abs_diff"] <= ATOL and summary["base_logits_max_abs_diff"] <= ATOL
+    assert summary["max_abs_effect_of_interventions"] > ATOL
+    decoder = json.loads((out / "reftsearch.json").read_text())["task"] == "generation"
+    assert summary["generations"] == summary["generations_matching"] == (3 if decoder else 0)
+    return summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("copied", [False, True])
+def test_a_model_with_another_rope_theta_matches_real_pyreft(tmp_path, pyreft_python, copied):
+    """rope_theta 100000, which transformers 5 writes only inside rope_parameters: pyreft's
+    transformers 4.45 would use 10000 (and different logits) unless the export says it."""
+    model = tiny_llama_directory(tmp_path / "my-llama", rope_theta=100000.0)
+    space = {"intervention": "loreft", "layers": "0;2", "prefix": 2, "suffix": 2, "tied": False}
+    study = write_study(tmp_path, "gen", str(model), space)
+    out = tmp_path / "out"
+    assert run_and_export(study, out, *(["--with-base-model"] if copied else [])) == 0
+    assert (out / "base_model").is_dir() == copied
+    assert_matches_real_pyreft(pyreft_python, out)
 
 
 PYREFT_CHECK_CASES = {
@@ -428,10 +463,57 @@ def test_classifier_export_matches_real_pyreft(tmp_path, easy_task_files, pyreft
     study = write_study(tmp_path, "cls", model, space, data=easy_task_files)
     out = tmp_path / "out"
     assert run_and_export(study, out) == 0
-    summary = run_checker(pyreft_python, str(REPO / "tests" / "pyreft_check.py"), str(out))
-    assert summary["ok"] and summary["examples"] == 3
-    assert summary["logits_max_abs_diff"] <= ATOL and summary["base_logits_max_abs_diff"] <= ATOL
-    assert summary["max_abs_effect_of_interventions"] > ATOL
+    assert_matches_real_pyreft(pyreft_python, out)
+
+
+# embedded:smollm2 (30 layers, rope_theta 100000): one study, a trial per config, an export each
+SMOLLM2_CASES = {
+    "loreft-f3+l3-untied": {"intervention": "loreft", "prefix": 3, "suffix": 3, "tied": False},
+    "loreft-f3+l3-tied": {"intervention": "loreft", "prefix": 3, "suffix": 3, "tied": True},
+    "loreft-l5": {"intervention": "loreft", "prefix": 0, "suffix": 5},
+    "direft-f3+l3-untied": {"intervention": "direft", "prefix": 3, "suffix": 3, "tied": False},
+    "noreft-f3+l3-untied": {"intervention": "noreft", "prefix": 3, "suffix": 3, "tied": False},
+}
+SMOLLM2_LAYERS = "3;12;24"
+
+
+@pytest.fixture(scope="module")
+def smollm2_study(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("smollm2")
+    space = {"intervention": ["loreft", "direft", "noreft"], "layers": SMOLLM2_LAYERS,
+             "prefix": [0, 3], "suffix": [3, 5], "tied": [True, False], "lr": 2e-3}  # fmt: skip
+    study = write_study(directory, "smol", "embedded:smollm2", space, n_trials=len(SMOLLM2_CASES))
+    spec = load_spec(study)
+    stored = open_study(spec, spec.storage)
+    for params in SMOLLM2_CASES.values():
+        stored.enqueue_trial(params)
+    assert main(["run", str(study)]) == 0
+    return study
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", SMOLLM2_CASES)
+def test_smollm2_export_matches_real_pyreft(smollm2_study, tmp_path, pyreft_python, case):
+    trial = list(SMOLLM2_CASES).index(case)
+    out = tmp_path / "out"
+    assert main(["export", str(smollm2_study), str(out), "--trial", str(trial)]) == 0
+    sidecar = json.loads((out / "reftsearch.json").read_text())
+    assert sidecar["config"]["intervention"] == SMOLLM2_CASES[case]["intervention"]
+    prefix, suffix = SMOLLM2_CASES[case]["prefix"], SMOLLM2_CASES[case]["suffix"]
+    groups = 2 if prefix and suffix and not SMOLLM2_CASES[case]["tied"] else 1
+    assert len(sidecar["pyreft"]["sorted_keys"]) == groups * len(SMOLLM2_LAYERS.split(";"))
+    assert json.loads((out / "base_model" / "config.json").read_text())["rope_theta"] == 1e5
+    assert_matches_real_pyreft(pyreft_python, out)
+
+
+@pytest.mark.slow
+def test_minilm_export_with_its_head_matches_real_pyreft(tmp_path, easy_task_files, pyreft_python):
+    space = {"intervention": "loreft", "layers": "1;4", "prefix": 2, "suffix": 2, "tied": False}
+    study = write_study(tmp_path, "cls", "embedded:minilm", space, data=easy_task_files)
+    out = tmp_path / "out"
+    assert run_and_export(study, out) == 0
+    assert (out / "pytorch_model.bin").is_file()
+    assert_matches_real_pyreft(pyreft_python, out)
 
 
 def test_pyreft_is_not_a_dependency():

@@ -10,8 +10,10 @@ writes every renamed field under its old name too; what the old schema cannot sa
 Compared field by field (``LlamaConfig()`` and ``BertConfig()`` ``to_dict()`` in both
 versions): the keys only 4.45 has are those above, generation defaults (``max_length``,
 ``top_k``, ...: the generation config's since transformers 4.41, not the forward pass's), and
-defaults transformers 5 dropped with the feature (``position_embedding_type: absolute``, the
-only BERT positions 5 keeps; ``pruned_heads: {}``; ``use_bfloat16``; ``torchscript``).
+fields transformers 5 dropped with their feature (``pruned_heads``, ``use_bfloat16``,
+``torchscript``, and two that change 4.45's forward pass: BERT's ``position_embedding_type``,
+of which 5 computes only ``absolute``, and Llama's ``pretraining_tp``, whose sliced matmuls 5
+no longer does). Those two are written as what transformers 5 computes.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from reftsearch.errors import BadInputError
 TRANSFORMERS4_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 # rope_parameters entries that transformers 4.45 reads as top-level config fields
 TOP_LEVEL_ROPE_FIELDS = ("rope_theta", "partial_rotary_factor")
+# fields transformers 5 still writes but no longer reads, and what its forward pass does instead
+IGNORED_BY_TRANSFORMERS5 = {"position_embedding_type": "absolute", "pretraining_tp": 1}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # transformers 5's generic fast tokenizer class, unknown to 4.45; its files are
 # PreTrainedTokenizerFast's
@@ -40,6 +44,7 @@ def transformers4_config(config: dict, where: str = "config") -> dict:
 
     Raises BadInputError naming the field when 4.45 cannot express it."""
     legacy = dict(config)
+    legacy.update({k: v for k, v in IGNORED_BY_TRANSFORMERS5.items() if k in legacy})
     if "dtype" in legacy:
         legacy["torch_dtype"] = legacy["dtype"]
     if legacy.get("rope_parameters") is not None:
