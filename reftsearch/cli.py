@@ -135,6 +135,12 @@ def _parser() -> argparse.ArgumentParser:
         "out_dir", nargs="?", metavar="OUT_DIR", help="default: the spec's export.dir"
     )
     export.add_argument("--trial", type=int, help="trial number (default: the best trial)")
+    export.add_argument(
+        "--with-base-model",
+        action="store_true",
+        help="copy the base model into OUT_DIR/base_model (default: only for built-in models; "
+        "a hub id or directory is referenced with its weights' sha256)",
+    )
     export.set_defaults(handler=_export)
 
     predict = commands.add_parser(
@@ -372,7 +378,12 @@ def _export(args: argparse.Namespace) -> int:
     from reftsearch.export.pyreft import export_study  # after the spec is read (see _run)
 
     result = export_study(
-        spec, args.storage or spec.storage, args.out_dir or spec.export_dir, args.trial, _stderr
+        spec,
+        args.storage or spec.storage,
+        args.out_dir or spec.export_dir,
+        args.trial,
+        _stderr,
+        with_base_model=args.with_base_model,
     )
     test = "" if result.test_score is None else f", test={result.test_score:.4f}"
     print(f"exported trial {result.trial}{test} to {result.out_dir} ({result.weights})")

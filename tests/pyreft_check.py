@@ -9,8 +9,10 @@ the rest the same way: encoders (pyvene addresses BERT blocks by module path), c
 heads (pyvene's pytorch_model.bin), and NoReFT/DiReFT, which pyreft 0.1.0's load() cannot
 rebuild. It loads the export through its own reft_config.py (pyreft.ReftModel.load or
 pyreft.get_reft_model, plus the float32 fix), then, for every input of reference_io.json,
-compares pyreft's logits with and without the interventions to the ones reftsearch recorded.
-Prints one JSON summary and exits 0 when everything matches, 1 otherwise.
+compares pyreft's logits with and without the interventions to the ones reftsearch recorded,
+and, for a decoder, pyreft's greedy generation (``generate(..., intervene_on_prompt=True)``)
+to reftsearch's, token for token. Prints one JSON summary and exits 0 when everything
+matches, 1 otherwise.
 """
 
 import argparse
@@ -44,7 +46,7 @@ def main():
     with open(os.path.join(args.export_dir, "reference_io.json")) as f:
         reference = json.load(f)
     failures = []
-    model, _ = snippet.load_base_model()
+    model, tokenizer = snippet.load_base_model()
     for p in model.parameters():
         p.requires_grad_(False)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -60,6 +62,7 @@ def main():
 
     worst = worst_base = 0.0
     effect = 0.0
+    generations = []
     classifier = snippet.MODEL_CLASS == "AutoModelForSequenceClassification"
     for i, example in enumerate(reference["examples"]):
         ids = example["input_ids"]
@@ -86,6 +89,18 @@ def main():
         worst = max(worst, float((got - want).abs().max()))
         worst_base = max(worst_base, float((got_base - want_base).abs().max()))
         effect = max(effect, float((want - want_base).abs().max()))
+        if "generated_ids" in example:
+            expected = example["generated_ids"]
+            with torch.no_grad():
+                _, generated = reft.generate(
+                    inputs, unit_locations=locations, intervene_on_prompt=True,
+                    max_new_tokens=len(expected), do_sample=False,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                )  # fmt: skip
+            got_ids = generated[0, len(ids) :].tolist()
+            generations.append(got_ids == expected)
+            if got_ids != expected:
+                failures.append(f"example {i}: pyreft generates {got_ids}, reftsearch {expected}")
     if worst > args.atol:
         failures.append(f"logits differ from reftsearch's by {worst:.3g} (> {args.atol})")
     if worst_base > args.atol:
@@ -106,6 +121,8 @@ def main():
         "logits_max_abs_diff": worst,
         "base_logits_max_abs_diff": worst_base,
         "max_abs_effect_of_interventions": effect,
+        "generations": len(generations),
+        "generations_matching": sum(generations),
     }
     print(json.dumps(summary))
     sys.exit(0 if summary["ok"] else 1)

@@ -4,6 +4,8 @@ Unit tests read the files back into reftsearch; the integration tests load them 
 pyreft (an isolated venv built by ../shared/tools/pyreft_ref/INSTALL.sh, never a dependency).
 """
 
+import fcntl
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -18,10 +20,13 @@ import yaml
 from conftest import REPO
 
 from reftsearch.cli import main
+from reftsearch.errors import BadInputError
+from reftsearch.export.base_model import transformers4_config
 from reftsearch.export.pyreft import pyvene_keys
 from reftsearch.methods.reft.config import ReftConfig
 from reftsearch.methods.reft.module import ReftModule
 from reftsearch.models.base import load_base_model
+from reftsearch.models.builtin import BUILTIN_MODELS
 from reftsearch.search.study import open_study
 from reftsearch.spec.study_file import load_spec
 
@@ -74,7 +79,8 @@ def reload_into_reftsearch(out: Path) -> tuple[object, ReftModule]:
                         c["tied"], c["rank"], c["dropout"])  # fmt: skip
     head = "classification" if sidecar["task"] == "classification" else "causal_lm"
     dtype = sidecar["base_model"]["dtype"]
-    base = load_base_model(str(out / "base_model"), head, dtype=dtype)
+    location = sidecar["base_model"]["load_from"]
+    base = load_base_model(str(out / location), head, dtype=dtype)
     reft = ReftModule(config, base.hidden_size)
     modules = [reft.intervention(layer, g) for g in range(config.groups) for layer in config.layers]
     keys = json.loads((out / "config.json").read_text())["sorted_keys"]
@@ -229,25 +235,133 @@ def test_export_refuses_bad_input(tmp_path, capsys):
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
 
 
+def test_export_replaces_only_what_a_previous_export_wrote(tmp_path, capsys):
+    space = {"intervention": "loreft", "layers": "1", "prefix": 1, "suffix": 1, "tied": True}
+    study = write_study(tmp_path, "gen", "tiny:llama", space)
+    out = tmp_path / "out"
+    assert run_and_export(study, out) == 0
+    sidecar = json.loads((out / "reftsearch.json").read_text())
+    assert sidecar["files"] == sorted(p.name for p in out.iterdir())
+    assert "base_model" in sidecar["files"] and "reftsearch.json" in sidecar["files"]
+    first = (out / "reference_io.json").read_text()
+
+    assert main(["export", str(study), str(out)]) == 0  # a previous export: replaced
+    assert sorted(p.name for p in out.iterdir()) == sidecar["files"]
+    assert (out / "reference_io.json").read_text() == first
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []
+
+    (out / "notes.txt").write_text("mine")  # an export with a file of the user's: refused
+    capsys.readouterr()
+    assert main(["export", str(study), str(out)]) == 2
+    assert "holds files no reftsearch export wrote (notes.txt)" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == sorted([*sidecar["files"], "notes.txt"])
+
+
+def test_export_into_a_symlink_is_refused_before_scoring(tmp_path, capsys):
+    space = {"intervention": "loreft", "layers": "1", "prefix": 1, "suffix": 1, "tied": True}
+    study = write_study(tmp_path, "gen", "tiny:llama", space)
+    assert main(["run", str(study)]) == 0
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    capsys.readouterr()
+    assert main(["export", str(study), str(tmp_path / "link")]) == 2
+    captured = capsys.readouterr()
+    assert "is a symbolic link" in captured.err and "scoring" not in captured.err
+    spec = load_spec(study)
+    stored = optuna.load_study(study_name="gen", storage=spec.storage).user_attrs
+    assert not [key for key in stored if key.startswith("test_score")]  # test never touched
+    assert (tmp_path / "link").is_symlink() and list((tmp_path / "real").iterdir()) == []
+
+
+def tiny_llama_directory(directory: Path, rope_theta: float) -> Path:
+    """tiny:llama saved as a Hugging Face directory by transformers 5, with ``rope_theta``
+    (a key only ``rope_parameters`` holds there, as in SmolLM2's config)."""
+    model, tokenizer = BUILTIN_MODELS["tiny:llama"]("tiny:llama", "causal_lm", 2, torch.float32)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    config = json.loads((directory / "config.json").read_text())
+    assert "rope_theta" not in config
+    config["rope_parameters"]["rope_theta"] = rope_theta
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_a_local_model_is_referenced_with_its_checksums(tmp_path):
+    model = tiny_llama_directory(tmp_path / "my-llama", rope_theta=100000.0)
+    space = {"intervention": "direft", "layers": "1;2", "prefix": 1, "suffix": 2, "tied": False}
+    study = write_study(tmp_path, "gen", str(model), space)
+    out = tmp_path / "out"
+    assert run_and_export(study, out) == 0
+    assert not (out / "base_model").exists()
+    assert sum(p.stat().st_size for p in out.iterdir()) < 200_000  # the model alone is ~530 kB
+    sidecar = json.loads((out / "reftsearch.json").read_text())
+    base_model = sidecar["base_model"]
+    assert base_model["load_from"] == str(model.resolve()) and base_model["copied"] is False
+    weights = model / "model.safetensors"
+    assert base_model["sha256"] == {weights.name: hashlib.sha256(weights.read_bytes()).hexdigest()}
+    config = json.loads((out / base_model["config"]).read_text())
+    assert config["rope_theta"] == 100000.0 and config["rope_scaling"] is None
+    assert config["rope_parameters"]["rope_theta"] == 100000.0  # transformers 5 reads it too
+    snippet = (out / "reft_config.py").read_text()
+    assert f"BASE_MODEL = {str(model.resolve())!r}" in snippet
+    assert "BASE_MODEL_CONFIG = 'base_model_config.json'" in snippet
+
+    assert main(["export", str(study), str(tmp_path / "full"), "--with-base-model"]) == 0
+    copied = json.loads((tmp_path / "full" / "base_model" / "config.json").read_text())
+    assert copied["rope_theta"] == 100000.0
+    assert json.loads((tmp_path / "full" / "reftsearch.json").read_text())["base_model"]["copied"]
+
+
+def test_transformers5_config_fields_are_written_under_their_4_45_names():
+    from transformers import LlamaConfig
+
+    plain = transformers4_config(LlamaConfig(rope_theta=5e5, dtype="float32").to_dict())
+    assert plain["rope_theta"] == 5e5 and plain["rope_scaling"] is None
+    assert plain["torch_dtype"] == "float32"
+    scaled = LlamaConfig(
+        max_position_embeddings=16384,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    )  # fmt: skip
+    legacy = transformers4_config(scaled.to_dict())
+    assert legacy["rope_theta"] == 10000.0
+    assert legacy["rope_scaling"] == {
+        "rope_type": "llama3", "type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+    }  # fmt: skip
+    ignored = {"model_type": "bert", "position_embedding_type": "relative_key"}
+    assert transformers4_config(ignored)["position_embedding_type"] == "absolute"
+    per_layer = {"rope_parameters": {"full_attention": {"rope_theta": 1e6}}}
+    with pytest.raises(BadInputError, match="one rope setting per layer type"):
+        transformers4_config(per_layer)
+    with pytest.raises(BadInputError, match="rope_parameters.rope_type: .* no 'proportional'"):
+        transformers4_config({"rope_parameters": {"rope_type": "proportional"}})
+
+
 # --- the real pyreft -------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
 def pyreft_python() -> Path:
-    """The isolated pyreft 0.1.0 venv's python: reused when built, else built once (~80 s)."""
+    """The isolated pyreft 0.1.0 venv's python: reused when built, else built once (~80 s).
+
+    Skips only without the reference tools (../shared); a failed build fails the tests."""
     python = PYREFT_VENV / "bin" / "python"
     done = PYREFT_VENV / "pyreft-ref-freeze.txt"  # INSTALL.sh's last step
     # the checks run check_export.py from the tools too, so a built venv alone is not enough
     if not (PYREFT_TOOLS / "INSTALL.sh").exists():
-        pytest.skip(f"no pyreft reference tools at {PYREFT_TOOLS}")
-    if not (python.exists() and done.exists()):
-        PYREFT_VENV.parent.mkdir(parents=True, exist_ok=True)
-        built = subprocess.run(
-            ["bash", str(PYREFT_TOOLS / "INSTALL.sh"), str(PYREFT_VENV)],
-            capture_output=True, text=True, timeout=900,
-        )  # fmt: skip
-        if built.returncode != 0:
-            pytest.skip(f"the pyreft venv could not be built: {built.stderr[-500:]}")
+        pytest.skip(f"no pyreft reference tools at {PYREFT_TOOLS} (../shared is missing)")
+    PYREFT_VENV.parent.mkdir(parents=True, exist_ok=True)
+    # INSTALL.sh starts by removing the venv: one build at a time (two test runs at once)
+    with open(PYREFT_VENV.parent / f"{PYREFT_VENV.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (python.exists() and done.exists()):
+            built = subprocess.run(
+                ["bash", str(PYREFT_TOOLS / "INSTALL.sh"), str(PYREFT_VENV)],
+                capture_output=True, text=True, timeout=900,
+            )  # fmt: skip
+            assert built.returncode == 0, f"building the pyreft venv: {built.stderr[-2000:]}"
     return python
 
 
@@ -302,6 +416,34 @@ def test_decoder_export_loads_in_real_pyreft(tmp_path, pyreft_python, case):
     assert torch.allclose(
         torch.tensor(printed["logits"]), torch.tensor(reference["logits_head"]), atol=ATOL
     )
+    assert_matches_real_pyreft(pyreft_python, out)
+
+
+def assert_matches_real_pyreft(python: Path, out: Path) -> dict:
+    """tests/pyreft_check.py on ``out``: pyreft's logits with and without the interventions
+    within ATOL of reftsearch's, and, for a decoder, the same greedy tokens."""
+    summary = run_checker(python, str(REPO / "tests" / "pyreft_check.py"), str(out))
+    print(json.dumps(summary))  # the figures, for `pytest -rA`
+    assert summary["ok"] and summary["examples"] == 3, summary["failures"]
+    assert summary["logits_max_abs_diff"] <= ATOL and summary["base_logits_max_abs_diff"] <= ATOL
+    assert summary["max_abs_effect_of_interventions"] > ATOL
+    decoder = json.loads((out / "reftsearch.json").read_text())["task"] == "generation"
+    assert summary["generations"] == summary["generations_matching"] == (3 if decoder else 0)
+    return summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("copied", [False, True])
+def test_a_model_with_another_rope_theta_matches_real_pyreft(tmp_path, pyreft_python, copied):
+    """rope_theta 100000, which transformers 5 writes only inside rope_parameters: pyreft's
+    transformers 4.45 would use 10000 (and different logits) unless the export says it."""
+    model = tiny_llama_directory(tmp_path / "my-llama", rope_theta=100000.0)
+    space = {"intervention": "loreft", "layers": "0;2", "prefix": 2, "suffix": 2, "tied": False}
+    study = write_study(tmp_path, "gen", str(model), space)
+    out = tmp_path / "out"
+    assert run_and_export(study, out, *(["--with-base-model"] if copied else [])) == 0
+    assert (out / "base_model").is_dir() == copied
+    assert_matches_real_pyreft(pyreft_python, out)
 
 
 PYREFT_CHECK_CASES = {
@@ -321,10 +463,57 @@ def test_classifier_export_matches_real_pyreft(tmp_path, easy_task_files, pyreft
     study = write_study(tmp_path, "cls", model, space, data=easy_task_files)
     out = tmp_path / "out"
     assert run_and_export(study, out) == 0
-    summary = run_checker(pyreft_python, str(REPO / "tests" / "pyreft_check.py"), str(out))
-    assert summary["ok"] and summary["examples"] == 3
-    assert summary["logits_max_abs_diff"] <= ATOL and summary["base_logits_max_abs_diff"] <= ATOL
-    assert summary["max_abs_effect_of_interventions"] > ATOL
+    assert_matches_real_pyreft(pyreft_python, out)
+
+
+# embedded:smollm2 (30 layers, rope_theta 100000): one study, a trial per config, an export each
+SMOLLM2_CASES = {
+    "loreft-f3+l3-untied": {"intervention": "loreft", "prefix": 3, "suffix": 3, "tied": False},
+    "loreft-f3+l3-tied": {"intervention": "loreft", "prefix": 3, "suffix": 3, "tied": True},
+    "loreft-l5": {"intervention": "loreft", "prefix": 0, "suffix": 5},
+    "direft-f3+l3-untied": {"intervention": "direft", "prefix": 3, "suffix": 3, "tied": False},
+    "noreft-f3+l3-untied": {"intervention": "noreft", "prefix": 3, "suffix": 3, "tied": False},
+}
+SMOLLM2_LAYERS = "3;12;24"
+
+
+@pytest.fixture(scope="module")
+def smollm2_study(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("smollm2")
+    space = {"intervention": ["loreft", "direft", "noreft"], "layers": SMOLLM2_LAYERS,
+             "prefix": [0, 3], "suffix": [3, 5], "tied": [True, False], "lr": 2e-3}  # fmt: skip
+    study = write_study(directory, "smol", "embedded:smollm2", space, n_trials=len(SMOLLM2_CASES))
+    spec = load_spec(study)
+    stored = open_study(spec, spec.storage)
+    for params in SMOLLM2_CASES.values():
+        stored.enqueue_trial(params)
+    assert main(["run", str(study)]) == 0
+    return study
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", SMOLLM2_CASES)
+def test_smollm2_export_matches_real_pyreft(smollm2_study, tmp_path, pyreft_python, case):
+    trial = list(SMOLLM2_CASES).index(case)
+    out = tmp_path / "out"
+    assert main(["export", str(smollm2_study), str(out), "--trial", str(trial)]) == 0
+    sidecar = json.loads((out / "reftsearch.json").read_text())
+    assert sidecar["config"]["intervention"] == SMOLLM2_CASES[case]["intervention"]
+    prefix, suffix = SMOLLM2_CASES[case]["prefix"], SMOLLM2_CASES[case]["suffix"]
+    groups = 2 if prefix and suffix and not SMOLLM2_CASES[case]["tied"] else 1
+    assert len(sidecar["pyreft"]["sorted_keys"]) == groups * len(SMOLLM2_LAYERS.split(";"))
+    assert json.loads((out / "base_model" / "config.json").read_text())["rope_theta"] == 1e5
+    assert_matches_real_pyreft(pyreft_python, out)
+
+
+@pytest.mark.slow
+def test_minilm_export_with_its_head_matches_real_pyreft(tmp_path, easy_task_files, pyreft_python):
+    space = {"intervention": "loreft", "layers": "1;4", "prefix": 2, "suffix": 2, "tied": False}
+    study = write_study(tmp_path, "cls", "embedded:minilm", space, data=easy_task_files)
+    out = tmp_path / "out"
+    assert run_and_export(study, out) == 0
+    assert (out / "pytorch_model.bin").is_file()
+    assert_matches_real_pyreft(pyreft_python, out)
 
 
 def test_pyreft_is_not_a_dependency():

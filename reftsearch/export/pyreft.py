@@ -7,16 +7,21 @@
   writes it (``ReftModel.load(..., include_model=True)`` loads it into the model);
 * ``reftsearch.json``: what pyreft does not store (positions, tied, dropout, scores, study);
 * ``reft_config.py``: a runnable pyreft snippet (see ``reftsearch.export.pyreft_snippet``);
-* ``reference_io.json``: a few inputs, their positions and reftsearch's own logits, in the
-  EXPECT.json format of the reference checker ``check_export.py``;
-* ``base_model/``: ``save_pretrained`` of a built-in base model, which pyreft cannot name.
+* ``reference_io.json``: a few inputs, their positions and reftsearch's own logits (and, for
+  a decoder, greedy generations), in the EXPECT.json format of the reference checker
+  ``check_export.py``;
+* the base model (``reftsearch.export.base_model``): ``base_model/`` (``save_pretrained``,
+  with the config fields transformers 4.45 reads) for a built-in model, which exists nowhere
+  else, or with ``with_base_model``; else only ``base_model_config.json`` (that config) and, in
+  ``reftsearch.json``, the hub id or directory, revision and weight checksums.
+
+The files are written into a scratch sibling and renamed into place (``out_dir.replacing``).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +34,16 @@ from reftsearch import __version__
 from reftsearch.data.batches import Encoded, collate
 from reftsearch.data.splits import has_split
 from reftsearch.errors import BadInputError
+from reftsearch.export.base_model import (
+    base_model_reference,
+    save_base_model_for_transformers4,
+    transformers4_config,
+)
+from reftsearch.export.out_dir import check_out_dir, listing, replacing
 from reftsearch.export.pyreft_snippet import render_snippet
 from reftsearch.methods.reft.module import ReftModule
 from reftsearch.methods.reft.positions import intervention_locations
-from reftsearch.models.base import BaseModel
+from reftsearch.models.base import BaseModel, kv_argument
 from reftsearch.models.builtin import BUILTIN_MODELS
 from reftsearch.progress import Log
 from reftsearch.search.ranking import best_trials
@@ -66,6 +77,19 @@ REFERENCE_EXAMPLES = 3
 LOGITS_HEAD = 32  # next-token logits kept per reference input (all of them for classification)
 
 
+# What each reftsearch intervention computes, its name in the ReFT paper (Wu et al. 2024), and
+# the pyreft 0.1.0 class with that math (Intervention.pyreft_class). pyreft's own
+# DireftIntervention is not the paper's DiReFT: it keeps an orthonormal R (h + R^T (W h + b)).
+INTERVENTION_MATH = {
+    "loreft": ("LoReFT", "h + R^T (W h + b - R h), R with orthonormal rows"),
+    "noreft": ("NoReFT (LoReFT without orthogonality)", "h + P^T (W h + b - P h)"),
+    "direft": ("DiReFT", "h + P^T (W h + b): no orthogonality, no projection subtracted"),
+}
+BASE_MODEL_DIR = "base_model"
+BASE_MODEL_CONFIG = "base_model_config.json"  # beside a referenced (not copied) base model
+GENERATED_TOKENS = 12  # greedy tokens kept per reference prompt of a decoder
+
+
 @dataclass(frozen=True)
 class ExportResult:
     out_dir: Path
@@ -82,72 +106,87 @@ def export_study(
     out_dir: str | Path,
     trial_number: int | None = None,
     log: Log = print,
+    with_base_model: bool = False,
 ) -> ExportResult:
-    """Write the best trial (or ``trial_number``) of the stored study to ``out_dir``."""
+    """Write the best trial (or ``trial_number``) of the stored study to ``out_dir``.
+
+    The base model is copied for built-in models and with ``with_base_model``, else named."""
     out = Path(out_dir)
-    _check_out_dir(out)
+    check_out_dir(out)  # before anything is scored or stored
     study = load_named_study(spec.name, storage_url)
     trial = pick_trial(study, trial_number)
     _check_exportable(trial)
     prepared = prepare(spec)
+    base = prepared.base
+    base_config = transformers4_config(base.model.config.to_dict(), "the base model's config")
     reft, weights = trained_adapter(prepared, study, trial, log)
     score = None
     if has_split(spec.task.data, "test"):
         score = test_score(spec, study, trial, log, trained=(prepared, reft))
 
-    if out.exists():
-        shutil.rmtree(out)  # a previous export (checked above); stale intkey files must go
-    out.mkdir(parents=True)
-    base = prepared.base
-    keys, representations = write_pyreft_files(out, reft, base)
-    has_head = write_head(out, base)
-    base_model = _write_base_model(out, spec, base)
-    reference = reference_io(base, reft, prepared.split.dev[:REFERENCE_EXAMPLES], keys)
-    reference["model"] = str(out / "base_model") if base_model == "base_model" else base_model
-    _write_json(out / "reference_io.json", reference)
+    copy = with_base_model or spec.model.path in BUILTIN_MODELS
+    with replacing(out) as scratch:
+        keys, representations = write_pyreft_files(scratch, reft, base)
+        has_head = write_head(scratch, base)
+        location = _write_base_model(scratch, spec.model.path, base, base_config, copy)
+        examples = prepared.split.dev[:REFERENCE_EXAMPLES]
+        reference_inputs = reference_io(base, reft, examples, keys)
+        copied = out.resolve() / BASE_MODEL_DIR  # where check_export.py finds it
+        reference_inputs["model"] = str(copied) if copy else location["load_from"]
+        _write_json(scratch / "reference_io.json", reference_inputs)
 
-    intervention = reft.config.intervention
-    loadable, note = pyreft_loadability(intervention, type(base.model).__name__)
-    sidecar = {
-        "reftsearch_version": __version__,
-        "study": spec.name,
-        "storage": mask_url(storage_url),
-        "trial": trial.number,
-        "task": spec.task.kind,
-        "metric": spec.metric,
-        # the classes, as HF configs name them (classification; base_model/ has them too)
-        "id2label": dict(enumerate(prepared.data.label_names or [])) or None,
-        "label2id": {n: i for i, n in enumerate(prepared.data.label_names or [])} or None,
-        "dev_score": trial.value,
-        "test_score": score,
-        "weights": weights,
-        "config": TrialRecord.of(trial).config,
-        "positions": reft.config.positions,
-        "prefix": reft.config.prefix,
-        "suffix": reft.config.suffix,
-        "tied": reft.config.tied,
-        "dropout": reft.config.dropout,
-        "activation": "linear",
-        "intervention_dtype": "float32",
-        "base_model": {
-            "path": spec.model.path,
-            "load_from": base_model,
-            "dtype": base.dtype,
-            "class": type(base.model).__name__,
-            "hidden_size": base.hidden_size,
-        },
-        "pyreft": {
-            "intervention_class": reft.intervention(reft.config.layers[0], 0).pyreft_class,
-            "sorted_keys": keys,
-            "representations": representations,
-            "head_file": HEAD_FILE if has_head else None,
-            "versions": {"pyreft": "0.1.0", "pyvene": "0.1.8"},
-        },
-        "pyreft_loadable": loadable,
-        "pyreft_note": note,
-    }
-    _write_json(out / "reftsearch.json", sidecar)
-    (out / "reft_config.py").write_text(render_snippet(sidecar))
+        intervention = reft.config.intervention
+        loadable, note = pyreft_loadability(intervention, type(base.model).__name__)
+        pyreft_class = reft.intervention(reft.config.layers[0], 0).pyreft_class
+        paper_name, formula = INTERVENTION_MATH[intervention]
+        sidecar = {
+            "reftsearch_version": __version__,
+            "study": spec.name,
+            "storage": mask_url(storage_url),
+            "trial": trial.number,
+            "task": spec.task.kind,
+            "metric": spec.metric,
+            # the classes, as HF configs name them (classification; the base model's config
+            # has them too)
+            "id2label": dict(enumerate(prepared.data.label_names or [])) or None,
+            "label2id": {n: i for i, n in enumerate(prepared.data.label_names or [])} or None,
+            "dev_score": trial.value,
+            "test_score": score,
+            "weights": weights,
+            "config": TrialRecord.of(trial).config,
+            "positions": reft.config.positions,
+            "prefix": reft.config.prefix,
+            "suffix": reft.config.suffix,
+            "tied": reft.config.tied,
+            "dropout": reft.config.dropout,
+            "activation": "linear",
+            "intervention_dtype": "float32",
+            "intervention": {
+                "reftsearch": intervention,
+                "paper": paper_name,
+                "computes": formula,
+                "pyreft_class": pyreft_class,
+            },  # fmt: skip
+            "base_model": {
+                **location,
+                "copied": copy,
+                "dtype": base.dtype,
+                "class": type(base.model).__name__,
+                "hidden_size": base.hidden_size,
+            },
+            "pyreft": {
+                "intervention_class": pyreft_class,
+                "sorted_keys": keys,
+                "representations": representations,
+                "head_file": HEAD_FILE if has_head else None,
+                "versions": {"pyreft": "0.1.0", "pyvene": "0.1.8", "transformers": "4.45.1"},
+            },
+            "pyreft_loadable": loadable,
+            "pyreft_note": note,
+        }
+        (scratch / "reft_config.py").write_text(render_snippet(sidecar))
+        sidecar["files"] = listing(scratch)  # what a later export may replace
+        _write_json(scratch / "reftsearch.json", sidecar)
     return ExportResult(out, trial.number, weights, loadable, note, score)
 
 
@@ -264,7 +303,10 @@ def reference_io(
     """Inputs, per-intervention positions and logits with and without the interventions.
 
     The top level is the first example in check_export.py's EXPECT.json format; ``examples``
-    lists all of them in the same format. Prompts only (what pyreft intervenes on).
+    lists all of them in the same format. Prompts only (what pyreft intervenes on). A decoder's
+    entries also hold ``generated_ids``: greedy tokens after the prompt, up to and including
+    the end of sequence, with the prompt intervened on (pyreft's
+    ``generate(..., intervene_on_prompt=True)``).
     """
     c = reft.config
     reft.eval()
@@ -294,8 +336,26 @@ def reference_io(
         }
         if prompt.token_type_ids is not None:
             entry["token_type_ids"] = prompt.token_type_ids
+        if base.head is None:
+            entry["generated_ids"] = _greedy(base, reft, batch)
         entries.append(entry)
     return {**entries[0], "sorted_keys": keys, "examples": entries}
+
+
+def _greedy(base: BaseModel, reft: ReftModule, batch) -> list[int]:
+    """Greedy tokens for one unpadded prompt: the interventions edit the prompt pass only."""
+    eos = base.tokenizer.eos_token_id
+    cache = kv_argument(base.model)
+    with reft.attached(base.blocks):
+        reft.set_locations(batch.prompt_lengths, batch.offsets)
+        out = base.model(**batch.model_inputs(), use_cache=True)
+        reft.clear_locations()  # later one-token steps read the edited prompt from the cache
+        tokens = [int(out.logits[0, -1].argmax())]
+        while len(tokens) < GENERATED_TOKENS and tokens[-1] != eos:
+            step = torch.tensor([[tokens[-1]]], device=base.device)
+            out = base.model(input_ids=step, use_cache=True, **{cache: getattr(out, cache)})
+            tokens.append(int(out.logits[0, -1].argmax()))
+    return tokens
 
 
 def _logits(base: BaseModel, batch) -> torch.Tensor:
@@ -304,21 +364,21 @@ def _logits(base: BaseModel, batch) -> torch.Tensor:
     return logits if base.head is not None else logits[-1, :LOGITS_HEAD]
 
 
-def _write_base_model(out: Path, spec: StudySpec, base: BaseModel) -> str:
-    """Where pyreft users get the base model: ``base_model/`` for built-ins, else the path."""
-    if spec.model.path not in BUILTIN_MODELS:
-        return spec.model.path
-    directory = out / "base_model"
-    base.model.save_pretrained(directory)
-    base.tokenizer.save_pretrained(directory)
-    # transformers 5 names its generic fast tokenizer TokenizersBackend, a class the
-    # transformers 4.45 that pyreft 0.1.0 pins does not know; the files are the same.
-    config_path = directory / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    if config.get("tokenizer_class") == "TokenizersBackend":
-        config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        _write_json(config_path, config, indent=2)
-    return "base_model"
+def _write_base_model(scratch: Path, path: str, base: BaseModel, config: dict, copy: bool) -> dict:
+    """``base_model/`` (copy) or ``base_model_config.json`` (reference); returns where
+    ``reft_config.py`` loads the base model from, for ``reftsearch.json``."""
+    if copy:
+        save_base_model_for_transformers4(base.model, base.tokenizer, scratch / BASE_MODEL_DIR)
+        return {
+            "path": path,
+            "load_from": BASE_MODEL_DIR,
+            "revision": None,
+            "sha256": None,
+            "config": None,  # base_model/config.json is written for transformers 4.45 already
+            "tokenizer_class": "AutoTokenizer",
+        }
+    _write_json(scratch / BASE_MODEL_CONFIG, config, indent=2, sort_keys=True)
+    return {"path": path, "config": BASE_MODEL_CONFIG, **base_model_reference(path, base.model)}
 
 
 def pyreft_loadability(intervention: str, model_class: str) -> tuple[bool, str]:
@@ -342,16 +402,6 @@ def pyreft_loadability(intervention: str, model_class: str) -> tuple[bool, str]:
         "and load their files again (pyreft 0.1.0 rebuilds them in bfloat16): reft_config.py "
         "does both"
     )
-
-
-def _check_out_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise BadInputError(f"OUT_DIR: {out} must be a directory, it is a file")
-    if out.is_dir() and any(out.iterdir()) and not (out / "reftsearch.json").is_file():
-        raise BadInputError(
-            f"OUT_DIR: {out} must be empty, missing, or an earlier reftsearch export "
-            "(it has files but no reftsearch.json)"
-        )
 
 
 def _write_json(path: Path, data: dict, **options) -> None:

@@ -1,7 +1,8 @@
 """The ``reft_config.py`` an export ships: plain pyreft code that rebuilds the exported model.
 
 It runs in an environment with pyreft 0.1.0 and pyvene 0.1.8 and without reftsearch:
-``python reft_config.py ["a prompt"]`` loads the base model and the interventions, applies the
+``python reft_config.py ["a prompt"]`` loads the base model (checking a referenced one's
+weight checksums) and the interventions (``torch.load(..., weights_only=True)``), applies the
 float32 fix pyreft 0.1.0's ``load()`` needs, computes the intervened positions the way
 reftsearch trained them, and prints them with the logits.
 """
@@ -18,6 +19,7 @@ Or import it: ``model, tokenizer = load_base_model(); reft = load_reft_model(mod
 ``reft(inputs, unit_locations=unit_locations(prompt_length))``. ``reft_config()`` is the
 ReftConfig to train this configuration further with pyreft. Made by reftsearch {version}.
 """
+import hashlib
 import json
 import os
 import sys
@@ -31,11 +33,41 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def load_base_model():
-    """The frozen base model (float32, eval mode) and its tokenizer."""
+    """The frozen base model (float32, eval mode) and its tokenizer.
+
+    A copied base model is BASE_MODEL inside this folder; a referenced one is a directory
+    (whose weight files must still have the checksums recorded at export) or a hub id at
+    BASE_MODEL_REVISION, loaded with the config in BASE_MODEL_CONFIG: the one reftsearch
+    trained with, in the fields transformers 4.45 reads.
+    """
     local = os.path.join(HERE, BASE_MODEL)
     location = local if os.path.isdir(local) else BASE_MODEL
-    model = getattr(transformers, MODEL_CLASS).from_pretrained(location, torch_dtype=torch.float32)
-    return model.eval(), transformers.AutoTokenizer.from_pretrained(location)
+    if os.path.isdir(location):
+        check_weights(location)
+    options = {{"torch_dtype": torch.float32, "revision": BASE_MODEL_REVISION}}
+    if BASE_MODEL_CONFIG is not None:
+        options["config"] = transformers.AutoConfig.from_pretrained(
+            os.path.join(HERE, BASE_MODEL_CONFIG)
+        )
+    if MODEL_CLASS == "AutoModelForSequenceClassification":
+        options["ignore_mismatched_sizes"] = True  # the trained head comes from HEAD_FILE
+    model = getattr(transformers, MODEL_CLASS).from_pretrained(location, **options)
+    tokenizer = getattr(transformers, TOKENIZER_CLASS).from_pretrained(
+        location, revision=BASE_MODEL_REVISION
+    )
+    return model.eval(), tokenizer
+
+
+def check_weights(directory):
+    """Refuse a referenced base model whose weight files changed since the export."""
+    for name, expected in (BASE_MODEL_SHA256 or {{}}).items():
+        digest = hashlib.sha256()
+        with open(os.path.join(directory, name), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        if digest.hexdigest() != expected:
+            raise SystemExit(f"{{directory}}/{{name}}: not the base model this export was "
+                             f"trained on (sha256 {{digest.hexdigest()}}, expected {{expected}})")
 
 
 def reft_config():
@@ -59,13 +91,15 @@ def load_reft_model(model):
         # pyreft 0.1.0's load() cannot rebuild this intervention type from config.json
         reft = pyreft.get_reft_model(model, reft_config(), set_device=False)
         if HEAD_FILE is not None:
-            model.load_state_dict(torch.load(os.path.join(HERE, HEAD_FILE)), strict=False)
+            head = torch.load(os.path.join(HERE, HEAD_FILE), weights_only=True)
+            model.load_state_dict(head, strict=False)
     # float32 fix: pyreft 0.1.0's load() builds the interventions' Linear layers in bfloat16,
     # so a float32 model fails ("mat1 and mat2 must have the same dtype"); upcasting alone
     # keeps bfloat16-rounded weights: cast, then load the exact float32 files again.
     for key, intervention in reft.interventions.items():
         intervention.to(torch.float32)
-        intervention.load_state_dict(torch.load(os.path.join(HERE, f"intkey_{{key}}.bin")))
+        path = os.path.join(HERE, f"intkey_{{key}}.bin")
+        intervention.load_state_dict(torch.load(path, weights_only=True))
         intervention.eval()
     return reft
 
@@ -112,8 +146,13 @@ if __name__ == "__main__":
 def render_snippet(sidecar: dict) -> str:
     """``reft_config.py`` for an export described by its ``reftsearch.json`` contents."""
     pyreft = sidecar["pyreft"]
+    base_model = sidecar["base_model"]
     settings = {
-        "BASE_MODEL": sidecar["base_model"]["load_from"],
+        "BASE_MODEL": base_model["load_from"],
+        "BASE_MODEL_REVISION": base_model["revision"],
+        "BASE_MODEL_SHA256": base_model["sha256"],
+        "BASE_MODEL_CONFIG": base_model["config"],
+        "TOKENIZER_CLASS": base_model["tokenizer_class"],
         "MODEL_CLASS": (
             "AutoModelForSequenceClassification"
             if sidecar["task"] == "classification"
@@ -123,7 +162,7 @@ def render_snippet(sidecar: dict) -> str:
         # (layer, pyvene component) per intervention, in sorted_keys order
         "REPRESENTATIONS": [tuple(r[:2]) for r in pyreft["representations"]],
         "LAYERS": sidecar["config"]["layers"],
-        "HIDDEN_SIZE": sidecar["base_model"]["hidden_size"],
+        "HIDDEN_SIZE": base_model["hidden_size"],
         "RANK": sidecar["config"]["rank"],
         "DROPOUT": sidecar["dropout"],
         "PREFIX": sidecar["prefix"],
