@@ -26,9 +26,10 @@ maps exactly or refuses (``why_not_mappable``):
 * tied: ``adapters``' ``tied_weights`` is reftsearch's ``tied`` (one unit for prefix and
   suffix); its untied builds two units even when one side is empty, so one-sided configs are
   written tied (one unit over the one side: the same thing).
-* DiReFT: ``adapters`` 1.3.0 does not save ``subtract_projection`` (a class attribute, not a
-  dataclass field), so its own saved DiReFT reloads as NoReFT; the export writes it explicitly,
-  which ``AdapterConfig.from_dict`` sets on the loaded config.
+* DiReFT (``h + (W h + b) P``): ``adapters`` 1.3.0 does not save ``subtract_projection`` (a
+  class attribute of ``DiReftConfig``, not a dataclass field), so every saved DiReFT, its own
+  included, reloads with the projection subtracted, as NoReFT. The export writes DiReFT as the
+  NoReFT it then loads, ``h + (W' h + b - P h) P`` with ``W' = W + P``: the same function.
 * 16-bit base models: ``ReftUnit`` does not cast the hidden states to its own dtype (float32
   units on a bfloat16 model fail; bfloat16 units compute differently): refused.
 """
@@ -54,7 +55,7 @@ from reftsearch.export.pyreft import (
 )
 from reftsearch.methods.adapter import adapter_config
 from reftsearch.methods.reft.config import ReftConfig
-from reftsearch.methods.reft.interventions import Intervention, LoReFT
+from reftsearch.methods.reft.interventions import DiReFT, Intervention, LoReFT
 from reftsearch.methods.reft.module import ReftModule
 from reftsearch.models.base import BaseModel
 from reftsearch.models.builtin import BUILTIN_MODELS
@@ -80,21 +81,8 @@ GENERATION = (
 )
 
 
-@dataclass(frozen=True)
-class AdaptersClass:
-    """How an ``adapters`` ReftConfig subclass spells one of reftsearch's interventions."""
-
-    name: str
-    orthogonality: bool
-    subtract_projection: bool
-
-
-# reftsearch intervention -> adapters 1.3.0 config class (adapters.configuration.adapter_config)
-ADAPTERS_CLASSES = {
-    "loreft": AdaptersClass("LoReftConfig", orthogonality=True, subtract_projection=True),
-    "noreft": AdaptersClass("NoReftConfig", orthogonality=False, subtract_projection=True),
-    "direft": AdaptersClass("DiReftConfig", orthogonality=False, subtract_projection=False),
-}
+# reftsearch intervention -> the adapters 1.3.0 config class written (see DiReFT above)
+ADAPTERS_CLASSES = {"loreft": "LoReftConfig", "noreft": "NoReftConfig", "direft": "NoReftConfig"}
 
 
 @dataclass(frozen=True)
@@ -170,7 +158,7 @@ def export_study(
         },
         "adapters": {
             "version": ADAPTERS_VERSION,
-            "config_class": ADAPTERS_CLASSES[config.intervention].name,
+            "config_class": ADAPTERS_CLASSES[config.intervention],
             "adapter_name": ADAPTER_NAME,
             "head_files": head,
             "load": "adapters.init(model); model.load_adapter(OUT_DIR, set_active=True)",
@@ -215,19 +203,16 @@ def why_not_mappable(config: ReftConfig, prepared: PreparedStudy) -> str | None:
 
 def adapter_config_file(config: ReftConfig, base: BaseModel) -> dict:
     """``adapter_config.json`` as ``save_adapter`` writes it (``build_full_config``)."""
-    kind = ADAPTERS_CLASSES[config.intervention]
     reft_config = {
         "architecture": "reft",
         "layers": list(config.layers),
         "prefix_positions": config.prefix,
         "suffix_positions": config.suffix,
         "r": config.rank,
-        "orthogonality": kind.orthogonality,
+        "orthogonality": config.intervention == "loreft",
         # one unit: reftsearch's tied, or one side only (adapters' untied would add an unused
         # unit for the empty side)
         "tied_weights": config.groups == 1,
-        # not saved by adapters 1.3.0 itself (see the module docstring); from_dict sets it
-        "subtract_projection": kind.subtract_projection,
         "dropout": config.dropout,
         "non_linearity": None,  # reftsearch's interventions are linear
         "dtype": None,  # float32, the dtype of the model's default parameters
@@ -265,7 +250,8 @@ def unit_tensors(intervention: Intervention) -> dict[str, torch.Tensor]:
     """One intervention as an ``adapters`` ``ReftUnit``'s state dict.
 
     ``ReftUnit.projection`` is ``Linear(hidden, rank)``: its weight ``[rank, hidden]`` is
-    reftsearch's ``R^T`` (LoReFT) or ``proj_layer.weight`` (NoReFT, DiReFT). For LoReFT both
+    reftsearch's ``R^T`` (LoReFT) or ``proj_layer.weight`` (NoReFT, DiReFT; DiReFT's
+    ``learned_source.weight`` gets it added, as the NoReFT adapters loads). For LoReFT both
     hold torch's orthogonal parametrization; a wide weight is parametrized through its
     transpose, so adapters' ``original`` is reftsearch's transposed and the ``base`` is the
     same: R is rebuilt from the trained parameters, not from a copy of its value.
@@ -280,6 +266,10 @@ def unit_tensors(intervention: Intervention) -> dict[str, torch.Tensor]:
         tensors["projection.parametrizations.weight.0.base"] = orthogonal[0].base
     else:
         tensors["projection.weight"] = intervention.proj_layer.weight
+    if isinstance(intervention, DiReFT):  # W h + b = (W + P) h + b - P h
+        tensors["learned_source.weight"] = (
+            intervention.learned_source.weight + intervention.proj_layer.weight
+        )
     return tensors
 
 
