@@ -273,6 +273,58 @@ def test_a_static_head_loads_in_real_adapters(tmp_path, easy_task_files, adapter
     assert summary["ok"] and summary["base_logits_max_abs_diff"] <= ATOL
 
 
+def arithmetic_files(directory: Path) -> dict:
+    """A generation task without a test split (a 30-layer model on 2 CPU cores is spared the
+    test scoring): "a plus b =" -> " a+b"."""
+    rows = [(a, b) for a in range(12) for b in range(12)]
+    files = {"train": rows[:48], "dev": rows[48:56]}
+    for split, pairs in files.items():
+        lines = (
+            json.dumps({"prompt": f"{a} plus {b} =", "response": f" {a + b}"}) for a, b in pairs
+        )
+        (directory / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return {split: str(directory / f"{split}.jsonl") for split in files}
+
+
+ROPE_THETA = pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="rope_theta: issue 21 point 1, fixed on branch export-pyreft",
+)
+# transformers 5 writes SmolLM2's rope_theta (100000) only inside rope_parameters, which the
+# transformers 4.57 that adapters pins ignores (it takes 10000); with rope_theta added to
+# base_model/config.json the same export matches to 2.3e-5 (measured)
+REAL_MODEL_CASES = [
+    pytest.param("embedded:minilm", {"intervention": "loreft", "layers": "1;4", "prefix": 2,
+                                     "suffix": 2, "tied": False}, id="minilm"),
+    pytest.param("embedded:smollm2", {"intervention": "loreft", "layers": "20;29", "prefix": 1,
+                                      "suffix": 2, "tied": False}, id="smollm2",
+                 marks=ROPE_THETA),
+]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("model", "space"), REAL_MODEL_CASES)
+def test_real_model_export_matches_real_adapters(
+    tmp_path, easy_task_files, adapters_python, model, space
+):
+    """MiniLM with its trained classification head; SmolLM2 (30 layers, the prompt's
+    next-token logits), written as base_model/ the way the pyreft export writes it."""
+    if model == "embedded:minilm":
+        study = write_study(tmp_path, "s", model, space, data=easy_task_files)
+    else:
+        study = write_study(tmp_path, "s", model, space)
+        raw = yaml.safe_load(study.read_text())
+        raw["task"]["data"] = arithmetic_files(tmp_path)
+        study.write_text(yaml.safe_dump(raw, sort_keys=False))
+    out = tmp_path / "out"
+    assert run_and_export(study, out, "--format", "adapters") == 0
+    summary = check_in_adapters(adapters_python, out)
+    print(f"{model}: {json.dumps(summary)}")  # the figures of the closing note
+    assert summary["ok"] and summary["examples"] == 3
+    assert summary["logits_max_abs_diff"] <= ATOL and summary["base_logits_max_abs_diff"] <= ATOL
+
+
 def test_adapters_is_not_a_dependency():
     requirements = importlib.metadata.requires("reftsearch") or []
     assert requirements and not [r for r in requirements if r.startswith("adapters")]
