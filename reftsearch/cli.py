@@ -129,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", metavar="FILE", help="CSV table (default: next to STUDY_A)")
     compare.set_defaults(handler=_compare)
 
-    export = commands.add_parser("export", help="write a trial as a pyreft ReftModel directory")
+    export = commands.add_parser("export", help="write a trial for pyreft (or adapters) to load")
     _add_study_arguments(export)
     export.add_argument(
         "out_dir", nargs="?", metavar="OUT_DIR", help="default: the spec's export.dir"
@@ -140,6 +140,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="copy the base model into OUT_DIR/base_model (default: only for built-in models; "
         "a hub id or directory is referenced with its weights' sha256)",
+    )
+    export.add_argument(
+        "--format",
+        choices=["pyreft", "adapters"],
+        default="pyreft",
+        help="pyreft: pyreft.ReftModel.load(OUT_DIR); adapters: AdapterHub adapters' "
+        "model.load_adapter(OUT_DIR) (default: pyreft)",
     )
     export.set_defaults(handler=_export)
 
@@ -375,6 +382,8 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     spec = _spec(args)
+    if args.format == "adapters":
+        return _export_adapters(args, spec)
     from reftsearch.export.pyreft import export_study  # after the spec is read (see _run)
 
     result = export_study(
@@ -422,6 +431,19 @@ def _predict(args: argparse.Namespace) -> int:
         with _writing(out, "--out"):
             out.write_text(text + "\n")
         _stderr(f"wrote {len(predictions)} predictions to {out}")
+    return EXIT_OK
+
+
+def _export_adapters(args: argparse.Namespace, spec: StudySpec) -> int:
+    from reftsearch.export.adapters import export_study
+
+    result = export_study(
+        spec, args.storage or spec.storage, args.out_dir or spec.export_dir, args.trial, _stderr
+    )
+    test = "" if result.test_score is None else f", test={result.test_score:.4f}"
+    print(f"exported trial {result.trial}{test} to {result.out_dir} ({result.weights})")
+    if result.note:
+        _stderr(f"note: {result.note}")
     return EXIT_OK
 
 
