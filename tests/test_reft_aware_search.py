@@ -133,6 +133,30 @@ def test_finalize_reruns_top_configs_and_best_picks_the_mean(write_study, easy_t
     assert sum(TrialRecord.of(t).finalize_of is not None for t in trials_of(study)) == 4
 
 
+def test_finalize_runs_only_seed_reruns_and_leaves_warm_starts_waiting(
+    write_study, easy_task_files
+):
+    """A budget met before every warm start ran leaves the rest enqueued: finalize, which
+    pops enqueued trials too, trained one as a seed rerun slot (and a rerun went missing).
+    Each is given back, still waiting for a later, larger budget."""
+    raw = tiny_study(easy_task_files, finalize={"top_k": 1, "seeds": [11, 12]})
+    raw["space"].update(rank=[1, 2, 4], suffix=[1, 2])  # lr: a range, so 3 distinct recipes
+    raw.update(warm_start={"recipes": "paper"}, budget={"n_trials": 1, "max_epochs": 1})
+    study = write_study(raw)
+    assert main(["run", str(study)]) == 0
+    trials = trials_of(study)
+    trained = [t for t in trials if t.state.name == "COMPLETE"]
+    assert [TrialRecord.of(t).finalize_of for t in trained] == [None, 0, 0]
+    assert {TrialRecord.of(t).seed for t in trained[1:]} == {11, 12}
+    waiting = [t for t in trials if t.state.name == "WAITING"]
+    assert len(waiting) == 2 and all(TrialRecord.of(t).warm_start for t in waiting)
+    # a larger budget trains them first, as warm starts
+    assert main(["run", str(study), "--n-trials", "3"]) == 0
+    searched = [t for t in trials_of(study) if TrialRecord.of(t).is_search_trial]
+    done = [t for t in searched if t.state.name == "COMPLETE"]
+    assert len(done) == 3 and all(TrialRecord.of(t).warm_start for t in done)
+
+
 def test_finalize_defaults_on_for_big_studies(tmp_path):
     base = {
         "name": "t",
