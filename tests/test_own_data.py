@@ -130,7 +130,7 @@ def _missing_file(tmp_path):
 
 def _missing_column(tmp_path):
     (tmp_path / "train.csv").write_text("sentence,label\nx,a\ny,b\n")
-    return {"train": "train.csv"}, "task.data.train (train.csv): no column 'text' (task.text)"
+    return {"train": "train.csv"}, "task.data.train (train.csv) lacks task.text: column 'text'"
 
 
 def _wrong_column_count(tmp_path):

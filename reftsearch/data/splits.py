@@ -95,13 +95,13 @@ def load_split(task: TaskSpec, split: str) -> list[dict]:
     where = source(task.data, split)
     if records:
         missing = [
-            f"column {name!r} (task.{key})"
+            f"task.{key}: column {name!r}"
             for key, name in columns.items()
             if name not in records[0]
         ]
         if missing:
             raise BadInputError(
-                f"{where}: no {', '.join(missing)}; its columns are {sorted(records[0])}"
+                f"{where} lacks {', '.join(missing)}; its columns are {sorted(records[0])}"
                 f"{_header_hint(task.data)}"
             )
     rows = []
