@@ -90,8 +90,9 @@ def carve_dev(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict],
 def load_split(task: TaskSpec, split: str) -> list[dict]:
     """One split as rows with canonical keys and ``row`` (the row's index in the split);
     errors name the split's key path, its file, and the missing column or the empty row."""
-    records = _read_records(task.data, split)
     columns = _columns(task)
+    texts = tuple(name for key, name in columns.items() if key != "label")
+    records = _read_records(task.data, split, texts)
     where = source(task.data, split)
     if records:
         missing = [
@@ -161,7 +162,8 @@ def has_split(data: DataSpec, split: str) -> bool:
     return data.builtin is not None or getattr(data, split) is not None
 
 
-def _read_records(data: DataSpec, split: str) -> list[dict]:
+def _read_records(data: DataSpec, split: str, texts: tuple[str, ...]) -> list[dict]:
+    """The split's records; ``texts`` names the columns a CSV reader must keep as text."""
     if data.builtin is not None:
         from reftsearch.data.synthetic import make_builtin_task
 
@@ -171,10 +173,10 @@ def _read_records(data: DataSpec, split: str) -> list[dict]:
             raise BadInputError(f"task.data.builtin: {err}") from None
     if data.hub is not None:
         return _read_hub(data, getattr(data, split), split)
-    return _read_local(data, split)
+    return _read_local(data, split, texts)
 
 
-def _read_local(data: DataSpec, split: str) -> list[dict]:
+def _read_local(data: DataSpec, split: str, texts: tuple[str, ...]) -> list[dict]:
     import datasets
 
     path = Path(getattr(data, split))
@@ -198,7 +200,7 @@ def _read_local(data: DataSpec, split: str) -> list[dict]:
         raise BadInputError(f"task.data.{split}: file not found: {path}")
     options = dict(data.read_options)
     if builder == "csv":
-        options = _csv_options(path, data, split)
+        options = _csv_options(path, data, split, texts)
     elif not data.header or data.columns:
         raise BadInputError(f"task.data.header: only for .csv and .tsv files, not {path.name}")
     try:
@@ -208,12 +210,15 @@ def _read_local(data: DataSpec, split: str) -> list[dict]:
     return dataset.to_list()
 
 
-def _csv_options(path: Path, data: DataSpec, split: str) -> dict[str, Any]:
+def _csv_options(path: Path, data: DataSpec, split: str, texts: tuple[str, ...]) -> dict[str, Any]:
     """``read_options`` for pandas, with the header and column names, once the file has been
     checked with Python's strict CSV reader: pandas reads a field that opens a quote it does
     not close right before the separator (``"Tigers" win``) by dropping the quotes, and one
-    it never closes by swallowing the lines after it, silently."""
+    it never closes by swallowing the lines after it, silently. Text columns stay text as
+    written: pandas would read a response ``007`` as the number 7 (and `` 5`` as 5)."""
     options = dict(data.read_options)
+    by_index = not data.header and not data.columns  # pandas numbers such columns
+    options["converters"] = {int(t) if by_index and t.isdigit() else t: str for t in texts}
     if path.suffix.lower() == ".tsv":
         options.setdefault("sep", "\t")
     separator = options.get("sep", options.get("delimiter", ","))
