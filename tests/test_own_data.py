@@ -130,7 +130,7 @@ def _missing_file(tmp_path):
 
 def _missing_column(tmp_path):
     (tmp_path / "train.csv").write_text("sentence,label\nx,a\ny,b\n")
-    return {"train": "train.csv"}, "task.data.train (train.csv): no column 'text' (task.text)"
+    return {"train": "train.csv"}, "task.data.train (train.csv) lacks task.text: column 'text'"
 
 
 def _wrong_column_count(tmp_path):
@@ -318,3 +318,35 @@ def test_the_readmes_worked_example_reads_as_it_says(tmp_path, capsys):
     path.write_text(yaml.safe_dump(raw))
     assert main(["validate", str(path)]) == 2
     assert "read_options: {quoting: 3}" in capsys.readouterr().err
+
+
+def test_a_headerless_generation_file_runs_and_lists_prompts(tmp_path, capsys):
+    lines = [(f"{a} plus {b} is", f" {a + b}") for a in range(6) for b in range(4)]
+    write_tsv(tmp_path / "sums.tsv", lines)
+    raw = {
+        "name": "sums",
+        "model": "tiny:llama",
+        "task": {
+            "kind": "generation",
+            "data": {"train": "sums.tsv", "header": False},
+            "prompt": 0,
+            "response": 1,
+            "max_train_examples": 16,
+            "max_new_tokens": 4,
+        },
+        "budget": {"n_trials": 1, "max_epochs": 1},
+        "sampler": "random",
+        "pruner": "none",
+        "space": {"prefix": 0, "suffix": 1, "rank": 1},
+    }
+    path = tmp_path / "sums.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["data", str(path), "--split", "train"]) == 0
+    captured = capsys.readouterr()
+    assert "train: 16 rows from task.data.train (sums.tsv), at most " in captured.err
+    table = [line.split("\t") for line in captured.out.splitlines()]
+    assert table[0] == ["split", "row", "prompt", "response"]
+    assert all((prompt, response) == lines[int(row)] for _, row, prompt, response in table[1:])
+    assert main(["run", str(path)]) == 0
+    stored = optuna.load_study(study_name="sums", storage=load_spec(path).storage)
+    assert "label_names" not in stored.user_attrs  # no classes in a generation study

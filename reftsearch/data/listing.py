@@ -69,8 +69,10 @@ def list_rows(task: TaskSpec, seed: int, splits: Sequence[str] = SPLITS) -> List
         else f"from {source(task.data, 'dev')}"
     )
     found = [
-        SplitRows("train", f"from {source(task.data, 'train')}", data.train),
-        SplitRows("dev", dev_origin, data.dev),
+        SplitRows(
+            "train", f"from {source(task.data, 'train')}" + _sampled(task, "train"), data.train
+        ),
+        SplitRows("dev", dev_origin + _sampled(task, "dev"), data.dev),
     ]
     if "test" in splits and has_split(task.data, "test"):
         found.append(
@@ -79,6 +81,11 @@ def list_rows(task: TaskSpec, seed: int, splits: Sequence[str] = SPLITS) -> List
             )
         )
     return Listing([s for s in found if s.name in splits], data.label_names)
+
+
+def _sampled(task: TaskSpec, split: str) -> str:
+    limit = getattr(task, f"max_{split}_examples")
+    return "" if limit is None else f", at most task.max_{split}_examples {limit} of them (seeded)"
 
 
 def print_rows(listing: Listing, task: TaskSpec, out: TextIO) -> None:

@@ -91,21 +91,22 @@ def load_split(task: TaskSpec, split: str, optional: tuple[str, ...] = ()) -> li
     """One split as rows with canonical keys and ``row`` (the row's index in the split);
     errors name the split's key path, its file, and the missing column or the empty row. The
     ``optional`` canonical columns (e.g. ``label`` for inputs to predict) may be absent."""
-    records = _read_records(task.data, split)
     columns = _columns(task)
+    texts = tuple(name for key, name in columns.items() if key != "label")
+    records = _read_records(task.data, split, texts)
     where = source(task.data, split)
     if records:
         columns = {
             key: name for key, name in columns.items() if key not in optional or name in records[0]
         }
         missing = [
-            f"column {name!r} (task.{key})"
+            f"task.{key}: column {name!r}"
             for key, name in columns.items()
             if name not in records[0]
         ]
         if missing:
             raise BadInputError(
-                f"{where}: no {', '.join(missing)}; its columns are {sorted(records[0])}"
+                f"{where} lacks {', '.join(missing)}; its columns are {sorted(records[0])}"
                 f"{_header_hint(task.data)}"
             )
     rows = []
@@ -165,7 +166,8 @@ def has_split(data: DataSpec, split: str) -> bool:
     return data.builtin is not None or getattr(data, split) is not None
 
 
-def _read_records(data: DataSpec, split: str) -> list[dict]:
+def _read_records(data: DataSpec, split: str, texts: tuple[str, ...]) -> list[dict]:
+    """The split's records; ``texts`` names the columns a CSV reader must keep as text."""
     if data.builtin is not None:
         from reftsearch.data.synthetic import make_builtin_task
 
@@ -175,10 +177,10 @@ def _read_records(data: DataSpec, split: str) -> list[dict]:
             raise BadInputError(f"task.data.builtin: {err}") from None
     if data.hub is not None:
         return _read_hub(data, getattr(data, split), split)
-    return _read_local(data, split)
+    return _read_local(data, split, texts)
 
 
-def _read_local(data: DataSpec, split: str) -> list[dict]:
+def _read_local(data: DataSpec, split: str, texts: tuple[str, ...]) -> list[dict]:
     import datasets
 
     path = Path(getattr(data, split))
@@ -202,7 +204,7 @@ def _read_local(data: DataSpec, split: str) -> list[dict]:
         raise BadInputError(f"task.data.{split}: file not found: {path}")
     options = dict(data.read_options)
     if builder == "csv":
-        options = _csv_options(path, data, split)
+        options = _csv_options(path, data, split, texts)
     elif not data.header or data.columns:
         raise BadInputError(f"task.data.header: only for .csv and .tsv files, not {path.name}")
     try:
@@ -212,12 +214,15 @@ def _read_local(data: DataSpec, split: str) -> list[dict]:
     return dataset.to_list()
 
 
-def _csv_options(path: Path, data: DataSpec, split: str) -> dict[str, Any]:
+def _csv_options(path: Path, data: DataSpec, split: str, texts: tuple[str, ...]) -> dict[str, Any]:
     """``read_options`` for pandas, with the header and column names, once the file has been
     checked with Python's strict CSV reader: pandas reads a field that opens a quote it does
     not close right before the separator (``"Tigers" win``) by dropping the quotes, and one
-    it never closes by swallowing the lines after it, silently."""
+    it never closes by swallowing the lines after it, silently. Text columns stay text as
+    written: pandas would read a response ``007`` as the number 7 (and `` 5`` as 5)."""
     options = dict(data.read_options)
+    by_index = not data.header and not data.columns  # pandas numbers such columns
+    options["converters"] = {int(t) if by_index and t.isdigit() else t: str for t in texts}
     if path.suffix.lower() == ".tsv":
         options.setdefault("sep", "\t")
     separator = options.get("sep", options.get("delimiter", ","))
