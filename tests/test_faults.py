@@ -10,6 +10,7 @@ resumes with nothing lost; a run whose every trial failed exits 1 with their rea
 
 import hashlib
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -19,12 +20,14 @@ from collections import Counter
 import optuna
 import pytest
 from conftest import tiny_study
+from sqlalchemy.engine import make_url
 
 from reftsearch.cli import main
 from reftsearch.run.worker import Worker
 from reftsearch.search.record import TrialRecord, search_trials
 from reftsearch.search.study import INTERRUPTED, count_finished, open_study
 from reftsearch.spec.study_file import load_spec
+from reftsearch.testing import postgres_admin
 
 State = optuna.trial.TrialState
 # one torch thread per process: 2 threads per process on a busy 2-core machine run 20x slower
@@ -312,4 +315,88 @@ def test_an_interrupted_trial_is_not_counted_and_runs_again_on_resume(
     completed = [t for t in search_trials(result) if t.state == State.COMPLETE]
     assert count_finished(result) == len(completed) == 4  # four configs trained
     assert [t.params for t in completed if t.number == again.number] == [victim.params]
+    assert not result.get_trials(states=(State.RUNNING, State.WAITING))
+
+
+SECRET = "s3cret"  # trust auth ignores the password; it must still never be printed
+
+
+def with_password(url: str) -> str:
+    return make_url(url).set(password=SECRET).render_as_string(hide_password=False)
+
+
+def one_error_line(out: str) -> str:
+    """The run's last line, after checking that no traceback came before it."""
+    assert "Traceback" not in out and "Exception in thread" not in out, out
+    return out.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("outage", ["connections-refused", "database-dropped"])
+def test_postgres_lost_mid_run_ends_in_one_line_and_resumes(
+    write_study, easy_task_files, postgres_url, outage
+):
+    """PostgreSQL unreachable mid-run gave 150-330 lines of traceback ending in
+    UnboundLocalError or StorageInternalError. A real server: its connections are cut
+    (pg_terminate_backend) and refused, then allowed again; or the database is dropped."""
+    url = with_password(postgres_url)
+    name = make_url(url).database
+    study = slow_study(write_study, easy_task_files, url, heartbeat_s=1)
+    driver = start_run(study)
+    wait_for_trial_mid_way(url, driver)
+    before = {t.number: (t.value, t.params) for t in stored(url).trials if t.value is not None}
+    with postgres_admin() as admin:
+        if outage == "database-dropped":
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        else:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (name,),
+            )
+        out, _ = driver.communicate(timeout=300)
+        assert driver.returncode == 1, out
+        line = one_error_line(out)
+        masked = make_url(url).render_as_string(hide_password=True)
+        assert line.startswith(f"error: storage {masked} failed: "), line
+        assert line.endswith("run the same command again to resume once it is back")
+        assert SECRET not in out
+        if outage == "database-dropped":
+            return
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+
+    resumed = start_run(study)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    result = stored(url)
+    assert {n: (result.trials[n].value, result.trials[n].params) for n in before} == before
+    assert count_finished(result) == 4
+    assert not result.get_trials(states=(State.RUNNING, State.WAITING))
+
+
+def test_a_full_disk_mid_run_ends_in_one_line_and_resumes(write_study, easy_task_files, tmp_path):
+    """The run's process may write no file past its database's size + 64 KB (RLIMIT_FSIZE,
+    SIGXFSZ ignored), as on a full disk: SQLite says "database or disk is full" for a write
+    that comes back short, "disk I/O error" for one refused outright."""
+    study = write_study(tiny_study(easy_task_files, budget={"n_trials": 1, "max_epochs": 1}))
+    assert main(["run", str(study)]) == 0
+    db = tmp_path / "t.db"
+    (first,) = stored(f"sqlite:///{db}").trials
+    limit = db.stat().st_size + 64 * 1024
+
+    def full_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    command = [sys.executable, "-m", "reftsearch.cli", "run", str(study), "--n-trials", "30"]
+    ran = subprocess.run(command, env=ENV, capture_output=True, text=True, preexec_fn=full_disk)
+    assert ran.returncode == 1, ran.stdout + ran.stderr
+    line = one_error_line(ran.stderr)
+    assert line.startswith(f"error: storage sqlite:///{db} failed: "), line
+    assert "database or disk is full" in line or "disk I/O error" in line, line
+    assert count_finished(stored(f"sqlite:///{db}")) < 30
+
+    assert main(["run", str(study), "--n-trials", "3"]) == 0
+    result = stored(f"sqlite:///{db}")
+    assert result.trials[0].params == first.params and result.trials[0].value == first.value
+    assert count_finished(result) >= 3
     assert not result.get_trials(states=(State.RUNNING, State.WAITING))

@@ -31,6 +31,7 @@ SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite dat
 # exists", a duplicate version row): the loser tries again and finds them made
 CREATE_ATTEMPTS = 5
 CREATE_RACE = ("already exists", "UNIQUE constraint failed", "duplicate key value")
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # disk full, quota met, file size limit
 
 
 def mask_url(url: str) -> str:
@@ -193,7 +194,8 @@ def storage_errors(url: str) -> Iterator[None]:
             raise
         if isinstance(cause, OSError):
             raise ReftSearchError(
-                f"disk full: {cause}; free some space, then run the same command again to resume"
+                f"no room to write: {cause}; free some space, then run the same command again "
+                "to resume"
             ) from None
         raise ReftSearchError(
             f"storage {mask_url(url)} failed: {_first_line(cause, url)}; run the same command "
@@ -212,7 +214,7 @@ def storage_cause(err: BaseException) -> BaseException | None:
         seen.add(id(current))
         if isinstance(current, sqlalchemy.exc.SQLAlchemyError | sqlite3.Error):
             return current
-        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+        if isinstance(current, OSError) and current.errno in NO_ROOM:
             return current
         if isinstance(current, optuna.exceptions.StorageInternalError) and found is None:
             found = current
