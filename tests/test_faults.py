@@ -400,3 +400,23 @@ def test_a_full_disk_mid_run_ends_in_one_line_and_resumes(write_study, easy_task
     assert result.trials[0].params == first.params and result.trials[0].value == first.value
     assert count_finished(result) >= 3
     assert not result.get_trials(states=(State.RUNNING, State.WAITING))
+
+
+@pytest.mark.slow
+def test_two_runs_started_at_once_on_a_new_random_study_share_the_budget(
+    write_study, easy_task_files
+):
+    """Two `reftsearch run`s of one new study: one died on "table studies already exists",
+    or both drew the same random configs (4 budget slots, 2 configs)."""
+    raw = tiny_study(easy_task_files, budget={"n_trials": 4, "max_epochs": 1})
+    study = write_study(raw)
+    url = load_spec(study).storage
+    runs = [start_run(study), start_run(study)]
+    outs = [run.communicate(timeout=600)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outs
+    result = stored(url)
+    trials = search_trials(result)
+    assert count_finished(result) == len(trials) == 4
+    assert {t.state for t in trials} == {State.COMPLETE}
+    assert not any(TrialRecord.of(t).copied_from is not None for t in trials)
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 4
