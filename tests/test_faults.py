@@ -19,6 +19,7 @@ from collections import Counter
 
 import optuna
 import pytest
+import sqlalchemy
 from conftest import tiny_study
 from sqlalchemy.engine import make_url
 
@@ -68,6 +69,18 @@ def test_read_only_commands_create_no_database_for_a_mistyped_path(
     assert main([command[0], str(study), *command[1:]]) == 2
     assert "does not exist yet" in capsys.readouterr().err
     assert not (tmp_path / "typo.db").exists()
+
+
+def test_read_only_commands_leave_an_empty_file_empty(
+    write_study, easy_task_files, tmp_path, capsys
+):
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    study = write_study(tiny_study(easy_task_files, storage=f"sqlite:///{empty}"))
+    for command in (["best"], ["report"], ["dashboard", "--port", "0"]):
+        assert main([command[0], str(study), *command[1:]]) == 2
+        assert "holds no Optuna studies" in capsys.readouterr().err
+    assert empty.stat().st_size == 0
 
 
 def test_run_refuses_a_storage_file_that_is_no_database(
@@ -420,3 +433,15 @@ def test_two_runs_started_at_once_on_a_new_random_study_share_the_budget(
     assert {t.state for t in trials} == {State.COMPLETE}
     assert not any(TrialRecord.of(t).copied_from is not None for t in trials)
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 4
+
+
+def test_read_only_commands_create_no_tables_in_an_empty_postgres_database(
+    write_study, easy_task_files, postgres_url, capsys
+):
+    study = write_study(tiny_study(easy_task_files, storage=with_password(postgres_url)))
+    for command in (["best"], ["report"], ["dashboard", "--port", "0"]):
+        assert main([command[0], str(study), *command[1:]]) == 2
+        err = capsys.readouterr().err
+        assert "holds no Optuna studies" in err and SECRET not in err
+    tables = sqlalchemy.inspect(sqlalchemy.create_engine(postgres_url)).get_table_names()
+    assert tables == []

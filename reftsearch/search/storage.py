@@ -163,12 +163,17 @@ def open_existing_storage(url: str, name: str) -> optuna.storages.RDBStorage:
         raise BadInputError(
             f"no study named {name!r}: {path} does not exist yet (run the study first)"
         )
+    # looked up before Optuna opens it: its RDBStorage writes a version row where none is
+    engine = sqlalchemy.create_engine(url, connect_args=_connect_args(url))
     try:
-        return open_storage(url, heartbeat_s=None, read_only=True)
+        has_studies = sqlalchemy.inspect(engine).has_table("studies")
     except sqlalchemy.exc.DBAPIError as err:
-        raise BadInputError(
-            f"storage {mask_url(url)} holds no Optuna studies ({_first_line(err, url)})"
-        ) from None
+        raise BadInputError(f"storage {mask_url(url)}: {_first_line(err, url)}") from None
+    finally:
+        engine.dispose()
+    if not has_studies:
+        raise BadInputError(f"storage {mask_url(url)} holds no Optuna studies (no tables)")
+    return open_storage(url, heartbeat_s=None, read_only=True)
 
 
 def load_named_study(name: str, storage_url: str) -> optuna.Study:
