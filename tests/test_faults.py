@@ -445,3 +445,15 @@ def test_read_only_commands_create_no_tables_in_an_empty_postgres_database(
         assert "holds no Optuna studies" in err and SECRET not in err
     tables = sqlalchemy.inspect(sqlalchemy.create_engine(postgres_url)).get_table_names()
     assert tables == []
+
+
+def test_a_warm_start_from_an_unreachable_storage_is_bad_input_not_a_storage_failure(
+    write_study, easy_task_files, tmp_path, capsys
+):
+    """Its connection error is the context of the bad-input error: it stays exit code 2."""
+    source = {"study": "nope", "storage": f"postgresql+psycopg://u:{SECRET}@127.0.0.1:1/none"}
+    raw = tiny_study(easy_task_files, warm_start=[source])
+    assert main(["run", str(write_study(raw))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: warm_start.study: storage: cannot connect to 127.0.0.1")
+    assert SECRET not in err and not (tmp_path / "t.db").exists()

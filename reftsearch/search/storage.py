@@ -108,7 +108,8 @@ def open_storage(
                 max_retry=1
             ),
         }
-    for attempt in range(CREATE_ATTEMPTS):
+    attempt = 1
+    while True:
         try:
             with warnings.catch_warnings():  # heartbeats are experimental in Optuna, by design
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -116,10 +117,10 @@ def open_storage(
                     url, engine_kwargs=engine_kwargs, skip_table_creation=read_only, **heartbeat
                 )
         except sqlalchemy.exc.DBAPIError as err:
-            if read_only or attempt + 1 == CREATE_ATTEMPTS or not _lost_create_race(err):
+            if read_only or attempt == CREATE_ATTEMPTS or not _lost_create_race(err):
                 raise
-            time.sleep(0.1 * (attempt + 1))  # the winner is still creating its tables
-    raise AssertionError("unreachable")
+        time.sleep(0.1 * attempt)  # the winner is still creating its tables
+        attempt += 1
 
 
 def _lost_create_race(err: Exception) -> bool:
@@ -193,6 +194,8 @@ def storage_errors(url: str) -> Iterator[None]:
     Other errors pass through."""
     try:
         yield
+    except ReftSearchError:  # already one line (bad input says exit 2 itself)
+        raise
     except Exception as err:
         cause = storage_cause(err)
         if cause is None:
@@ -223,5 +226,8 @@ def storage_cause(err: BaseException) -> BaseException | None:
             return current
         if isinstance(current, optuna.exceptions.StorageInternalError) and found is None:
             found = current
-        current = current.__cause__ or current.__context__
+        # ``raise ... from None`` hides the context: not the cause then
+        current = current.__cause__ or (
+            None if current.__suppress_context__ else current.__context__
+        )
     return found
