@@ -37,6 +37,7 @@ def report_errors(command: Callable[[], int]) -> int:
     _quiet_libraries()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
+    threading.excepthook = _thread_error
     try:
         return command()
     except ReftSearchError as err:
@@ -49,6 +50,15 @@ def report_errors(command: Callable[[], int]) -> int:
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def _thread_error(args: threading.ExceptHookArgs) -> None:
+    """A storage error in a thread (Optuna's heartbeat) prints nothing: the main thread meets
+    the same storage next and says so in one line (``storage_errors``), not a traceback."""
+    from reftsearch.search.storage import storage_cause
+
+    if storage_cause(args.exc_value) is None:
+        threading.__excepthook__(args)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -495,7 +505,7 @@ def _writing(path: Path, option: str) -> Iterator[None]:
     try:
         yield
     except OSError as err:
-        if err.errno == errno.ENOSPC:
+        if err.errno == errno.ENOSPC:  # no fault of the path: storage_errors says it
             raise
         reason = err.strerror or err
         raise BadInputError(f"{option} {path}: cannot write there ({reason})") from None

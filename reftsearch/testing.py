@@ -9,24 +9,28 @@ from contextlib import contextmanager
 LOCAL_POSTGRES = "host=127.0.0.1 port=5432"
 
 
-@contextmanager
-def scratch_postgres_database(prefix: str = "reftsearch_scratch") -> Iterator[str | None]:
-    """A fresh database on the local PostgreSQL (trust auth, user postgres or root), as a
-    SQLAlchemy URL, dropped afterwards; None when no server accepts either user."""
+def postgres_admin():
+    """A psycopg connection (autocommit) to the local PostgreSQL as user postgres or root,
+    on database postgres or test; None when no server accepts either."""
     import psycopg
 
-    admin = None
     for user in ("postgres", "root"):
         for database in ("postgres", "test"):
             try:
-                admin = psycopg.connect(
+                return psycopg.connect(
                     f"{LOCAL_POSTGRES} user={user} dbname={database}", autocommit=True
                 )
-                break
             except psycopg.OperationalError:
                 continue
-        if admin is not None:
-            break
+    return None
+
+
+@contextmanager
+def scratch_postgres_database(prefix: str = "reftsearch_scratch") -> Iterator[str | None]:
+    """A fresh database on the local PostgreSQL (trust auth, user postgres or root), as a
+    SQLAlchemy URL, dropped afterwards (if a test has not dropped it); None when no server
+    accepts either user."""
+    admin = postgres_admin()
     if admin is None:
         yield None
         return
@@ -35,5 +39,5 @@ def scratch_postgres_database(prefix: str = "reftsearch_scratch") -> Iterator[st
     try:
         yield f"postgresql+psycopg://{admin.info.user}@127.0.0.1:5432/{name}"
     finally:
-        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()

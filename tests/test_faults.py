@@ -10,6 +10,7 @@ resumes with nothing lost; a run whose every trial failed exits 1 with their rea
 
 import hashlib
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -18,13 +19,16 @@ from collections import Counter
 
 import optuna
 import pytest
+import sqlalchemy
 from conftest import tiny_study
+from sqlalchemy.engine import make_url
 
 from reftsearch.cli import main
 from reftsearch.run.worker import Worker
 from reftsearch.search.record import TrialRecord, search_trials
 from reftsearch.search.study import INTERRUPTED, count_finished, open_study
 from reftsearch.spec.study_file import load_spec
+from reftsearch.testing import postgres_admin
 
 State = optuna.trial.TrialState
 # one torch thread per process: 2 threads per process on a busy 2-core machine run 20x slower
@@ -65,6 +69,18 @@ def test_read_only_commands_create_no_database_for_a_mistyped_path(
     assert main([command[0], str(study), *command[1:]]) == 2
     assert "does not exist yet" in capsys.readouterr().err
     assert not (tmp_path / "typo.db").exists()
+
+
+def test_read_only_commands_leave_an_empty_file_empty(
+    write_study, easy_task_files, tmp_path, capsys
+):
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    study = write_study(tiny_study(easy_task_files, storage=f"sqlite:///{empty}"))
+    for command in (["best"], ["report"], ["dashboard", "--port", "0"]):
+        assert main([command[0], str(study), *command[1:]]) == 2
+        assert "holds no Optuna studies" in capsys.readouterr().err
+    assert empty.stat().st_size == 0
 
 
 def test_run_refuses_a_storage_file_that_is_no_database(
@@ -313,3 +329,131 @@ def test_an_interrupted_trial_is_not_counted_and_runs_again_on_resume(
     assert count_finished(result) == len(completed) == 4  # four configs trained
     assert [t.params for t in completed if t.number == again.number] == [victim.params]
     assert not result.get_trials(states=(State.RUNNING, State.WAITING))
+
+
+SECRET = "s3cret"  # trust auth ignores the password; it must still never be printed
+
+
+def with_password(url: str) -> str:
+    return make_url(url).set(password=SECRET).render_as_string(hide_password=False)
+
+
+def one_error_line(out: str) -> str:
+    """The run's last line, after checking that no traceback came before it."""
+    assert "Traceback" not in out and "Exception in thread" not in out, out
+    return out.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("outage", ["connections-refused", "database-dropped"])
+def test_postgres_lost_mid_run_ends_in_one_line_and_resumes(
+    write_study, easy_task_files, postgres_url, outage
+):
+    """PostgreSQL unreachable mid-run gave 150-330 lines of traceback ending in
+    UnboundLocalError or StorageInternalError. A real server: its connections are cut
+    (pg_terminate_backend) and refused, then allowed again; or the database is dropped."""
+    url = with_password(postgres_url)
+    name = make_url(url).database
+    study = slow_study(write_study, easy_task_files, url, heartbeat_s=1)
+    driver = start_run(study)
+    wait_for_trial_mid_way(url, driver)
+    before = {t.number: (t.value, t.params) for t in stored(url).trials if t.value is not None}
+    with postgres_admin() as admin:
+        if outage == "database-dropped":
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        else:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (name,),
+            )
+        out, _ = driver.communicate(timeout=300)
+        assert driver.returncode == 1, out
+        line = one_error_line(out)
+        masked = make_url(url).render_as_string(hide_password=True)
+        assert line.startswith(f"error: storage {masked} failed: "), line
+        assert line.endswith("run the same command again to resume once it is back")
+        assert SECRET not in out
+        if outage == "database-dropped":
+            return
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+
+    resumed = start_run(study)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    result = stored(url)
+    assert {n: (result.trials[n].value, result.trials[n].params) for n in before} == before
+    assert count_finished(result) == 4
+    assert not result.get_trials(states=(State.RUNNING, State.WAITING))
+
+
+def test_a_full_disk_mid_run_ends_in_one_line_and_resumes(write_study, easy_task_files, tmp_path):
+    """The run's process may write no file past its database's size + 64 KB (RLIMIT_FSIZE,
+    SIGXFSZ ignored), as on a full disk: SQLite says "database or disk is full" for a write
+    that comes back short, "disk I/O error" for one refused outright."""
+    study = write_study(tiny_study(easy_task_files, budget={"n_trials": 1, "max_epochs": 1}))
+    assert main(["run", str(study)]) == 0
+    db = tmp_path / "t.db"
+    (first,) = stored(f"sqlite:///{db}").trials
+    limit = db.stat().st_size + 64 * 1024
+
+    def full_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    command = [sys.executable, "-m", "reftsearch.cli", "run", str(study), "--n-trials", "30"]
+    ran = subprocess.run(command, env=ENV, capture_output=True, text=True, preexec_fn=full_disk)
+    assert ran.returncode == 1, ran.stdout + ran.stderr
+    line = one_error_line(ran.stderr)
+    assert line.startswith(f"error: storage sqlite:///{db} failed: "), line
+    assert "database or disk is full" in line or "disk I/O error" in line, line
+    assert count_finished(stored(f"sqlite:///{db}")) < 30
+
+    assert main(["run", str(study), "--n-trials", "3"]) == 0
+    result = stored(f"sqlite:///{db}")
+    assert result.trials[0].params == first.params and result.trials[0].value == first.value
+    assert count_finished(result) >= 3
+    assert not result.get_trials(states=(State.RUNNING, State.WAITING))
+
+
+@pytest.mark.slow
+def test_two_runs_started_at_once_on_a_new_random_study_share_the_budget(
+    write_study, easy_task_files
+):
+    """Two `reftsearch run`s of one new study: one died on "table studies already exists",
+    or both drew the same random configs (4 budget slots, 2 configs)."""
+    raw = tiny_study(easy_task_files, budget={"n_trials": 4, "max_epochs": 1})
+    study = write_study(raw)
+    url = load_spec(study).storage
+    runs = [start_run(study), start_run(study)]
+    outs = [run.communicate(timeout=600)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outs
+    result = stored(url)
+    trials = search_trials(result)
+    assert count_finished(result) == len(trials) == 4
+    assert {t.state for t in trials} == {State.COMPLETE}
+    assert not any(TrialRecord.of(t).copied_from is not None for t in trials)
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 4
+
+
+def test_read_only_commands_create_no_tables_in_an_empty_postgres_database(
+    write_study, easy_task_files, postgres_url, capsys
+):
+    study = write_study(tiny_study(easy_task_files, storage=with_password(postgres_url)))
+    for command in (["best"], ["report"], ["dashboard", "--port", "0"]):
+        assert main([command[0], str(study), *command[1:]]) == 2
+        err = capsys.readouterr().err
+        assert "holds no Optuna studies" in err and SECRET not in err
+    tables = sqlalchemy.inspect(sqlalchemy.create_engine(postgres_url)).get_table_names()
+    assert tables == []
+
+
+def test_a_warm_start_from_an_unreachable_storage_is_bad_input_not_a_storage_failure(
+    write_study, easy_task_files, tmp_path, capsys
+):
+    """Its connection error is the context of the bad-input error: it stays exit code 2."""
+    source = {"study": "nope", "storage": f"postgresql+psycopg://u:{SECRET}@127.0.0.1:1/none"}
+    raw = tiny_study(easy_task_files, warm_start=[source])
+    assert main(["run", str(write_study(raw))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: warm_start.study: storage: cannot connect to 127.0.0.1")
+    assert SECRET not in err and not (tmp_path / "t.db").exists()

@@ -135,8 +135,8 @@ class Worker:
             store(trial, past_budget=reason)  # it counts nowhere (is_search_trial)
             give_back_grid_point(trial)
             raise TrialFailed(f"trial {trial.number} {reason}")
-        store(trial, model_loads=_model_loads)
         try:
+            store(trial, model_loads=_model_loads)
             return self.objective(trial)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM (reftsearch.cli): not this config's fault
             requeue_interrupted(trial)

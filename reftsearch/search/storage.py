@@ -31,6 +31,7 @@ SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite dat
 # exists", a duplicate version row): the loser tries again and finds them made
 CREATE_ATTEMPTS = 5
 CREATE_RACE = ("already exists", "UNIQUE constraint failed", "duplicate key value")
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # disk full, quota met, file size limit
 
 
 def mask_url(url: str) -> str:
@@ -107,7 +108,8 @@ def open_storage(
                 max_retry=1
             ),
         }
-    for attempt in range(CREATE_ATTEMPTS):
+    attempt = 1
+    while True:
         try:
             with warnings.catch_warnings():  # heartbeats are experimental in Optuna, by design
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -115,10 +117,10 @@ def open_storage(
                     url, engine_kwargs=engine_kwargs, skip_table_creation=read_only, **heartbeat
                 )
         except sqlalchemy.exc.DBAPIError as err:
-            if read_only or attempt + 1 == CREATE_ATTEMPTS or not _lost_create_race(err):
+            if read_only or attempt == CREATE_ATTEMPTS or not _lost_create_race(err):
                 raise
-            time.sleep(0.1 * (attempt + 1))  # the winner is still creating its tables
-    raise AssertionError("unreachable")
+        time.sleep(0.1 * attempt)  # the winner is still creating its tables
+        attempt += 1
 
 
 def _lost_create_race(err: Exception) -> bool:
@@ -162,12 +164,17 @@ def open_existing_storage(url: str, name: str) -> optuna.storages.RDBStorage:
         raise BadInputError(
             f"no study named {name!r}: {path} does not exist yet (run the study first)"
         )
+    # looked up before Optuna opens it: its RDBStorage writes a version row where none is
+    engine = sqlalchemy.create_engine(url, connect_args=_connect_args(url))
     try:
-        return open_storage(url, heartbeat_s=None, read_only=True)
+        has_studies = sqlalchemy.inspect(engine).has_table("studies")
     except sqlalchemy.exc.DBAPIError as err:
-        raise BadInputError(
-            f"storage {mask_url(url)} holds no Optuna studies ({_first_line(err, url)})"
-        ) from None
+        raise BadInputError(f"storage {mask_url(url)}: {_first_line(err, url)}") from None
+    finally:
+        engine.dispose()
+    if not has_studies:
+        raise BadInputError(f"storage {mask_url(url)} holds no Optuna studies (no tables)")
+    return open_storage(url, heartbeat_s=None, read_only=True)
 
 
 def load_named_study(name: str, storage_url: str) -> optuna.Study:
@@ -187,13 +194,16 @@ def storage_errors(url: str) -> Iterator[None]:
     Other errors pass through."""
     try:
         yield
+    except ReftSearchError:  # already one line (bad input says exit 2 itself)
+        raise
     except Exception as err:
         cause = storage_cause(err)
         if cause is None:
             raise
         if isinstance(cause, OSError):
             raise ReftSearchError(
-                f"disk full: {cause}; free some space, then run the same command again to resume"
+                f"no room to write: {cause}; free some space, then run the same command again "
+                "to resume"
             ) from None
         raise ReftSearchError(
             f"storage {mask_url(url)} failed: {_first_line(cause, url)}; run the same command "
@@ -212,9 +222,12 @@ def storage_cause(err: BaseException) -> BaseException | None:
         seen.add(id(current))
         if isinstance(current, sqlalchemy.exc.SQLAlchemyError | sqlite3.Error):
             return current
-        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+        if isinstance(current, OSError) and current.errno in NO_ROOM:
             return current
         if isinstance(current, optuna.exceptions.StorageInternalError) and found is None:
             found = current
-        current = current.__cause__ or current.__context__
+        # ``raise ... from None`` hides the context: not the cause then
+        current = current.__cause__ or (
+            None if current.__suppress_context__ else current.__context__
+        )
     return found

@@ -156,12 +156,14 @@ def make_sampler(spec: StudySpec) -> SeededByFirstTrial:
 
 
 class SeededByFirstTrial(optuna.samplers.BaseSampler):
-    """A sampler seeded ``seed + n``, ``n`` the number of the first trial this process asks.
+    """A sampler seeded ``seed + n``, ``n`` the number of the first trial this process
+    samples (enqueued trials, warm starts or retries, come with their config).
 
     Trial numbers are unique across processes: two runs or workers on one study get two
     seeds, where one seed each drew the very same configs (a budget of 4 trained 2). A lone
-    run of a new study starts at trial 0 with the spec's seed (reproducible), and a resumed
-    one past the trials stored, so it does not draw its first configs again."""
+    run gets the seeds it always got: a new study's first trial is trial 0 (the spec's
+    seed), and a resumed study's comes after those stored, so it does not draw its first
+    configs again."""
 
     def __init__(self, build: Callable[[int], optuna.samplers.BaseSampler], seed: int) -> None:
         self._build = build
@@ -172,7 +174,7 @@ class SeededByFirstTrial(optuna.samplers.BaseSampler):
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         with self._lock:
-            if not self._seeded:
+            if not self._seeded and "fixed_params" not in trial.system_attrs:
                 self.sampler = self._build(self._seed + trial.number)
                 self._seeded = True
         self.sampler.before_trial(study, trial)
