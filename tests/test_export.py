@@ -483,6 +483,15 @@ def smollm2_study(tmp_path_factory) -> Path:
     space = {"intervention": ["loreft", "direft", "noreft"], "layers": SMOLLM2_LAYERS,
              "prefix": [0, 3], "suffix": [3, 5], "tied": [True, False], "lr": 2e-3}  # fmt: skip
     study = write_study(directory, "smol", "embedded:smollm2", space, n_trials=len(SMOLLM2_CASES))
+    # prompts of 12 tokens and more (builtin:arithmetic's have 7: too short for l5)
+    for split, n in (("train", 32), ("dev", 6)):
+        rows = [{"prompt": f"Add the numbers {a} and {a + 3} and write only the sum:",
+                 "response": f" {2 * a + 3}"} for a in range(n)]  # fmt: skip
+        (directory / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = yaml.safe_load(study.read_text())
+    data = {split: str(directory / f"{split}.jsonl") for split in ("train", "dev")}
+    raw["task"] = {**raw["task"], "data": data}
+    study.write_text(yaml.safe_dump(raw, sort_keys=False))
     spec = load_spec(study)
     stored = open_study(spec, spec.storage)
     for params in SMOLLM2_CASES.values():

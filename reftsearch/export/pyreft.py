@@ -111,7 +111,7 @@ def export_study(
     """Write the best trial (or ``trial_number``) of the stored study to ``out_dir``.
 
     The base model is copied for built-in models and with ``with_base_model``, else named."""
-    out = Path(out_dir)
+    out = Path(out_dir).absolute()  # not resolve(): a symbolic link must stay one, to refuse
     check_out_dir(out)  # before anything is scored or stored
     study = load_named_study(spec.name, storage_url)
     trial = pick_trial(study, trial_number)
@@ -131,7 +131,7 @@ def export_study(
         location = _write_base_model(scratch, spec.model.path, base, base_config, copy)
         examples = prepared.split.dev[:REFERENCE_EXAMPLES]
         reference_inputs = reference_io(base, reft, examples, keys)
-        copied = out.resolve() / BASE_MODEL_DIR  # where check_export.py finds it
+        copied = out / BASE_MODEL_DIR  # where check_export.py finds it
         reference_inputs["model"] = str(copied) if copy else location["load_from"]
         _write_json(scratch / "reference_io.json", reference_inputs)
 
