@@ -444,6 +444,17 @@ def test_a_model_with_another_rope_theta_matches_real_pyreft(tmp_path, pyreft_py
     assert run_and_export(study, out, *(["--with-base-model"] if copied else [])) == 0
     assert (out / "base_model").is_dir() == copied
     assert_matches_real_pyreft(pyreft_python, out)
+    if not copied:  # a referenced model whose weights changed since is refused
+        with (model / "model.safetensors").open("ab") as weights:
+            weights.write(b"\0")
+        snippet = subprocess.run(
+            [str(pyreft_python), str(out / "reft_config.py")], capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+        assert snippet.returncode != 0
+        assert "model.safetensors: not the base model this export was trained on" in (
+            snippet.stderr
+        )
 
 
 PYREFT_CHECK_CASES = {

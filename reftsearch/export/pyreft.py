@@ -162,7 +162,7 @@ def export_study(
                 "paper": paper_name,
                 "computes": formula,
                 "pyreft_class": pyreft_class,
-            },  # fmt: skip
+            },
             "base_model": {
                 **location,
                 "copied": copy,
