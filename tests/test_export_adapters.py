@@ -245,6 +245,7 @@ def check_in_adapters(python: Path, out: Path, generate: int = 0) -> dict:
     )  # fmt: skip
     assert result.stdout.strip(), result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
+    print(f"adapters check of {out}: {json.dumps(summary)}")  # the figures, with pytest -s
     assert result.returncode == 0, json.dumps(summary)[:3000]
     return summary
 
@@ -351,7 +352,6 @@ def test_minilm_export_matches_real_adapters(tmp_path, easy_task_files, adapters
     out = tmp_path / "out"
     assert run_and_export(study, out, "--format", "adapters") == 0
     summary = check_in_adapters(adapters_python, out)
-    print(f"minilm: {json.dumps(summary)}")  # the figures of the closing note
     assert summary["ok"] and summary["logits_max_abs_diff"] <= ATOL
 
 
@@ -362,7 +362,6 @@ def test_smollm2_export_matches_real_adapters(tmp_path, adapters_python):
     written the way the pyreft export writes it."""
     space = {"intervention": "loreft", "layers": "20;29", "prefix": 2, "suffix": 0, "tied": False}
     summary = check_generation_study(tmp_path, adapters_python, "embedded:smollm2", space)
-    print(f"smollm2: {json.dumps(summary)}")
     assert summary["ok"] and summary["logits_max_abs_diff"] <= ATOL
 
 
