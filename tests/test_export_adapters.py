@@ -218,7 +218,7 @@ def test_lora_trials_are_refused(tmp_path, easy_task_files, capsys):
 
 @pytest.fixture(scope="session")
 def adapters_python() -> Path:
-    """The isolated adapters 1.3.0 venv's python: reused when built, else built once (~70 s)
+    """The isolated adapters 1.3.0 venv's python: reused when built, else built once (70-150 s)
     under a lock, so that two test runs do not build it into each other."""
     python = ADAPTERS_VENV / "bin" / "python"
     done = ADAPTERS_VENV / "adapters-ref-freeze.txt"  # INSTALL.sh's last step
