@@ -3,15 +3,17 @@
 Run with the isolated adapters venv's python (tests/tools/adapters_ref/INSTALL.sh builds it;
 see tests/test_export_adapters.py), never with reftsearch's:
 
-    ADAPTERS_PYTHON tests/adapters_check.py EXPORT_DIR [--atol 1e-4]
+    ADAPTERS_PYTHON tests/adapters_check.py EXPORT_DIR [--atol 1e-4] [--generate N]
 
 Loads the exported base model with transformers' own class, ``adapters.init(model)``, then
 ``model.load_adapter(EXPORT_DIR, set_active=True)`` as a user would; checks that every tensor
 of the file found its place (adapters only logs missing or unexpected keys, and an adapter
 whose weights did not load still runs, on its random init) and that the loaded units are the
 configured kind; then, for every input of reference_io.json, compares adapters' logits with
-the adapter active and without it to the ones reftsearch recorded. Prints one JSON summary
-and exits 0 when everything matches, 1 otherwise.
+the adapter active and without it to the ones reftsearch recorded. With ``--generate N`` it
+also decodes N greedy tokens per input as the export's note says (``model.generate(...,
+use_cache=False)``) and reports the texts, for the caller to compare with reftsearch's. Prints
+one JSON summary and exits 0 when everything matches, 1 otherwise.
 """
 
 import argparse
@@ -28,6 +30,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("export_dir")
     parser.add_argument("--atol", type=float, default=1e-4)
+    parser.add_argument("--generate", type=int, default=0, metavar="N")
     args = parser.parse_args()
 
     with open(os.path.join(args.export_dir, "reference_io.json")) as f:
@@ -96,6 +99,12 @@ def main():
         )
     if effect <= args.atol:
         failures.append(f"the adapter changes the logits by only {effect:.3g}: nothing checked")
+    generated = []
+    if args.generate:
+        model.set_active_adapters(name)
+        generated = [
+            greedy_text(model, reference["model"], e, args.generate) for e in reference["examples"]
+        ]
     summary = {
         "ok": not failures,
         "failures": failures,
@@ -105,9 +114,26 @@ def main():
         "logits_max_abs_diff": worst,
         "base_logits_max_abs_diff": worst_base,
         "max_abs_effect_of_adapter": effect,
+        "generated": generated,
     }
     print(json.dumps(summary))
     sys.exit(0 if summary["ok"] else 1)
+
+
+def greedy_text(model, tokenizer_dir, example, max_new_tokens):
+    """What the export's note says to run: generate without the key/value cache."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = torch.tensor([example["input_ids"]])
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+            do_sample=False, use_cache=False, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.eos_token_id,
+        )  # fmt: skip
+    tokens = out[0, ids.shape[1] :].tolist()
+    if tokenizer.eos_token_id in tokens:
+        tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 if __name__ == "__main__":

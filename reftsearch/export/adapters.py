@@ -22,7 +22,14 @@ maps exactly or refuses (``why_not_mappable``):
 * positions: ``adapters`` edits the first ``p`` and last ``s`` tokens of every forward's input
   (by its attention mask), without pyreft's ``n // 2`` cap: the same tokens only on inputs of
   at least ``2 * max(p, s)`` tokens, so a study whose prompts include shorter ones is refused.
-  Generation: it edits the tokens of each call, so ``generate()`` differs (see ``GENERATION``).
+* generation: reftsearch edits the prompt pass only, and decoding reads the edited prompt
+  through the key/value cache. ``adapters`` edits the tokens of every forward's own input, and
+  its Llama attention (1.3.0 on transformers 4.57) takes ``past_key_value`` where transformers
+  passes ``past_key_values``, so cached decoding ignores the cache, with or without an adapter
+  (measured). Without the cache every step reruns the whole sequence: its first ``p`` tokens
+  are the prompt's, its last ``s`` are not. So prefix-only generation studies export
+  (``generate(..., use_cache=False)`` decodes as reftsearch does, see ``GENERATION``), and
+  generation studies with a suffix are refused.
 * tied: ``adapters``' ``tied_weights`` is reftsearch's ``tied`` (one unit for prefix and
   suffix); its untied builds two units even when one side is empty, so one-sided configs are
   written tied (one unit over the one side: the same thing).
@@ -73,11 +80,9 @@ WEIGHTS_FILE = "pytorch_adapter.bin"  # adapters.utils.WEIGHTS_NAME
 HEAD_CONFIG_FILE = "head_config.json"  # adapters.utils.HEAD_CONFIG_NAME
 HEAD_WEIGHTS_FILE = "pytorch_model_head.bin"  # adapters.utils.HEAD_WEIGHTS_NAME
 GENERATION = (
-    "adapters 1.3.0 edits the first/last tokens of every forward's own input: a forward over "
-    "the prompt gives reftsearch's logits, but its generate() does not (with a suffix it fails "
-    "at the first cached step, IndexError; with a prefix it edits every generated token). "
-    "Generate as reftsearch does: run the prompt with the adapter active, then decode from its "
-    "past_key_values with the adapter deactivated (model.set_active_adapters(None))"
+    "generate with model.generate(..., use_cache=False): adapters 1.3.0 edits the first tokens "
+    "of every forward's own input (with a cache, each new token), and its Llama attention "
+    "ignores the key/value cache on transformers 4.57"
 )
 
 
@@ -177,6 +182,14 @@ def why_not_mappable(config: ReftConfig, prepared: PreparedStudy) -> str | None:
             f"the base model runs in {base.dtype}, and adapters' ReftUnit does not cast hidden "
             "states to its own dtype (float32 units on a 16-bit model fail; 16-bit units compute "
             "differently from reftsearch's float32 interventions): export a float32 study"
+        )
+    if prepared.spec.task.kind == "generation" and config.suffix > 0:
+        return (
+            f"a generation study with a suffix ({config.positions}): reftsearch edits the "
+            "prompt's last tokens once and decodes from their cached keys and values; adapters "
+            "1.3.0 edits the last tokens of every forward's input (the generated ones) and its "
+            "Llama attention ignores the key/value cache, so it cannot decode the same way "
+            "(prefix-only generation studies export)"
         )
     widest = max(config.prefix, config.suffix)
     lengths = [e.prompt_length for e in (*prepared.split.train, *prepared.split.dev)]

@@ -14,6 +14,7 @@
 #   transformers==4.57.6     adapters 1.3.0 requires ~=4.57.6
 #   huggingface-hub==0.36.2  transformers 4.57 requires <1.0
 #   tokenizers==0.22.2       transformers 4.57 requires <=0.23.0
+# requirements.lock.txt is that venv's 'pip freeze': the rest is installed as it was.
 set -euo pipefail
 VENV="${1:?usage: INSTALL.sh VENV_DIR}"
 PY="${PYTHON:-python3.11}"
@@ -29,9 +30,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 step "1/2 torch (CPU wheel from local disk)"
 "$PIP" install -q torch==2.13.0
 
-step "2/2 adapters and the transformers it pins"
-"$PIP" install -q adapters==1.3.0 transformers==4.57.6 huggingface-hub==0.36.2 \
-    tokenizers==0.22.2 safetensors==0.8.0 numpy==2.4.6
+step "2/2 adapters and the transformers it pins (every other package as locked)"
+"$PIP" install -q -c "$(dirname "$0")/requirements.lock.txt" adapters==1.3.0 \
+    transformers==4.57.6 huggingface-hub==0.36.2 tokenizers==0.22.2 safetensors==0.8.0 \
+    numpy==2.4.6
 
 step "smoke test"
 "$VENV/bin/python" - <<'PY'
