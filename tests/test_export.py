@@ -219,7 +219,9 @@ def test_export_refuses_bad_input(tmp_path, capsys):
     raw = {"intervention": "loreft", "layers": "1", "prefix": 1, "suffix": 1, "tied": True}
     study = write_study(tmp_path, "gen", "tiny:llama", {**raw, "lr": [2e-2, 1e30]}, n_trials=2)
     spec = load_spec(study)
-    open_study(spec, spec.storage).enqueue_trial({"lr": 1e30})  # diverges: FAIL
+    study_db = open_study(spec, spec.storage)
+    study_db.enqueue_trial({"lr": 1e30})  # diverges: FAIL
+    study_db.enqueue_trial({"lr": 2e-2})  # completes: the run has a result
     assert main(["run", str(study)]) == 0
     states = [t.state for t in optuna.load_study(study_name="gen", storage=spec.storage).trials]
     assert states[0] == optuna.trial.TrialState.FAIL

@@ -334,16 +334,6 @@ def test_a_static_head_loads_in_real_adapters(tmp_path, easy_task_files, adapter
     assert summary["ok"] and summary["base_logits_max_abs_diff"] <= ATOL
 
 
-ROPE_THETA = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="rope_theta: issue 21 point 1, fixed on branch export-pyreft",
-)
-
-
-# transformers 5 writes SmolLM2's rope_theta (100000) only inside rope_parameters, which the
-# transformers 4.57 that adapters pins ignores (it takes 10000); with rope_theta added to
-# base_model/config.json the same export matches to 2.3e-5 (measured)
 @pytest.mark.slow
 def test_minilm_export_matches_real_adapters(tmp_path, easy_task_files, adapters_python):
     """MiniLM with its trained classification head (pooler included, in base_model/)."""
@@ -355,7 +345,6 @@ def test_minilm_export_matches_real_adapters(tmp_path, easy_task_files, adapters
     assert summary["ok"] and summary["logits_max_abs_diff"] <= ATOL
 
 
-@ROPE_THETA
 @pytest.mark.slow
 def test_smollm2_export_matches_real_adapters(tmp_path, adapters_python):
     """SmolLM2 (30 layers): the prompt's next-token logits and greedy texts, base_model/

@@ -171,8 +171,9 @@ def test_validate_says_what_run_will_read_and_loads_no_model(tmp_path):
     )
     ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert ran.stdout.splitlines() == [
-        f"{path}: ok (study 'own', classification, metric accuracy; data: train 36 rows, "
-        "dev 4 rows; 4 classes: Business, Sci/Tech, Sports, World)",
+        f"{path}: ok (study 'own', classification, metric accuracy; tiny:bert: 4 layers, "
+        "hidden size 64, 512 positions; data: train 36 rows, dev 4 rows; 4 classes: Business, "
+        "Sci/Tech, Sports, World)",
         "0 False",
     ], ran.stderr
 
@@ -311,8 +312,9 @@ def test_the_readmes_worked_example_reads_as_it_says(tmp_path, capsys):
     path.write_text(yaml.safe_dump({**raw, "model": "tiny:bert"}))
     assert main(["validate", str(path)]) == 0
     assert capsys.readouterr().out == (
-        f"{path}: ok (study 'news-minilm', classification, metric accuracy; data: "
-        "train 22 rows, dev 2 rows; 3 classes: Business, Sports, World)\n"
+        f"{path}: ok (study 'news-minilm', classification, metric accuracy; tiny:bert: 4 layers, "
+        "hidden size 64, 512 positions; data: train 22 rows, dev 2 rows; 3 classes: Business, "
+        "Sports, World)\n"
     )
     del raw["task"]["data"]["read_options"]
     path.write_text(yaml.safe_dump(raw))

@@ -140,7 +140,8 @@ def test_finalize_runs_only_seed_reruns_and_leaves_warm_starts_waiting(
     pops enqueued trials too, trained one as a seed rerun slot (and a rerun went missing).
     Each is given back, still waiting for a later, larger budget."""
     raw = tiny_study(easy_task_files, finalize={"top_k": 1, "seeds": [11, 12]})
-    raw["space"].update(rank=[1, 2, 4], suffix=[1, 2])  # lr: a range, so 3 distinct recipes
+    # the paper's lrs 3e-4 and 1e-3 both map to this space's 1e-3: two warm starts
+    raw["space"].update(rank=[1, 2, 4], suffix=[1, 2])
     raw.update(warm_start={"recipes": "paper"}, budget={"n_trials": 1, "max_epochs": 1})
     study = write_study(raw)
     assert main(["run", str(study)]) == 0
@@ -149,12 +150,15 @@ def test_finalize_runs_only_seed_reruns_and_leaves_warm_starts_waiting(
     assert [TrialRecord.of(t).finalize_of for t in trained] == [None, 0, 0]
     assert {TrialRecord.of(t).seed for t in trained[1:]} == {11, 12}
     waiting = [t for t in trials if t.state.name == "WAITING"]
-    assert len(waiting) == 2 and all(TrialRecord.of(t).warm_start for t in waiting)
-    # a larger budget trains them first, as warm starts
-    assert main(["run", str(study), "--n-trials", "3"]) == 0
+    assert len(waiting) == 1 and TrialRecord.of(waiting[0]).warm_start == "paper-glue-lr0.003"
+    # a larger budget trains it first
+    assert main(["run", str(study), "--n-trials", "2"]) == 0
     searched = [t for t in trials_of(study) if TrialRecord.of(t).is_search_trial]
     done = [t for t in searched if t.state.name == "COMPLETE"]
-    assert len(done) == 3 and all(TrialRecord.of(t).warm_start for t in done)
+    assert [TrialRecord.of(t).warm_start for t in done] == [
+        "paper-glue-lr0.0003",
+        "paper-glue-lr0.003",
+    ]
 
 
 def test_finalize_defaults_on_for_big_studies(tmp_path):

@@ -43,7 +43,6 @@ maps exactly or refuses (``why_not_mappable``):
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,13 +51,15 @@ import torch
 from reftsearch import __version__
 from reftsearch.data.splits import has_split
 from reftsearch.errors import BadInputError
+from reftsearch.export.base_model import transformers4_config
+from reftsearch.export.out_dir import SIDECAR, check_out_dir, listing, replacing
 from reftsearch.export.pyreft import (
+    BASE_MODEL_DIR,
     REFERENCE_EXAMPLES,
-    _check_out_dir,
-    _write_base_model,
-    _write_json,
     pick_trial,
     reference_io,
+    write_base_model,
+    write_export_json,
 )
 from reftsearch.methods.adapter import adapter_config
 from reftsearch.methods.reft.config import ReftConfig
@@ -107,8 +108,8 @@ def export_study(
     log: Log = print,
 ) -> AdaptersExport:
     """Write the best trial (or ``trial_number``) of the stored study to ``out_dir``."""
-    out = Path(out_dir)
-    _check_out_dir(out)
+    out = Path(out_dir).absolute()  # not resolve(): a symbolic link must stay one, to refuse
+    check_out_dir(out)  # before anything is scored or stored
     study = load_named_study(spec.name, storage_url)
     trial = pick_trial(study, trial_number)
     recorded = TrialRecord.of(trial).config or {}
@@ -122,55 +123,61 @@ def export_study(
     why = why_not_mappable(config, prepared)
     if why is not None:  # before anything is trained or written
         raise BadInputError(f"trial {trial.number} cannot be exported to adapters: {why}")
+    base = prepared.base
+    base_config = transformers4_config(base.model.config.to_dict(), "the base model's config")
     reft, weights = trained_adapter(prepared, study, trial, log)
     score = None
     if has_split(spec.task.data, "test"):
         score = test_score(spec, study, trial, log, trained=(prepared, reft))
 
-    if out.exists():
-        shutil.rmtree(out)  # a previous export (checked above)
-    out.mkdir(parents=True)
-    base = prepared.base
-    _write_json(out / CONFIG_FILE, adapter_config_file(config, base), indent=2, sort_keys=True)
-    state = adapter_state_dict(reft, base)
-    torch.save(state, out / WEIGHTS_FILE)
-    base_model = _write_base_model(out, spec, base)
-    head = None
-    if base.head is not None and base_model != "base_model":  # base_model/ holds it otherwise
-        head = write_static_head(out, base)
-    reference = reference_io(base, reft, prepared.split.dev[:REFERENCE_EXAMPLES], list(state))
-    reference["model"] = str(out / "base_model") if base_model == "base_model" else base_model
-    _write_json(out / "reference_io.json", reference)
+    # every built-in is copied: base_model/ then holds the trained head (see why_not_mappable)
+    copy = spec.model.path in BUILTIN_MODELS
+    with replacing(out) as scratch:
+        write_export_json(
+            scratch / CONFIG_FILE, adapter_config_file(config, base), indent=2, sort_keys=True
+        )
+        state = adapter_state_dict(reft, base)
+        torch.save(state, scratch / WEIGHTS_FILE)
+        location = write_base_model(
+            scratch, spec.model.path, spec.model.path, base, base_config, copy
+        )
+        head = None if base.head is None or copy else write_static_head(scratch, base)
+        reference = reference_io(base, reft, prepared.split.dev[:REFERENCE_EXAMPLES], list(state))
+        reference["model"] = str(out / BASE_MODEL_DIR) if copy else location["load_from"]
+        write_export_json(scratch / "reference_io.json", reference)
 
-    note = GENERATION if spec.task.kind == "generation" else None
-    sidecar = {
-        "reftsearch_version": __version__,
-        "study": spec.name,
-        "storage": mask_url(storage_url),
-        "trial": trial.number,
-        "task": spec.task.kind,
-        "metric": spec.metric,
-        "dev_score": trial.value,
-        "test_score": score,
-        "weights": weights,
-        "config": recorded,
-        "base_model": {
-            "path": spec.model.path,
-            "load_from": base_model,
-            "dtype": base.dtype,
-            "class": type(base.model).__name__,
-            "hidden_size": base.hidden_size,
-        },
-        "adapters": {
-            "version": ADAPTERS_VERSION,
-            "config_class": ADAPTERS_CLASSES[config.intervention],
-            "adapter_name": ADAPTER_NAME,
-            "head_files": head,
-            "load": "adapters.init(model); model.load_adapter(OUT_DIR, set_active=True)",
-        },
-        "note": note,
-    }
-    _write_json(out / "reftsearch.json", sidecar)
+        note = GENERATION if spec.task.kind == "generation" else None
+        sidecar = {
+            "reftsearch_version": __version__,
+            "study": spec.name,
+            "storage": mask_url(storage_url),
+            "trial": trial.number,
+            "task": spec.task.kind,
+            "metric": spec.metric,
+            "id2label": dict(enumerate(prepared.data.label_names or [])) or None,
+            "label2id": {n: i for i, n in enumerate(prepared.data.label_names or [])} or None,
+            "dev_score": trial.value,
+            "test_score": score,
+            "weights": weights,
+            "config": recorded,
+            "base_model": {
+                **location,
+                "copied": copy,
+                "dtype": base.dtype,
+                "class": type(base.model).__name__,
+                "hidden_size": base.hidden_size,
+            },
+            "adapters": {
+                "version": ADAPTERS_VERSION,
+                "config_class": ADAPTERS_CLASSES[config.intervention],
+                "adapter_name": ADAPTER_NAME,
+                "head_files": head,
+                "load": "adapters.init(model); model.load_adapter(OUT_DIR, set_active=True)",
+            },
+            "note": note,
+        }
+        sidecar["files"] = listing(scratch)  # what a later export may replace
+        write_export_json(scratch / SIDECAR, sidecar)
     return AdaptersExport(out, trial.number, weights, note, score)
 
 
@@ -202,7 +209,7 @@ def why_not_mappable(config: ReftConfig, prepared: PreparedStudy) -> str | None:
             f"adapters edits {config.positions} uncapped, so those prompts would compute "
             "differently"
         )
-    in_base_model_dir = prepared.spec.model.path in BUILTIN_MODELS  # see _write_base_model
+    in_base_model_dir = prepared.spec.model.path in BUILTIN_MODELS  # see write_base_model
     if base.head is not None and not in_base_model_dir and _head_has_base_parameters(base):
         return (
             f"the trained classification head includes parameters under "
@@ -296,7 +303,7 @@ def write_static_head(out: Path, base: BaseModel) -> list[str]:
         if id(p) in head
     }
     config = base.model.config
-    _write_json(
+    write_export_json(
         out / HEAD_CONFIG_FILE,
         {
             "config": None,

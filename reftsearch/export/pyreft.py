@@ -131,14 +131,14 @@ def export_study(
     with replacing(out) as scratch:
         keys, representations = write_pyreft_files(scratch, reft, base)
         has_head = write_head(scratch, base)
-        location = _write_base_model(
+        location = write_base_model(
             scratch, spec.model.path, str(shipped or spec.model.path), base, base_config, copy
         )
         examples = prepared.split.dev[:REFERENCE_EXAMPLES]
         reference_inputs = reference_io(base, reft, examples, keys)
         copied = out / BASE_MODEL_DIR  # where check_export.py finds it
         reference_inputs["model"] = str(copied) if copy else location["load_from"]
-        _write_json(scratch / "reference_io.json", reference_inputs)
+        write_export_json(scratch / "reference_io.json", reference_inputs)
 
         intervention = reft.config.intervention
         loadable, note = pyreft_loadability(intervention, type(base.model).__name__)
@@ -191,7 +191,7 @@ def export_study(
         }
         (scratch / "reft_config.py").write_text(render_snippet(sidecar))
         sidecar["files"] = listing(scratch)  # what a later export may replace
-        _write_json(scratch / "reftsearch.json", sidecar)
+        write_export_json(scratch / "reftsearch.json", sidecar)
     return ExportResult(out, trial.number, weights, loadable, note, score)
 
 
@@ -260,7 +260,7 @@ def write_pyreft_files(
         "sorted_keys": keys,
         "transformers_version": transformers.__version__,
     }
-    _write_json(out / "config.json", config, indent=2, sort_keys=True)
+    write_export_json(out / "config.json", config, indent=2, sort_keys=True)
     return keys, representations
 
 
@@ -369,7 +369,7 @@ def _logits(base: BaseModel, batch) -> torch.Tensor:
     return logits if base.head is not None else logits[-1, :LOGITS_HEAD]
 
 
-def _write_base_model(
+def write_base_model(
     scratch: Path, path: str, source: str, base: BaseModel, config: dict, copy: bool
 ) -> dict:
     """``base_model/`` (copy) or ``base_model_config.json`` (reference to ``source``, the hub
@@ -385,7 +385,7 @@ def _write_base_model(
             "config": None,  # base_model/config.json is written for transformers 4.45 already
             "tokenizer_class": "AutoTokenizer",
         }
-    _write_json(scratch / BASE_MODEL_CONFIG, config, indent=2, sort_keys=True)
+    write_export_json(scratch / BASE_MODEL_CONFIG, config, indent=2, sort_keys=True)
     return {"path": path, "config": BASE_MODEL_CONFIG, **base_model_reference(source, base.model)}
 
 
@@ -412,5 +412,5 @@ def pyreft_loadability(intervention: str, model_class: str) -> tuple[bool, str]:
     )
 
 
-def _write_json(path: Path, data: dict, **options) -> None:
+def write_export_json(path: Path, data: dict, **options) -> None:
     path.write_text(json.dumps(data, **(options or {"indent": 1})) + "\n")

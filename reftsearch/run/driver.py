@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from functools import partial
 
 import optuna
+from optuna.trial import TrialState
 
 from reftsearch.errors import ReftSearchError, SpecError, TrialFailed
 from reftsearch.progress import Log
@@ -32,6 +34,7 @@ from reftsearch.search.study import (
     PreparedStudy,
     budget_trials,
     count_finished,
+    give_back,
     keep_label_names,
     open_study,
     spec_device,
@@ -152,15 +155,26 @@ def estimate_new_study(
 
 def run_finalize(study: optuna.Study, prepared: PreparedStudy, log: Log) -> None:
     """Retrain the top configs with the extra seeds (only the runs still missing)."""
-    waiting = enqueue_finalize(study, prepared.spec.finalize, log)
-    if waiting:
-        log(f"finalize: {waiting} runs of the top configs with other seeds")
+    reruns = enqueue_finalize(study, prepared.spec.finalize, log)
+    if reruns:
+        log(f"finalize: {reruns} runs of the top configs with other seeds")
+        # the queue may still hold search trials ahead of the reruns (warm starts a budget
+        # met early left): each pops first and is given back to wait for a larger budget
+        waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
         study.optimize(
-            Objective(_on_finalize_device(prepared, log), log),
+            partial(_seed_rerun, Objective(_on_finalize_device(prepared, log), log)),
             n_trials=waiting,
-            callbacks=[ProgressPrinter(waiting, log, finalize=True)],
+            callbacks=[ProgressPrinter(reruns, log, finalize=True)],
             catch=(TrialFailed,),
         )
+
+
+def _seed_rerun(objective: Objective, trial: optuna.Trial) -> float:
+    if TrialRecord.of(trial).finalize_of is None:
+        reason = "not run: finalize trains seed reruns only, and the search's budget was met"
+        give_back(trial, past_budget=reason)
+        raise TrialFailed(f"trial {trial.number} {reason}")
+    return objective(trial)
 
 
 def _on_finalize_device(prepared: PreparedStudy, log: Log) -> PreparedStudy:

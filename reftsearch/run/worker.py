@@ -31,13 +31,14 @@ from reftsearch.run.estimate import EstimateRequest, estimate_study
 from reftsearch.run.packed_search import make_objective, optimize, pack_size
 from reftsearch.search.record import search_trials, store
 from reftsearch.search.study import (
+    INTERRUPTED,
     PreparedStudy,
     asked_past_budget,
     count_finished,
+    give_back,
     give_back_grid_point,
     open_study,
     prepare,
-    requeue_interrupted,
 )
 from reftsearch.spec.study_file import StudySpec, parse_spec
 
@@ -139,7 +140,7 @@ class Worker:
             store(trial, model_loads=_model_loads)
             return self.objective(trial)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM (reftsearch.cli): not this config's fault
-            requeue_interrupted(trial)
+            give_back(trial, fail_reason=INTERRUPTED)
             raise
 
 

@@ -349,19 +349,22 @@ def asked_past_budget(study: optuna.Study, trial: optuna.Trial, n_trials: int) -
     return sum(t.number < trial.number and t.number not in skipped for t in trials) >= n_trials
 
 
-def requeue_interrupted(trial: optuna.Trial) -> None:
-    """Record ``trial``, stopped by Ctrl-C or SIGTERM, as ``interrupted`` and enqueue its
-    config again: it does not count toward the budget, and the next run trains it first.
-    (A finalize rerun is not enqueued here: ``enqueue_finalize`` enqueues what is missing.)"""
+def give_back(trial: optuna.Trial, **record: Any) -> None:
+    """Record why ``trial`` ends unrun or unfinished (``record``: its ``TrialRecord`` fields,
+    e.g. ``fail_reason="interrupted"``) and give its config back: its grid point stays
+    unvisited, and its config, when it was enqueued (a warm start) or already drawn, is
+    enqueued again, so a later trial of this or a later run trains it. A finalize rerun is not
+    enqueued here: ``enqueue_finalize`` enqueues what is missing."""
     frozen = trial.study._storage.get_trial(trial._trial_id)
-    store(trial, fail_reason=INTERRUPTED)
+    store(trial, **record)
     origin = TrialRecord.of(frozen)
     if not origin.is_search_trial:
         return
     give_back_grid_point(trial)
     params = {**frozen.system_attrs.get("fixed_params", {}), **frozen.params}
-    again = TrialRecord(warm_start=origin.warm_start)
-    trial.study.enqueue_trial(params, user_attrs=again.to_user_attrs())
+    if params:  # a trial asked but not yet drawn has nothing to keep
+        again = TrialRecord(warm_start=origin.warm_start)
+        trial.study.enqueue_trial(params, user_attrs=again.to_user_attrs())
 
 
 def give_back_grid_point(trial: optuna.Trial) -> None:
