@@ -285,8 +285,11 @@ def test_label_names_are_kept_in_the_study_and_the_export(tmp_path, capsys, mode
     sidecar = json.loads((out / "reftsearch.json").read_text())
     assert sidecar["id2label"] == {"0": "Business", "1": "Sci/Tech", "2": "Sports", "3": "World"}
     assert sidecar["label2id"] == {name: i for i, name in enumerate(names)}
-    # built-in models are saved beside the export: HF pipelines read the names there
-    config = json.loads((out / "base_model" / "config.json").read_text())
+    # the base model's config in the export (copied for tiny:*, beside the reference to
+    # MiniLM's shipped directory) has them too: HF pipelines read the names there
+    copied = sidecar["base_model"]["copied"]
+    config_file = out / "base_model" / "config.json" if copied else out / "base_model_config.json"
+    config = json.loads(config_file.read_text())
     assert config["id2label"] == sidecar["id2label"]
 
     # the same study resumed on data whose classes changed would relabel its trials' heads
