@@ -1,4 +1,5 @@
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,10 @@ def postgres_url():
         if url is None:
             pytest.skip("no PostgreSQL server accepting user postgres or root on 127.0.0.1:5432")
         yield url
+
+
+def sigint_as_in_a_terminal() -> None:
+    """A ``preexec_fn`` for subprocesses a test stops with SIGINT: the signal as a terminal's
+    foreground job gets it. A shell's background job (a CI step run with ``&``) inherits it
+    ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -8,7 +8,7 @@ import time
 import urllib.request
 
 import optuna
-from conftest import tiny_study
+from conftest import sigint_as_in_a_terminal, tiny_study
 
 from reftsearch.cli import main
 from reftsearch.search.study import open_study
@@ -24,6 +24,7 @@ def start_dashboard(study, *extra):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=sigint_as_in_a_terminal,
     )
     deadline = time.monotonic() + START_TIMEOUT_S
     lines = []

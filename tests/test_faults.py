@@ -20,7 +20,7 @@ from collections import Counter
 import optuna
 import pytest
 import sqlalchemy
-from conftest import tiny_study
+from conftest import sigint_as_in_a_terminal, tiny_study
 from sqlalchemy.engine import make_url
 
 from reftsearch.cli import main
@@ -277,7 +277,12 @@ def slow_study(write_study, files, storage=None, n_trials=4, heartbeat_s=60):
 def start_run(study, *args) -> subprocess.Popen:
     command = [sys.executable, "-m", "reftsearch.cli", "run", str(study), *args]
     return subprocess.Popen(
-        command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=sigint_as_in_a_terminal,
     )
 
 

@@ -365,11 +365,10 @@ def test_dropped_weights_leave_the_structure_and_give_their_memory_back(tmp_path
     base = load_base_model(str(tmp_path), "causal_lm", dtype="float32", device="cpu")
     weights = sum(p.numel() * p.element_size() for p in base.model.parameters())
     assert weights > 80 * 2**20
-    loaded = process.memory_info().rss
     base.drop_weights()
-    dropped = process.memory_info().rss
-    assert loaded - dropped > 0.75 * weights  # the float32 copy's pages went back to the OS
-    assert dropped < before + 0.25 * weights
+    # what the load added to the RSS varies with where the allocator put it (43 to 85 MB of
+    # these 85 MB in runs here): the end state is what a driver relies on
+    assert process.memory_info().rss < before + 0.25 * weights
     assert {p.device.type for p in base.model.parameters()} == {"meta"}
     assert (base.num_layers, base.hidden_size, base.is_decoder) == (8, 512, True)
 
