@@ -48,7 +48,6 @@ from pathlib import Path
 
 import torch
 
-from reftsearch import __version__
 from reftsearch.data.splits import has_split
 from reftsearch.errors import BadInputError
 from reftsearch.export.base_model import transformers4_config
@@ -58,6 +57,7 @@ from reftsearch.export.pyreft import (
     REFERENCE_EXAMPLES,
     pick_trial,
     reference_io,
+    trial_sidecar,
     write_base_model,
     write_export_json,
 )
@@ -69,7 +69,7 @@ from reftsearch.models.base import BaseModel
 from reftsearch.models.builtin import BUILTIN_MODELS
 from reftsearch.progress import Log
 from reftsearch.search.record import TrialRecord
-from reftsearch.search.storage import load_named_study, mask_url
+from reftsearch.search.storage import load_named_study
 from reftsearch.search.study import PreparedStudy, prepare
 from reftsearch.search.test_split import test_score, trained_adapter
 from reftsearch.spec.study_file import StudySpec
@@ -148,18 +148,7 @@ def export_study(
 
         note = GENERATION if spec.task.kind == "generation" else None
         sidecar = {
-            "reftsearch_version": __version__,
-            "study": spec.name,
-            "storage": mask_url(storage_url),
-            "trial": trial.number,
-            "task": spec.task.kind,
-            "metric": spec.metric,
-            "id2label": dict(enumerate(prepared.data.label_names or [])) or None,
-            "label2id": {n: i for i, n in enumerate(prepared.data.label_names or [])} or None,
-            "dev_score": trial.value,
-            "test_score": score,
-            "weights": weights,
-            "config": recorded,
+            **trial_sidecar(spec, storage_url, trial, prepared, score, weights),
             "base_model": {
                 **location,
                 "copied": copy,

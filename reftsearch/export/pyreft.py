@@ -50,7 +50,7 @@ from reftsearch.progress import Log
 from reftsearch.search.ranking import best_trials
 from reftsearch.search.record import TrialRecord
 from reftsearch.search.storage import load_named_study, mask_url
-from reftsearch.search.study import prepare
+from reftsearch.search.study import PreparedStudy, prepare
 from reftsearch.search.test_split import test_score, trained_adapter
 from reftsearch.spec.study_file import StudySpec
 
@@ -145,20 +145,7 @@ def export_study(
         pyreft_class = reft.intervention(reft.config.layers[0], 0).pyreft_class
         paper_name, formula = INTERVENTION_MATH[intervention]
         sidecar = {
-            "reftsearch_version": __version__,
-            "study": spec.name,
-            "storage": mask_url(storage_url),
-            "trial": trial.number,
-            "task": spec.task.kind,
-            "metric": spec.metric,
-            # the classes, as HF configs name them (classification; the base model's config
-            # has them too)
-            "id2label": dict(enumerate(prepared.data.label_names or [])) or None,
-            "label2id": {n: i for i, n in enumerate(prepared.data.label_names or [])} or None,
-            "dev_score": trial.value,
-            "test_score": score,
-            "weights": weights,
-            "config": TrialRecord.of(trial).config,
+            **trial_sidecar(spec, storage_url, trial, prepared, score, weights),
             "positions": reft.config.positions,
             "prefix": reft.config.prefix,
             "suffix": reft.config.suffix,
@@ -193,6 +180,35 @@ def export_study(
         sidecar["files"] = listing(scratch)  # what a later export may replace
         write_export_json(scratch / "reftsearch.json", sidecar)
     return ExportResult(out, trial.number, weights, loadable, note, score)
+
+
+def trial_sidecar(
+    spec: StudySpec,
+    storage_url: str,
+    trial: optuna.trial.FrozenTrial,
+    prepared: PreparedStudy,
+    test_score: float | None,
+    weights: str,
+) -> dict:
+    """The entries of ``reftsearch.json`` every export format writes first: where the trial
+    comes from, its task and classes, its scores and config."""
+    label_names = prepared.data.label_names or []
+    return {
+        "reftsearch_version": __version__,
+        "study": spec.name,
+        "storage": mask_url(storage_url),
+        "trial": trial.number,
+        "task": spec.task.kind,
+        "metric": spec.metric,
+        # the classes, as HF configs name them (classification; the base model's config has
+        # them too)
+        "id2label": dict(enumerate(label_names)) or None,
+        "label2id": {name: i for i, name in enumerate(label_names)} or None,
+        "dev_score": trial.value,
+        "test_score": test_score,
+        "weights": weights,
+        "config": TrialRecord.of(trial).config,
+    }
 
 
 def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTrial:
