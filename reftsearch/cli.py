@@ -163,7 +163,11 @@ def _parser() -> argparse.ArgumentParser:
     predict = commands.add_parser(
         "predict", help="run a trained trial on new texts: labels and probabilities, or text"
     )
-    _add_study_arguments(predict)
+    _add_study_arguments(
+        predict,
+        "STUDY|EXPORT_DIR",
+        "study file (YAML), or a directory `reftsearch export` wrote (no storage needed)",
+    )
     predict.add_argument("--trial", type=int, help="trial number (default: the best trial)")
     inputs = predict.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--text", nargs="+", metavar="T", help="texts (prompts for generation)")
@@ -190,8 +194,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("study", metavar="STUDY", help="study file (YAML)")
+def _add_study_arguments(
+    parser: argparse.ArgumentParser, metavar: str = "STUDY", help: str = "study file (YAML)"
+) -> None:
+    parser.add_argument("study", metavar=metavar, help=help)
     parser.add_argument(
         "--storage", type=_storage_url, help="storage URL (default: the spec's storage)"
     )
@@ -415,21 +421,31 @@ def _predict(args: argparse.Namespace) -> int:
     out = _output_file(args.out, "--out") if args.out else None
     if out is not None and out.exists():
         raise BadInputError(f"--out {out}: exists; name a new file (predict never overwrites)")
-    spec = _spec(args)
-    from reftsearch.export.pyreft import pick_trial  # after the spec is read (see _run)
-    from reftsearch.results.predict import file_inputs, predict, text_inputs
-    from reftsearch.search.storage import load_named_study
-    from reftsearch.search.study import prepare
-    from reftsearch.search.test_split import trained_adapter
+    target = Path(args.study)
+    if target.is_dir():  # an export: everything is in it
+        given = [o for o, key in _STUDY_ONLY.items() if getattr(args, key) not in (None, [])]
+        if given:
+            raise BadInputError(
+                f"{', '.join(given)}: for a study file; {target} is an export directory, which "
+                "holds one trial (export another with reftsearch export STUDY OUT --trial N)"
+            )
+        from reftsearch.export.reader import open_export  # after the arguments are checked
+        from reftsearch.results.predict import trained_export
 
-    task = spec.task
+        export = open_export(target)
+        task, load = export.task, lambda: trained_export(export)
+    else:
+        spec = _spec(args)
+        from reftsearch.results.predict import trained_trial  # after the spec is read (see _run)
+
+        storage = args.storage or spec.storage
+        task, load = spec.task, lambda: trained_trial(spec, storage, args.trial, _stderr)
+    from reftsearch.results.predict import file_inputs, predict, text_inputs
+
     inputs = text_inputs(task, args.text) if args.text else file_inputs(task, Path(args.input))
-    study = load_named_study(spec.name, args.storage or spec.storage)
-    trial = pick_trial(study, args.trial)
-    prepared = prepare(spec)
-    adapter, source = trained_adapter(prepared, study, trial, _stderr)
-    _stderr(f"trial {trial.number} ({source}): {len(inputs)} inputs")
-    predictions = predict(prepared, adapter, inputs)
+    trained = load()
+    _stderr(f"{trained.source}: {len(inputs)} inputs")
+    predictions = predict(trained, inputs)
     if args.json:
         rows = [{k: v for k, v in asdict(p).items() if v is not None} for p in predictions]
         text = json.dumps(rows, indent=2)
@@ -442,6 +458,10 @@ def _predict(args: argparse.Namespace) -> int:
             out.write_text(text + "\n")
         _stderr(f"wrote {len(predictions)} predictions to {out}")
     return EXIT_OK
+
+
+# predict's options that pick from a study, meaningless for an export directory
+_STUDY_ONLY = {"--trial": "trial", "--storage": "storage", "--set": "set"}
 
 
 def _export_adapters(args: argparse.Namespace, spec: StudySpec) -> int:

@@ -23,9 +23,8 @@ from reftsearch.cli import main
 from reftsearch.errors import BadInputError
 from reftsearch.export.base_model import transformers4_config
 from reftsearch.export.pyreft import pyvene_keys
-from reftsearch.methods.reft.config import ReftConfig
+from reftsearch.export.reader import open_export
 from reftsearch.methods.reft.module import ReftModule
-from reftsearch.models.base import load_base_model
 from reftsearch.models.builtin import BUILTIN_MODELS
 from reftsearch.search.study import open_study
 from reftsearch.spec.study_file import load_spec
@@ -71,31 +70,22 @@ def run_and_export(study: Path, out: Path, *extra: str) -> int:
 
 
 def reload_into_reftsearch(out: Path) -> tuple[object, ReftModule]:
-    """A fresh ReftModule filled from the exported pyreft files, on the exported base model
-    in the dtype it was trained in."""
-    sidecar = json.loads((out / "reftsearch.json").read_text())
-    c = sidecar["config"]
-    config = ReftConfig(c["intervention"], tuple(c["layers"]), c["prefix"], c["suffix"],
-                        c["tied"], c["rank"], c["dropout"])  # fmt: skip
-    head = "classification" if sidecar["task"] == "classification" else "causal_lm"
-    dtype = sidecar["base_model"]["dtype"]
-    location = sidecar["base_model"]["load_from"]
-    base = load_base_model(str(out / location), head, dtype=dtype)
-    reft = ReftModule(config, base.hidden_size)
-    modules = [reft.intervention(layer, g) for g in range(config.groups) for layer in config.layers]
-    keys = json.loads((out / "config.json").read_text())["sorted_keys"]
-    for key, module in zip(keys, modules, strict=True):
-        state = torch.load(out / f"intkey_{key}.bin", weights_only=True)
-        if config.intervention == "loreft":
-            assert list(state) == ["weight", "bias", "rotate_layer"]
-            module.learned_source.load_state_dict(
-                {"weight": state["weight"], "bias": state["bias"]}
-            )
-            module.rotate_layer.weight = state["rotate_layer"]  # orthogonal right_inverse
-        else:
-            assert state.pop("embed_dim") == state.pop("interchange_dim") == base.hidden_size
-            module.load_state_dict(state)
-    return base, reft
+    """The export read back by reftsearch (its reader, as ``predict EXPORT_DIR`` reads it) on
+    the CPU, in the dtype it was trained in, once its files are checked to hold pyreft's
+    tensor names."""
+    for path in out.glob("intkey_*.bin"):
+        state = torch.load(path, weights_only=True)
+        assert list(state) in (
+            ["weight", "bias", "rotate_layer"],  # LoReFT
+            [
+                "embed_dim",
+                "interchange_dim",
+                "learned_source.weight",
+                "learned_source.bias",
+                "proj_layer.weight",
+            ],  # fmt: skip
+        )
+    return open_export(out).load(device="cpu")
 
 
 def reftsearch_logits(base, reft: ReftModule, example: dict) -> torch.Tensor:

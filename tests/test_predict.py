@@ -2,10 +2,13 @@
 
 import csv
 import json
+import shutil
+from pathlib import Path
 
 import optuna
 import pytest
 from conftest import tiny_study
+from test_export import tiny_llama_directory, write_study
 from test_real_tasks import TINY, needs_data, offline, smollm2_cache, study_file  # noqa: F401
 
 from reftsearch.cli import main
@@ -66,6 +69,119 @@ def test_predict_refuses_what_it_cannot_do(trained_study, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # argparse: one of --text / --input
         main(["predict", str(trained_study)])
     assert exit_info.value.code == 2
+
+
+def predictions(capsys, *argv: str) -> tuple[list[dict], str]:
+    """``predict --json``'s predictions, and what it said on stderr."""
+    capsys.readouterr()
+    assert main(["predict", *argv, "--json"]) == 0
+    captured = capsys.readouterr()
+    return json.loads(captured.out), captured.err
+
+
+def assert_same_predictions(ours: list[dict], theirs: list[dict]) -> None:
+    """The same inputs and labels (or texts), the same probabilities to 1e-5."""
+    assert [p["input"] for p in ours] == [p["input"] for p in theirs]
+    assert [p.get("label") for p in ours] == [p.get("label") for p in theirs]
+    assert [p.get("text") for p in ours] == [p.get("text") for p in theirs]
+    for mine, other in zip(ours, theirs, strict=True):
+        if "probabilities" in mine:
+            assert mine["probabilities"] == pytest.approx(other["probabilities"], abs=1e-5)
+
+
+# tiny:llama configs whose export must predict what the study predicts: every intervention
+# type, untied prefix and suffix (two interventions per layer), tied, suffix only
+EXPORT_CASES = {
+    "loreft-f1+l2-untied": {"intervention": "loreft", "prefix": 1, "suffix": 2, "tied": False},
+    "direft-f2+l1-tied": {"intervention": "direft", "prefix": 2, "suffix": 1, "tied": True},
+    "noreft-l2": {"intervention": "noreft", "prefix": 0, "suffix": 2},
+}
+
+
+@pytest.mark.parametrize("task", ["classification", "generation"])
+@pytest.mark.parametrize("case", EXPORT_CASES)
+def test_predict_on_an_export_matches_predict_on_its_study(
+    tmp_path, easy_task_files, capsys, case, task
+):
+    data = easy_task_files if task == "classification" else None  # None: builtin:arithmetic
+    space = {"layers": "0;2", **EXPORT_CASES[case]}
+    study = write_study(tmp_path, "s", "tiny:llama", space, data=data)
+    assert main(["run", str(study)]) == 0
+    out = tmp_path / "out"
+    assert main(["export", str(study), str(out)]) == 0
+    if task == "classification":
+        inputs = ["--input", easy_task_files["dev"]]
+    else:
+        inputs = ["--text", "12+7=", "3+40=", "99+1="]
+    from_study, _ = predictions(capsys, str(study), *inputs)
+    from_export, said = predictions(capsys, str(out), *inputs)
+    assert_same_predictions(from_export, from_study)
+    assert f"trial 0 of study 's', exported to {out}: " in said
+    sidecar = json.loads((out / "reftsearch.json").read_text())
+    assert sidecar["task_spec"]["kind"] == task and sidecar["task_spec"]["max_length"] == 32
+    if task == "classification":  # on dev rows: the trial's dev score
+        with open(easy_task_files["dev"]) as f:
+            labels = [row["label"] for row in csv.DictReader(f)]
+        hits = [p["label"] == label for p, label in zip(from_export, labels, strict=True)]
+        assert sum(hits) / len(hits) == sidecar["dev_score"]
+    else:
+        assert sidecar["task_spec"]["max_new_tokens"] == 3
+
+
+def test_predict_on_an_export_of_a_local_model_checks_its_weights(tmp_path, capsys):
+    model = tiny_llama_directory(tmp_path / "my-llama", rope_theta=100000.0)
+    space = {"intervention": "loreft", "layers": "1;2", "prefix": 1, "suffix": 1, "tied": True}
+    study = write_study(tmp_path, "s", str(model), space)
+    out = tmp_path / "out"
+    assert main(["run", str(study)]) == 0
+    assert main(["export", str(study), str(out)]) == 0
+    assert not (out / "base_model").exists()  # referenced, not copied
+    prompts = ["--text", "5+5=", "20+31="]
+    from_export, _ = predictions(capsys, str(out), *prompts)
+    assert_same_predictions(from_export, predictions(capsys, str(study), *prompts)[0])
+
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))  # a changed (or retrained) model
+    assert main(["predict", str(out), *prompts]) == 2
+    error = capsys.readouterr().err
+    assert f"{weights}: has sha256 " in error and "not the base model this export" in error
+    shutil.rmtree(model)
+    assert main(["predict", str(out), *prompts]) == 2
+    assert f"base model directory {model} does not exist" in capsys.readouterr().err
+
+
+def test_predict_refuses_what_is_no_export_it_can_read(
+    trained_study, tmp_path, easy_task_files, capsys
+):
+    def refused(target: Path, *extra: str) -> str:
+        capsys.readouterr()
+        assert main(["predict", str(target), "--text", "yes red", *extra]) == 2
+        return capsys.readouterr().err
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "not a reftsearch export (it has no reftsearch.json)" in refused(empty)
+    out = tmp_path / "out"
+    assert main(["export", str(trained_study), str(out)]) == 0
+    for option in (["--trial", "0"], ["--storage", "sqlite:///x.db"], ["--set", "seed=1"]):
+        assert f"{option[0]}: for a study file; {out} is an export directory" in refused(
+            out, *option
+        )
+
+    older = tmp_path / "older"
+    shutil.copytree(out, older)
+    sidecar = json.loads((older / "reftsearch.json").read_text())
+    del sidecar["task_spec"]
+    (older / "reftsearch.json").write_text(json.dumps(sidecar))
+    error = refused(older)
+    assert "lacks the task settings (task_spec)" in error and "export the trial again" in error
+
+    adapters = tmp_path / "adapters"
+    assert main(["export", str(trained_study), str(adapters), "--format", "adapters"]) == 0
+    assert "an export for AdapterHub adapters (--format adapters)" in refused(adapters)
+
+    next(out.glob("intkey_*.bin")).unlink()
+    assert "cannot be read as the export wrote it" in refused(out)
 
 
 @needs_data

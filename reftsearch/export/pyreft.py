@@ -42,6 +42,7 @@ from reftsearch.export.base_model import (
 )
 from reftsearch.export.out_dir import check_out_dir, listing, replacing
 from reftsearch.export.pyreft_snippet import render_snippet
+from reftsearch.methods.reft.interventions import Intervention
 from reftsearch.methods.reft.module import ReftModule
 from reftsearch.methods.reft.positions import intervention_locations
 from reftsearch.models.base import BaseModel, kv_argument
@@ -52,7 +53,7 @@ from reftsearch.search.record import TrialRecord
 from reftsearch.search.storage import load_named_study, mask_url
 from reftsearch.search.study import PreparedStudy, prepare
 from reftsearch.search.test_split import test_score, trained_adapter
-from reftsearch.spec.study_file import StudySpec
+from reftsearch.spec.study_file import StudySpec, TaskSpec
 
 # Model classes pyvene 0.1.8 maps to a "block_output" component (its type_to_module_mapping);
 # any other model is addressed by module path, "<path of block i>.output" (the output hook),
@@ -89,6 +90,13 @@ INTERVENTION_MATH = {
 BASE_MODEL_DIR = "base_model"
 BASE_MODEL_CONFIG = "base_model_config.json"  # beside a referenced (not copied) base model
 GENERATED_TOKENS = 12  # greedy tokens kept per reference prompt of a decoder
+# reftsearch.json's entry of the task settings ``predict EXPORT_DIR`` reads inputs and encodes
+# them with (reftsearch.export.reader), as the trial's were: the TaskSpec fields below, and
+# how an --input file is read (DataSpec's READ_FIELDS; not where the task's data was)
+TASK_SPEC = "task_spec"
+TASK_SPEC_FIELDS = ("kind", "text", "text_pair", "label", "prompt", "response", "max_length",
+                    "max_new_tokens")  # fmt: skip
+READ_FIELDS = ("header", "columns", "read_options")
 
 
 @dataclass(frozen=True)
@@ -199,6 +207,7 @@ def trial_sidecar(
         "storage": mask_url(storage_url),
         "trial": trial.number,
         "task": spec.task.kind,
+        TASK_SPEC: task_spec_entry(spec.task),
         "metric": spec.metric,
         # the classes, as HF configs name them (classification; the base model's config has
         # them too)
@@ -209,6 +218,14 @@ def trial_sidecar(
         "weights": weights,
         "config": TrialRecord.of(trial).config,
     }
+
+
+def task_spec_entry(task: TaskSpec) -> dict:
+    """``task``'s settings that inputs are read and encoded with, as JSON values."""
+    data = {name: getattr(task.data, name) for name in READ_FIELDS}
+    data["columns"] = None if data["columns"] is None else list(data["columns"])
+    data["read_options"] = dict(data["read_options"])
+    return {**{name: getattr(task, name) for name in TASK_SPEC_FIELDS}, "data": data}
 
 
 def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTrial:
@@ -257,7 +274,7 @@ def write_pyreft_files(
         for group in range(c.groups)
         for layer in c.layers
     ]
-    modules = [reft.intervention(layer, group) for group in range(c.groups) for layer in c.layers]
+    modules = pyreft_order(reft)
     keys = pyvene_keys(representations)
     for key, module in zip(keys, modules, strict=True):
         # weights float32 (pyreft asserts it for rotate_layer), on CPU (pyvene loads without
@@ -278,6 +295,12 @@ def write_pyreft_files(
     }
     write_export_json(out / "config.json", config, indent=2, sort_keys=True)
     return keys, representations
+
+
+def pyreft_order(reft: ReftModule) -> list[Intervention]:
+    """``reft``'s interventions in pyreft's key order: position group first, then layers."""
+    c = reft.config
+    return [reft.intervention(layer, group) for group in range(c.groups) for layer in c.layers]
 
 
 def pyvene_component(base: BaseModel, layer: int) -> str:

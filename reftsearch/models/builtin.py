@@ -48,8 +48,9 @@ Loader = Callable[
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence load reports and progress bars for built-in models, whose new head is expected."""
+def quiet_transformers() -> Iterator[None]:
+    """Silence load reports and progress bars for built-in models, whose new head is
+    expected, and for an export's base model, which its trial loaded before."""
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
@@ -155,7 +156,7 @@ def _embedded_minilm(
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
     _require_classification(path, head)
     directory = minilm_dir(path)
-    with _quiet_transformers():
+    with quiet_transformers():
         return from_pretrained(path, str(directory), head, num_labels, dtype)
 
 
@@ -167,7 +168,7 @@ def _embedded_smollm2(
     path: str, head: str, num_labels: int, dtype: torch.dtype
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
     directory = _converted_gguf(path, *smollm2_files(path))
-    with _quiet_transformers():
+    with quiet_transformers():
         model, tokenizer = from_pretrained(path, str(directory), head, num_labels, dtype)
     # Set on every load (not only in the cached copy) so a copy made by an older reftsearch
     # or another transformers version is fixed too; the GGUF file itself says eos = bos.
@@ -191,7 +192,7 @@ def _converted_gguf(path: str, gguf: Path, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             # The GGUF metadata says nothing about tying, and without it transformers leaves
             # the output layer randomly initialised.
             model = AutoModelForCausalLM.from_pretrained(

@@ -1,10 +1,13 @@
 """A trained trial on new inputs: ``reftsearch predict``.
 
-Inputs are encoded as the task's examples are (the same tokenizer, ``max_length`` and
-positions), so a trial predicts here exactly what it predicted when it was scored: run on dev
-rows, the predictions reproduce its dev score. Classification gives each input's label (by
-name: the task's labels as they appear in its files) and every class's probability;
-generation gives the greedy continuation of each prompt, as dev scoring decodes it.
+The trial comes from a study (its kept weights, ``trained_trial``) or from a directory
+``reftsearch export`` wrote (``trained_export``: no storage needed); either way the same
+code encodes and scores. Inputs are encoded as the task's examples are (the same tokenizer,
+``max_length`` and positions), so a trial predicts here exactly what it predicted when it was
+scored: run on dev rows, the predictions reproduce its dev score. Classification gives each
+input's label (by name: the task's labels as they appear in its files) and every class's
+probability; generation gives the greedy continuation of each prompt, as dev scoring decodes
+it.
 """
 
 from __future__ import annotations
@@ -17,9 +20,43 @@ from reftsearch.data.batches import encode
 from reftsearch.data.splits import clean_value, load_split
 from reftsearch.engine.scoring import class_probabilities, generate
 from reftsearch.errors import BadInputError
+from reftsearch.export.pyreft import pick_trial
+from reftsearch.export.reader import PyreftExport
 from reftsearch.methods.adapter import Adapter
-from reftsearch.search.study import PreparedStudy
-from reftsearch.spec.study_file import TaskSpec
+from reftsearch.models.base import BaseModel
+from reftsearch.progress import Log
+from reftsearch.search.storage import load_named_study
+from reftsearch.search.study import prepare
+from reftsearch.search.test_split import trained_adapter
+from reftsearch.spec.study_file import StudySpec, TaskSpec
+
+
+@dataclass(frozen=True)
+class TrainedTrial:
+    """A trial's trained adapter on its base model (its head loaded into the model), with
+    the task settings inputs are read and encoded with."""
+
+    base: BaseModel
+    adapter: Adapter
+    task: TaskSpec
+    label_names: list[str] | None
+    source: str  # which trial, and where its weights came from, for the user
+
+
+def trained_trial(spec: StudySpec, storage_url: str, number: int | None, log: Log) -> TrainedTrial:
+    """The study's best trial (or trial ``number``), from its kept weights (else retrained)."""
+    study = load_named_study(spec.name, storage_url)
+    trial = pick_trial(study, number)
+    prepared = prepare(spec)
+    adapter, source = trained_adapter(prepared, study, trial, log)
+    source = f"trial {trial.number} ({source})"
+    return TrainedTrial(prepared.base, adapter, spec.task, prepared.data.label_names, source)
+
+
+def trained_export(export: PyreftExport) -> TrainedTrial:
+    """The trial an export directory holds (``reftsearch.export.reader``)."""
+    base, reft = export.load()
+    return TrainedTrial(base, reft, export.task, export.label_names, export.description)
 
 
 @dataclass(frozen=True)
@@ -62,17 +99,17 @@ def file_inputs(task: TaskSpec, path: Path) -> list[dict[str, str]]:
     return [{key: row[key] for key in inputs if key in row} for row in rows]
 
 
-def predict(prepared: PreparedStudy, adapter: Adapter, inputs: list[dict]) -> list[Prediction]:
-    """What the trained ``adapter`` (its head already in the model) predicts for ``inputs``."""
-    task, base = prepared.spec.task, prepared.base
+def predict(trained: TrainedTrial, inputs: list[dict]) -> list[Prediction]:
+    """What the trained trial predicts for ``inputs``."""
+    task, base, adapter = trained.task, trained.base, trained.adapter
     placeholder = {"label": None} if task.kind == "classification" else {"response": ""}
     examples = encode([{**placeholder, **row} for row in inputs], base.tokenizer, task)
     with adapter.attached(base.blocks):
         if task.kind == "generation":
-            texts = generate(base, adapter, examples, prepared.split.max_new_tokens)
+            texts = generate(base, adapter, examples, task.max_new_tokens)
             return [Prediction(row, text=text) for row, text in zip(inputs, texts, strict=True)]
         probabilities = class_probabilities(base, adapter, examples)
-    names = prepared.data.label_names or [str(i) for i in range(probabilities.shape[1])]
+    names = trained.label_names or [str(i) for i in range(probabilities.shape[1])]
     return [
         Prediction(
             row,

@@ -81,6 +81,11 @@ class Intervention(nn.Module, ABC):
         weights = {k: v.detach().clone() for k, v in self.state_dict().items()}
         return {"embed_dim": dim, "interchange_dim": dim.clone(), **weights}
 
+    def load_pyreft_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load what ``pyreft_state_dict`` wrote (an exported ``intkey_<key>.bin``)."""
+        weights = {k: v for k, v in state.items() if k not in ("embed_dim", "interchange_dim")}
+        self.load_state_dict(weights)
+
 
 class LoReFT(Intervention):
     """``h + R^T (W h + b - R h)`` with orthonormal ``R`` (``RR^T = I``)."""
@@ -122,6 +127,18 @@ class LoReFT(Intervention):
             "bias": self.learned_source.bias.detach().clone(),
             "rotate_layer": self.rotate_layer.weight.detach().clone(),
         }
+
+    @torch.no_grad()
+    def load_pyreft_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load ``W``, ``b`` and ``R`` as ``pyreft_state_dict`` wrote them. Assigning ``R``
+        runs the orthogonal parametrization's ``right_inverse``: its ``base`` becomes ``R``
+        completed to an orthonormal basis (by a QR decomposition, off from ``R`` by ~1e-7),
+        its raw matrix the one that selects ``base``'s first columns; those columns are then
+        set to ``R`` itself, so that ``rotation()`` gives back exactly the exported ``R``."""
+        self.learned_source.load_state_dict({"weight": state["weight"], "bias": state["bias"]})
+        rotation = state["rotate_layer"].to(self.learned_source.weight)
+        self.rotate_layer.weight = rotation
+        self.rotate_layer.parametrizations.weight[0].base[:, : self.rank] = rotation
 
 
 class NoReFT(Intervention):

@@ -1,0 +1,202 @@
+"""A pyreft export directory read back into reftsearch: the trial's model, interventions and
+task settings, with no study storage (``reftsearch predict EXPORT_DIR``).
+
+``reftsearch.json`` says how the trial was trained: its config (intervention, layers,
+positions, rank), its task settings (``task_spec``: columns, ``max_length``,
+``max_new_tokens``), its classes and where the base model is. The base model is loaded from
+``base_model/`` when the export copied it, else from the directory or hub id it names, whose
+weight files must still have the sha256 recorded at export; in the dtype the trial trained in.
+The interventions come from pyreft's own files (``intkey_<key>.bin``, in ``config.json``'s
+key order), the classification head from ``pytorch_model.bin`` (pyvene's name for it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from reftsearch.errors import BadInputError
+from reftsearch.export.base_model import weight_checksums
+from reftsearch.export.out_dir import SIDECAR
+from reftsearch.export.pyreft import (
+    BASE_MODEL_DIR,
+    TASK_SPEC,
+    TASK_SPEC_FIELDS,
+    pyreft_order,
+)
+from reftsearch.methods.adapter import adapter_config
+from reftsearch.methods.reft.config import ReftConfig
+from reftsearch.methods.reft.module import ReftModule
+from reftsearch.models.base import BaseModel, load_base_model
+from reftsearch.models.builtin import quiet_transformers, shipped_directory
+from reftsearch.models.sources import ModelLoadError
+from reftsearch.spec.study_file import DataSpec, TaskSpec
+
+PYREFT_CONFIG = "config.json"
+
+
+@dataclass(frozen=True)
+class PyreftExport:
+    """An export directory whose ``reftsearch.json`` has been read and checked (cheap: no
+    weights are loaded until ``load``)."""
+
+    directory: Path
+    sidecar: dict
+    task: TaskSpec
+    label_names: list[str] | None
+
+    @property
+    def description(self) -> str:
+        s = self.sidecar
+        return f"trial {s['trial']} of study {s['study']!r}, exported to {self.directory}"
+
+    def load(self, device: str = "auto") -> tuple[BaseModel, ReftModule]:
+        """The base model (trained head loaded) and the trained interventions, on ``device``."""
+        base = self._base_model(device)
+        head_file = self.sidecar["pyreft"]["head_file"]
+        if head_file is not None:
+            load_head(base, head_file, self._torch_file(head_file))
+        return base, self._interventions(base)
+
+    def _base_model(self, device: str) -> BaseModel:
+        entry = self.sidecar["base_model"]
+        directory = base_model_directory(self.directory, entry)
+        head = "classification" if self.task.kind == "classification" else "causal_lm"
+        try:
+            with quiet_transformers():  # the head's weights come from HEAD_FILE
+                base = load_base_model(
+                    str(directory),
+                    head,
+                    num_labels=max(len(self.label_names or ()), 2),
+                    dtype=entry["dtype"],
+                    device=device,
+                )
+        except ModelLoadError as err:
+            raise BadInputError(f"{self.directory}: its base model: {err}") from None
+        if self.label_names:
+            base.model.config.id2label = dict(enumerate(self.label_names))
+            base.model.config.label2id = {name: i for i, name in enumerate(self.label_names)}
+        return base
+
+    def _interventions(self, base: BaseModel) -> ReftModule:
+        config = adapter_config(self.sidecar["config"])
+        assert isinstance(config, ReftConfig)  # open_export refuses anything else
+        reft = ReftModule(config, base.hidden_size)
+        modules = pyreft_order(reft)
+        keys = json.loads((self.directory / PYREFT_CONFIG).read_text())["sorted_keys"]
+        if len(keys) != len(modules):
+            raise BadInputError(
+                f"{self.directory / PYREFT_CONFIG}: holds {len(keys)} interventions, the "
+                f"trial's config in {SIDECAR} makes {len(modules)}"
+            )
+        for key, module in zip(keys, modules, strict=True):
+            module.load_pyreft_state_dict(self._torch_file(f"intkey_{key}.bin"))
+        return reft.to(base.device).eval()
+
+    def _torch_file(self, name: str) -> dict[str, torch.Tensor]:
+        path = self.directory / name
+        try:
+            return torch.load(path, weights_only=True, map_location="cpu")
+        except (OSError, RuntimeError, EOFError) as err:
+            raise BadInputError(f"{path}: cannot be read as the export wrote it ({err})") from None
+
+
+def open_export(directory: Path) -> PyreftExport:
+    """``directory`` as a pyreft export ``predict`` can run, refused (BadInputError, saying
+    what to do) when it is not a reftsearch export, is one for AdapterHub adapters, or was
+    written by a reftsearch that did not record the task settings yet."""
+    path = directory / SIDECAR
+    if not path.is_file():
+        raise BadInputError(
+            f"{directory}: not a reftsearch export (it has no {SIDECAR}); give a study file "
+            "or a directory `reftsearch export` wrote"
+        )
+    try:
+        sidecar = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise BadInputError(f"{path}: cannot be read as JSON ({err})") from None
+    if not isinstance(sidecar, dict):
+        raise BadInputError(f"{path}: must hold a JSON object, not {type(sidecar).__name__}")
+    if "adapters" in sidecar:
+        raise BadInputError(
+            f"{directory}: an export for AdapterHub adapters (--format adapters); predict reads "
+            "pyreft exports: export the trial again without --format adapters"
+        )
+    if TASK_SPEC not in sidecar:
+        raise BadInputError(
+            f"{directory}: written by reftsearch {sidecar.get('reftsearch_version', '(unknown)')}"
+            f", whose {SIDECAR} lacks the task settings ({TASK_SPEC}) predict encodes inputs "
+            "with; export the trial again with this reftsearch (reftsearch export STUDY OUT_DIR "
+            "--trial N)"
+        )
+    if "intervention" not in (sidecar.get("config") or {}):
+        raise BadInputError(f"{path}: its config is not a ReFT trial's: {sidecar.get('config')}")
+    settings = sidecar[TASK_SPEC]
+    read = settings["data"]
+    columns = None if read["columns"] is None else tuple(read["columns"])
+    data = DataSpec(header=read["header"], columns=columns, read_options=read["read_options"])
+    task = TaskSpec(**{name: settings[name] for name in TASK_SPEC_FIELDS}, data=data)
+    id2label = sidecar.get("id2label") or {}
+    label_names = [id2label[str(i)] for i in range(len(id2label))] or None
+    return PyreftExport(directory, sidecar, task, label_names)
+
+
+def base_model_directory(export_dir: Path, entry: dict) -> Path:
+    """Where the export's base model is on this machine: ``base_model/`` when copied, else
+    the directory (or hub snapshot) it references, its weights checked against the sha256
+    the export recorded."""
+    if entry["copied"]:
+        return export_dir / BASE_MODEL_DIR
+    if entry["revision"] is not None:  # a hub id, at the revision it was trained with
+        from huggingface_hub import snapshot_download
+
+        try:
+            directory = Path(snapshot_download(entry["load_from"], revision=entry["revision"]))
+        except Exception as err:  # offline, gone from the hub: the user must fetch it
+            raise BadInputError(
+                f"{export_dir}: its base model {entry['load_from']} (revision "
+                f"{entry['revision']}) cannot be found: {type(err).__name__}: {err}"
+            ) from None
+    else:
+        directory = Path(entry["load_from"])
+        shipped = shipped_directory(entry["path"])
+        if not directory.is_dir() and shipped is not None:
+            directory = shipped  # a built-in's package, installed elsewhere on this machine
+        if not directory.is_dir():
+            raise BadInputError(
+                f"{export_dir}: its base model directory {directory} does not exist (moved or "
+                "deleted); put it back, or export the trial again --with-base-model"
+            )
+    check_checksums(directory, entry["sha256"] or {})
+    return directory
+
+
+def check_checksums(directory: Path, expected: dict[str, str]) -> None:
+    """Refuse a referenced base model whose weight files are not those the trial trained on."""
+    found = weight_checksums(directory)
+    for name in sorted(expected.keys() | found.keys()):
+        if found.get(name) == expected.get(name):
+            continue
+        if name not in found:
+            why = "is gone"
+        elif name not in expected:
+            why = "was not there at export"
+        else:
+            why = f"has sha256 {found[name]}, the export recorded {expected[name]}"
+        raise BadInputError(
+            f"{directory / name}: {why}: not the base model this export was trained on; "
+            "restore it, or export the trial again"
+        )
+
+
+def load_head(base: BaseModel, name: str, state: dict[str, torch.Tensor]) -> None:
+    """The trained head's parameters (under the model's own names) into ``base``'s model."""
+    missing = sorted(state.keys() - dict(base.model.named_parameters()).keys())
+    if missing:
+        raise BadInputError(
+            f"{name}: {', '.join(missing[:3])} not in the base model (another model's head)"
+        )
+    base.model.load_state_dict(state, strict=False)
