@@ -188,28 +188,35 @@ def test_predict_refuses_what_is_no_export_it_can_read(
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["sst2-minilm", "gsm8k-smollm2"])
 def test_predict_reproduces_a_real_models_dev_score(name, tmp_path, capsys, request):
-    """On the embedded models: MiniLM's labels (by name) and SmolLM2's greedy answers."""
+    """On the embedded models: MiniLM's labels (by name) and SmolLM2's greedy answers, from
+    the study and from its export (MiniLM referenced, SmolLM2 copied)."""
     if name.endswith("smollm2"):
         request.getfixturevalue("smollm2_cache")
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    overrides = [f"--set={item}" for item in [*offline(name), *TINY[name], "budget.max_epochs=1"]]
+    # no test split: export would score it, which this test does not need
+    settings = [*offline(name), "task.data.test=null", *TINY[name], "budget.max_epochs=1"]
+    overrides = [f"--set={item}" for item in settings]
     study = str(study_file(name))
     assert main(["run", study, "--storage", storage, "--n-trials", "1", *overrides]) == 0
-    spec = load_spec(study, [item.removeprefix("--set=") for item in overrides])
+    spec = load_spec(study, settings)
     dev = load_task_data(spec.task, spec.seed).dev
     key = "text" if spec.task.kind == "classification" else "prompt"
-    capsys.readouterr()
-    argv = ["predict", study, "--storage", storage, "--json", *overrides, "--text"]
-    assert main([*argv, *[row[key] for row in dev]]) == 0
-    predictions = json.loads(capsys.readouterr().out)
+    texts = ["--text", *[row[key] for row in dev]]
+    from_study, _ = predictions(capsys, study, "--storage", storage, *overrides, *texts)
     if spec.task.kind == "classification":
         names = load_task_data(spec.task, spec.seed).label_names
         score = CLASSIFICATION_METRICS[spec.metric](
-            [names.index(p["label"]) for p in predictions], [row["label"] for row in dev]
+            [names.index(p["label"]) for p in from_study], [row["label"] for row in dev]
         )
     else:
         score = GENERATION_METRICS[spec.metric](
-            [p["text"] for p in predictions], [row["response"] for row in dev]
+            [p["text"] for p in from_study], [row["response"] for row in dev]
         )
     trial = optuna.load_study(study_name=spec.name, storage=storage).trials[0]
     assert score == trial.value
+
+    out = tmp_path / "export"
+    assert main(["export", study, str(out), "--storage", storage, *overrides]) == 0
+    assert (out / "base_model").is_dir() == name.endswith("smollm2")
+    from_export, _ = predictions(capsys, str(out), *texts)
+    assert_same_predictions(from_export, from_study)
