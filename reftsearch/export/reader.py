@@ -13,6 +13,7 @@ key order), the classification head from ``pytorch_model.bin`` (pyvene's name fo
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +67,7 @@ class PyreftExport:
         directory = base_model_directory(self.directory, entry)
         head = "classification" if self.task.kind == "classification" else "causal_lm"
         try:
-            with quiet_transformers():  # the head's weights come from HEAD_FILE
+            with quiet_transformers():  # no report of a new head: the export's is loaded next
                 base = load_base_model(
                     str(directory),
                     head,
@@ -86,7 +87,7 @@ class PyreftExport:
         assert isinstance(config, ReftConfig)  # open_export refuses anything else
         reft = ReftModule(config, base.hidden_size)
         modules = pyreft_order(reft)
-        keys = json.loads((self.directory / PYREFT_CONFIG).read_text())["sorted_keys"]
+        keys = read_json(self.directory / PYREFT_CONFIG).get("sorted_keys", [])
         if len(keys) != len(modules):
             raise BadInputError(
                 f"{self.directory / PYREFT_CONFIG}: holds {len(keys)} interventions, the "
@@ -100,7 +101,7 @@ class PyreftExport:
         path = self.directory / name
         try:
             return torch.load(path, weights_only=True, map_location="cpu")
-        except (OSError, RuntimeError, EOFError) as err:
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
             raise BadInputError(f"{path}: cannot be read as the export wrote it ({err})") from None
 
 
@@ -114,12 +115,7 @@ def open_export(directory: Path) -> PyreftExport:
             f"{directory}: not a reftsearch export (it has no {SIDECAR}); give a study file "
             "or a directory `reftsearch export` wrote"
         )
-    try:
-        sidecar = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise BadInputError(f"{path}: cannot be read as JSON ({err})") from None
-    if not isinstance(sidecar, dict):
-        raise BadInputError(f"{path}: must hold a JSON object, not {type(sidecar).__name__}")
+    sidecar = read_json(path)
     if "adapters" in sidecar:
         raise BadInputError(
             f"{directory}: an export for AdapterHub adapters (--format adapters); predict reads "
@@ -142,6 +138,17 @@ def open_export(directory: Path) -> PyreftExport:
     id2label = sidecar.get("id2label") or {}
     label_names = [id2label[str(i)] for i in range(len(id2label))] or None
     return PyreftExport(directory, sidecar, task, label_names)
+
+
+def read_json(path: Path) -> dict:
+    """The JSON object in an export's file ``path``."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise BadInputError(f"{path}: cannot be read as JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise BadInputError(f"{path}: must hold a JSON object, not {type(value).__name__}")
+    return value
 
 
 def base_model_directory(export_dir: Path, entry: dict) -> Path:
