@@ -139,7 +139,11 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", metavar="FILE", help="CSV table (default: next to STUDY_A)")
     compare.set_defaults(handler=_compare)
 
-    export = commands.add_parser("export", help="write a trial for pyreft (or adapters) to load")
+    export = commands.add_parser(
+        "export",
+        help="write a trial for pyreft (or adapters) to load; LoRA/DoRA for peft, full as a "
+        "Hugging Face model",
+    )
     _add_study_arguments(export)
     export.add_argument(
         "out_dir", nargs="?", metavar="OUT_DIR", help="default: the spec's export.dir"
@@ -394,6 +398,8 @@ def _export(args: argparse.Namespace) -> int:
     spec = _spec(args)
     if args.format == "adapters":
         return _export_adapters(args, spec)
+    if spec.method != "reft":
+        return _export_peft(args, spec)
     from reftsearch.export.pyreft import export_study  # after the spec is read (see _run)
 
     result = export_study(
@@ -441,6 +447,18 @@ def _predict(args: argparse.Namespace) -> int:
         with _writing(out, "--out"):
             out.write_text(text + "\n")
         _stderr(f"wrote {len(predictions)} predictions to {out}")
+    return EXIT_OK
+
+
+def _export_peft(args: argparse.Namespace, spec: StudySpec) -> int:
+    """LoRA and DoRA as peft saves them, full fine-tuning as a Hugging Face model."""
+    from reftsearch.export.peft_model import export_study
+
+    result = export_study(
+        spec, args.storage or spec.storage, args.out_dir or spec.export_dir, args.trial, _stderr
+    )
+    test = "" if result.test_score is None else f", test={result.test_score:.4f}"
+    print(f"exported trial {result.trial}{test} to {result.out_dir} ({result.weights})")
     return EXIT_OK
 
 

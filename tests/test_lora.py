@@ -129,17 +129,18 @@ def test_compare_refuses_studies_of_different_tasks(write_study, easy_task_files
     assert "both studies must use the same metric" in capsys.readouterr().err
 
 
-def test_lora_trials_neither_export_nor_warm_start_a_reft_study(
+def test_lora_exports_for_peft_and_does_not_warm_start_a_reft_study(
     write_study, easy_task_files, capsys, tmp_path
 ):
-    """A LoRA config is not a ReFT intervention: both refuse with exit 2 and say why."""
+    """A LoRA config is not a ReFT intervention: a warm start from one refuses with exit 2
+    and says why. Its export is peft's own (tests/test_methods.py loads DoRA's)."""
     lora_path = write_study(lora_study(easy_task_files, name="lora"), "lora.yaml")
     assert main(["run", str(lora_path)]) == 0
     lora_storage = load_spec(lora_path).storage
     capsys.readouterr()
-    assert main(["export", str(lora_path), str(tmp_path / "out")]) == 2
-    assert "only ReFT trials export to pyreft" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    assert main(["export", str(lora_path), str(tmp_path / "out")]) == 0
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["use_dora"] is False
 
     source = {"study": "lora", "storage": lora_storage}
     reft_path = write_study(tiny_study(easy_task_files, name="reft", warm_start=source), "r.yaml")

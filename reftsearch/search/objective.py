@@ -26,6 +26,7 @@ from reftsearch.engine.scoring import DevScores
 from reftsearch.engine.train import DivergedError, TrainConfig, Trained, train_trial
 from reftsearch.errors import TrialFailed
 from reftsearch.methods.adapter import Adapter, AdapterConfig, build_adapter
+from reftsearch.methods.full.config import FullConfig
 from reftsearch.methods.lora.config import LoraConfig
 from reftsearch.methods.lora.module import resolve_targets
 from reftsearch.methods.reft.config import ReftConfig
@@ -61,14 +62,17 @@ def resolve(
         weight_decay=values["weight_decay"],
         seed=seed,
     )
-    if method == "lora":
+    if method in ("lora", "dora"):
         lora = LoraConfig(
             rank=values["rank"],
             alpha=values["alpha"],
             dropout=values["dropout"],
             target_modules=resolve_targets(values["target_modules"], base.model.config.model_type),
+            use_dora=method == "dora",
         )
         return lora, train
+    if method == "full":
+        return FullConfig(), train
     reft = ReftConfig(
         intervention=values["intervention"],
         layers=parse_layers(values["layers"], base.num_layers),
@@ -83,8 +87,8 @@ def resolve(
 
 def invalid_reason(config: AdapterConfig, limits: Limits) -> str | None:
     """Why a sampled config cannot be trained on this model and data, or None if it can."""
-    if isinstance(config, LoraConfig):
-        return None  # target modules were checked against the model in study.prepare
+    if not isinstance(config, ReftConfig):
+        return None  # LoRA's target modules and full's memory were checked in study.prepare
     return why_invalid(config, limits)
 
 

@@ -106,9 +106,12 @@ def describe_config(config: Mapping[str, Any] | None) -> str:
     if not config:
         return "?"
     training = f"lr={config['lr']:.2g} ep{config['epochs']} bs{config['batch_size']}"
-    if config.get("method") == "lora":  # reftsearch.methods.lora
+    method = config.get("method", "reft")
+    if method in ("lora", "dora"):  # reftsearch.methods.lora
         targets = ";".join(config["target_modules"])
-        return f"lora [{targets}] r{config['rank']} alpha={config['alpha']:g} {training}"
+        return f"{method} [{targets}] r{config['rank']} alpha={config['alpha']:g} {training}"
+    if method == "full":
+        return f"full wd={config['weight_decay']:g} {training}"
     layers = config["layers"]
     layer_text = ";".join(map(str, layers)) if len(layers) <= 6 else f"{len(layers)} layers"
     tied = " tied" if config.get("tied") else ""
@@ -120,9 +123,12 @@ def describe_config(config: Mapping[str, Any] | None) -> str:
 
 def readable_columns(config: Mapping[str, Any]) -> dict[str, Any]:
     """Flat, short columns (strings and numbers) for the dashboard's trial table."""
-    if config.get("method") == "lora":
+    method = config.get("method", "reft")
+    if method == "full":
+        return {"type": method}
+    if method in ("lora", "dora"):
         return {
-            "type": "lora",
+            "type": method,
             "target_modules": ";".join(config["target_modules"]),
             "rank": config["rank"],
             "alpha": config["alpha"],
