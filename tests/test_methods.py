@@ -16,6 +16,7 @@ from reftsearch.methods.full.module import FullModule
 from reftsearch.methods.lora.config import LoraConfig
 from reftsearch.methods.lora.module import LoraModule
 from reftsearch.models.base import load_base_model
+from reftsearch.search.record import TrialRecord
 from reftsearch.search.study import prepare
 from reftsearch.search.test_split import trained_adapter
 from reftsearch.spec.study_file import load_spec
@@ -90,6 +91,10 @@ def method_study(data, method, **changes) -> dict:
     return raw
 
 
+def base_model_of(spec) -> torch.nn.Module:
+    return load_base_model(spec.model.path, "classification").model
+
+
 def reftsearch_logits(study_path, trial: int | None = None) -> torch.Tensor:
     """The best trial's logits on IDS, computed by reftsearch's own model and adapter."""
     spec = load_spec(study_path)
@@ -115,6 +120,10 @@ def test_a_method_trains_prunes_and_exports_what_its_library_loads(
     assert trials[2].user_attrs["pruned_at_epoch"] == 1
     assert all(t.user_attrs["config"]["method"] == method for t in trials)
     assert trials[0].user_attrs["type"] == method
+    first = TrialRecord.of(trials[0])
+    assert first.base_params == sum(p.numel() for p in base_model_of(spec).parameters())
+    assert first.epoch_s == pytest.approx(first.wall_time_s / 3, rel=1e-3)
+    assert 0 < first.peak_memory_mb < 64 * 1024
 
     out = tmp_path / "out"
     assert main(["export", str(path), str(out)]) == 0
@@ -130,6 +139,10 @@ def test_a_method_trains_prunes_and_exports_what_its_library_loads(
         )
         model = peft.PeftModel.from_pretrained(base_model, out)
         assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
+    # the recorded size is the weights' bytes: the weight file adds only its header
+    exported = TrialRecord.of(trials[sidecar["trial"]]).export_bytes
+    weight_file = out / ("model.safetensors" if method == "full" else "adapter_model.safetensors")
+    assert 0 < weight_file.stat().st_size - exported < 64 * 1024
     expected = reftsearch_logits(path, sidecar["trial"])
     assert torch.allclose(logits(model.eval()), expected, atol=1e-5)
 

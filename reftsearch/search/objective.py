@@ -32,6 +32,7 @@ from reftsearch.methods.lora.module import resolve_targets
 from reftsearch.methods.reft.config import ReftConfig
 from reftsearch.methods.reft.constraints import Limits, capped_share, why_invalid
 from reftsearch.models.base import BaseModel
+from reftsearch.search.costs import peak_memory_mb, reset_peak_memory, weights_bytes
 from reftsearch.search.fidelity import Rung, data_ladder, example_steps
 from reftsearch.search.kept_weights import keep
 from reftsearch.search.record import TrialRecord, store
@@ -112,6 +113,8 @@ def copy_result(trial: optuna.Trial, twin: optuna.trial.FrozenTrial) -> list[flo
         n_head_params=done.n_head_params,
         pruned_at_epoch=done.pruned_at_epoch,
         pruned=done.pruned,
+        base_params=done.base_params,
+        export_bytes=done.export_bytes,
         weights_artifact=done.weights_artifact,
         dev_curve=done.dev_curve,
     )
@@ -166,6 +169,7 @@ class Objective:
         if twin is not None:
             return copy_result(trial, twin)
         spent = Spent()
+        reset_peak_memory(base.device)
         start = time.perf_counter()
         try:
             adapter, trained = self._train(trial, adapter_config, train_config, spent)
@@ -174,10 +178,13 @@ class Objective:
         except torch.OutOfMemoryError as err:
             raise self._fail(trial, f"out of memory: {str(err).splitlines()[0]}") from err
         finally:
+            wall_s = time.perf_counter() - start
             store(
                 trial,
-                wall_time_s=round(time.perf_counter() - start, 3),
+                wall_time_s=round(wall_s, 3),
                 epochs_trained=round(spent.epochs, 4),
+                epoch_s=round(wall_s / spent.epochs, 3) if spent.epochs else None,
+                peak_memory_mb=round(peak_memory_mb(base.device), 1),
             )
         keep(trial, adapter, trained.head)  # so that export needs no retraining
         if len(spec.objectives) == 1:
@@ -196,7 +203,13 @@ class Objective:
             # the seed fixes the adapter's init too; every rung starts from the same one
             adapter = build_adapter(config, base, train_config.seed)
             n_head_params = sum(p.numel() for p in base.head_parameters())
-            store(trial, n_params=adapter.num_parameters(), n_head_params=n_head_params)
+            store(
+                trial,
+                n_params=adapter.num_parameters(),
+                n_head_params=n_head_params,
+                base_params=sum(p.numel() for p in base.model.parameters()),
+                export_bytes=weights_bytes(adapter, base.head),
+            )
             report = len(rungs) == 1 and not finalize
             on_epoch = partial(self._epoch_done, trial, spent, rung.fraction, report)
             subset = replace(split, train=rung.train)

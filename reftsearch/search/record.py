@@ -31,12 +31,18 @@ class TrialRecord:
     config: dict[str, Any] | None = None
     n_params: int | None = None  # trainable parameters of the adapter
     n_head_params: int | None = None  # and of the classification head, if the task has one
+    base_params: int | None = None  # parameters of the whole base model (head included)
     n_interventions: int | None = None  # ReFT only
     positions_capped: float | None = None  # share of train prompts pyreft's n // 2 cap shortens
     worker: str | None = None  # host:pid
     model_loads: int | None = None  # how often that worker had loaded the model so far
     wall_time_s: float | None = None
     epochs_trained: float | None = None  # in epochs over the whole train split
+    # what the method cost (reftsearch.search.costs): wall seconds per epoch trained (its dev
+    # pass included), the peak memory while it trained, the bytes of the weights it exports
+    epoch_s: float | None = None
+    peak_memory_mb: float | None = None
+    export_bytes: int | None = None
     # per-epoch dev scores where they are not Optuna's intermediate values (two objectives,
     # or one step per dev example for the Wilcoxon pruner)
     dev_curve: tuple[float, ...] = ()
