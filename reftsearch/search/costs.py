@@ -1,10 +1,12 @@
 """What a trial costs besides its budget: peak memory and the size of its trained weights.
 
-Peak memory is the process's peak resident set on a CPU (Linux's ``VmHWM``, reset when a trial
-starts by writing 5 to ``/proc/self/clear_refs``; where that cannot be done, the process's
-lifetime peak, ``ru_maxrss``), and ``torch.cuda.max_memory_allocated`` on a GPU (reset at the
-trial's start too). On a CPU it includes the loaded model and data, as a user's machine must
-hold them. Both are for the whole process: trials packed side by side share one figure.
+Peak memory is what the loaded model and the trial's training hold at most. On a GPU that is
+``torch.cuda.max_memory_allocated``, reset when the trial starts (the model is on the GPU). On
+a CPU the process also holds the data, the previous trials' freed heap and, in ``compare``,
+other studies' leftovers, so it is the loaded model's bytes plus what the resident set grew
+by while the trial trained: Linux's ``VmHWM``, reset at the start by writing 5 to
+``/proc/self/clear_refs``, minus ``VmRSS`` then. Where that cannot be done (not Linux), it is
+the process's lifetime peak, ``ru_maxrss``. Trials packed side by side share one figure.
 """
 
 from __future__ import annotations
@@ -18,35 +20,43 @@ from torch import nn
 MB = 2**20
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident set (Linux >= 4.0)
-    except OSError:
-        pass  # the lifetime peak then (peak_memory_mb)
+class PeakMemory:
+    """Started when a trial starts; ``mb()`` is its peak so far (see the module docstring)."""
+
+    def __init__(self, device: torch.device, model: nn.Module) -> None:
+        self.device = device
+        self.start: float | None = None  # resident MB when started, where the peak was reset
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            return
+        self.model_mb = weights_bytes(model) / MB
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current resident set (Linux >= 4.0)
+            self.start = _status_mb("VmRSS")
+        except OSError:
+            pass
+
+    def mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / MB
+        if self.start is not None:
+            return self.model_mb + max(_status_mb("VmHWM") - self.start, 0.0)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, B on macOS
+        return peak / MB if sys.platform == "darwin" else peak * 1024 / MB
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """The peak since ``reset_peak_memory`` (see the module's docstring), in MiB."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / MB
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024 / MB
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / MB if sys.platform == "darwin" else peak * 1024 / MB
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024 / MB
+    raise OSError(f"/proc/self/status has no {field}")
 
 
 def weights_bytes(*modules: nn.Module | None) -> int:
-    """Bytes of the trained tensors an export writes (the adapter's state and the head's):
-    numel x element size, without file headers, configs or a copied base model."""
+    """Bytes of the tensors in the modules' state (an adapter's and a head's: what an export
+    writes): numel x element size, without file headers, configs or a copied base model."""
     return sum(
         t.numel() * t.element_size()
         for module in modules

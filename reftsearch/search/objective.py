@@ -32,7 +32,7 @@ from reftsearch.methods.lora.module import resolve_targets
 from reftsearch.methods.reft.config import ReftConfig
 from reftsearch.methods.reft.constraints import Limits, capped_share, why_invalid
 from reftsearch.models.base import BaseModel
-from reftsearch.search.costs import peak_memory_mb, reset_peak_memory, weights_bytes
+from reftsearch.search.costs import PeakMemory, weights_bytes
 from reftsearch.search.fidelity import Rung, data_ladder, example_steps
 from reftsearch.search.kept_weights import keep
 from reftsearch.search.record import TrialRecord, store
@@ -169,7 +169,7 @@ class Objective:
         if twin is not None:
             return copy_result(trial, twin)
         spent = Spent()
-        reset_peak_memory(base.device)
+        peak = PeakMemory(base.device, base.model)
         start = time.perf_counter()
         try:
             adapter, trained = self._train(trial, adapter_config, train_config, spent)
@@ -184,7 +184,7 @@ class Objective:
                 wall_time_s=round(wall_s, 3),
                 epochs_trained=round(spent.epochs, 4),
                 epoch_s=round(wall_s / spent.epochs, 3) if spent.epochs else None,
-                peak_memory_mb=round(peak_memory_mb(base.device), 1),
+                peak_memory_mb=round(peak.mb(), 1),
             )
         keep(trial, adapter, trained.head)  # so that export needs no retraining
         if len(spec.objectives) == 1:
