@@ -95,16 +95,15 @@ def base_model_of(spec) -> torch.nn.Module:
     return load_base_model(spec.model.path, "classification").model
 
 
-def reftsearch_logits(study_path, trial: int | None = None) -> torch.Tensor:
-    """The best trial's logits on IDS, computed by reftsearch's own model and adapter."""
+def reftsearch_logits(study_path, trial: int, ids=IDS) -> torch.Tensor:
+    """A trial's logits on ``ids``, computed by reftsearch's own model and adapter."""
     spec = load_spec(study_path)
     study = optuna.load_study(study_name=spec.name, storage=spec.storage)
-    best = trial if trial is not None else study.best_trial.number
     prepared = prepare(spec)
-    adapter, source = trained_adapter(prepared, study, study.trials[best], print)
+    adapter, source = trained_adapter(prepared, study, study.trials[trial], print)
     assert source.startswith("kept artifact")
     with adapter.attached(prepared.base.blocks):
-        return logits(prepared.base.model)
+        return logits(prepared.base.model, ids)
 
 
 @pytest.mark.parametrize("method", ["dora", "full"])
@@ -157,3 +156,63 @@ def test_full_refuses_a_model_that_does_not_fit_the_memory_given(
     assert "method: 'full' trains every weight of the model: batches of 8 x" in err
     assert "more than the 1 MB resources.memory_mb" in err
     assert not path.with_suffix(".db").exists()
+
+
+def reload_exported(out, kind: str) -> torch.nn.Module:
+    """The export loaded as its library loads it: transformers for full fine-tuning, peft on
+    the base model the export names (or copied) for LoRA and DoRA."""
+    auto = {
+        "classification": transformers.AutoModelForSequenceClassification,
+        "generation": transformers.AutoModelForCausalLM,
+    }[kind]
+    sidecar = json.loads((out / "reftsearch.json").read_text())
+    if sidecar["config"]["method"] == "full":
+        return auto.from_pretrained(out).eval()
+    source = out / sidecar["base_model"]["load_from"]  # an absolute path stays one
+    return peft.PeftModel.from_pretrained(auto.from_pretrained(source), out).eval()
+
+
+def one_trial_study(method: str, model: str, data, kind: str) -> dict:
+    """A single short trial of ``method`` on a real model."""
+    raw = tiny_study(
+        data, name=f"{method}-real", method=method, model=model, sampler="grid",
+        budget={"n_trials": 1, "max_epochs": 1}, finalize=False,
+    )  # fmt: skip
+    raw["task"] = {"kind": kind, "data": data, "max_length": 32, "max_new_tokens": 4}
+    if kind == "classification":
+        raw["task"]["text"] = "text"
+        del raw["task"]["max_new_tokens"]
+    raw["space"] = {"lr": 1e-3 if method == "dora" else 5e-5, "batch_size": 4}
+    return raw
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dora", "full"])
+def test_minilm_exports_reload_with_equal_outputs(method, write_study, easy_task_files, tmp_path):
+    raw = one_trial_study(method, "embedded:minilm", easy_task_files, "classification")
+    path = write_study(raw)
+    assert main(["run", str(path)]) == 0
+    out = tmp_path / "out"
+    assert main(["export", str(path), str(out)]) == 0
+    model = reload_exported(out, "classification")
+    ids = torch.tensor([[101, 2748, 2417, 2630, 102]])  # [CLS] yes red blue [SEP]
+    assert torch.allclose(logits(model, ids), reftsearch_logits(path, 0, ids), atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dora", "full"])
+def test_smollm2_exports_reload_with_equal_outputs(method, write_study, tmp_path):
+    rows = [{"prompt": f"Add {a} and 3:", "response": f" {a + 3}"} for a in range(6)]
+    data = {}
+    for split, part in (("train", rows[:4]), ("dev", rows[4:])):
+        data[split] = str(tmp_path / f"{split}.jsonl")
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    raw = one_trial_study(method, "embedded:smollm2", data, "generation")
+    path = write_study(raw)
+    assert main(["run", str(path)]) == 0
+    out = tmp_path / "out"
+    assert main(["export", str(path), str(out)]) == 0
+    model = reload_exported(out, "generation")
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    expected = reftsearch_logits(path, 0, ids)
+    assert torch.allclose(logits(model, ids), expected, atol=1e-4)
