@@ -139,6 +139,13 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--n-trials", type=int, help="trials per study (default: the first's)")
     compare.add_argument("--timeout", type=float, help="seconds per study (default: none)")
     compare.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a value in every study, e.g. --set task.data=...",
+    )
+    compare.add_argument(
         "--out",
         metavar="FILE",
         help="CSV table, its plots beside as .png (default: next to the first STUDY)",
@@ -386,7 +393,7 @@ def _compare(args: argparse.Namespace) -> int:
     if args.timeout is not None and not 0 < args.timeout < float("inf"):
         raise BadInputError(f"--timeout: must be a positive number of seconds, got {args.timeout}")
     out = _output_file(args.out, "--out") if args.out else None
-    specs = [load_spec(path) for path in args.studies]
+    specs = [load_spec(path, args.set) for path in args.studies]
     from reftsearch.run.compare import check_comparable, compare, plot, printable, table
 
     check_comparable(specs, same_trials=args.n_trials is None)
