@@ -124,6 +124,10 @@ def test_a_method_trains_prunes_and_exports_what_its_library_loads(
     assert first.epoch_s == pytest.approx(first.wall_time_s / 3, rel=1e-3)
     assert 0 < first.peak_memory_mb < 64 * 1024
 
+    assert main(["report", str(path), "--out", str(tmp_path / "report")]) == 0
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert ("full fine-tuning trains every weight" in page) == (method == "full")
+
     out = tmp_path / "out"
     assert main(["export", str(path), str(out)]) == 0
     sidecar = json.loads((out / "reftsearch.json").read_text())
