@@ -15,7 +15,10 @@ from reftsearch.methods.full.config import FullConfig
 from reftsearch.methods.full.module import FullModule
 from reftsearch.methods.lora.config import LoraConfig
 from reftsearch.methods.lora.module import LoraModule
+from reftsearch.methods.reft.config import ReftConfig
+from reftsearch.methods.reft.module import ReftModule
 from reftsearch.models.base import load_base_model
+from reftsearch.search.costs import weights_bytes
 from reftsearch.search.record import TrialRecord
 from reftsearch.search.study import prepare
 from reftsearch.search.test_split import trained_adapter
@@ -70,6 +73,14 @@ def test_full_keeps_tied_weights_tied():
         trained = lm.model.get_input_embeddings().weight
         assert lm.model.get_output_embeddings().weight is trained and trained is not embeddings
     assert lm.model.get_output_embeddings().weight is embeddings
+
+
+def test_export_bytes_count_parameters_not_loreft_buffers():
+    """LoReFT's orthogonal parametrization keeps a 64 x 64 buffer per intervention, which
+    the pyreft export does not write: the recorded size leaves it out."""
+    config = ReftConfig("loreft", (0, 1), prefix=1, suffix=0, tied=False, rank=2, dropout=0.0)
+    reft = ReftModule(config, 64)
+    assert weights_bytes(reft) == 4 * reft.num_parameters() == 4 * 2 * (2 * 64 + 2 + 64 * 2)
 
 
 def method_study(data, method, **changes) -> dict:

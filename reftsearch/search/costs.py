@@ -55,11 +55,13 @@ def _status_mb(field: str) -> float:
 
 
 def weights_bytes(*modules: nn.Module | None) -> int:
-    """Bytes of the tensors in the modules' state (an adapter's and a head's: what an export
-    writes): numel x element size, without file headers, configs or a copied base model."""
+    """Bytes of the modules' parameters: for an adapter and a head, the trained tensors an
+    export writes (numel x element size, without file headers, configs or a copied base
+    model). Parameters, not the state: LoReFT's orthogonal parametrization keeps a square
+    ``base`` buffer per intervention (hidden x hidden) that its export does not need."""
     return sum(
-        t.numel() * t.element_size()
+        p.numel() * p.element_size()
         for module in modules
         if module is not None
-        for t in module.state_dict().values()
+        for p in module.parameters()
     )
