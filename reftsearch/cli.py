@@ -131,15 +131,32 @@ def _parser() -> argparse.ArgumentParser:
     report.set_defaults(handler=_report)
 
     compare = commands.add_parser(
-        "compare", help="run two studies (e.g. ReFT and LoRA) on one budget, test the winners"
+        "compare",
+        help="run studies (e.g. ReFT, LoRA, DoRA, full) on one budget, test each pick over "
+        "seeds; a table and plots of score against cost",
     )
-    compare.add_argument("studies", nargs=2, metavar="STUDY")
+    compare.add_argument("studies", nargs="+", metavar="STUDY", help="two or more study files")
     compare.add_argument("--n-trials", type=int, help="trials per study (default: the first's)")
     compare.add_argument("--timeout", type=float, help="seconds per study (default: none)")
-    compare.add_argument("--out", metavar="FILE", help="CSV table (default: next to STUDY_A)")
+    compare.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a value in every study, e.g. --set task.data=...",
+    )
+    compare.add_argument(
+        "--out",
+        metavar="FILE",
+        help="CSV table, its plots beside as .png (default: next to the first STUDY)",
+    )
     compare.set_defaults(handler=_compare)
 
-    export = commands.add_parser("export", help="write a trial for pyreft (or adapters) to load")
+    export = commands.add_parser(
+        "export",
+        help="write a trial for pyreft (or adapters) to load; LoRA/DoRA for peft, full as a "
+        "Hugging Face model",
+    )
     _add_study_arguments(export)
     export.add_argument(
         "out_dir", nargs="?", metavar="OUT_DIR", help="default: the spec's export.dir"
@@ -375,24 +392,29 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    if len(args.studies) < 2:
+        raise BadInputError(f"compare: give two or more study files, got {len(args.studies)}")
     if args.n_trials is not None and args.n_trials < 1:
         raise BadInputError(f"--n-trials: must be a positive integer, got {args.n_trials}")
     if args.timeout is not None and not 0 < args.timeout < float("inf"):
         raise BadInputError(f"--timeout: must be a positive number of seconds, got {args.timeout}")
     out = _output_file(args.out, "--out") if args.out else None
-    specs = [load_spec(path) for path in args.studies]
-    from reftsearch.run.compare import check_comparable, compare, table  # after the specs (_run)
+    specs = [load_spec(path, args.set) for path in args.studies]
+    from reftsearch.run.compare import check_comparable, compare, plot, printable, table
 
-    check_comparable(*specs)
+    check_comparable(specs, same_trials=args.n_trials is None)
     n_trials = args.n_trials if args.n_trials is not None else specs[0].budget.n_trials
     results = compare([(s, s.storage) for s in specs], n_trials, args.timeout, log=_stderr)
-    frame = table(results, specs[0].metric)
-    name = f"compare-{specs[0].name}-vs-{specs[1].name}.csv"
+    metric = specs[0].metric
+    frame = table(results, metric)
+    name = "compare-" + "-vs-".join(s.name for s in specs) + ".csv"
     out = out or Path(args.studies[0]).with_name(name)
+    figure = out.with_suffix(".png")
     with _writing(out, "--out"):
         frame.to_csv(out, index=False)
-    print(frame.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
-    print(f"wrote {out}")
+        plot(frame, metric, figure)
+    print(printable(frame, metric))
+    print(f"wrote {out} and {figure.name}")
     return EXIT_OK
 
 
@@ -400,6 +422,8 @@ def _export(args: argparse.Namespace) -> int:
     spec = _spec(args)
     if args.format == "adapters":
         return _export_adapters(args, spec)
+    if spec.method != "reft":
+        return _export_peft(args, spec)
     from reftsearch.export.pyreft import export_study  # after the spec is read (see _run)
 
     result = export_study(
@@ -462,6 +486,18 @@ def _predict(args: argparse.Namespace) -> int:
 
 # predict's options that pick from a study, meaningless for an export directory
 _STUDY_ONLY = {"--trial": "trial", "--storage": "storage", "--set": "set"}
+
+
+def _export_peft(args: argparse.Namespace, spec: StudySpec) -> int:
+    """LoRA and DoRA as peft saves them, full fine-tuning as a Hugging Face model."""
+    from reftsearch.export.peft_model import export_study
+
+    result = export_study(
+        spec, args.storage or spec.storage, args.out_dir or spec.export_dir, args.trial, _stderr
+    )
+    test = "" if result.test_score is None else f", test={result.test_score:.4f}"
+    print(f"exported trial {result.trial}{test} to {result.out_dir} ({result.weights})")
+    return EXIT_OK
 
 
 def _export_adapters(args: argparse.Namespace, spec: StudySpec) -> int:

@@ -105,7 +105,7 @@ def test_compare_gives_both_methods_one_budget_and_tests_each_best_once(
     assert lines[1].split()[:3] == ["reft", "reft", "2"]
     assert lines[2].split()[:3] == ["lora", "lora", "2"]
     out = reft_path.with_name("compare-reft-vs-lora.csv")
-    assert lines[-1] == f"wrote {out}"
+    assert lines[-1] == f"wrote {out} and {out.with_suffix('.png').name}"
     with open(out) as f:
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["reft", "lora"]
@@ -126,20 +126,21 @@ def test_compare_refuses_studies_of_different_tasks(write_study, easy_task_files
     a = write_study(tiny_study(easy_task_files, name="a"), "a.yaml")
     b = write_study(lora_study(easy_task_files, name="b", metric="f1"), "b.yaml")
     assert main(["compare", str(a), str(b)]) == 2
-    assert "both studies must use the same metric" in capsys.readouterr().err
+    assert "every study must use the same metric" in capsys.readouterr().err
 
 
-def test_lora_trials_neither_export_nor_warm_start_a_reft_study(
+def test_lora_exports_for_peft_and_does_not_warm_start_a_reft_study(
     write_study, easy_task_files, capsys, tmp_path
 ):
-    """A LoRA config is not a ReFT intervention: both refuse with exit 2 and say why."""
+    """A LoRA config is not a ReFT intervention: a warm start from one refuses with exit 2
+    and says why. Its export is peft's own (tests/test_methods.py loads DoRA's)."""
     lora_path = write_study(lora_study(easy_task_files, name="lora"), "lora.yaml")
     assert main(["run", str(lora_path)]) == 0
     lora_storage = load_spec(lora_path).storage
     capsys.readouterr()
-    assert main(["export", str(lora_path), str(tmp_path / "out")]) == 2
-    assert "only ReFT trials export to pyreft" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    assert main(["export", str(lora_path), str(tmp_path / "out")]) == 0
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["use_dora"] is False
 
     source = {"study": "lora", "storage": lora_storage}
     reft_path = write_study(tiny_study(easy_task_files, name="reft", warm_start=source), "r.yaml")

@@ -7,7 +7,8 @@ from reftsearch.errors import BadInputError, SpecError
 from reftsearch.spec.space import Choice, Fixed, FloatRange, IntRange, parse_layers
 from reftsearch.spec.study_file import load_spec, parse_spec
 
-STUDIES = sorted(Path(__file__).parents[1].joinpath("studies").glob("*.yaml"))
+STUDIES_DIR = Path(__file__).parents[1] / "studies"
+STUDIES = sorted(STUDIES_DIR.rglob("*.yaml"))  # studies/compare/ too
 
 
 def minimal(**changes):
@@ -30,7 +31,7 @@ def error_of(raw) -> str:
     return str(info.value)
 
 
-@pytest.mark.parametrize("path", STUDIES, ids=[p.name for p in STUDIES])
+@pytest.mark.parametrize("path", STUDIES, ids=[str(p.relative_to(STUDIES_DIR)) for p in STUDIES])
 def test_every_shipped_study_validates(path):
     spec = load_spec(path)
     assert spec.name == yaml.safe_load(path.read_text())["name"]

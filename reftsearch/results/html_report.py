@@ -185,8 +185,10 @@ def _heatmap(done: pd.DataFrame, metric: str) -> Figure | str:
 
 
 def _by_rank(done: pd.DataFrame, metric: str) -> Figure | str:
-    if done.empty or done["rank"].isna().all():
+    if done.empty:
         return "No completed trial yet."
+    if "rank" not in done or done["rank"].isna().all():
+        return "No trial has a rank (full fine-tuning trains every weight)."
     figure, ax = _figure()
     for kind, rows in done.groupby("type"):
         ax.scatter(rows["rank"], rows["score"], label=kind, alpha=0.8)

@@ -153,9 +153,15 @@ def estimate_new_study(
     return estimate_study(prepared, request, enqueued=[params for _, params in kept])
 
 
-def run_finalize(study: optuna.Study, prepared: PreparedStudy, log: Log) -> None:
-    """Retrain the top configs with the extra seeds (only the runs still missing)."""
-    reruns = enqueue_finalize(study, prepared.spec.finalize, log)
+def run_finalize(
+    study: optuna.Study,
+    prepared: PreparedStudy,
+    log: Log,
+    picks: list[optuna.trial.FrozenTrial] | None = None,
+) -> None:
+    """Retrain the top configs (or ``picks``) with the extra seeds (only the runs still
+    missing)."""
+    reruns = enqueue_finalize(study, prepared.spec.finalize, log, picks)
     if reruns:
         log(f"finalize: {reruns} runs of the top configs with other seeds")
         # the queue may still hold search trials ahead of the reruns (warm starts a budget

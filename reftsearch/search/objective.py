@@ -26,11 +26,13 @@ from reftsearch.engine.scoring import DevScores
 from reftsearch.engine.train import DivergedError, TrainConfig, Trained, train_trial
 from reftsearch.errors import TrialFailed
 from reftsearch.methods.adapter import Adapter, AdapterConfig, build_adapter
+from reftsearch.methods.full.config import FullConfig
 from reftsearch.methods.lora.config import LoraConfig
 from reftsearch.methods.lora.module import resolve_targets
 from reftsearch.methods.reft.config import ReftConfig
 from reftsearch.methods.reft.constraints import Limits, capped_share, why_invalid
 from reftsearch.models.base import BaseModel
+from reftsearch.search.costs import PeakMemory, weights_bytes
 from reftsearch.search.fidelity import Rung, data_ladder, example_steps
 from reftsearch.search.kept_weights import keep
 from reftsearch.search.record import TrialRecord, store
@@ -61,14 +63,17 @@ def resolve(
         weight_decay=values["weight_decay"],
         seed=seed,
     )
-    if method == "lora":
+    if method in ("lora", "dora"):
         lora = LoraConfig(
             rank=values["rank"],
             alpha=values["alpha"],
             dropout=values["dropout"],
             target_modules=resolve_targets(values["target_modules"], base.model.config.model_type),
+            use_dora=method == "dora",
         )
         return lora, train
+    if method == "full":
+        return FullConfig(), train
     reft = ReftConfig(
         intervention=values["intervention"],
         layers=parse_layers(values["layers"], base.num_layers),
@@ -83,8 +88,8 @@ def resolve(
 
 def invalid_reason(config: AdapterConfig, limits: Limits) -> str | None:
     """Why a sampled config cannot be trained on this model and data, or None if it can."""
-    if isinstance(config, LoraConfig):
-        return None  # target modules were checked against the model in study.prepare
+    if not isinstance(config, ReftConfig):
+        return None  # LoRA's target modules and full's memory were checked in study.prepare
     return why_invalid(config, limits)
 
 
@@ -108,6 +113,8 @@ def copy_result(trial: optuna.Trial, twin: optuna.trial.FrozenTrial) -> list[flo
         n_head_params=done.n_head_params,
         pruned_at_epoch=done.pruned_at_epoch,
         pruned=done.pruned,
+        base_params=done.base_params,
+        export_bytes=done.export_bytes,
         weights_artifact=done.weights_artifact,
         dev_curve=done.dev_curve,
     )
@@ -162,6 +169,7 @@ class Objective:
         if twin is not None:
             return copy_result(trial, twin)
         spent = Spent()
+        peak = PeakMemory(base.device, base.model)
         start = time.perf_counter()
         try:
             adapter, trained = self._train(trial, adapter_config, train_config, spent)
@@ -170,10 +178,13 @@ class Objective:
         except torch.OutOfMemoryError as err:
             raise self._fail(trial, f"out of memory: {str(err).splitlines()[0]}") from err
         finally:
+            wall_s = time.perf_counter() - start
             store(
                 trial,
-                wall_time_s=round(time.perf_counter() - start, 3),
+                wall_time_s=round(wall_s, 3),
                 epochs_trained=round(spent.epochs, 4),
+                epoch_s=round(wall_s / spent.epochs, 3) if spent.epochs else None,
+                peak_memory_mb=round(peak.mb(), 1),
             )
         keep(trial, adapter, trained.head)  # so that export needs no retraining
         if len(spec.objectives) == 1:
@@ -192,7 +203,13 @@ class Objective:
             # the seed fixes the adapter's init too; every rung starts from the same one
             adapter = build_adapter(config, base, train_config.seed)
             n_head_params = sum(p.numel() for p in base.head_parameters())
-            store(trial, n_params=adapter.num_parameters(), n_head_params=n_head_params)
+            store(
+                trial,
+                n_params=adapter.num_parameters(),
+                n_head_params=n_head_params,
+                base_params=sum(p.numel() for p in base.model.parameters()),
+                export_bytes=weights_bytes(adapter, base.head),
+            )
             report = len(rungs) == 1 and not finalize
             on_epoch = partial(self._epoch_done, trial, spent, rung.fraction, report)
             subset = replace(split, train=rung.train)

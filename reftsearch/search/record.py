@@ -31,12 +31,18 @@ class TrialRecord:
     config: dict[str, Any] | None = None
     n_params: int | None = None  # trainable parameters of the adapter
     n_head_params: int | None = None  # and of the classification head, if the task has one
+    base_params: int | None = None  # parameters of the whole base model (head included)
     n_interventions: int | None = None  # ReFT only
     positions_capped: float | None = None  # share of train prompts pyreft's n // 2 cap shortens
     worker: str | None = None  # host:pid
     model_loads: int | None = None  # how often that worker had loaded the model so far
     wall_time_s: float | None = None
     epochs_trained: float | None = None  # in epochs over the whole train split
+    # what the method cost (reftsearch.search.costs): wall seconds per epoch trained (its dev
+    # pass included), the peak memory while it trained, the bytes of the weights it exports
+    epoch_s: float | None = None
+    peak_memory_mb: float | None = None
+    export_bytes: int | None = None
     # per-epoch dev scores where they are not Optuna's intermediate values (two objectives,
     # or one step per dev example for the Wilcoxon pruner)
     dev_curve: tuple[float, ...] = ()
@@ -106,9 +112,12 @@ def describe_config(config: Mapping[str, Any] | None) -> str:
     if not config:
         return "?"
     training = f"lr={config['lr']:.2g} ep{config['epochs']} bs{config['batch_size']}"
-    if config.get("method") == "lora":  # reftsearch.methods.lora
+    method = config.get("method", "reft")
+    if method in ("lora", "dora"):  # reftsearch.methods.lora
         targets = ";".join(config["target_modules"])
-        return f"lora [{targets}] r{config['rank']} alpha={config['alpha']:g} {training}"
+        return f"{method} [{targets}] r{config['rank']} alpha={config['alpha']:g} {training}"
+    if method == "full":
+        return f"full wd={config['weight_decay']:g} {training}"
     layers = config["layers"]
     layer_text = ";".join(map(str, layers)) if len(layers) <= 6 else f"{len(layers)} layers"
     tied = " tied" if config.get("tied") else ""
@@ -120,9 +129,12 @@ def describe_config(config: Mapping[str, Any] | None) -> str:
 
 def readable_columns(config: Mapping[str, Any]) -> dict[str, Any]:
     """Flat, short columns (strings and numbers) for the dashboard's trial table."""
-    if config.get("method") == "lora":
+    method = config.get("method", "reft")
+    if method == "full":
+        return {"type": method}
+    if method in ("lora", "dora"):
         return {
-            "type": "lora",
+            "type": method,
             "target_modules": ";".join(config["target_modules"]),
             "rank": config["rank"],
             "alpha": config["alpha"],

@@ -23,11 +23,17 @@ ALIVE = (
 )
 
 
-def enqueue_finalize(study: optuna.Study, finalize: FinalizeSpec, log: Log = print) -> int:
-    """Enqueue the missing (config, seed) runs; returns how many are waiting to run."""
+def enqueue_finalize(
+    study: optuna.Study,
+    finalize: FinalizeSpec,
+    log: Log = print,
+    picks: list[optuna.trial.FrozenTrial] | None = None,
+) -> int:
+    """Enqueue the missing (config, seed) runs of the top ``finalize.top_k`` configs (or of
+    ``picks``); returns how many are waiting to run."""
     reruns = [TrialRecord.of(t) for t in study.get_trials(deepcopy=False, states=ALIVE)]
     existing = {(r.finalize_of, r.seed) for r in reruns if r.finalize_of is not None}
-    for trial in top_search_trials(study, finalize.top_k):
+    for trial in top_search_trials(study, finalize.top_k) if picks is None else picks:
         for seed in finalize.seeds:
             if (trial.number, seed) not in existing:
                 rerun = TrialRecord(finalize_of=trial.number, seed=seed)

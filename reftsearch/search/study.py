@@ -23,6 +23,7 @@ from reftsearch.data.splits import TaskData, load_task_data
 from reftsearch.engine.activation_cache import PrefixCache
 from reftsearch.errors import BadInputError, SpecError
 from reftsearch.methods.adapter import AdapterConfig
+from reftsearch.methods.full.memory import check_fits
 from reftsearch.methods.lora.module import check_targets
 from reftsearch.methods.reft.config import ReftConfig
 from reftsearch.methods.reft.constraints import Limits, check_space, limits_of
@@ -34,7 +35,15 @@ from reftsearch.search.kept_weights import WEIGHTS_DIR, weights_dir
 from reftsearch.search.pruners import SparingPruner
 from reftsearch.search.record import TrialRecord, is_search_trial, search_trials, store
 from reftsearch.search.storage import open_storage
-from reftsearch.spec.space import Choice, Dimension, IntRange, grid, lowest_layers, searched
+from reftsearch.spec.space import (
+    Choice,
+    Dimension,
+    IntRange,
+    grid,
+    largest,
+    lowest_layers,
+    searched,
+)
 from reftsearch.spec.study_file import PrunerSpec, StudySpec
 
 NO_GRID_POINT = -1  # the grid_id of a trial that gave its point back
@@ -96,6 +105,9 @@ def prepare(spec: StudySpec, device: str | None = None) -> PreparedStudy:
     check_lengths(spec.task, shape_of(base.model.config.to_dict()).max_positions)
     if spec.method == "reft":
         check_space(spec.space, prepared.limits)
+    elif spec.method == "full":
+        tokens = max(len(e.input_ids) for e in split.train)
+        check_fits(base, largest(spec.space["batch_size"]), tokens, spec.resources.memory_mb)
     else:
         check_targets(spec.space, base, "space.target_modules")
     return prepared

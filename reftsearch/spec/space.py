@@ -110,7 +110,20 @@ LORA_PARAMETERS: dict[str, Parameter] = {
     "target_modules": Parameter(_target_modules_value, "default"),
     **TRAINING_PARAMETERS,
 }
-METHOD_PARAMETERS = {"reft": PARAMETERS, "lora": LORA_PARAMETERS}
+# method: dora (peft's LoRA with use_dora) searches what LoRA does.
+# method: full (every weight trained) has only the training parameters, with the defaults of
+# fine-tuning a whole model: a learning rate 50x lower than an adapter's, and weight decay.
+FULL_PARAMETERS: dict[str, Parameter] = {
+    **TRAINING_PARAMETERS,
+    "lr": replace(TRAINING_PARAMETERS["lr"], default=2e-5),
+    "weight_decay": replace(TRAINING_PARAMETERS["weight_decay"], default=0.01),
+}
+METHOD_PARAMETERS = {
+    "reft": PARAMETERS,
+    "lora": LORA_PARAMETERS,
+    "dora": LORA_PARAMETERS,
+    "full": FULL_PARAMETERS,
+}
 
 
 def parse_space(raw: Any, path: str, max_epochs: int, method: str = "reft") -> dict[str, Dimension]:
@@ -215,14 +228,21 @@ def _parse_range(raw: Mapping, path: str, parameter: Parameter) -> Dimension:
     return FloatRange(low, high, log)
 
 
-def _check_epochs(dimension: Dimension, path: str, max_epochs: int) -> None:
-    largest = {
+def largest(dimension: Dimension) -> Any:
+    """The largest value a numeric dimension can take."""
+    return {
         Fixed: lambda d: d.value,
         Choice: lambda d: max(d.choices),
         IntRange: lambda d: d.high,
+        FloatRange: lambda d: d.high,
     }[type(dimension)](dimension)
-    if largest > max_epochs:
-        raise SpecError(path, f"must be <= budget.max_epochs ({max_epochs}), got {largest}")
+
+
+def _check_epochs(dimension: Dimension, path: str, max_epochs: int) -> None:
+    if largest(dimension) > max_epochs:
+        raise SpecError(
+            path, f"must be <= budget.max_epochs ({max_epochs}), got {largest(dimension)}"
+        )
 
 
 def searched(space: Mapping[str, Dimension]) -> dict[str, Dimension]:

@@ -33,7 +33,7 @@ METRICS_FOR_KIND = {
     "generation": ("exact_match", "final_number", "loss"),
 }
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "nsga2")
-METHODS = ("reft", "lora")
+METHODS = ("reft", "lora", "dora", "full")
 # what a study optimises: the dev score (the metric's direction), optionally also the trainable
 # parameter count (minimised): then the study searches a Pareto front
 OBJECTIVES = {"score": None, "n_params": "minimize"}
@@ -123,6 +123,8 @@ class ResourcesSpec:
     trials_per_worker: int | Literal["auto"] = 1  # (reftsearch.run.packed_search)
     spill_mb: float = 0.0  # what does not fit cache_mb, in memory-mapped files (0: not cached)
     spill_dir: str | None = None  # where those files go (default: $REFTSEARCH_CACHE/spill)
+    # what a method: full trial may use (default: what is free on the device when it starts)
+    memory_mb: float | None = None
 
 
 @dataclass(frozen=True)
@@ -562,7 +564,9 @@ def _only_with(entries: dict, path: str, key: str, allowed: bool, kind: str) -> 
 
 def _resources(raw: Any, path: str, base_dir: Path) -> ResourcesSpec:
     keys = ["workers", "cpus_per_trial", "gpus_per_trial", "heartbeat_s", "cache_mb"]
-    entries = v.mapping(raw, path, [*keys, "trials_per_worker", "spill_mb", "spill_dir"])
+    others = ["trials_per_worker", "spill_mb", "spill_dir", "memory_mb"]
+    entries = v.mapping(raw, path, [*keys, *others])
+    memory_mb = entries.get("memory_mb")
     spill_dir = entries.get("spill_dir")
     if spill_dir is not None:
         folder = Path(v.string(spill_dir, v.join(path, "spill_dir"))).expanduser()
@@ -582,6 +586,9 @@ def _resources(raw: Any, path: str, base_dir: Path) -> ResourcesSpec:
         ),
         spill_mb=v.number(entries.get("spill_mb", 0), v.join(path, "spill_mb"), 0),
         spill_dir=spill_dir,
+        memory_mb=None
+        if memory_mb is None
+        else v.number(memory_mb, v.join(path, "memory_mb"), 0, exclusive_min=True),
     )
 
 

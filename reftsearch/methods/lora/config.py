@@ -1,4 +1,8 @@
-"""What a LoRA trial builds: rank, alpha, dropout, the linear layers it wraps. No torch here."""
+"""What a LoRA or DoRA trial builds: rank, alpha, dropout, the layers it wraps. No torch here.
+
+DoRA (Liu et al. 2024) is peft's LoRA with ``use_dora``: each wrapped layer also learns the
+magnitude of every output row of its weight, LoRA's update setting only the direction.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +15,16 @@ class LoraConfig:
     alpha: float
     dropout: float
     target_modules: tuple[str, ...]  # last parts of module names inside a block: q_proj, value
+    use_dora: bool = False
+
+    @property
+    def method(self) -> str:
+        """The study's ``method``: ``dora`` or ``lora``."""
+        return "dora" if self.use_dora else "lora"
 
     def to_dict(self) -> dict:
         return {
-            "method": "lora",
+            "method": self.method,
             "rank": self.rank,
             "alpha": self.alpha,
             "dropout": self.dropout,

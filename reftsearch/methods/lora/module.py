@@ -1,4 +1,4 @@
-"""LoRA (through ``peft``) behind the interface the trainer uses for ReFT interventions.
+"""LoRA and DoRA (through ``peft``) behind the interface the trainer uses for ReFT interventions.
 
 A fair ReFT-vs-LoRA comparison trains both with the same loop, data, head, optimiser, seed
 and budget; only what learns differs. ``LoraModule`` builds peft's LoRA layers around the
@@ -60,21 +60,31 @@ def target_sites(
     return sites
 
 
+def to_peft(config: LoraConfig, target_modules: list[str], **options) -> peft.LoraConfig:
+    """peft's config for ``config``, on ``target_modules`` (short names inside a block, or
+    the whole model's module names for an export)."""
+    return peft.LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=target_modules,
+        use_dora=config.use_dora,
+        **options,
+    )
+
+
 class LoraModule(nn.Module):
-    """One trial's LoRA adapters; only their A/B matrices are parameters of this module."""
+    """One trial's LoRA (or DoRA) adapters; only their A/B matrices (and DoRA's magnitudes)
+    are parameters of this module."""
 
     def __init__(self, config: LoraConfig, blocks: Sequence[nn.Module]) -> None:
         super().__init__()
         self.config = config
-        peft_config = peft.LoraConfig(
-            r=config.rank,
-            lora_alpha=config.alpha,
-            lora_dropout=config.dropout,
-            target_modules=list(config.target_modules),
-        )
-        # (parent, attribute, original layer, LoRA layer wrapping it); a plain list, so the
-        # frozen base weights inside the wrappers are not parameters (nor state) of this module
-        self._sites: list[tuple[nn.Module, str, nn.Module, nn.Module]] = []
+        peft_config = to_peft(config, list(config.target_modules))
+        # (key, parent, attribute, original layer, LoRA layer wrapping it); a plain list, so
+        # the frozen base weights inside the wrappers are not parameters (nor state) of this
+        # module
+        self._sites: list[tuple[str, nn.Module, str, nn.Module, nn.Module]] = []
         adapters = {}
         for key, parent, attribute, layer in target_sites(blocks, config.target_modules):
             wrapper = dispatch_default(
@@ -82,11 +92,16 @@ class LoraModule(nn.Module):
             )
             if wrapper is None:
                 raise ValueError(f"peft cannot put LoRA on {key} ({type(layer).__name__})")
-            adapters[key] = nn.ModuleDict(
-                {"A": wrapper.lora_A, "B": wrapper.lora_B, "dropout": wrapper.lora_dropout}
-            )
-            self._sites.append((parent, attribute, layer, wrapper))
+            parts = {"A": wrapper.lora_A, "B": wrapper.lora_B, "dropout": wrapper.lora_dropout}
+            if config.use_dora:  # the rows' magnitudes, initialised to the weight's row norms
+                parts["magnitude"] = wrapper.lora_magnitude_vector
+            adapters[key] = nn.ModuleDict(parts)
+            self._sites.append((key, parent, attribute, layer, wrapper))
         self.adapters = nn.ModuleDict(adapters)
+
+    def originals(self) -> dict[str, nn.Module]:
+        """The frozen layers the adapters wrap, by their key (``<block>/<path in block>``)."""
+        return {key: layer for key, _, _, layer, _ in self._sites}
 
     def num_parameters(self) -> int:
         return count_parameters(self)
@@ -103,12 +118,12 @@ class LoraModule(nn.Module):
     @contextmanager
     def attached(self, blocks: Sequence[nn.Module]) -> Iterator[LoraModule]:
         """Swap the LoRA layers into the blocks given at construction for the duration."""
-        for parent, attribute, _, wrapper in self._sites:
+        for _, parent, attribute, _, wrapper in self._sites:
             setattr(parent, attribute, wrapper)
         try:
             yield self
         finally:
-            for parent, attribute, layer, _ in self._sites:
+            for _, parent, attribute, layer, _ in self._sites:
                 setattr(parent, attribute, layer)
 
 

@@ -1,0 +1,1 @@
+"""Full fine-tuning: every base weight trained, the upper baseline for ReFT and LoRA."""
