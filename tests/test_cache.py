@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import DEVICES, tiny_study
 
 from reftsearch.data.batches import (
     SplitData,
@@ -29,7 +29,8 @@ from reftsearch.engine.train import TrainConfig, train_trial
 from reftsearch.methods.reft.config import ReftConfig
 from reftsearch.methods.reft.module import ReftModule
 from reftsearch.models.base import load_base_model
-from reftsearch.spec.study_file import DataSpec, TaskSpec
+from reftsearch.search.study import prepare
+from reftsearch.spec.study_file import DataSpec, TaskSpec, parse_spec
 
 WORDS = ["the", "film", "was", "not", "good", "but", "actors", "were", "hardly", "bad", "at"]
 
@@ -488,10 +489,10 @@ def count_passes(monkeypatch) -> list[int]:
     return passes
 
 
-def trained(base, data, cache, layers=(1, 3), prefix=0):
+def trained(base, data, cache, layers=(1, 3), epochs=2):
     """A short trial's score, dev scores and weights, trained through ``cache``."""
-    config = TrainConfig(lr=5e-3, epochs=2, batch_size=8, seed=4)
-    reft = make_reft(base, layers=layers, prefix=prefix)
+    config = TrainConfig(lr=5e-3, epochs=epochs, batch_size=8, seed=4)
+    reft = make_reft(base, layers=layers, prefix=0)
     score = train_trial(base, reft, data, config, cache=cache).score
     with reft.attached(base.blocks):
         dev = evaluate(base, reft, data, cache=cache)
@@ -619,3 +620,31 @@ def test_an_unwritable_store_leaves_the_cache_as_without_one(tmp_path):
     with pytest.warns(UserWarning, match="frozen store disabled"):
         frozen = cache.frozen(base, 1, "train", [data.train])
     assert frozen is not None and cache.store is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("model", "kind"), [("embedded:minilm", "classification"), ("embedded:smollm2", "generation")]
+)
+def test_real_models_read_their_stored_passes_with_the_same_results(
+    model, kind, tmp_path, monkeypatch
+):
+    base, data = setup(model, kind)
+    passes = count_passes(monkeypatch)
+    first = trained(base, data, PrefixCache(2048, store=FrozenStore(tmp_path, 2048)), (2, 4), 1)
+    assert passes == [24, 12]
+    second = trained(base, data, PrefixCache(2048, store=FrozenStore(tmp_path, 2048)), (2, 4), 1)
+    assert passes == [24, 12]  # the second cache (a rerun, another worker) computed nothing
+    assert_same_trial(second, first)
+
+
+def test_the_study_file_places_or_disables_the_store(easy_task_files, tmp_path, frozen_store):
+    def store_of(resources):
+        raw = tiny_study(easy_task_files, resources=resources)
+        return prepare(parse_spec(raw, base_dir=tmp_path)).cache.store
+
+    default = store_of({})  # tests set $REFTSEARCH_FROZEN_STORE (conftest)
+    assert default.folder == frozen_store and default.budget_bytes == 10240 * 2**20
+    placed = store_of({"store_dir": "frozen-here", "store_mb": 512})
+    assert placed.folder == tmp_path / "frozen-here" and placed.budget_bytes == 512 * 2**20
+    assert store_of({"store_mb": 0}) is None
