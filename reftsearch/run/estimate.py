@@ -1,8 +1,8 @@
 """What a study will cost here, measured before spending it.
 
 A few configs are drawn from the space at random (those already enqueued in the study first:
-warm starts and ``enqueue_trial`` configs are the ones its next trials run); for each, one
-training step and one dev batch are timed on this machine (after a warm-up step), through
+warm starts and ``enqueue_trial`` configs are the ones its next trials run); for each, two
+training steps and one dev batch are timed on this machine (after a warm-up step), through
 the path trials take (the worker's frozen-activation cache included, whose one-off build is
 left out). Scaled by the data sizes and epochs, that gives seconds per epoch and per trial for
 the cheapest, median and most expensive of them, and the study's expected wall time for its
@@ -38,9 +38,7 @@ from reftsearch.search.study import PreparedStudy
 from reftsearch.spec.space import sample
 from reftsearch.spec.study_file import StudySpec
 
-# steps timed per config after its warm-up: their training is thrown away, so the fewest
-# that leave the warm-up's one-off costs out (scaled by tokens: ``_step_seconds``)
-TIMED_STEPS = 1
+TIMED_STEPS = 2
 EVAL_SAMPLE = 16  # dev examples timed per config
 
 
