@@ -21,6 +21,7 @@ from reftsearch.data.batches import (
     sorted_batch_rows,
 )
 from reftsearch.engine import activation_cache as cache_module
+from reftsearch.engine import frozen_store as frozen_store_module
 from reftsearch.engine.activation_cache import PrefixCache, compute_states
 from reftsearch.engine.frozen_store import FrozenStore
 from reftsearch.engine.losses import span_losses
@@ -648,3 +649,16 @@ def test_the_study_file_places_or_disables_the_store(easy_task_files, tmp_path, 
     placed = store_of({"store_dir": "frozen-here", "store_mb": 512})
     assert placed.folder == tmp_path / "frozen-here" and placed.budget_bytes == 512 * 2**20
     assert store_of({"store_mb": 0}) is None
+
+
+def test_a_trained_head_is_not_part_of_the_model_that_keys_the_store(tmp_path, monkeypatch):
+    """BERT's pooler sits in the model body but trains with the head: a worker whose head
+    was reset or trained still reads what another stored."""
+    base, data = setup("tiny:bert")
+    assert base.model.base_model.pooler is not None
+    PrefixCache(64, store=FrozenStore(tmp_path, 64)).states(base, 1, "train", data.train)
+    base.reset_head(seed=5)  # another pooler, as after a trial
+    frozen_store_module._model_keys.clear()  # hashed again, as in another process
+    passes = count_passes(monkeypatch)
+    PrefixCache(64, store=FrozenStore(tmp_path, 64)).states(base, 1, "train", data.train)
+    assert passes == []

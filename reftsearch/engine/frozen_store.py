@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 
 from reftsearch.data.batches import Encoded
 
@@ -43,6 +44,7 @@ ENTRY = re.compile(r"[0-9a-f]{64}\.frozen")
 TEMPORARY = re.compile(r"[0-9a-f]{64}\.(?P<host>.+)\.(?P<pid>[0-9]+)\.tmp")
 CHUNK = 64 * 2**20  # bytes checksummed at a time
 
+# per model: the device it was hashed on, and its key (a model moved is another model here)
 _model_keys: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -193,19 +195,18 @@ class FrozenStore:
 
 def model_key(base) -> str | None:
     """What identifies a frozen pass's model: the weights and buffers of the model body (not
-    the head, which trials reset), its config (label names aside), precision, device kind and
-    the library versions; None for a model without its weights (``drop_weights``)."""
+    the head's, which trials reset and train), its config (label names aside), precision,
+    device kind and the library versions; None for a model without its weights
+    (``drop_weights``)."""
     model = base.model
-    if model in _model_keys:
-        return _model_keys[model]
+    if model in _model_keys and _model_keys[model][0] == base.device:
+        return _model_keys[model][1]
     body = model.base_model
     digest = hashlib.sha256()
     config = {k: v for k, v in model.config.to_dict().items() if k not in _LABEL_KEYS}
     device = base.device.type
     if device == "cuda":
         device = torch.cuda.get_device_name(base.device)
-    import transformers  # already loaded with the model: named here for its version
-
     header = [
         FORMAT,
         type(body).__name__,
@@ -217,13 +218,21 @@ def model_key(base) -> str | None:
         transformers.__version__,
     ]
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
+    # BERT's pooler sits in the body but is the head's (reset and trained by every trial)
+    head = (
+        set()
+        if base.head is None
+        else {id(t) for t in [*base.head.parameters(), *base.head.buffers()]}
+    )
     for name, tensor in [*body.named_parameters(), *body.named_buffers()]:
+        if id(tensor) in head:
+            continue
         if tensor.device.type == "meta":
             return None
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(_bytes(tensor.detach().cpu().contiguous()))
     key = digest.hexdigest()
-    _model_keys[model] = key
+    _model_keys[model] = (base.device, key)  # hashed once per process (~1 s for SmolLM2)
     return key
 
 
