@@ -256,6 +256,9 @@ def study_yaml(
         "pruner": "none",
         "finalize": False,
         "space": {**space, "epochs": 1, "dropout": 0.0, "warmup_ratio": 0.0},
+        # a frozen store of its own: the run pays its frozen passes, as a first run does
+        # (the default store would serve them from an earlier benchmark run)
+        "resources": {"store_dir": str(folder / "frozen")},
     }
     path = folder / "throughput.yaml"
     path.write_text(json.dumps(raw))  # JSON is YAML

@@ -24,6 +24,15 @@ DEVICES = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def frozen_store(tmp_path_factory, monkeypatch):
+    """Each test's own frozen store (its subprocesses and Ray actors inherit it): one test's
+    frozen passes are never another's, nor a user's in ~/.cache."""
+    folder = tmp_path_factory.mktemp("frozen")
+    monkeypatch.setenv("REFTSEARCH_FROZEN_STORE", str(folder))
+    return folder
+
+
 @pytest.fixture
 def write_study(tmp_path):
     """Write a study YAML (a dict) into tmp_path and return its path."""

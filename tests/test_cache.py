@@ -1,12 +1,16 @@
 """The frozen-prefix cache: replayed forwards equal full ones, and it stays within budget."""
 
 import re
+import socket
+import subprocess
+import threading
+import time
 from contextlib import nullcontext
 from dataclasses import replace
 
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import DEVICES, tiny_study
 
 from reftsearch.data.batches import (
     SplitData,
@@ -17,14 +21,17 @@ from reftsearch.data.batches import (
     sorted_batch_rows,
 )
 from reftsearch.engine import activation_cache as cache_module
+from reftsearch.engine import frozen_store as frozen_store_module
 from reftsearch.engine.activation_cache import PrefixCache, compute_states
+from reftsearch.engine.frozen_store import FrozenStore
 from reftsearch.engine.losses import span_losses
 from reftsearch.engine.scoring import evaluate, evaluate_examples, generate
 from reftsearch.engine.train import TrainConfig, train_trial
 from reftsearch.methods.reft.config import ReftConfig
 from reftsearch.methods.reft.module import ReftModule
 from reftsearch.models.base import load_base_model
-from reftsearch.spec.study_file import DataSpec, TaskSpec
+from reftsearch.search.study import prepare
+from reftsearch.spec.study_file import DataSpec, TaskSpec, parse_spec
 
 WORDS = ["the", "film", "was", "not", "good", "but", "actors", "were", "hardly", "bad", "at"]
 
@@ -466,3 +473,192 @@ def test_16_bit_base_with_float32_interventions_replays_too(dtype, states_dtype)
     torch.testing.assert_close(cached[0], full[0])
     for name, want in full[2].items():
         torch.testing.assert_close(cached[2][name], want)
+
+
+# ------------------------------------------------------------------------ the frozen store
+
+
+def count_passes(monkeypatch) -> list[int]:
+    """The number of examples of each frozen pass computed from now on."""
+    passes, real = [], cache_module.compute_frozen
+
+    def counted(base, examples, *args, **kwargs):
+        passes.append(len(examples))
+        return real(base, examples, *args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "compute_frozen", counted)
+    return passes
+
+
+def trained(base, data, cache, layers=(1, 3), epochs=2):
+    """A short trial's score, dev scores and weights, trained through ``cache``."""
+    config = TrainConfig(lr=5e-3, epochs=epochs, batch_size=8, seed=4)
+    reft = make_reft(base, layers=layers, prefix=0)
+    score = train_trial(base, reft, data, config, cache=cache).score
+    with reft.attached(base.blocks):
+        dev = evaluate(base, reft, data, cache=cache)
+    return score, dev, flat_parameters(reft)
+
+
+def assert_same_trial(got, want) -> None:
+    assert got[0] == want[0] and got[1] == want[1]
+    torch.testing.assert_close(got[2], want[2], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["classification", "generation"])
+def test_a_stored_pass_is_read_by_the_next_cache_with_the_same_results(kind, tmp_path, monkeypatch):
+    """A second process (here: a second cache) reads what the first computed, for the very
+    same split re-tokenized too, and trains and scores to the bit as without a store."""
+    base, data = setup("tiny:llama", kind)
+    without = trained(base, data, PrefixCache(64))
+    passes = count_passes(monkeypatch)
+    first = trained(base, data, PrefixCache(64, store=FrozenStore(tmp_path, 64)))
+    assert passes == [24, 12]  # train and dev, each one full pass (keys and values)
+    lines = []
+    second = PrefixCache(64, store=FrozenStore(tmp_path, 64))
+    second.log = lines.append
+    again = replace(data, train=list(data.train), dev=list(data.dev))
+    reread = trained(base, again, second)
+    assert passes == [24, 12]  # nothing computed again
+    assert lines == [
+        f"frozen layer 1 and keys/values of 24 train examples read from {tmp_path}",
+        f"frozen layer 1 and keys/values of 12 dev examples read from {tmp_path}",
+    ]
+    assert_same_trial(first, without)
+    assert_same_trial(reread, without)
+    # another split (a subset) or another precision is another entry
+    second.states(base, 1, "train", data.train[:10])
+    assert passes == [24, 12, 10]
+    half, _ = setup("tiny:llama", kind, dtype="bfloat16-mixed")
+    PrefixCache(64, store=FrozenStore(tmp_path, 64)).states(half, 1, "train", data.train)
+    assert passes == [24, 12, 10, 24]
+
+
+def test_a_damaged_or_truncated_entry_is_computed_again_not_trusted(tmp_path, monkeypatch):
+    base, data = setup("tiny:llama")
+    want = compute_states(base, 2, data.train).flat
+    PrefixCache(64, store=FrozenStore(tmp_path, 64)).states(base, 2, "train", data.train)
+    (entry,) = tmp_path.glob("*.frozen")
+    whole = entry.read_bytes()
+    passes = count_passes(monkeypatch)
+    damaged = bytearray(whole)
+    damaged[100] ^= 0x40  # one bit of one state
+    for broken in (whole[:-10], whole[: len(whole) // 2], bytes(damaged)):
+        entry.write_bytes(broken)
+        cache = PrefixCache(64, store=FrozenStore(tmp_path, 64))
+        with pytest.warns(UserWarning, match="is damaged .*: computed again"):
+            got = cache.states(base, 2, "train", data.train)
+        torch.testing.assert_close(got.flat, want, rtol=0, atol=0)
+        assert entry.read_bytes() == whole  # written again, whole
+    assert passes == [24, 24, 24]
+
+
+def test_the_store_keeps_within_its_budget_and_removes_only_its_own_files(tmp_path):
+    base, data = setup("tiny:llama")
+    one = compute_states(base, 0, data.train).nbytes
+    store = FrozenStore(tmp_path, 2.5 * one / 2**20)
+    theirs = [tmp_path / "notes.txt", tmp_path / f"{'0' * 64}.frozen.bak"]
+    for path in theirs:
+        path.write_text("not the store's")
+    exited = subprocess.Popen(["true"])  # noqa: S607
+    exited.wait()  # its pid is free now: a writer that was killed
+    stale = tmp_path / f"{'1' * 64}.{socket.gethostname()}.{exited.pid}.tmp"
+    stale.write_bytes(b"left by a killed writer")
+    cache = PrefixCache(64, store=store)
+    for layer in (0, 1, 0, 2):  # layer 0 used again: 1 is the least recently used
+        cache.states(base, layer, "train", data.train)
+        if layer == 0:
+            time.sleep(0.01)  # distinct modification times
+            PrefixCache(64, store=store).states(base, 0, "train", data.train)
+    kept = sorted(tmp_path.glob("*.frozen"))
+    assert len(kept) == 2 and sum(p.stat().st_size for p in kept) <= store.budget_bytes
+    layer_key = PrefixCache(64, store=store)._store_key
+    assert kept == sorted(store.path(layer_key(base, data.train, layer)) for layer in (0, 2))
+    assert all(path.exists() for path in theirs) and not stale.exists()
+
+
+def test_a_process_waits_for_anothers_pass_and_reads_it(tmp_path, monkeypatch):
+    """Two workers that want the same split at once: one computes, the other waits for the
+    store's lock and then reads its files (threads here: the lock is per open file)."""
+    base, data = setup("tiny:llama", "generation")
+    first = PrefixCache(64, store=FrozenStore(tmp_path, 64))
+    second = PrefixCache(64, store=FrozenStore(tmp_path, 64))
+    lines, results = [], []
+    second.log = lines.append
+    waiter = threading.Thread(
+        target=lambda: results.append(second.frozen(base, 1, "train", [data.train]))
+    )
+    passes, real = [], cache_module.compute_frozen
+
+    def first_pass(*args, **kwargs):
+        passes.append(1)
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while not lines and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "compute_frozen", first_pass)
+    computed = first.frozen(base, 1, "train", [data.train])
+    waiter.join()
+    assert passes == [1]
+    assert lines == [
+        f"waiting for another process's frozen pass over 24 train examples (in {tmp_path})",
+        f"frozen layer 1 and keys/values of 24 train examples read from {tmp_path}",
+    ]
+    (read,) = results
+    torch.testing.assert_close(read.states[0].flat, computed.states[0].flat, rtol=0, atol=0)
+    torch.testing.assert_close(
+        read.keys_values[0].both, computed.keys_values[0].both, rtol=0, atol=0
+    )
+
+
+def test_an_unwritable_store_leaves_the_cache_as_without_one(tmp_path):
+    base, data = setup("tiny:llama", "generation")
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the store's folder should be")
+    cache = PrefixCache(64, store=FrozenStore(blocked / "frozen", 64))
+    with pytest.warns(UserWarning, match="frozen store disabled"):
+        frozen = cache.frozen(base, 1, "train", [data.train])
+    assert frozen is not None and cache.store is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("model", "kind"), [("embedded:minilm", "classification"), ("embedded:smollm2", "generation")]
+)
+def test_real_models_read_their_stored_passes_with_the_same_results(
+    model, kind, tmp_path, monkeypatch
+):
+    base, data = setup(model, kind)
+    passes = count_passes(monkeypatch)
+    first = trained(base, data, PrefixCache(2048, store=FrozenStore(tmp_path, 2048)), (2, 4), 1)
+    assert passes == [24, 12]
+    second = trained(base, data, PrefixCache(2048, store=FrozenStore(tmp_path, 2048)), (2, 4), 1)
+    assert passes == [24, 12]  # the second cache (a rerun, another worker) computed nothing
+    assert_same_trial(second, first)
+
+
+def test_the_study_file_places_or_disables_the_store(easy_task_files, tmp_path, frozen_store):
+    def store_of(resources):
+        raw = tiny_study(easy_task_files, resources=resources)
+        return prepare(parse_spec(raw, base_dir=tmp_path)).cache.store
+
+    default = store_of({})  # tests set $REFTSEARCH_FROZEN_STORE (conftest)
+    assert default.folder == frozen_store and default.budget_bytes == 10240 * 2**20
+    placed = store_of({"store_dir": "frozen-here", "store_mb": 512})
+    assert placed.folder == tmp_path / "frozen-here" and placed.budget_bytes == 512 * 2**20
+    assert store_of({"store_mb": 0}) is None
+
+
+def test_a_trained_head_is_not_part_of_the_model_that_keys_the_store(tmp_path, monkeypatch):
+    """BERT's pooler sits in the model body but trains with the head: a worker whose head
+    was reset or trained still reads what another stored."""
+    base, data = setup("tiny:bert")
+    assert base.model.base_model.pooler is not None
+    PrefixCache(64, store=FrozenStore(tmp_path, 64)).states(base, 1, "train", data.train)
+    base.reset_head(seed=5)  # another pooler, as after a trial
+    frozen_store_module._model_keys.clear()  # hashed again, as in another process
+    passes = count_passes(monkeypatch)
+    PrefixCache(64, store=FrozenStore(tmp_path, 64)).states(base, 1, "train", data.train)
+    assert passes == []

@@ -6,6 +6,7 @@ Heartbeats every second, so a killed trial is found stale after two.
 
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -295,8 +296,9 @@ def test_ray_driver_frees_its_weights_for_the_search_and_times_no_estimate(
     """The driver runs no search trial: it frees its model's weights while the workers search
     (they load their own), and the estimate's frozen passes are a worker's, whose trials
     reuse them. Finalize, which the driver runs itself, loads the weights again (and only
-    them: the data stays as tokenized). The workers' passes are reported in the driver's
-    output."""
+    them: the data stays as tokenized). Each frozen pass is computed once, by one worker: the
+    other and the driver's finalize read it from the frozen store. The workers' passes are
+    reported in the driver's output."""
     from reftsearch.engine import activation_cache as cache_module
     from reftsearch.run import driver as runner
     from reftsearch.search import study as study_module
@@ -341,11 +343,15 @@ def test_ray_driver_frees_its_weights_for_the_search_and_times_no_estimate(
     assert len(driver_models) == 2  # the search's checks, then finalize's training
     assert len(data_loads) == 1
     assert {p.device.type for p in driver_models[1].model.parameters()} == {"cpu"}
-    assert driver_passes == [96, 48]  # finalize's run: its train and dev splits, once each
+    assert driver_passes == []  # finalize's run read the workers' passes from the store
     assert "estimate: " in out and "per trial (median" in out
     assert out.count("] trial ") == 3 + 1  # the search, then finalize's run
     assert "finalize: 1 runs" in out
-    # the workers' own lines reach the driver's output, each saying which worker it is
-    assert "worker 0: frozen pass over 96 train examples" in out
-    assert "worker 1: frozen pass over 96 train examples" in out
+    # the workers' own lines reach the driver's output, each saying which worker it is: one
+    # computed each split's pass, the other waited for it and read it
+    pass_line = r"^worker (\d): frozen pass over (\d+ \w+) examples .*\.\.\.$"
+    started = dict((split, worker) for worker, split in re.findall(pass_line, out, re.M))
+    assert len(re.findall(pass_line, out, re.M)) == 2 and set(started) == {"96 train", "48 dev"}
+    reader = re.findall(r"^worker (\d): frozen .* of 96 train examples read from ", out, re.M)
+    assert reader and started["96 train"] not in reader
     assert not ray_processes_started_after(began)

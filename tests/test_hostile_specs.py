@@ -36,6 +36,7 @@ REFTSEARCH = [sys.executable, "-m", "reftsearch.cli"]
 FLOAT_KEYS = {
     "lr", "dropout", "warmup_ratio", "weight_decay", "alpha", "dev_fraction", "timeout",
     "min_fraction", "p_threshold", "cpus_per_trial", "gpus_per_trial", "cache_mb", "spill_mb",
+    "store_mb",
 }  # fmt: skip
 # keys whose values are names from a fixed list
 CHOICE_KEYS = {

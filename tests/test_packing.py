@@ -1,5 +1,6 @@
 """Trial packing: k trials trained side by side equal the same k trials trained alone."""
 
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,7 +13,7 @@ from test_cache import make_reft, setup
 from reftsearch.cli import main
 from reftsearch.engine.activation_cache import PrefixCache
 from reftsearch.engine.packing import Pack, PackedTrainer, TrialRun, own_head
-from reftsearch.engine.train import TrainConfig, train_trial
+from reftsearch.engine.train import TrainConfig, build_scheduler, train_trial
 from reftsearch.errors import SpecError
 from reftsearch.methods.adapter import GLOBAL_RNG_LOCK, build_adapter
 from reftsearch.methods.reft.config import ReftConfig
@@ -201,3 +202,23 @@ def test_auto_packs_what_fits_a_gpu(write_study, easy_task_files):
     k = pack_size(prepare(load_spec(write_study(raw))), logged.append)
     assert 1 <= k <= AUTO_MAX_PACK
     assert logged[0].startswith(f"resources.trials_per_worker auto: {k} on cuda")
+
+
+@pytest.mark.parametrize("warmup_ratio", [0.0, 0.06, 0.5])
+def test_the_schedule_is_transformers_linear_warmup_and_decay(warmup_ratio):
+    """``build_scheduler`` spares every process transformers.optimization's imports (peft):
+    the same learning rates, step after step."""
+    from transformers import get_linear_schedule_with_warmup
+
+    config = TrainConfig(lr=1e-3, epochs=3, batch_size=8, seed=0, warmup_ratio=warmup_ratio)
+    total = math.ceil(100 / 8) * 3
+    optimizers = [torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3) for _ in "ab"]
+    ours = build_scheduler(optimizers[0], config, 100)
+    theirs = get_linear_schedule_with_warmup(optimizers[1], round(warmup_ratio * total), total)
+    rates = [], []
+    for _ in range(total + 2):
+        for optimizer, scheduler, seen in zip(optimizers, (ours, theirs), rates, strict=True):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+    assert rates[0] == rates[1] and max(rates[0]) == 1e-3 and rates[0][-2] == 0.0

@@ -110,6 +110,8 @@ def test_int_range_and_choices_mapping(tmp_path):
         ({"storage": "not a url"}, "storage: must be a SQLAlchemy URL"),
         ({"resources": {"spill_mb": -1}}, "resources.spill_mb: must be a number >= 0, got -1"),
         ({"resources": {"spill_dir": 3}}, "resources.spill_dir: must be a non-empty string"),
+        ({"resources": {"store_mb": -1}}, "resources.store_mb: must be a number >= 0, got -1"),
+        ({"resources": {"store_dir": ""}}, "resources.store_dir: must be a non-empty string"),
         (
             {"resources": {"trials_per_worker": "max"}},
             "resources.trials_per_worker: must be a positive integer or 'auto', got 'max'",

@@ -22,7 +22,7 @@ import tempfile
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -33,6 +33,13 @@ from torch import nn
 from transformers import DynamicCache
 
 from reftsearch.data.batches import Batch, Encoded, batches, pass_tokens
+from reftsearch.engine.frozen_store import (
+    FrozenStore,
+    Pending,
+    entry_key,
+    examples_key,
+    model_key,
+)
 from reftsearch.methods.reft.positions import unedited_prefix
 from reftsearch.models.base import BaseModel, kv_argument
 from reftsearch.progress import Log, Progress
@@ -121,14 +128,22 @@ class FrozenKeysValues:
     frozen model computes them (causal decoders only), unpadded and concatenated."""
 
     examples: list[Encoded]
-    keys: torch.Tensor  # [blocks, prompt tokens + 1, heads, dim]; the last row is zeros
-    values: torch.Tensor
+    both: torch.Tensor  # [2, blocks, prompt tokens + 1, heads, dim]: keys, then values;
+    # each block's last row is zeros
     starts: torch.Tensor  # [examples] where each example's tokens start
     argument: str
 
     @property
+    def keys(self) -> torch.Tensor:
+        return self.both[0]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.both[1]
+
+    @property
     def nbytes(self) -> int:
-        return 2 * self.keys.numel() * self.keys.element_size()
+        return self.both.numel() * self.both.element_size()
 
     def gather(
         self,
@@ -216,7 +231,10 @@ class PrefixCache:
 
     What does not fit is not cached (``states`` returns None and the trial runs the full
     model, just slower), unless it fits the spill budget: then it lives in memory-mapped
-    files in ``spill_dir`` (read back a batch at a time, through the page cache). Keys and
+    files in ``spill_dir`` (read back a batch at a time, through the page cache). With a
+    ``store``, every entry a pass computes is also kept on disk for other processes and later
+    runs, and one missing here is read from there before it is computed
+    (reftsearch.engine.frozen_store). Keys and
     values are the optional part: they never push block outputs out, so a tight budget cannot
     make the two evict each other step after step. Whatever is missing for a split is
     computed in one pass, from the highest cached layer below when only block outputs are
@@ -236,6 +254,7 @@ class PrefixCache:
         expected_layers: Iterable[int] = (),
         spill_mb: float = 0.0,
         spill_dir: Path | None = None,
+        store: FrozenStore | None = None,
     ) -> None:
         self.memory = Tier(int(budget_mb * 2**20))
         self.spill = Tier(int(spill_mb * 2**20), spill_dir) if spill_mb > 0 else None
@@ -246,6 +265,8 @@ class PrefixCache:
         # worker may train on several subsets of one split (reftsearch.search.fidelity's ladder)
         self._entries: OrderedDict[tuple, CachedStates | FrozenKeysValues] = OrderedDict()
         self._tier_of: dict[tuple, Tier] = {}
+        self.store = store
+        self._examples_keys: dict[int, tuple[list[Encoded], str]] = {}  # by the list's id
 
     @property
     def budget_bytes(self) -> int:
@@ -292,8 +313,7 @@ class PrefixCache:
         states, kv = self._get(states_key(layer)), self._get(kv_key) if keys_values else None
         if states is not None and (kv is not None or not keys_values):
             return states, kv  # the common case: every training step of every trial
-        per_layer = (sum(len(e.input_ids) for e in examples) + 1) * base.hidden_size
-        per_layer *= _dtype(base, layer).itemsize
+        per_layer = _nbytes(base, examples, layer)
         # where each new entry goes: memory first, else the spill files, else nowhere
         homes: dict[int | str, Tier] = {}
         sizes: dict[int | str, int] = {}
@@ -303,60 +323,196 @@ class PrefixCache:
                 return None, kv
             homes[layer], sizes[layer] = home, per_layer
         if keys_values and kv is None:
-            prompt_tokens = sum(e.prompt_length for e in examples) + 1
-            kv_need = 2 * base.num_layers * prompt_tokens * math.prod(_kv_shape(base.model.config))
-            sizes[KEYS_VALUES] = kv_need * _dtype(base, KEYS_VALUES).itemsize
+            sizes[KEYS_VALUES] = _nbytes(base, examples, KEYS_VALUES)
             home = self._free_tier(sizes[KEYS_VALUES], homes, sizes)
             if home is not None:
                 homes[KEYS_VALUES] = home
+        if not homes:
+            return states, kv
+        store = self._store_for(base)
+        try:
+            with nullcontext() if store is None else self._computing(store, base, split, examples):
+                if store is not None:  # what another process, or an earlier run, computed
+                    self._read(store, base, split, examples, homes)
+                if homes:
+                    self._compute(base, layer, split, examples, homes, sizes, store)
+        except _SpillFailed as err:  # full or not writable: go on with memory alone
+            warnings.warn(f"cache spill disabled: {err.__cause__}", stacklevel=2)
+            self.spill = None
+            return self._fetch(base, layer, split, examples, keys_values)
+        return self._get(states_key(layer)), self._get(kv_key) if keys_values else None
+
+    def _compute(
+        self,
+        base: BaseModel,
+        layer: int,
+        split: str,
+        examples: list[Encoded],
+        homes: dict[int | str, Tier],
+        sizes: dict[int | str, int],
+        store: FrozenStore | None,
+    ) -> None:
+        """One frozen pass over ``examples`` for what ``homes`` places (``layer``'s outputs,
+        keys and values), and the expected layers it computes anyway, kept in free room."""
         want_kv = KEYS_VALUES in homes
-        if states is None or want_kv:
-            below = None if want_kv else self._highest_below(layer, examples)
-            # expected layers this pass computes anyway, kept in free room: a full pass (for
-            # keys and values) runs every block, one that stops at ``layer`` those above
-            # ``below``
-            lowest = below.layer if below is not None else -1
-            highest = base.num_layers if want_kv else layer
-            extra = [
-                other
-                for other in sorted(self.expected_layers)
-                if lowest < other < highest and other != layer
-                if states_key(other) not in self._entries
-            ][: max(0, self._free(self.memory, homes, sizes) // per_layer)]
-            homes.update(dict.fromkeys(extra, self.memory))
-            wanted = ([] if states is not None else [layer]) + extra
-            folders = {what: tier.folder for what, tier in homes.items() if tier.folder}
-            last = base.num_layers - 1 if want_kv else layer
-            what = _describe_pass(len(examples), split, lowest + 1, last, wanted, want_kv)
-            self._report(f"{what}...")
-            started = time.perf_counter()
+        below = None if want_kv else self._highest_below(layer, examples)
+        # a full pass (for keys and values) runs every block, one that stops at ``layer``
+        # those above ``below``
+        lowest = below.layer if below is not None else -1
+        highest = base.num_layers if want_kv else layer
+        extra = [
+            other
+            for other in sorted(self.expected_layers)
+            if lowest < other < highest and other not in homes
+            if ("states", other, split, id(examples)) not in self._entries
+            if store is None or not store.path(self._store_key(base, examples, other)).exists()
+        ][: max(0, self._free(self.memory, homes, sizes) // _nbytes(base, examples, layer))]
+        homes.update(dict.fromkeys(extra, self.memory))
+        wanted = [what for what in homes if what != KEYS_VALUES]
+        last = base.num_layers - 1 if want_kv else layer
+        what = _describe_pass(len(examples), split, lowest + 1, last, wanted, want_kv)
+        self._report(f"{what}...")
+        started = time.perf_counter()
+        pending: dict[int | str, Pending] = {}
+
+        def allocate(what: int | str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            # on a CPU, or in the spill folder, the store's file is the entry itself
+            folder = homes[what].folder
+            if store is not None and (folder is not None or base.device.type == "cpu"):
+                try:
+                    stored = store.create(self._store_key(base, examples, what), shape, dtype)
+                except OSError as err:
+                    self._drop_store(err)
+                else:
+                    if stored is not None:
+                        pending[what] = stored
+                        return stored.tensor
+            if folder is None:
+                return torch.empty(shape, dtype=dtype, device=base.device)
             try:
-                computed, computed_kv = compute_frozen(
-                    base,
-                    examples,
-                    wanted,
-                    want_kv,
-                    below,
-                    spilled=folders,
-                    progress=self._progress(what),
-                )
+                return _mapped(folder, shape, dtype)
             except OSError as err:
-                if not folders:
-                    raise
-                # the spill folder is full or not writable: go on with memory alone
-                warnings.warn(f"cache spill disabled: {err}", stacklevel=2)
-                self.spill = None
-                return self._fetch(base, layer, split, examples, keys_values)
-            for entry in computed:
-                self._put(states_key(entry.layer), entry, homes[entry.layer])
-            states = self._get(states_key(layer))
-            if want_kv:
-                kv = self._put(kv_key, computed_kv, homes[KEYS_VALUES])
-            kept = sum(entry.nbytes for entry in computed) + (computed_kv.nbytes if want_kv else 0)
-            self._report(
-                f"{what}: {time.perf_counter() - started:.1f}s, {kept / 2**20:.0f} MB kept"
+                raise _SpillFailed from err
+
+        try:
+            computed, computed_kv = compute_frozen(
+                base, examples, wanted, want_kv, below, allocate, self._progress(what)
             )
-        return states, kv
+        except BaseException:
+            for stored in pending.values():
+                store.discard(stored)
+            raise
+        for entry in computed:
+            self._put(("states", entry.layer, split, id(examples)), entry, homes[entry.layer])
+        if want_kv:
+            self._put(("keys_values", split, id(examples)), computed_kv, homes[KEYS_VALUES])
+        if store is not None:
+            self._keep(store, base, examples, computed, computed_kv, pending)
+        kept = sum(entry.nbytes for entry in computed) + (computed_kv.nbytes if want_kv else 0)
+        self._report(f"{what}: {time.perf_counter() - started:.1f}s, {kept / 2**20:.0f} MB kept")
+
+    def _keep(
+        self,
+        store: FrozenStore,
+        base: BaseModel,
+        examples: list[Encoded],
+        computed: list[CachedStates],
+        computed_kv: FrozenKeysValues | None,
+        pending: dict[int | str, Pending],
+    ) -> None:
+        """Write what a pass computed to the store: seal the files it was computed into, or
+        copy what it computed on the model's GPU."""
+        outputs: dict[int | str, tuple[torch.Tensor, dict]] = {
+            entry.layer: (entry.flat, {"as_tuple": entry.as_tuple}) for entry in computed
+        }
+        if computed_kv is not None:
+            outputs[KEYS_VALUES] = (computed_kv.both, {})
+        try:
+            for what, (tensor, meta) in outputs.items():
+                if what in pending:
+                    store.commit(pending.pop(what), meta)
+                elif self.store is not None:
+                    store.save(self._store_key(base, examples, what), tensor, meta)
+        except OSError as err:
+            self._drop_store(err)
+        finally:
+            for stored in pending.values():
+                store.discard(stored)
+
+    def _read(
+        self,
+        store: FrozenStore,
+        base: BaseModel,
+        split: str,
+        examples: list[Encoded],
+        homes: dict[int | str, Tier],
+    ) -> None:
+        """Take what ``homes`` places from the store where it holds it (and drop it from
+        ``homes``): mapped from its file, or copied to the model's GPU."""
+        found = []
+        for what, tier in list(homes.items()):
+            read = store.load(
+                self._store_key(base, examples, what),
+                _shape(base, examples, what),
+                _dtype(base, what),
+            )
+            if read is None:
+                continue
+            tensor, meta = read
+            if tier.folder is None:
+                tensor = tensor.to(base.device)
+            if what == KEYS_VALUES:
+                entry = _keys_values(base, examples, tensor)
+                self._put(("keys_values", split, id(examples)), entry, tier)
+            else:
+                entry = _states(what, examples, tensor, meta["as_tuple"])
+                self._put(("states", what, split, id(examples)), entry, tier)
+            found.append(what)
+            del homes[what]
+        if found:
+            named = [f"layer {what}" for what in found if what != KEYS_VALUES]
+            named += ["keys/values"] if KEYS_VALUES in found else []
+            self._report(
+                f"frozen {' and '.join(named)} of {len(examples)} {split} examples read from "
+                f"{store.folder}"
+            )
+
+    @contextmanager
+    def _computing(
+        self, store: FrozenStore, base: BaseModel, split: str, examples: list[Encoded]
+    ) -> Iterator[None]:
+        """The store's lock on passes over ``examples``: the first process computes them,
+        the others wait for its files."""
+
+        def waiting() -> None:
+            self._report(
+                f"waiting for another process's frozen pass over {len(examples)} {split} "
+                f"examples (in {store.folder})"
+            )
+
+        with store.computing(self._store_key(base, examples, "lock"), waiting):
+            yield
+
+    def _store_for(self, base: BaseModel) -> FrozenStore | None:
+        """The store, when there is one and ``base`` has its weights to identify it by."""
+        if self.store is None or model_key(base) is None:
+            return None
+        try:
+            self.store.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            self._drop_store(err)
+        return self.store
+
+    def _store_key(self, base: BaseModel, examples: list[Encoded], what: int | str) -> str:
+        held = self._examples_keys.get(id(examples))
+        if held is None or held[0] is not examples:
+            held = self._examples_keys[id(examples)] = (examples, examples_key(examples))
+        return entry_key(model_key(base), held[1], str(what))
+
+    def _drop_store(self, err: OSError) -> None:
+        if self.store is not None:
+            warnings.warn(f"frozen store disabled: {err}", stacklevel=3)
+            self.store = None
 
     def _progress(self, what: str) -> Progress | None:
         return None if self.log is None else Progress(what, self.log, self.progress_every_s)
@@ -427,6 +583,34 @@ def _describe_pass(
     return f"frozen pass over {examples} {split} examples ({blocks}: {' and '.join(kept)})"
 
 
+def _shape(base: BaseModel, examples: list[Encoded], what: int | str) -> tuple[int, ...]:
+    """The shape of a split's cached outputs: a layer's ``[tokens + 1, hidden]``, or the keys
+    and values ``[2, blocks, prompt tokens + 1, heads, head size]`` (a zero row at the end)."""
+    if what == KEYS_VALUES:
+        prompt_tokens = sum(e.prompt_length for e in examples)
+        return (2, base.num_layers, prompt_tokens + 1, *_kv_shape(base.model.config))
+    return (sum(len(e.input_ids) for e in examples) + 1, base.hidden_size)
+
+
+def _nbytes(base: BaseModel, examples: list[Encoded], what: int | str) -> int:
+    return math.prod(_shape(base, examples, what)) * _dtype(base, what).itemsize
+
+
+def _states(layer: int, examples: list[Encoded], flat: torch.Tensor, as_tuple: bool):
+    starts = _starts([len(e.input_ids) for e in examples])[0]
+    return CachedStates(layer, examples, flat, torch.tensor(starts), as_tuple)
+
+
+def _keys_values(base: BaseModel, examples: list[Encoded], both: torch.Tensor):
+    starts = _starts([e.prompt_length for e in examples])[0]
+    argument = kv_argument(base.model.base_model)
+    return FrozenKeysValues(examples, both, torch.tensor(starts), argument)
+
+
+class _SpillFailed(Exception):
+    """The spill folder is full or not writable (the cause says why)."""
+
+
 def _dtype(base: BaseModel, what: int | str) -> torch.dtype:
     """What a cached output is stored in: a layer's hidden states in the residual stream's
     dtype; keys and values, which come out of linear layers, in the matmul one (they differ in
@@ -457,7 +641,7 @@ def compute_frozen(
     layers: list[int],
     keys_values: bool,
     below: CachedStates | None = None,
-    spilled: Mapping[int | str, Path] | None = None,
+    allocate: Callable[[int | str, tuple[int, ...], torch.dtype], torch.Tensor] | None = None,
     progress: Callable[[float], None] | None = None,
 ) -> tuple[list[CachedStates], FrozenKeysValues | None]:
     """One frozen pass over ``examples``: the unedited outputs of each block in ``layers``
@@ -467,19 +651,25 @@ def compute_frozen(
     when given.
 
     Each batch's rows are copied into tensors allocated once at their final size: holding
-    every batch's outputs until one concatenation at the end took twice the memory. Outputs
-    named in ``spilled`` (layers, or ``KEYS_VALUES``) go to memory-mapped files in the folder
-    given for them, the rest to the model's device. ``progress`` hears the fraction of the
-    tokens done after each batch."""
-    argument = kv_argument(base.model.base_model)
+    every batch's outputs until one concatenation at the end took twice the memory.
+    ``allocate(what, shape, dtype)`` gives them (``what`` a layer or ``KEYS_VALUES``: memory
+    on the model's device, or a memory-mapped file); by default they go to the model's device.
+    ``progress`` hears the fraction of the tokens done after each batch."""
     stop_at = None if keys_values else max(layers)
-    spilled = spilled or {}
 
-    def padded(what: int | str, shape: tuple[int, ...], dim: int) -> torch.Tensor:
-        return _padded(shape, dim, _dtype(base, what), base.device, spilled.get(what))
+    def padded(what: int | str, dim: int) -> torch.Tensor:
+        """An empty tensor to be filled, but for its last slice along ``dim``: zeros, the
+        row that padding positions gather."""
+        shape, dtype = _shape(base, examples, what), _dtype(base, what)
+        if allocate is None:
+            tensor = torch.empty(shape, dtype=dtype, device=base.device)
+        else:
+            tensor = allocate(what, shape, dtype)
+        tensor.select(dim, -1).zero_()
+        return tensor
 
     token_starts, total = _starts([len(e.input_ids) for e in examples])
-    flat = {layer: padded(layer, (total + 1, base.hidden_size), 0) for layer in layers}
+    flat = {layer: padded(layer, 0) for layer in layers}
     as_tuple: dict[int, bool] = {}
     rows: list[int] = []
     lengths: list[int] = []
@@ -498,9 +688,10 @@ def compute_frozen(
         for layer in layers
     ]
     if keys_values:
-        prompt_starts, prompt_total = _starts([e.prompt_length for e in examples])
-        shape = (len(base.blocks), prompt_total + 1, *_kv_shape(base.model.config))
-        keys, values = (padded(KEYS_VALUES, shape, 1) for _ in range(2))
+        argument = kv_argument(base.model.base_model)
+        prompt_starts = _starts([e.prompt_length for e in examples])[0]
+        both = padded(KEYS_VALUES, 2)
+        keys, values = both
     done = 0
     try:
         # right padding, sorted by length: a row's states do not depend on its batch
@@ -527,14 +718,8 @@ def compute_frozen(
     finally:
         for handle in handles:
             handle.remove()
-    states = [
-        CachedStates(layer, examples, flat[layer], torch.tensor(token_starts), as_tuple[layer])
-        for layer in layers
-    ]
-    frozen_kv = None
-    if keys_values:
-        frozen_kv = FrozenKeysValues(examples, keys, values, torch.tensor(prompt_starts), argument)
-    return states, frozen_kv
+    states = [_states(layer, examples, flat[layer], as_tuple[layer]) for layer in layers]
+    return states, _keys_values(base, examples, both) if keys_values else None
 
 
 def _starts(lengths: list[int]) -> tuple[list[int], int]:
@@ -542,19 +727,6 @@ def _starts(lengths: list[int]) -> tuple[list[int], int]:
     total."""
     starts = list(itertools.accumulate(lengths, initial=0))
     return starts[:-1], starts[-1]
-
-
-def _padded(
-    shape: tuple[int, ...], dim: int, dtype: torch.dtype, device, folder: Path | None
-) -> torch.Tensor:
-    """An empty tensor to be filled, but for its last slice along ``dim``: zeros, the row
-    that padding positions gather. On ``device``, or in a file in ``folder``."""
-    if folder is None:
-        tensor = torch.empty(shape, dtype=dtype, device=device)
-    else:
-        tensor = _mapped(folder, shape, dtype)
-    tensor.select(dim, -1).zero_()
-    return tensor
 
 
 def _mapped(folder: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

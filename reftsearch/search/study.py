@@ -7,6 +7,7 @@ storage exactly as it was.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -21,6 +22,7 @@ from optuna.trial import FrozenTrial
 from reftsearch.data.batches import SplitData, encode
 from reftsearch.data.splits import TaskData, load_task_data
 from reftsearch.engine.activation_cache import PrefixCache
+from reftsearch.engine.frozen_store import FrozenStore
 from reftsearch.errors import BadInputError, SpecError
 from reftsearch.methods.adapter import AdapterConfig
 from reftsearch.methods.full.memory import check_fits
@@ -49,6 +51,7 @@ from reftsearch.spec.study_file import PrunerSpec, StudySpec
 NO_GRID_POINT = -1  # the grid_id of a trial that gave its point back
 LABELS_ATTR = "label_names"  # a classification study's classes: class id i is the i-th
 INTERRUPTED = "interrupted"  # the fail_reason of a trial stopped by Ctrl-C or SIGTERM
+FROZEN_STORE_ENV = "REFTSEARCH_FROZEN_STORE"  # the frozen store's folder unless the spec says
 
 FINISHED_STATES = (
     optuna.trial.TrialState.COMPLETE,
@@ -80,7 +83,12 @@ class PreparedStudy:
             expected = lowest_layers(self.spec.space, self.base.num_layers)
         resources = self.spec.resources
         spill_dir = Path(resources.spill_dir) if resources.spill_dir else cache_dir() / "spill"
-        return PrefixCache(resources.cache_mb, expected, resources.spill_mb, spill_dir)
+        store = None
+        if resources.store_mb > 0:
+            default = os.environ.get(FROZEN_STORE_ENV) or cache_dir() / "frozen"
+            folder = Path(resources.store_dir or default).expanduser()
+            store = FrozenStore(folder, resources.store_mb)
+        return PrefixCache(resources.cache_mb, expected, resources.spill_mb, spill_dir, store)
 
     def cache_for(self, config: AdapterConfig) -> PrefixCache | None:
         """The cache a trial of ``config`` replays: none for LoRA, which changes every block

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
-
-import optuna
+from typing import TYPE_CHECKING, Any
 
 from reftsearch.errors import SpecError
 from reftsearch.spec import readers as v
+
+if TYPE_CHECKING:  # a spec is read without Optuna (~0.7 s): `validate` and every command's start
+    import optuna
 
 
 @dataclass(frozen=True)

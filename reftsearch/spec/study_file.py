@@ -125,6 +125,11 @@ class ResourcesSpec:
     spill_dir: str | None = None  # where those files go (default: $REFTSEARCH_CACHE/spill)
     # what a method: full trial may use (default: what is free on the device when it starts)
     memory_mb: float | None = None
+    # frozen passes kept on disk for other workers and later runs (0: none), and where
+    # (reftsearch.engine.frozen_store; default: $REFTSEARCH_FROZEN_STORE, else
+    # $REFTSEARCH_CACHE/frozen)
+    store_mb: float = 10240.0
+    store_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -564,13 +569,9 @@ def _only_with(entries: dict, path: str, key: str, allowed: bool, kind: str) -> 
 
 def _resources(raw: Any, path: str, base_dir: Path) -> ResourcesSpec:
     keys = ["workers", "cpus_per_trial", "gpus_per_trial", "heartbeat_s", "cache_mb"]
-    others = ["trials_per_worker", "spill_mb", "spill_dir", "memory_mb"]
-    entries = v.mapping(raw, path, [*keys, *others])
+    disk = ["spill_mb", "spill_dir", "store_mb", "store_dir"]
+    entries = v.mapping(raw, path, [*keys, "trials_per_worker", "memory_mb", *disk])
     memory_mb = entries.get("memory_mb")
-    spill_dir = entries.get("spill_dir")
-    if spill_dir is not None:
-        folder = Path(v.string(spill_dir, v.join(path, "spill_dir"))).expanduser()
-        spill_dir = str(base_dir / folder)  # relative to the study file, as data paths
     return ResourcesSpec(
         workers=v.integer(entries.get("workers", 1), v.join(path, "workers"), minimum=1),
         cpus_per_trial=v.number(
@@ -585,11 +586,21 @@ def _resources(raw: Any, path: str, base_dir: Path) -> ResourcesSpec:
             entries.get("trials_per_worker", 1), v.join(path, "trials_per_worker")
         ),
         spill_mb=v.number(entries.get("spill_mb", 0), v.join(path, "spill_mb"), 0),
-        spill_dir=spill_dir,
+        spill_dir=_folder(entries, path, "spill_dir", base_dir),
+        store_mb=v.number(entries.get("store_mb", 10240), v.join(path, "store_mb"), 0),
+        store_dir=_folder(entries, path, "store_dir", base_dir),
         memory_mb=None
         if memory_mb is None
         else v.number(memory_mb, v.join(path, "memory_mb"), 0, exclusive_min=True),
     )
+
+
+def _folder(entries: dict, path: str, key: str, base_dir: Path) -> str | None:
+    """A folder named by ``key``, relative to the study file (as data paths are)."""
+    if entries.get(key) is None:
+        return None
+    folder = Path(v.string(entries[key], v.join(path, key))).expanduser()
+    return str(base_dir / folder)
 
 
 def _trials_per_worker(raw: Any, path: str) -> int | Literal["auto"]:
