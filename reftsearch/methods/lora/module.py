@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -18,6 +19,9 @@ from reftsearch.methods.lora.config import LoraConfig
 from reftsearch.methods.reft.interventions import count_parameters
 from reftsearch.models.base import BaseModel
 from reftsearch.spec.space import Dimension, layer_choices
+
+if TYPE_CHECKING:
+    import peft
 
 ADAPTER = "default"
 
@@ -63,6 +67,8 @@ def target_sites(
 def to_peft(config: LoraConfig, target_modules: list[str], **options) -> peft.LoraConfig:
     """peft's config for ``config``, on ``target_modules`` (short names inside a block, or
     the whole model's module names for an export)."""
+    import peft
+
     return peft.LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,
@@ -78,7 +84,6 @@ class LoraModule(nn.Module):
     are parameters of this module."""
 
     def __init__(self, config: LoraConfig, blocks: Sequence[nn.Module]) -> None:
-        import peft
         from peft.tuners.lora.layer import dispatch_default
 
         super().__init__()
