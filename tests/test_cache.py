@@ -506,10 +506,14 @@ def assert_same_trial(got, want) -> None:
 
 
 @pytest.mark.parametrize("kind", ["classification", "generation"])
-def test_a_stored_pass_is_read_by_the_next_cache_with_the_same_results(kind, tmp_path, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_stored_pass_is_read_by_the_next_cache_with_the_same_results(
+    kind, device, tmp_path, monkeypatch
+):
     """A second process (here: a second cache) reads what the first computed, for the very
-    same split re-tokenized too, and trains and scores to the bit as without a store."""
-    base, data = setup("tiny:llama", kind)
+    same split re-tokenized too, and trains and scores to the bit as without a store (on a
+    GPU: copied to the store after the pass, and to the GPU when read)."""
+    base, data = setup("tiny:llama", kind, device)
     without = trained(base, data, PrefixCache(64))
     passes = count_passes(monkeypatch)
     first = trained(base, data, PrefixCache(64, store=FrozenStore(tmp_path, 64)))
@@ -529,7 +533,7 @@ def test_a_stored_pass_is_read_by_the_next_cache_with_the_same_results(kind, tmp
     # another split (a subset) or another precision is another entry
     second.states(base, 1, "train", data.train[:10])
     assert passes == [24, 12, 10]
-    half, _ = setup("tiny:llama", kind, dtype="bfloat16-mixed")
+    half, _ = setup("tiny:llama", kind, device, "bfloat16-mixed")
     PrefixCache(64, store=FrozenStore(tmp_path, 64)).states(half, 1, "train", data.train)
     assert passes == [24, 12, 10, 24]
 

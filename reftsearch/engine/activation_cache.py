@@ -396,7 +396,13 @@ class PrefixCache:
 
         try:
             computed, computed_kv = compute_frozen(
-                base, examples, wanted, want_kv, below, allocate, self._progress(what)
+                base,
+                examples,
+                wanted,
+                want_kv,
+                below,
+                allocate=allocate,
+                progress=self._progress(what),
             )
         except BaseException:
             for stored in pending.values():
