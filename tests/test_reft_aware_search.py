@@ -205,6 +205,8 @@ def test_an_invalid_sampled_config_is_pruned_with_its_reason(write_study, easy_t
     spec = load_spec(study)
     open_study(spec, spec.storage).enqueue_trial({"prefix": 0, "suffix": 0})
     assert main(["run", str(study)]) == 0
-    (trial,) = trials_of(study)
+    trial, trained = trials_of(study)
     assert trial.state.name == "PRUNED" and "no token" in trial.user_attrs["invalid_reason"]
     assert "n_params" not in trial.user_attrs and not trial.intermediate_values
+    # it did not count against the budget of 1: a config was trained after it
+    assert trained.state.name == "COMPLETE" and "invalid_reason" not in trained.user_attrs
