@@ -11,7 +11,7 @@ from reftsearch.errors import SpecError
 from reftsearch.search.ranking import best_trials
 from reftsearch.search.record import TrialRecord
 from reftsearch.search.study import open_study
-from reftsearch.search.warm_start import Recipe, map_onto_space, paper_recipes
+from reftsearch.search.warm_start import Recipe, map_onto_space, paper_recipes, study_recipes
 from reftsearch.spec.space import Choice, Fixed, FloatRange, IntRange
 from reftsearch.spec.study_file import load_spec, parse_spec
 
@@ -111,6 +111,27 @@ def test_warm_start_from_another_study(write_study, easy_task_files):
         f"study:source#{t.number}" for t in best
     ]
     assert [t.params for t in trials] == [t.params for t in best]
+
+
+def test_warm_start_from_a_study_of_another_model_keeps_all_layers(tmp_path):
+    """A 4-layer model's trial on "all" layers resolved them to [0, 1, 2, 3]: on a 6-layer
+    model that set is not "all", and the recipe would be skipped; its searched value is."""
+    storage = f"sqlite:///{tmp_path / 'source.db'}"
+    source = optuna.create_study(study_name="source", storage=storage, direction="maximize")
+    layers = optuna.distributions.CategoricalDistribution(("all", "1;2"))
+    record = TrialRecord(config={**CONFIG, "layers": [0, 1, 2, 3]}, n_params=10)
+    source.add_trial(
+        optuna.trial.create_trial(
+            value=0.9,
+            params={"layers": "all"},
+            distributions={"layers": layers},
+            user_attrs=record.to_user_attrs(),
+        )
+    )
+    (recipe,) = study_recipes("source", storage, top_k=1, method="reft")
+    space = {"layers": Choice(("all", "4;5")), "rank": Fixed(1), "lr": FloatRange(1e-3, 1e-2)}
+    params, _ = map_onto_space(recipe, space, num_layers=6)
+    assert params == {"layers": "all", "lr": 1e-3}
 
 
 def test_finalize_reruns_top_configs_and_best_picks_the_mean(write_study, easy_task_files, capsys):

@@ -109,6 +109,9 @@ def study_recipes(name: str, storage: str, top_k: int, method: str) -> list[Reci
                 f"{config.get('method', 'reft')} config; this study searches {method} configs"
             )
         config["layers"] = ";".join(map(str, config.get("layers", []))) or "all"
+        # searched values as the source's space spelled them: its "all" is all of this
+        # model's layers too, where the resolved list names the source model's layers
+        config.update(trial.params)
         recipes.append(Recipe(f"study:{name}#{trial.number}", config))
     return recipes
 
