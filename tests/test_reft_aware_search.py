@@ -8,9 +8,10 @@ from conftest import tiny_study
 
 from reftsearch.cli import main
 from reftsearch.errors import SpecError
+from reftsearch.search.ranking import best_trials
 from reftsearch.search.record import TrialRecord
 from reftsearch.search.study import open_study
-from reftsearch.search.warm_start import Recipe, map_onto_space, paper_recipes
+from reftsearch.search.warm_start import Recipe, map_onto_space, paper_recipes, study_recipes
 from reftsearch.spec.space import Choice, Fixed, FloatRange, IntRange
 from reftsearch.spec.study_file import load_spec, parse_spec
 
@@ -22,7 +23,7 @@ def trials_of(path):
 
 def test_paper_recipes_scale_layer_sets_to_the_model():
     names = [r.name for r in paper_recipes("classification", 12)]
-    assert names == ["paper-glue-lr0.0003", "paper-glue-lr0.001", "paper-glue-lr0.003"]
+    assert names == ["paper-glue-lr0.001", "paper-glue-lr0.003", "paper-glue-lr0.01"]
     instruct = paper_recipes("generation", 30)[0].values
     assert instruct["layers"] == "3;8;17;22"  # 3;9;18;24 of 32 layers, on 30
     assert (instruct["prefix"], instruct["suffix"], instruct["rank"]) == (5, 5, 4)
@@ -70,21 +71,22 @@ def test_paper_warm_start_runs_first_and_is_marked(write_study, easy_task_files,
         easy_task_files, warm_start={"recipes": "paper"}, budget={"n_trials": 4, "max_epochs": 1}
     )
     raw["space"].update(prefix={"low": 0, "high": 1}, suffix={"low": 0, "high": 1})
+    raw["space"]["lr"] = {"low": 3e-3, "high": 1e-2, "log": True}
     study = write_study(raw)
     assert main(["run", str(study)]) == 0
     trials = trials_of(study)
     marked = [t for t in trials if "warm_start" in t.user_attrs]
-    # lr 3e-4 is clipped to the space's 1e-3, which makes the 1e-3 recipe a duplicate
+    # lr 1e-3 is clipped to the space's 3e-3, which makes the 3e-3 recipe a duplicate
     assert [t.number for t in marked] == [0, 1]
     assert [t.user_attrs["warm_start"] for t in marked] == [
-        "paper-glue-lr0.0003",
-        "paper-glue-lr0.003",
+        "paper-glue-lr0.001",
+        "paper-glue-lr0.01",
     ]
-    assert [t.params["lr"] for t in marked] == [pytest.approx(1e-3), pytest.approx(3e-3)]
+    assert [t.params["lr"] for t in marked] == [pytest.approx(3e-3), pytest.approx(1e-2)]
     for t in marked:
         assert (t.params["prefix"], t.params["suffix"], t.params["rank"]) == (1, 0, 1)
     out = capsys.readouterr().out
-    assert "paper-glue-lr0.001: skipped, same as an earlier one" in out
+    assert "paper-glue-lr0.003: skipped, same as an earlier one" in out
     # a resumed study does not enqueue the recipes again
     assert main(["run", str(study), "--n-trials", "5"]) == 0
     assert sum("warm_start" in t.user_attrs for t in trials_of(study)) == 2
@@ -111,6 +113,27 @@ def test_warm_start_from_another_study(write_study, easy_task_files):
     assert [t.params for t in trials] == [t.params for t in best]
 
 
+def test_warm_start_from_a_study_of_another_model_keeps_all_layers(tmp_path):
+    """A 4-layer model's trial on "all" layers resolved them to [0, 1, 2, 3]: on a 6-layer
+    model that set is not "all", and the recipe would be skipped; its searched value is."""
+    storage = f"sqlite:///{tmp_path / 'source.db'}"
+    source = optuna.create_study(study_name="source", storage=storage, direction="maximize")
+    layers = optuna.distributions.CategoricalDistribution(("all", "1;2"))
+    record = TrialRecord(config={**CONFIG, "layers": [0, 1, 2, 3]}, n_params=10)
+    source.add_trial(
+        optuna.trial.create_trial(
+            value=0.9,
+            params={"layers": "all"},
+            distributions={"layers": layers},
+            user_attrs=record.to_user_attrs(),
+        )
+    )
+    (recipe,) = study_recipes("source", storage, top_k=1, method="reft")
+    space = {"layers": Choice(("all", "4;5")), "rank": Fixed(1), "lr": FloatRange(1e-3, 1e-2)}
+    params, _ = map_onto_space(recipe, space, num_layers=6)
+    assert params == {"layers": "all", "lr": 1e-3}
+
+
 def test_finalize_reruns_top_configs_and_best_picks_the_mean(write_study, easy_task_files, capsys):
     raw = tiny_study(easy_task_files, finalize={"top_k": 2, "seeds": [11, 12]})
     study = write_study(raw)
@@ -126,11 +149,49 @@ def test_finalize_reruns_top_configs_and_best_picks_the_mean(write_study, easy_t
     best = json.loads(capsys.readouterr().out)
     finalized = [b for b in best if "mean" in b]
     assert len(finalized) == 2 and best[:2] == finalized
-    assert finalized[0]["mean"] >= finalized[1]["mean"] and finalized[0]["std"] >= 0
+    assert finalized[0]["std"] >= 0  # order: test_best_prefers_the_smaller_config_of_a_tie
     assert set(finalized[0]["seed_scores"]) == {"3", "11", "12"}
     # resumed: nothing is rerun twice
     assert main(["run", str(study)]) == 0
     assert sum(TrialRecord.of(t).finalize_of is not None for t in trials_of(study)) == 4
+
+
+CONFIG = {
+    "intervention": "loreft", "layers": [0], "positions": "f1", "tied": False,
+    "rank": 1, "seed": 3, "lr": 1e-3, "epochs": 1, "batch_size": 8,
+}  # fmt: skip
+
+
+def add_trial(study: optuna.Study, score: float, record: TrialRecord) -> None:
+    attrs = record.to_user_attrs()
+    study.add_trial(
+        optuna.trial.create_trial(value=score, params={}, distributions={}, user_attrs=attrs)
+    )
+
+
+def finalized_study(configs: list[tuple[int, list[float]]]) -> optuna.Study:
+    """A study of finalized configs: (trainable parameters, dev score per seed 3, 4, 5)."""
+    study = optuna.create_study(direction="maximize")
+    for n_params, scores in configs:
+        number = len(study.trials)
+        for seed, score in zip((3, 4, 5), scores, strict=True):
+            rerun = {"finalize_of": number, "seed": seed} if seed != 3 else {}
+            add_trial(study, score, TrialRecord(config=CONFIG, n_params=n_params, **rerun))
+    return study
+
+
+def test_best_prefers_the_smaller_config_of_a_tie():
+    """Within the best mean's standard error over seeds, the fewest parameters lead; beyond
+    it, the better mean does; unfinalized trials follow the finalized ones."""
+    # 18,456 params: mean 0.87, std 0.02, standard error 0.0115; 4,614 params: mean 0.86
+    tie = finalized_study([(18_456, [0.85, 0.87, 0.89]), (4_614, [0.86, 0.86, 0.86])])
+    assert [t.number for t in best_trials(tie, 2)] == [3, 0]
+    # a seed-stable gain of 1 point is no tie (standard error 0): the bigger config leads
+    clear = finalized_study([(18_456, [0.87, 0.87, 0.87]), (4_614, [0.86, 0.86, 0.86])])
+    assert [t.number for t in best_trials(clear, 2)] == [0, 3]
+    # a lone trial scoring above both means still ranks after them
+    add_trial(clear, 0.9, TrialRecord(config=CONFIG, n_params=10))
+    assert [t.number for t in best_trials(clear, 3)] == [0, 3, 6]
 
 
 def test_finalize_runs_only_seed_reruns_and_leaves_warm_starts_waiting(
@@ -140,8 +201,8 @@ def test_finalize_runs_only_seed_reruns_and_leaves_warm_starts_waiting(
     pops enqueued trials too, trained one as a seed rerun slot (and a rerun went missing).
     Each is given back, still waiting for a later, larger budget."""
     raw = tiny_study(easy_task_files, finalize={"top_k": 1, "seeds": [11, 12]})
-    # the paper's lrs 3e-4 and 1e-3 both map to this space's 1e-3: two warm starts
-    raw["space"].update(rank=[1, 2, 4], suffix=[1, 2])
+    # the paper's lrs 1e-3 and 3e-3 both map to this space's 3e-3: two warm starts
+    raw["space"].update(rank=[1, 2, 4], suffix=[1, 2], lr={"low": 3e-3, "high": 1e-2})
     raw.update(warm_start={"recipes": "paper"}, budget={"n_trials": 1, "max_epochs": 1})
     study = write_study(raw)
     assert main(["run", str(study)]) == 0
@@ -150,14 +211,14 @@ def test_finalize_runs_only_seed_reruns_and_leaves_warm_starts_waiting(
     assert [TrialRecord.of(t).finalize_of for t in trained] == [None, 0, 0]
     assert {TrialRecord.of(t).seed for t in trained[1:]} == {11, 12}
     waiting = [t for t in trials if t.state.name == "WAITING"]
-    assert len(waiting) == 1 and TrialRecord.of(waiting[0]).warm_start == "paper-glue-lr0.003"
+    assert len(waiting) == 1 and TrialRecord.of(waiting[0]).warm_start == "paper-glue-lr0.01"
     # a larger budget trains it first
     assert main(["run", str(study), "--n-trials", "2"]) == 0
     searched = [t for t in trials_of(study) if TrialRecord.of(t).is_search_trial]
     done = [t for t in searched if t.state.name == "COMPLETE"]
     assert [TrialRecord.of(t).warm_start for t in done] == [
-        "paper-glue-lr0.0003",
-        "paper-glue-lr0.003",
+        "paper-glue-lr0.001",
+        "paper-glue-lr0.01",
     ]
 
 
@@ -205,6 +266,8 @@ def test_an_invalid_sampled_config_is_pruned_with_its_reason(write_study, easy_t
     spec = load_spec(study)
     open_study(spec, spec.storage).enqueue_trial({"prefix": 0, "suffix": 0})
     assert main(["run", str(study)]) == 0
-    (trial,) = trials_of(study)
+    trial, trained = trials_of(study)
     assert trial.state.name == "PRUNED" and "no token" in trial.user_attrs["invalid_reason"]
     assert "n_params" not in trial.user_attrs and not trial.intermediate_values
+    # it did not count against the budget of 1: a config was trained after it
+    assert trained.state.name == "COMPLETE" and "invalid_reason" not in trained.user_attrs

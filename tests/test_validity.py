@@ -58,7 +58,8 @@ def test_invalid_sampled_configs_are_pruned_before_training(write_study, easy_ta
     for rank, prefix in ((64, 1), (2, 14), (2, 11), (2, 1)):
         created.enqueue_trial({"rank": rank, "prefix": prefix})
     assert main(["run", str(study)]) == 0
-    rank, prefix, capped, plain = optuna.load_study(study_name="t", storage=spec.storage).trials
+    trials = optuna.load_study(study_name="t", storage=spec.storage).trials
+    rank, prefix, capped, plain = trials[:4]
     assert "rank 64 is not below the hidden size 64" in rank.user_attrs["invalid_reason"]
     assert "prefix 14 is beyond every training prompt" in prefix.user_attrs["invalid_reason"]
     for pruned in (rank, prefix):
@@ -67,6 +68,9 @@ def test_invalid_sampled_configs_are_pruned_before_training(write_study, easy_ta
     assert capped.state.name == "COMPLETE" and 0 < capped.user_attrs["positions_capped"] < 1
     assert plain.state.name == "COMPLETE" and "positions_capped" not in plain.user_attrs
     assert plain.user_attrs["n_interventions"] == 4  # all 4 layers x one group
+    # the two invalid configs cost no trial of the budget: the sampler's trained 2 more
+    trained = [t for t in trials if "invalid_reason" not in t.user_attrs]
+    assert len(trained) == 4 and all(t.state.name == "COMPLETE" for t in trained)
 
 
 @pytest.mark.parametrize(

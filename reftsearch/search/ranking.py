@@ -3,6 +3,7 @@ dev score and trainable parameters."""
 
 from __future__ import annotations
 
+import math
 import statistics
 
 import optuna
@@ -23,14 +24,37 @@ def best_trials(study: optuna.Study, top: int) -> list[optuna.trial.FrozenTrial]
 
     Trials retrained with extra seeds (``finalize``) rank first, by their mean over seeds: a
     single seed's lucky score is not a reason to pick a config. The rest follow by value.
+    Of the finalized configs within noise of the best mean, the smallest leads
+    (``smallest_of_ties``).
     """
     by_score = top_search_trials(study, len(study.trials))
-    means = {t.number: s["mean"] for t in by_score if (s := seed_summary(study, t)) is not None}
+    summaries = {t.number: s for t in by_score if (s := seed_summary(study, t)) is not None}
     maximize = is_maximized(study)
     finalized = sorted(
-        (t for t in by_score if t.number in means), key=lambda t: means[t.number], reverse=maximize
+        (t for t in by_score if t.number in summaries),
+        key=lambda t: summaries[t.number]["mean"],
+        reverse=maximize,
     )
-    return (finalized + [t for t in by_score if t.number not in means])[:top]
+    finalized = smallest_of_ties(finalized, summaries, maximize)
+    return (finalized + [t for t in by_score if t.number not in summaries])[:top]
+
+
+def smallest_of_ties(
+    finalized: list[optuna.trial.FrozenTrial], summaries: dict[int, dict], maximize: bool
+) -> list[optuna.trial.FrozenTrial]:
+    """``finalized`` (best mean first) with the config of fewest trainable parameters moved
+    to the front among those whose mean is within the best one's standard error over seeds:
+    a difference that small is seed noise, and the smaller config is cheaper to train, store
+    and serve (a study once picked 4x the paper recipe's parameters for such a gain)."""
+    if not finalized:
+        return finalized
+    lead = summaries[finalized[0].number]
+    margin = lead["std"] / math.sqrt(len(lead["seed_scores"]))
+    sign = 1 if maximize else -1
+    ties = [t for t in finalized if sign * (lead["mean"] - summaries[t.number]["mean"]) <= margin]
+    # min keeps the first of equal sizes: the better mean
+    smallest = min(ties, key=lambda t: TrialRecord.of(t).n_params or math.inf)
+    return [smallest, *(t for t in finalized if t is not smallest)]
 
 
 def is_maximized(study: optuna.Study) -> bool:

@@ -350,8 +350,9 @@ def _describe(distribution: optuna.distributions.BaseDistribution) -> str:
 
 def budget_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """The finished search trials that the budget counts. Finalize reruns do not count, nor
-    does a trial whose worker died and that was retried (its retry counts instead), nor one
-    interrupted (its config runs again)."""
+    does a trial whose worker died and that was retried (its retry counts instead), one
+    interrupted (its config runs again), or one whose config cannot train here (pruned in
+    milliseconds with its ``invalid_reason``: ``n_trials`` buys trained configs)."""
     trials = search_trials(study)
     skipped = _not_counted(trials)
     return [t for t in trials if t.state in FINISHED_STATES and t.number not in skipped]
@@ -400,11 +401,13 @@ def give_back_grid_point(trial: optuna.Trial) -> None:
 
 
 def _not_counted(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
-    """The trials whose worker died and that were retried (by a later trial), and those
-    interrupted, whose config was enqueued again."""
+    """The trials whose worker died and that were retried (by a later trial), those
+    interrupted, whose config was enqueued again, and those refused as invalid configs."""
     retried = {number for t in trials for number in t.system_attrs.get("retry_history", [])}
-    interrupted = {t.number for t in trials if TrialRecord.of(t).fail_reason == INTERRUPTED}
-    return retried | interrupted
+    records = {t.number: TrialRecord.of(t) for t in trials}
+    interrupted = {n for n, r in records.items() if r.fail_reason == INTERRUPTED}
+    invalid = {n for n, r in records.items() if r.invalid_reason is not None}
+    return retried | interrupted | invalid
 
 
 def count_finished(study: optuna.Study) -> int:
