@@ -21,6 +21,7 @@ from optuna.trial import FrozenTrial
 from reftsearch.data.batches import SplitData, encode
 from reftsearch.data.splits import TaskData, load_task_data
 from reftsearch.engine.activation_cache import PrefixCache
+from reftsearch.engine.threads import use_threads, worker_threads
 from reftsearch.errors import BadInputError, SpecError
 from reftsearch.methods.adapter import AdapterConfig
 from reftsearch.methods.lora.module import check_targets
@@ -83,6 +84,7 @@ def prepare(spec: StudySpec, device: str | None = None) -> PreparedStudy:
     """Load data and model once, and check the space against them. The model goes to
     ``device``, by default the spec's ``model.device``."""
     device = spec_device(spec) if device is None else device
+    use_threads(worker_threads(spec.resources))  # a Ray worker's share: in its environment
     data = load_task_data(spec.task, spec.seed)
     base = _load_model(spec, data, device)
     split = SplitData(

@@ -123,6 +123,8 @@ class ResourcesSpec:
     trials_per_worker: int | Literal["auto"] = 1  # (reftsearch.run.packed_search)
     spill_mb: float = 0.0  # what does not fit cache_mb, in memory-mapped files (0: not cached)
     spill_dir: str | None = None  # where those files go (default: $REFTSEARCH_CACHE/spill)
+    # torch CPU threads per worker; None ("auto"): $OMP_NUM_THREADS, else cores // workers
+    threads: int | None = None  # (reftsearch.engine.threads)
 
 
 @dataclass(frozen=True)
@@ -562,7 +564,7 @@ def _only_with(entries: dict, path: str, key: str, allowed: bool, kind: str) -> 
 
 def _resources(raw: Any, path: str, base_dir: Path) -> ResourcesSpec:
     keys = ["workers", "cpus_per_trial", "gpus_per_trial", "heartbeat_s", "cache_mb"]
-    entries = v.mapping(raw, path, [*keys, "trials_per_worker", "spill_mb", "spill_dir"])
+    entries = v.mapping(raw, path, [*keys, "trials_per_worker", "spill_mb", "spill_dir", "threads"])
     spill_dir = entries.get("spill_dir")
     if spill_dir is not None:
         folder = Path(v.string(spill_dir, v.join(path, "spill_dir"))).expanduser()
@@ -582,7 +584,16 @@ def _resources(raw: Any, path: str, base_dir: Path) -> ResourcesSpec:
         ),
         spill_mb=v.number(entries.get("spill_mb", 0), v.join(path, "spill_mb"), 0),
         spill_dir=spill_dir,
+        threads=_threads(entries.get("threads", "auto"), v.join(path, "threads")),
     )
+
+
+def _threads(raw: Any, path: str) -> int | None:
+    if raw == "auto":
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
+        raise SpecError(path, f"must be a positive integer or 'auto', got {raw!r}")
+    return raw
 
 
 def _trials_per_worker(raw: Any, path: str) -> int | Literal["auto"]:
