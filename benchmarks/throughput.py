@@ -292,6 +292,7 @@ def run_reftsearch(study_path: Path, configs: list[dict]) -> dict:
         "load_s": float(loaded.group(1)) if loaded else float("nan"),
         "trials_s": sum(t.user_attrs["wall_time_s"] for t in trials),
         "scores": [t.value for t in trials],
+        "stdout": out.stdout,
     }
 
 

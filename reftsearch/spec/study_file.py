@@ -41,7 +41,8 @@ PRUNERS = ("none", "median", "successive_halving", "hyperband", "wilcoxon")
 # what rung pruners (successive halving, hyperband) climb: epochs, or the share of the
 # training data (each rung trains on reduction_factor times more examples)
 PRUNER_RESOURCES = ("epochs", "data_fraction")
-# auto: bfloat16-mixed on a GPU with bfloat16 math, else float32 (``models.default_dtype``)
+# auto: bfloat16-mixed where matmuls have bfloat16 math (Ampere+ GPUs, AVX512-BF16 or AMX
+# CPUs), else float32 (``models.base.default_dtype``)
 DTYPES = ("auto", "float32", "bfloat16", "float16", "bfloat16-mixed")
 SPLITS = ("train", "dev", "test")
 
