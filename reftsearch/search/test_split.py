@@ -48,10 +48,10 @@ def trained_adapter(
         if source is not None:
             return adapter, f"kept artifact {source} ({base.dtype}, trial {run.number})"
     dtype = TrialRecord.of(trial).dtype
-    why = "were not kept (or are gone)" if dtype in (None, base.dtype) else f"are {dtype}'s"
+    why = "were not kept (or are gone)" if dtype in (None, base.dtype) else f"are {dtype}"
     log(
-        f"trial {trial.number}: its {base.dtype} weights {why}; retraining its config with "
-        f"seed {train_config.seed} in {base.dtype}"
+        f"trial {trial.number}: its trained weights {why}; retraining its config with seed "
+        f"{train_config.seed} in {base.dtype}"
     )
     # through the frozen-activation cache, as the trial trained: the same arithmetic (and
     # steps that skip the frozen blocks)
