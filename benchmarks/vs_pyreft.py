@@ -144,7 +144,9 @@ def pyreft_trial(config: dict, model_dir: str, train_path: Path, dev_path: Path,
     right = 0
     dev = read_rows(dev_path)
     for row in dev:  # one prompt at a time, as pyreft's README scores
-        prompt = tokenizer(row["prompt"], return_tensors="pt").to(device)
+        # a fast tokenizer of transformers 4.45 adds token_type_ids, which generate() refuses
+        prompt = tokenizer(row["prompt"], return_tensors="pt", return_token_type_ids=False)
+        prompt = prompt.to(device)
         last = prompt["input_ids"].shape[-1] - 1
         _, response = reft_model.generate(
             prompt,
