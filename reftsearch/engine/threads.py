@@ -1,17 +1,18 @@
 """CPU threads for torch: how many each worker runs, and how an idle one waits.
 
 torch's CPU kernels run on OpenMP (libgomp). Two of its defaults cost a lot on a machine whose
-cores other processes also use (measured on 2 cores beside one other process running two
-torch threads; benchmarks/shared_machine.py):
+cores other processes also use (benchmarks/shared_machine.py):
 
-* an OpenMP thread that finishes its share of a kernel spins (~300,000 loops) before it
-  sleeps, waiting for the rest. A reftsearch step is thousands of small kernels (a suffix-only
-  trial runs a few tokens per row above the cached layers), each ending in such a barrier:
-  when a core is taken by the other process, the thread that still has work waits for a time
-  slice while its partner spins on the other core. A step of that shape took 1.5 s alone and
-  7.0 s beside the busy process with torch's defaults; with passive waits (threads sleep at
-  once, ``OMP_WAIT_POLICY=PASSIVE``) ... . pyreft's steps (whole rows, every layer, big
-  kernels) have far fewer barriers per second, so they slowed ~3x where reftsearch slowed 20x.
+* an OpenMP thread that finishes its share of a kernel spins (up to ~300,000 loops) before
+  it sleeps, waiting for the rest. A reftsearch step is thousands of small kernels (a
+  suffix-only trial runs a few tokens per row above the cached layers), each ending in such a
+  barrier: when another process holds one of the cores, the thread that still has work waits
+  for a time slice while its partner spins on the other core. A step of that shape (15
+  SmolLM2-sized layers on 32 rows, forward and backward; 2 cores with 5-8 other helpers'
+  processes on them) took 1.5-7.5 s on torch's two spinning threads, 0.4-1.5 s with passive
+  waits (threads sleep at once, ``OMP_WAIT_POLICY=PASSIVE``), 1.1-2.8 s on one thread, with
+  or without one more busy 2-thread process. pyreft's steps (whole rows, every layer: big
+  kernels) have far fewer barriers per second: they slowed ~3x where reftsearch slowed 20x.
   libgomp reads ``OMP_WAIT_POLICY`` once, when torch loads it: it is set at the start of the
   ``reftsearch`` command and in every Ray worker's environment, never over a user's value.
 * one thread per core in every process: several workers on one machine would each start one
