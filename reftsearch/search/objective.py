@@ -151,7 +151,13 @@ class Objective:
             store(trial, invalid_reason=reason)
             raise optuna.TrialPruned(f"invalid config: {reason}")
         config = {**adapter_config.to_dict(), **vars(train_config)}
-        store(trial, config=config, dtype=base.dtype, worker=worker_id())
+        store(
+            trial,
+            config=config,
+            dtype=base.dtype,
+            threads=torch.get_num_threads(),
+            worker=worker_id(),
+        )
         if isinstance(adapter_config, ReftConfig):
             capped = capped_share(adapter_config, self.prepared.limits)
             store(

@@ -32,6 +32,7 @@ class TrialRecord:
     n_params: int | None = None  # trainable parameters of the adapter
     # the model.dtype its numbers came from: a 16-bit search's final pick reruns in float32
     dtype: str | None = None
+    threads: int | None = None  # torch CPU threads of the process that ran it
     n_head_params: int | None = None  # and of the classification head, if the task has one
     n_interventions: int | None = None  # ReFT only
     positions_capped: float | None = None  # share of train prompts pyreft's n // 2 cap shortens
