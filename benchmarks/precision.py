@@ -9,7 +9,12 @@ seeds. Usage::
     .venv/bin/python benchmarks/precision.py [--quick] [--dtypes float32 bfloat16-mixed]
 
 The 16-bit dtypes need a CPU with native bfloat16 math (AVX512-BF16, AMX) or a GPU to be
-fast. Last line: ``mixed_minus_float32=X.X`` (mean dev score over configs and seeds, points).
+fast. A study that searched in 16 bits retrains its pick in float32 (finalize, export), so
+what its coarser scores cost is a worse pick: per seed, the config ranked first by its
+``bfloat16-mixed`` score against the one ranked first by its float32 score, both valued at
+their float32 mean over seeds (``mixed_pick_loss``, points; goal: within seed noise, which is
+printed beside it). Last lines: ``mixed_minus_float32=X.X`` (mean dev score over configs and
+seeds, points), then ``mixed_pick_loss=X.X``.
 """
 
 from __future__ import annotations
@@ -67,8 +72,26 @@ def main() -> None:
             for mixed, exact in zip(mixed_run, exact_run, strict=True)
         ]
         speed = statistics.fmean(seconds[BASELINE]) / statistics.fmean(seconds[MIXED])
+        losses = pick_losses(scores[MIXED], scores[BASELINE])
+        noise = [100 * statistics.pstdev(column) for column in zip(*scores[BASELINE], strict=True)]
+        print(
+            f"pick lost per seed {[round(loss, 1) for loss in losses]} points; float32 seed "
+            f"noise (std per config) {[round(n, 1) for n in noise]} points"
+        )
         print(f"mixed_speedup_vs_float32={speed:.2f}")
         print(f"mixed_minus_float32={statistics.fmean(gap):+.1f}")
+        print(f"mixed_pick_loss={statistics.fmean(losses):.1f}")
+
+
+def pick_losses(mixed: list[list[float]], exact: list[list[float]]) -> list[float]:
+    """Per seed, the float32 points (each config valued at its float32 mean over seeds) lost
+    by picking the config the mixed run scored best instead of the one float32 scored best."""
+    value = [statistics.fmean(column) for column in zip(*exact, strict=True)]
+    configs = range(len(value))
+    return [
+        100 * (value[max(configs, key=e.__getitem__)] - value[max(configs, key=m.__getitem__)])
+        for m, e in zip(mixed, exact, strict=True)
+    ]
 
 
 if __name__ == "__main__":

@@ -265,7 +265,8 @@ def study_yaml(
     return path
 
 
-def run_reftsearch(study_path: Path, configs: list[dict]) -> dict:
+def run_reftsearch(study_path: Path, configs: list[dict], command: list[str] | None = None) -> dict:
+    """``reftsearch run`` (or ``command``, which takes its arguments) on the study."""
     import optuna
 
     from reftsearch.search.study import open_study
@@ -277,7 +278,7 @@ def run_reftsearch(study_path: Path, configs: list[dict]) -> dict:
         study.enqueue_trial(config)
     start = time.perf_counter()
     out = subprocess.run(
-        [str(REPO / ".venv" / "bin" / "reftsearch"), "run", str(study_path)],
+        [*(command or [str(REPO / ".venv" / "bin" / "reftsearch")]), "run", str(study_path)],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
     wall = time.perf_counter() - start
@@ -295,6 +296,7 @@ def run_reftsearch(study_path: Path, configs: list[dict]) -> dict:
         "load_s": float(loaded.group(1)) if loaded else float("nan"),
         "trials_s": sum(t.user_attrs["wall_time_s"] for t in trials),
         "scores": [t.value for t in trials],
+        "stdout": out.stdout,
     }
 
 

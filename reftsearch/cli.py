@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+from reftsearch.engine.threads import prefer_passive_waits
 from reftsearch.errors import BadInputError, ReftSearchError, TrialFailed
 from reftsearch.spec.study_file import SPLITS, StudySpec, load_spec
 
@@ -25,6 +26,7 @@ STORAGE_ENV = "REFTSEARCH_STORAGE"  # where `reftsearch worker` finds its storag
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    prefer_passive_waits()  # before torch loads OpenMP (reftsearch.engine.threads)
     parser = _parser()
     args = parser.parse_args(argv)
     return report_errors(lambda: args.handler(args))

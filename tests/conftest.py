@@ -1,12 +1,17 @@
 import os
-import signal
-from pathlib import Path
 
-import pytest
-import torch
-import yaml
+# before torch loads OpenMP, as the reftsearch command does (reftsearch.engine.threads): on a
+# machine other jobs share, spinning waits make small kernels many times slower
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from reftsearch.testing import scratch_postgres_database
+import signal  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from reftsearch.testing import scratch_postgres_database  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

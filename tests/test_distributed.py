@@ -336,8 +336,10 @@ def test_ray_driver_frees_its_weights_for_the_search_and_times_no_estimate(
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the Ray actors
     raw = tiny_study(easy_task_files, budget={"n_trials": 3, "max_epochs": 1})
     raw["finalize"] = {"top_k": 1, "seeds": [4]}
+    raw["resources"]["threads"] = 2  # over the environment's 1, in the actors and the driver
     began = time.time()
-    assert main(["run", str(write_study(raw)), "--workers", "2"]) == 0
+    study = write_study(raw)
+    assert main(["run", str(study), "--workers", "2"]) == 0
     out = capsys.readouterr().out
     assert devices_during_search == [{"meta"}]  # no weight held by the driver
     assert len(driver_models) == 2  # the search's checks, then finalize's training
@@ -354,4 +356,7 @@ def test_ray_driver_frees_its_weights_for_the_search_and_times_no_estimate(
     assert len(re.findall(pass_line, out, re.M)) == 2 and set(started) == {"96 train", "48 dev"}
     reader = re.findall(r"^worker (\d): frozen .* of 96 train examples read from ", out, re.M)
     assert reader and started["96 train"] not in reader
+    spec = load_spec(study)
+    trials = optuna.load_study(study_name=spec.name, storage=spec.storage).get_trials()
+    assert {TrialRecord.of(t).threads for t in trials} == {2}
     assert not ray_processes_started_after(began)

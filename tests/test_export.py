@@ -144,7 +144,7 @@ def test_export_writes_pyreft_files_that_reproduce_the_logits(tmp_path, capsys):
         assert not torch.allclose(got, torch.tensor(example["base_logits_head"]), atol=1e-3)
 
 
-def test_a_mixed_precision_export_reproduces_its_logits_in_that_dtype(tmp_path):
+def test_a_mixed_precision_study_exports_its_pick_retrained_in_float32(tmp_path):
     space = {"intervention": "loreft", "layers": "1;3", "prefix": 1, "suffix": 2, "tied": True}
     study = write_study(tmp_path, "gen", "tiny:llama", space)
     raw = yaml.safe_load(study.read_text())
@@ -153,11 +153,12 @@ def test_a_mixed_precision_export_reproduces_its_logits_in_that_dtype(tmp_path):
     )
     out = tmp_path / "out"
     assert run_and_export(study, out) == 0
-    assert json.loads((out / "reftsearch.json").read_text())["base_model"]["dtype"] == (
-        "bfloat16-mixed"
-    )
+    sidecar = json.loads((out / "reftsearch.json").read_text())
+    assert sidecar["base_model"]["dtype"] == "float32"
+    assert sidecar["dev_score_dtype"] == "bfloat16-mixed"  # what the search scored it in
+    assert sidecar["weights"] == f"retrained with seed {raw['seed']} in float32"
     base, reft = reload_into_reftsearch(out)
-    assert base.dtype == "bfloat16-mixed"
+    assert base.dtype == "float32"
     for example in json.loads((out / "reference_io.json").read_text())["examples"]:
         got = reftsearch_logits(base, reft, example)
         assert torch.allclose(got, torch.tensor(example["logits_head"]), atol=1e-5)

@@ -193,7 +193,12 @@ def test_refusals_say_why(tmp_path, easy_task_files, capsys):
         yaml.safe_dump({**raw, "model": {"path": "tiny:llama", "dtype": "bfloat16-mixed"}})
     )
     assert main(["run", str(mixed)]) == 0
-    assert "base model runs in bfloat16-mixed" in refused(mixed, tmp_path / "o2", capsys)
+    # not refused: a 16-bit study's trial is exported from float32 training (ReftUnit does not
+    # cast hidden states to its dtype)
+    assert main(["export", str(mixed), str(tmp_path / "o2"), "--format", "adapters"]) == 0
+    sidecar = json.loads((tmp_path / "o2" / "reftsearch.json").read_text())
+    assert sidecar["dev_score_dtype"] == "bfloat16-mixed"
+    assert sidecar["weights"].endswith("in float32")
 
     space = {"intervention": "loreft", "layers": "1", "prefix": 1, "suffix": 1, "tied": True}
     bert = saved_model(tmp_path, "bert-dir", "tiny:bert")  # its head has bert.pooler

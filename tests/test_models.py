@@ -15,7 +15,14 @@ from conftest import DEVICES  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
 from reftsearch.errors import BadInputError  # noqa: E402
-from reftsearch.models.base import DTYPES, BaseModel, emulated_on, load_base_model, resolve_device
+from reftsearch.models.base import (
+    DTYPES,
+    BaseModel,
+    default_dtype,
+    emulated_on,
+    load_base_model,
+    resolve_device,
+)
 from reftsearch.models.builtin import BUILTIN_MODELS
 from reftsearch.models.pretrained import ModelLoadError
 from reftsearch.spec import study_file as spec  # noqa: E402
@@ -210,6 +217,29 @@ def test_bfloat16_is_emulated_where_the_cpu_flags_lack_its_instructions():
     assert emulated_on(torch.bfloat16, torch.device("cpu")) is not native
     assert not emulated_on(torch.float32, torch.device("cpu"))
     assert not emulated_on(torch.bfloat16, torch.device("meta"))  # only a CPU emulates
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ({"avx2", "fma"}, "float32"),  # this workplace's AMD EPYC: bfloat16 is emulated
+        ({"avx2", "avx512f", "avx512_bf16"}, "bfloat16-mixed"),  # AVX512-BF16 (Cooper Lake, Zen 4)
+        ({"avx2", "avx512f", "amx_tile", "amx_bf16"}, "bfloat16-mixed"),  # AMX (Sapphire Rapids)
+        ({"avx2", "avx512f", "amx_tile"}, "float32"),  # AMX tiles without their bfloat16 math
+    ],
+)
+def test_auto_dtype_is_bfloat16_mixed_where_the_cpu_has_bfloat16_math(flags, expected):
+    assert default_dtype(torch.device("cpu"), flags) == expected
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads Linux CPU flags")
+def test_auto_dtype_reads_this_cpus_flags():
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    native = bool({"avx512_bf16", "amx_bf16"} & flags)
+    assert default_dtype(torch.device("cpu")) == ("bfloat16-mixed" if native else "float32")
+    assert load_base_model("tiny:llama", "causal_lm", dtype="auto").dtype == (
+        "bfloat16-mixed" if native else "float32"
+    )
 
 
 def test_auto_device_is_cuda_when_torch_sees_one_else_cpu():

@@ -1,14 +1,17 @@
 """ReFT-aware search: warm starts, seed-robust finalize, duplicate and invalid configs."""
 
 import json
+from contextlib import nullcontext
 
 import optuna
 import pytest
+import torch
 from conftest import tiny_study
 
 from reftsearch.cli import main
 from reftsearch.errors import SpecError
-from reftsearch.search.ranking import best_trials
+from reftsearch.models.base import emulated_on
+from reftsearch.search.ranking import best_trials, seed_summary
 from reftsearch.search.record import TrialRecord
 from reftsearch.search.study import open_study
 from reftsearch.search.warm_start import Recipe, map_onto_space, paper_recipes, study_recipes
@@ -192,6 +195,51 @@ def test_best_prefers_the_smaller_config_of_a_tie():
     # a lone trial scoring above both means still ranks after them
     add_trial(clear, 0.9, TrialRecord(config=CONFIG, n_params=10))
     assert [t.number for t in best_trials(clear, 3)] == [0, 3, 6]
+
+
+def test_a_16_bit_search_finalizes_and_exports_in_float32(
+    write_study, easy_task_files, capsys, tmp_path
+):
+    """Fast search, exact pick: the reruns (its own seed too) train in float32, the mean over
+    seeds holds float32 scores only, and the export retrains its weights in float32."""
+    raw = tiny_study(
+        easy_task_files,
+        model={"path": "tiny:llama", "dtype": "bfloat16-mixed"},
+        budget={"n_trials": 2, "max_epochs": 1},
+        finalize={"top_k": 1, "seeds": [11]},
+    )
+    study = write_study(raw)
+    with pytest.warns(UserWarning, match="emulated") if emulated() else nullcontext():
+        assert main(["run", str(study)]) == 0
+    assert "its reruns train in float32" in capsys.readouterr().out
+    trials = trials_of(study)
+    records = {t.number: TrialRecord.of(t) for t in trials}
+    search = [n for n, r in records.items() if r.finalize_of is None]
+    reruns = {r.seed: n for n, r in records.items() if r.finalize_of is not None}
+    assert all(records[n].dtype == "bfloat16-mixed" for n in search)
+    assert set(reruns) == {3, 11} and all(records[n].dtype == "float32" for n in reruns.values())
+    assert records[reruns[3]].copied_from is None  # not the 16-bit run's twin: trained again
+    picked = records[reruns[3]].finalize_of
+    value = {t.number: t.value for t in trials}
+    summary = seed_summary(optuna_study(study), next(t for t in trials if t.number == picked))
+    assert summary["seed_scores"] == {"3": value[reruns[3]], "11": value[reruns[11]]}
+
+    out = tmp_path / "export"
+    assert main(["export", str(study), str(out), "--trial", str(picked)]) == 0
+    sidecar = json.loads((out / "reftsearch.json").read_text())
+    assert sidecar["dev_score_dtype"] == "bfloat16-mixed"
+    assert sidecar["base_model"]["dtype"] == "float32"
+    # the float32 rerun with the trial's own seed kept what export needs: no retraining
+    assert f"(float32, trial {reruns[3]})" in sidecar["weights"]
+
+
+def emulated() -> bool:
+    return emulated_on(torch.bfloat16, torch.device("cpu"))
+
+
+def optuna_study(path):
+    spec = load_spec(path)
+    return optuna.load_study(study_name=spec.name, storage=spec.storage)
 
 
 def test_finalize_runs_only_seed_reruns_and_leaves_warm_starts_waiting(

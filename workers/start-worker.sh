@@ -15,6 +15,7 @@ fi
 : "${REFTSEARCH_STORAGE:?set REFTSEARCH_STORAGE to the storage URL of the study}"
 study="$1"
 shift
-# one torch thread per CPU given to this worker (default 1): oversubscribed threads are slow
+# one torch thread per CPU given to this worker (default 1; the study's resources.threads wins):
+# oversubscribed threads are slow. reftsearch sets OMP_WAIT_POLICY=PASSIVE itself.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec "${PYTHON:-python}" -m reftsearch.cli worker --study "$study" "$@"

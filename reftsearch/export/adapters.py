@@ -38,7 +38,8 @@ maps exactly or refuses (``why_not_mappable``):
   included, reloads with the projection subtracted, as NoReFT. The export writes DiReFT as the
   NoReFT it then loads, ``h + (W' h + b - P h) P`` with ``W' = W + P``: the same function.
 * 16-bit base models: ``ReftUnit`` does not cast the hidden states to its own dtype (float32
-  units on a bfloat16 model fail; bfloat16 units compute differently): refused.
+  units on a bfloat16 model fail; bfloat16 units compute differently): the export is float32,
+  a 16-bit study's trial retrained in float32 (as pyreft's export does).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ from reftsearch.methods.adapter import adapter_config
 from reftsearch.methods.reft.config import ReftConfig
 from reftsearch.methods.reft.interventions import DiReFT, Intervention, LoReFT
 from reftsearch.methods.reft.module import ReftModule
-from reftsearch.models.base import BaseModel
+from reftsearch.models.base import EXACT_DTYPE, BaseModel
 from reftsearch.models.builtin import BUILTIN_MODELS
 from reftsearch.progress import Log
 from reftsearch.search.record import TrialRecord
@@ -119,7 +120,7 @@ def export_study(
             f"has no intervention: {recorded}"
         )
     config = adapter_config(recorded)
-    prepared = prepare(spec)
+    prepared = prepare(spec, dtype=EXACT_DTYPE)  # see the module's text
     why = why_not_mappable(config, prepared)
     if why is not None:  # before anything is trained or written
         raise BadInputError(f"trial {trial.number} cannot be exported to adapters: {why}")
@@ -172,13 +173,6 @@ def export_study(
 
 def why_not_mappable(config: ReftConfig, prepared: PreparedStudy) -> str | None:
     """Why ``adapters`` 1.3.0 cannot compute what this trial computed, or None if it can."""
-    base = prepared.base
-    if base.dtype != "float32":
-        return (
-            f"the base model runs in {base.dtype}, and adapters' ReftUnit does not cast hidden "
-            "states to its own dtype (float32 units on a 16-bit model fail; 16-bit units compute "
-            "differently from reftsearch's float32 interventions): export a float32 study"
-        )
     if prepared.spec.task.kind == "generation" and config.suffix > 0:
         return (
             f"a generation study with a suffix ({config.positions}): reftsearch edits the "
@@ -198,6 +192,7 @@ def why_not_mappable(config: ReftConfig, prepared: PreparedStudy) -> str | None:
             f"adapters edits {config.positions} uncapped, so those prompts would compute "
             "differently"
         )
+    base = prepared.base
     in_base_model_dir = prepared.spec.model.path in BUILTIN_MODELS  # see write_base_model
     if base.head is not None and not in_base_model_dir and _head_has_base_parameters(base):
         return (

@@ -45,7 +45,7 @@ from reftsearch.export.pyreft_snippet import render_snippet
 from reftsearch.methods.reft.interventions import Intervention
 from reftsearch.methods.reft.module import ReftModule
 from reftsearch.methods.reft.positions import intervention_locations
-from reftsearch.models.base import BaseModel, kv_argument
+from reftsearch.models.base import EXACT_DTYPE, BaseModel, kv_argument
 from reftsearch.models.builtin import BUILTIN_MODELS, shipped_directory
 from reftsearch.progress import Log
 from reftsearch.search.ranking import best_trials
@@ -125,7 +125,8 @@ def export_study(
     study = load_named_study(spec.name, storage_url)
     trial = pick_trial(study, trial_number)
     _check_exportable(trial)
-    prepared = prepare(spec)
+    # float32 whatever the search ran in: the pick's weights and numbers are exact
+    prepared = prepare(spec, dtype=EXACT_DTYPE)
     base = prepared.base
     base_config = transformers4_config(base.model.config.to_dict(), "the base model's config")
     reft, weights = trained_adapter(prepared, study, trial, log)
@@ -214,6 +215,8 @@ def trial_sidecar(
         "id2label": dict(enumerate(label_names)) or None,
         "label2id": {name: i for i, name in enumerate(label_names)} or None,
         "dev_score": trial.value,
+        # the dtype the search scored it in (the weights are base_model.dtype, float32)
+        "dev_score_dtype": TrialRecord.of(trial).dtype,
         "test_score": test_score,
         "weights": weights,
         "config": TrialRecord.of(trial).config,

@@ -20,8 +20,10 @@ import ctypes
 import gc
 import inspect
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 import transformers
@@ -55,7 +57,11 @@ DTYPES: dict[str, Precision] = {
     "float16": Precision(torch.float16, torch.float16),
     "bfloat16-mixed": Precision(torch.bfloat16, torch.float32),
 }
-AUTO_DTYPE = "auto"  # bfloat16-mixed on a GPU with bfloat16 math, else float32
+AUTO_DTYPE = "auto"  # bfloat16-mixed where matmuls have bfloat16 math, else float32
+# what a study that searched in 16 bits trains its final pick in: seed reruns and export
+EXACT_DTYPE = "float32"
+# CPU flags (as /proc/cpuinfo names them) of native bfloat16 matmuls
+BFLOAT16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 # Tokenizers without a real limit report ~1e30; anything past this is treated as "no limit".
 _ABSURD_MAX_LENGTH = 1_000_000
@@ -216,13 +222,39 @@ def load_base_model(
     return base
 
 
-def default_dtype(device: torch.device) -> str:
-    """What ``auto`` loads: on a GPU with bfloat16 math, ``bfloat16-mixed`` (1.6x float32's
-    speed on a CPU with native bfloat16 math; tensor cores are built for it); elsewhere
-    float32, since most CPUs emulate bfloat16 (see ``emulated_on``)."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):  # Ampere+
+def default_dtype(device: torch.device, cpu_flags: Collection[str] | None = None) -> str:
+    """What ``auto`` loads: ``bfloat16-mixed`` where matmuls have native bfloat16 math (a GPU
+    of Ampere or newer; a CPU with AVX512-BF16 or AMX-BF16, ``cpu_flags`` as Linux lists them,
+    by default this one's), where it ran 1.5-1.6x faster than float32 (benchmarks/README.md);
+    float32 elsewhere, since other CPUs emulate bfloat16 (see ``emulated_on``). A study that
+    searched in 16 bits trains its final pick in float32 (``EXACT_DTYPE``)."""
+    if device.type == "cuda":
+        return "bfloat16-mixed" if torch.cuda.get_device_capability(device) >= (8, 0) else "float32"
+    if device.type == "cpu" and native_bfloat16_cpu(cpu_flags):
         return "bfloat16-mixed"
     return "float32"
+
+
+def native_bfloat16_cpu(flags: Collection[str] | None = None) -> bool:
+    """Whether a CPU with these ``flags`` (default: this one's, from /proc/cpuinfo; torch's
+    CPUID checks where there is none) computes bfloat16 matmuls natively."""
+    if flags is None:
+        flags = _cpu_flags()
+    if flags is None:
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return not BFLOAT16_CPU_FLAGS.isdisjoint(flags)
+
+
+def _cpu_flags() -> frozenset[str] | None:
+    """This CPU's feature flags as Linux lists them, or None (another system)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return None
 
 
 def _mix_precision(base: BaseModel) -> None:
@@ -268,7 +300,7 @@ def emulated_on(dtype: torch.dtype, device: torch.device) -> bool:
     if device.type != "cpu":
         return False
     if dtype == torch.bfloat16:
-        return not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        return not native_bfloat16_cpu()
     if dtype == torch.float16:
         return not torch.cpu._is_amx_fp16_supported()
     return False

@@ -21,6 +21,7 @@ import optuna
 from optuna.trial import TrialState
 
 from reftsearch.errors import ReftSearchError, SpecError, TrialFailed
+from reftsearch.models.base import EXACT_DTYPE
 from reftsearch.progress import Log
 from reftsearch.run.estimate import Estimate, EstimateRequest, estimate_study, finalize_runs
 from reftsearch.run.lines import ProgressPrinter, print_now
@@ -184,15 +185,20 @@ def _seed_rerun(objective: Objective, trial: optuna.Trial) -> float:
 
 
 def _on_finalize_device(prepared: PreparedStudy, log: Log) -> PreparedStudy:
-    """The driver's model, with its weights, on the spec's device when this machine has it,
-    else on its CPU (where a Ray run's driver loaded it, keeping only its structure during
-    the search)."""
+    """The driver's model, with its weights, in float32, on the spec's device when this
+    machine has it, else on its CPU (where a Ray run's driver loaded it, keeping only its
+    structure during the search). A search in 16 bits is fast; the pick's numbers must be
+    exact: its reruns train in float32 (``EXACT_DTYPE``)."""
     try:
         device = spec_device(prepared.spec)
     except SpecError as err:
         device = "cpu"
         log(f"finalize runs on cpu: {err}")
+    if prepared.base.dtype != EXACT_DTYPE:
+        log(f"finalize: the search ran in {prepared.base.dtype}; its reruns train in float32")
+        prepared.base.drop_weights()
+        return with_model_on(prepared, device, EXACT_DTYPE)
     if prepared.base.device.type == "meta":
-        return with_model_on(prepared, device)
+        return with_model_on(prepared, device, EXACT_DTYPE)
     prepared.base.model.to(device)
     return prepared

@@ -14,6 +14,7 @@ import uuid
 
 import optuna
 
+from reftsearch.engine.threads import cluster_worker_threads, worker_env, worker_threads
 from reftsearch.errors import BadInputError, ReftSearchError
 from reftsearch.progress import Log
 from reftsearch.run.estimate import EstimateRequest
@@ -64,7 +65,10 @@ def run_on_ray(
             f"{workers} workers on {'a local Ray cluster' if address is None else address} "
             f"({res.cpus_per_trial:g} CPUs, {res.gpus_per_trial:g} GPUs each)"
         )
+        threads = worker_threads(res, workers) if address is None else cluster_worker_threads(res)
         actor = ray.remote(Worker).options(
+            # set before the worker's torch loads OpenMP (reftsearch.engine.threads)
+            runtime_env={"env_vars": worker_env(threads)},
             num_cpus=res.cpus_per_trial,
             num_gpus=res.gpus_per_trial,
             max_restarts=MAX_WORKER_RESTARTS,

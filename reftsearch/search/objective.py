@@ -93,12 +93,14 @@ def invalid_reason(config: AdapterConfig, limits: Limits) -> str | None:
     return why_invalid(config, limits)
 
 
-def finished_twin(trial: optuna.Trial, config: dict) -> optuna.trial.FrozenTrial | None:
-    """An earlier complete or pruned trial with the very same resolved config (seed included)."""
+def finished_twin(trial: optuna.Trial, config: dict, dtype: str) -> optuna.trial.FrozenTrial | None:
+    """An earlier complete or pruned trial with the very same resolved config (seed included)
+    trained in the same ``dtype`` (a float32 rerun of a 16-bit trial is not its twin)."""
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     for other in trial.study.get_trials(deepcopy=False, states=states):
         record = TrialRecord.of(other)
-        if record.config == config and record.invalid_reason is None:
+        same_dtype = record.dtype in (None, dtype)  # None: recorded before dtypes were
+        if record.config == config and same_dtype and record.invalid_reason is None:
             return other
     return None
 
@@ -156,7 +158,13 @@ class Objective:
             store(trial, invalid_reason=reason)
             raise optuna.TrialPruned(f"invalid config: {reason}")
         config = {**adapter_config.to_dict(), **vars(train_config)}
-        store(trial, config=config, worker=worker_id())
+        store(
+            trial,
+            config=config,
+            dtype=base.dtype,
+            threads=torch.get_num_threads(),
+            worker=worker_id(),
+        )
         if isinstance(adapter_config, ReftConfig):
             capped = capped_share(adapter_config, self.prepared.limits)
             store(
@@ -165,7 +173,7 @@ class Objective:
                 # pyreft's n // 2 cap: these prompts get fewer edited tokens
                 positions_capped=round(capped, 4) if capped else None,
             )
-        twin = finished_twin(trial, config)
+        twin = finished_twin(trial, config, base.dtype)
         if twin is not None:
             return copy_result(trial, twin)
         spent = Spent()

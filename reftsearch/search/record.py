@@ -30,6 +30,9 @@ class TrialRecord:
     # and ``TrainConfig``'s fields), written before training starts
     config: dict[str, Any] | None = None
     n_params: int | None = None  # trainable parameters of the adapter
+    # the model.dtype its numbers came from: a 16-bit search's final pick reruns in float32
+    dtype: str | None = None
+    threads: int | None = None  # torch CPU threads of the process that ran it
     n_head_params: int | None = None  # and of the classification head, if the task has one
     base_params: int | None = None  # parameters of the whole base model (head included)
     n_interventions: int | None = None  # ReFT only

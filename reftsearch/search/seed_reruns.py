@@ -5,12 +5,17 @@ spent the top ``finalize.top_k`` configs are trained again with each of ``finali
 Those runs are ordinary trials of the study, enqueued with the same parameters and marked
 ``finalize_of`` (the trial they repeat) and ``seed``: they show up on the dashboard, survive
 a crash like any trial, and a resumed study only enqueues the runs still missing.
+
+They train in float32 (reftsearch.run.driver). A config the search trained in 16 bits is
+also rerun with its own seed, so that its mean over seeds holds float32 scores only (the
+rerun's score replaces the search's for that seed: ``ranking.seed_scores``).
 """
 
 from __future__ import annotations
 
 import optuna
 
+from reftsearch.models.base import EXACT_DTYPE
 from reftsearch.progress import Log
 from reftsearch.search.ranking import top_search_trials
 from reftsearch.search.record import TrialRecord
@@ -34,7 +39,9 @@ def enqueue_finalize(
     reruns = [TrialRecord.of(t) for t in study.get_trials(deepcopy=False, states=ALIVE)]
     existing = {(r.finalize_of, r.seed) for r in reruns if r.finalize_of is not None}
     for trial in top_search_trials(study, finalize.top_k) if picks is None else picks:
-        for seed in finalize.seeds:
+        record = TrialRecord.of(trial)
+        own_seed = () if record.dtype in (None, EXACT_DTYPE) else (record.config["seed"],)
+        for seed in (*own_seed, *finalize.seeds):
             if (trial.number, seed) not in existing:
                 rerun = TrialRecord(finalize_of=trial.number, seed=seed)
                 study.enqueue_trial(trial.params, user_attrs=rerun.to_user_attrs())

@@ -23,6 +23,7 @@ from reftsearch.data.batches import SplitData, encode
 from reftsearch.data.splits import TaskData, load_task_data
 from reftsearch.engine.activation_cache import PrefixCache
 from reftsearch.engine.frozen_store import FrozenStore
+from reftsearch.engine.threads import use_threads, worker_threads
 from reftsearch.errors import BadInputError, SpecError
 from reftsearch.methods.adapter import AdapterConfig
 from reftsearch.methods.full.memory import check_fits
@@ -96,12 +97,14 @@ class PreparedStudy:
         return self.cache if isinstance(config, ReftConfig) else None
 
 
-def prepare(spec: StudySpec, device: str | None = None) -> PreparedStudy:
+def prepare(spec: StudySpec, device: str | None = None, dtype: str | None = None) -> PreparedStudy:
     """Load data and model once, and check the space against them. The model goes to
-    ``device``, by default the spec's ``model.device``."""
+    ``device``, by default the spec's ``model.device``, in ``dtype`` (default
+    ``model.dtype``)."""
     device = spec_device(spec) if device is None else device
+    use_threads(worker_threads(spec.resources))  # a Ray worker's share: in its environment
     data = load_task_data(spec.task, spec.seed)
-    base = _load_model(spec, data, device)
+    base = _load_model(spec, data, device, dtype or spec.model.dtype)
     split = SplitData(
         train=encode(data.train, base.tokenizer, spec.task),
         dev=encode(data.dev, base.tokenizer, spec.task),
@@ -121,20 +124,21 @@ def prepare(spec: StudySpec, device: str | None = None) -> PreparedStudy:
     return prepared
 
 
-def with_model_on(prepared: PreparedStudy, device: str) -> PreparedStudy:
-    """``prepared`` with its model loaded again, on ``device``: a Ray run's driver dropped
-    its weights during the search. The data stays as loaded and tokenized."""
-    return replace(prepared, base=_load_model(prepared.spec, prepared.data, device))
+def with_model_on(prepared: PreparedStudy, device: str, dtype: str) -> PreparedStudy:
+    """``prepared`` with its model loaded again, on ``device`` in ``dtype``: a Ray run's driver
+    dropped its weights during the search, a 16-bit search's reruns train in float32. The
+    data stays as loaded and tokenized (its tokens do not depend on either)."""
+    return replace(prepared, base=_load_model(prepared.spec, prepared.data, device, dtype))
 
 
-def _load_model(spec: StudySpec, data: TaskData, device: str) -> BaseModel:
+def _load_model(spec: StudySpec, data: TaskData, device: str, dtype: str) -> BaseModel:
     head = "classification" if spec.task.kind == "classification" else "causal_lm"
     try:
         base = load_base_model(
             spec.model.path,
             head,
             num_labels=max(data.num_labels, 2),
-            dtype=spec.model.dtype,
+            dtype=dtype,
             device=device,
         )
     except ModelLoadError as err:

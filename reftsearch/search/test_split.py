@@ -37,22 +37,41 @@ def trained_adapter(
     log: Log,
 ) -> tuple[Adapter, str]:
     """The trial's trained adapter (its head loaded into the model) and where it came from:
-    the weights kept when the trial completed, else its config retrained with its seed."""
+    the weights kept when the trial, or a seed rerun of it with the same seed, completed in
+    the model's dtype, else its config retrained with its seed (a 16-bit search's pick is
+    exported from float32 training: the weights its 16-bit run kept are not those)."""
     config, train_config = configs_of(trial)
     base = prepared.base
     adapter = build_adapter(config, base, train_config.seed)
-    source = restore(study, trial, adapter, base.head)
-    if source is not None:
-        return adapter, f"kept artifact {source}"
+    for run in same_runs(study, trial, base.dtype):
+        source = restore(study, run, adapter, base.head)
+        if source is not None:
+            return adapter, f"kept artifact {source} ({base.dtype}, trial {run.number})"
+    dtype = TrialRecord.of(trial).dtype
+    why = "were not kept (or are gone)" if dtype in (None, base.dtype) else f"are {dtype}"
     log(
-        f"trial {trial.number}: its trained weights were not kept (or are gone); "
-        f"retraining its config with seed {train_config.seed}"
+        f"trial {trial.number}: its trained weights {why}; retraining its config with seed "
+        f"{train_config.seed} in {base.dtype}"
     )
     # through the frozen-activation cache, as the trial trained: the same arithmetic (and
     # steps that skip the frozen blocks)
     cache = prepared.cache_for(config)
     train_trial(base, adapter, prepared.split, train_config, cache=cache)
-    return adapter, f"retrained with seed {train_config.seed}"
+    return adapter, f"retrained with seed {train_config.seed} in {base.dtype}"
+
+
+def same_runs(
+    study: optuna.Study, trial: optuna.trial.FrozenTrial, dtype: str
+) -> list[optuna.trial.FrozenTrial]:
+    """``trial`` and its completed seed reruns with its own seed, those trained in ``dtype``
+    (or recorded before dtypes were)."""
+    seed = TrialRecord.of(trial).config["seed"]
+    reruns = [
+        other
+        for other in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if TrialRecord.of(other).finalize_of == trial.number and TrialRecord.of(other).seed == seed
+    ]
+    return [run for run in (trial, *reruns) if TrialRecord.of(run).dtype in (None, dtype)]
 
 
 def test_score(

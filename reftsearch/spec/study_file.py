@@ -41,7 +41,8 @@ PRUNERS = ("none", "median", "successive_halving", "hyperband", "wilcoxon")
 # what rung pruners (successive halving, hyperband) climb: epochs, or the share of the
 # training data (each rung trains on reduction_factor times more examples)
 PRUNER_RESOURCES = ("epochs", "data_fraction")
-# auto: bfloat16-mixed on a GPU with bfloat16 math, else float32 (``models.default_dtype``)
+# auto: bfloat16-mixed where matmuls have bfloat16 math (Ampere+ GPUs, AVX512-BF16 or AMX
+# CPUs), else float32 (``models.base.default_dtype``)
 DTYPES = ("auto", "float32", "bfloat16", "float16", "bfloat16-mixed")
 SPLITS = ("train", "dev", "test")
 
@@ -130,6 +131,8 @@ class ResourcesSpec:
     # $REFTSEARCH_CACHE/frozen)
     store_mb: float = 10240.0
     store_dir: str | None = None
+    # torch CPU threads per worker; None ("auto"): $OMP_NUM_THREADS, else cores // workers
+    threads: int | None = None  # (reftsearch.engine.threads)
 
 
 @dataclass(frozen=True)
@@ -570,7 +573,8 @@ def _only_with(entries: dict, path: str, key: str, allowed: bool, kind: str) -> 
 def _resources(raw: Any, path: str, base_dir: Path) -> ResourcesSpec:
     keys = ["workers", "cpus_per_trial", "gpus_per_trial", "heartbeat_s", "cache_mb"]
     disk = ["spill_mb", "spill_dir", "store_mb", "store_dir"]
-    entries = v.mapping(raw, path, [*keys, "trials_per_worker", "memory_mb", *disk])
+    others = ["trials_per_worker", "memory_mb", "threads"]
+    entries = v.mapping(raw, path, [*keys, *others, *disk])
     memory_mb = entries.get("memory_mb")
     return ResourcesSpec(
         workers=v.integer(entries.get("workers", 1), v.join(path, "workers"), minimum=1),
@@ -592,6 +596,7 @@ def _resources(raw: Any, path: str, base_dir: Path) -> ResourcesSpec:
         memory_mb=None
         if memory_mb is None
         else v.number(memory_mb, v.join(path, "memory_mb"), 0, exclusive_min=True),
+        threads=_threads(entries.get("threads", "auto"), v.join(path, "threads")),
     )
 
 
@@ -601,6 +606,14 @@ def _folder(entries: dict, path: str, key: str, base_dir: Path) -> str | None:
         return None
     folder = Path(v.string(entries[key], v.join(path, key))).expanduser()
     return str(base_dir / folder)
+
+
+def _threads(raw: Any, path: str) -> int | None:
+    if raw == "auto":
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
+        raise SpecError(path, f"must be a positive integer or 'auto', got {raw!r}")
+    return raw
 
 
 def _trials_per_worker(raw: Any, path: str) -> int | Literal["auto"]:

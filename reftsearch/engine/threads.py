@@ -1,0 +1,88 @@
+"""CPU threads for torch: how many each worker runs, and how an idle one waits.
+
+torch's CPU kernels run on OpenMP (libgomp). Two of its defaults cost a lot on a machine whose
+cores other processes also use (benchmarks/shared_machine.py):
+
+* an OpenMP thread that finishes its share of a kernel spins (up to ~300,000 loops) before
+  it sleeps, waiting for the rest. A reftsearch step is thousands of small kernels (a
+  suffix-only trial runs a few tokens per row above the cached layers), each ending in such a
+  barrier: when another process holds one of the cores, the thread that still has work waits
+  for a time slice while its partner spins on the other core. A step of that shape (15
+  SmolLM2-sized layers on 32 rows, forward and backward; 2 cores with 5-8 other helpers'
+  processes on them) took 1.5-7.5 s on torch's two spinning threads, 0.4-1.5 s with passive
+  waits (threads sleep at once, ``OMP_WAIT_POLICY=PASSIVE``), 1.1-2.8 s on one thread, with
+  or without one more busy 2-thread process. pyreft's steps (whole rows, every layer: big
+  kernels) have far fewer barriers per second: they slowed ~3x where reftsearch slowed 20x.
+  libgomp reads ``OMP_WAIT_POLICY`` once, when torch loads it: it is set at the start of the
+  ``reftsearch`` command and in every Ray worker's environment, never over a user's value.
+* one thread per core in every process: several workers on one machine would each start one
+  per core. ``resources.threads`` (default: ``$OMP_NUM_THREADS`` if set, else the cores this
+  process may use divided by the workers on this machine, at least 1) sets it per worker.
+
+No import of torch here: the command line calls ``prefer_passive_waits`` before torch loads.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+
+from reftsearch.spec.study_file import ResourcesSpec
+
+# what idle OpenMP threads do: sleep at once instead of spinning (see the module's text)
+WAIT_POLICY = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def prefer_passive_waits(env: os._Environ | dict = os.environ) -> None:
+    """Set ``WAIT_POLICY`` in ``env`` where the user set nothing. Only takes effect in this
+    process if torch is not imported yet (libgomp reads it when it loads)."""
+    for key, value in WAIT_POLICY.items():
+        env.setdefault(key, value)
+
+
+def available_cores() -> int:
+    """The cores this process may run on (a container's or ``taskset``'s share)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def worker_threads(
+    resources: ResourcesSpec,
+    workers: int = 1,
+    cores: int | None = None,
+    env: Mapping[str, str] = os.environ,
+) -> int:
+    """torch threads for each of ``workers`` workers sharing this machine's ``cores``:
+    ``resources.threads``, else ``$OMP_NUM_THREADS`` (a scheduler's or the user's choice),
+    else an equal share of the cores (at least 1)."""
+    if resources.threads is not None:
+        return resources.threads
+    from_env = env.get("OMP_NUM_THREADS", "")
+    if from_env.isdigit() and int(from_env) > 0:
+        return int(from_env)
+    return max(1, (cores or available_cores()) // workers)
+
+
+def cluster_worker_threads(resources: ResourcesSpec, env: Mapping[str, str] = os.environ) -> int:
+    """On a Ray cluster that the run joins, actors land on machines this process cannot see:
+    each gets the CPUs Ray reserves for it (``cpus_per_trial``, at least 1 thread) unless
+    ``resources.threads`` or ``$OMP_NUM_THREADS`` says otherwise."""
+    cores = max(1, math.floor(resources.cpus_per_trial))
+    return worker_threads(resources, workers=1, cores=cores, env=env)
+
+
+def worker_env(threads: int) -> dict[str, str]:
+    """The environment a Ray worker process starts with: its threads and passive waits (set
+    before its torch loads)."""
+    return {"OMP_NUM_THREADS": str(threads), **WAIT_POLICY}
+
+
+def use_threads(threads: int) -> None:
+    """Make torch in this process run ``threads`` threads (intra-op; reftsearch runs no
+    inter-op parallel work)."""
+    import torch
+
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
