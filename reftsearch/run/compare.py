@@ -17,6 +17,7 @@ import pandas as pd
 from reftsearch.errors import BadInputError, ReftSearchError
 from reftsearch.progress import Log
 from reftsearch.run.driver import run_study
+from reftsearch.run.epoch_budget import epochs_spent
 from reftsearch.search.ranking import ranked
 from reftsearch.search.record import TrialRecord, search_trials
 from reftsearch.search.study import FINISHED_STATES
@@ -98,7 +99,7 @@ def judge(spec: StudySpec, study: optuna.Study, n_trials: int, log: Log) -> ArmR
         dev_score=best.values[0],
         test_score=test_score(spec, study, best, log=log),
         n_params=TrialRecord.of(best).n_params,
-        epochs_trained=sum(TrialRecord.of(t).epochs_trained or 0.0 for t in finished),
+        epochs_trained=epochs_spent(finished),
         train_s=sum(TrialRecord.of(t).wall_time_s or 0.0 for t in finished),
     )
 
