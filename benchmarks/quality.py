@@ -320,13 +320,14 @@ def run_arm(
     record = TrialRecord.of(picked[0])
     return Arm(
         name=name,
-        config=describe_config(record.config),
+        config=describe_config(record.config)
+        + f" dropout={record.config['dropout']:g} warmup={record.config['warmup_ratio']:g}",
         select_scores=[trial.value for trial in runs.values()],
         report_hits=hits,
         n_params=record.n_params,
         epochs=epochs_spent(study.get_trials(deepcopy=False)),
         trials=len(search_trials(study, FINISHED_STATES)),
-        reruns=len(study.trials) - len(search_trials(study)),
+        reruns=sum(TrialRecord.of(t).finalize_of is not None for t in study.trials),
         wall_s=time.perf_counter() - start,
     )
 
