@@ -1,248 +1,442 @@
-"""Does the search find better configs than people pick by hand? GLUE SST-2 with MiniLM.
+"""Does the search beat the ReFT paper's hand-picked recipe, at equal training compute?
 
-As the ReFT paper did for GLUE, the labelled GLUE validation split is cut in two halves with
-a fixed seed: configs are selected on one half (the studies' dev split) and the picked ones
-are reported on the other (their test split), never seen while selecting. Two methods:
+Tasks: GLUE SST-2, RTE and MRPC and SuperGLUE BoolQ, from the local files in
+``../shared/data`` (PROVENANCE.md), with the MiniLM encoder (``embedded:minilm``); ``--quick``
+runs SST-2 and MRPC. Protocol as the ReFT paper's for GLUE: the labelled validation split
+(the held-out data) is cut in two halves with a fixed seed; every config is selected on one
+half (the studies' dev split) and the picked ones are reported on the other (their test
+split), which nothing reads while selecting. BoolQ ships its validation split only: its rows
+are first split with a fixed seed into 400 held out (then halved as above) and the rest as its
+train rows. Each task trains on a fixed subset of its train rows (seeded), the same for every
+arm, sized so that the whole run fits ~90 minutes on 2 CPU cores.
 
-(a) paper: the paper's hand-picked GLUE recipe (LoReFT, rank 1, first token f1, all layers)
-    with only its learning rate tuned on the selection half over a few values;
-(b) searched: the best config reftsearch finds on the selection half within a fixed budget
-    (the shipped studies/sst2-minilm.yaml space, which starts from the paper's recipes).
+Arms, each a reftsearch study run through ``run_study`` on the same files:
 
-Each picked config is then trained again with 3 seeds and scored on the report half. Both run
-through reftsearch's own API (spec overrides, run_study, train_trial, evaluate) on the local
-GLUE files in ../shared/data/sst2 (PROVENANCE.md). Usage:
+(a) paper: the paper's GLUE recipe (``warm_start.paper_recipes``: LoReFT, rank 1, first
+    token, all layers; batch 32, no dropout or warmup) with its own learning-rate sweep (a
+    grid over the searched space's lr range in half-decade steps; ``--quick``: its middle
+    three), the lr picked on the selection half;
+(b) searched: the shipped ``studies/sst2-minilm.yaml`` (its space, sampler, pruner and warm
+    starts) given the paper arm's compute;
+(c) with ``--with-lora``: a ``method: lora`` search on the same compute.
 
-    .venv/bin/python benchmarks/quality.py [--quick]
+Compute is counted in epochs over the task's train subset, summed over every trial of an arm
+(``reftsearch.run.epoch_budget``): a pruned trial counts the epochs it trained, a rung of the
+data ladder its share, and the seed reruns count too. Each arm's pick is retrained with seeds
+43 and 44 by the study's own finalize (the top ``--searched-top-k`` configs for the searched
+arm, picked by their mean over the three seeds; the paper arm's best lr), and the three runs
+(seeds 42-44) are scored on the report half from their kept weights. The paper arm's total
+is the budget: a searched arm stops before a trial that could take it past that total with
+its finalize reruns, so it never trains more than the paper arm, and less by under one trial.
+Never wall time: the same budgets on any machine.
 
-Prints a table (method, report-half accuracy mean +- std over seeds, trainable parameters,
-compute seconds) and a last line ``searched_minus_paper=+X.X`` (accuracy points).
+Output: a table per task (report-half accuracy mean +- std over the seeds, trainable
+parameters of the interventions, epochs spent, trials, wall time, the picked config), then a
+paired bootstrap 95% interval of (searched - paper) over tasks, seeds and report rows
+(``paired_bootstrap.py`` says what is resampled). Last line, in accuracy points:
+``mean_searched_minus_paper=+X.X ci95=[lo,hi]``. Usage, from the repository root:
+
+    .venv/bin/python benchmarks/quality.py [--quick] [--with-lora] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import json
+import random
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import optuna
 import torch
+from paired_bootstrap import TaskPairs, paired_bootstrap
 
 from reftsearch.data.batches import encode
 from reftsearch.data.splits import carve_dev, load_split, load_test_rows
-from reftsearch.engine.scoring import evaluate
-from reftsearch.engine.train import train_trial
-from reftsearch.methods.adapter import build_adapter
+from reftsearch.engine.scoring import evaluate_examples
+from reftsearch.progress import Log
 from reftsearch.run.driver import run_study
-from reftsearch.search.ranking import top_search_trials
-from reftsearch.search.study import prepare
-from reftsearch.search.test_split import configs_of
-from reftsearch.spec.study_file import StudySpec, load_spec
+from reftsearch.run.epoch_budget import EpochBudget, epochs_spent
+from reftsearch.search.ranking import best_trials
+from reftsearch.search.record import TrialRecord, describe_config, search_trials
+from reftsearch.search.study import FINISHED_STATES, prepare
+from reftsearch.search.test_split import trained_adapter
+from reftsearch.search.warm_start import paper_recipes
+from reftsearch.spec.study_file import DataSpec, StudySpec, TaskSpec, load_spec
 
 REPO = Path(__file__).resolve().parents[1]
-STUDY = REPO / "studies" / "sst2-minilm.yaml"
-DATA = REPO.parent / "shared" / "data" / "sst2"
-HALVES_SEED = 0  # which validation rows select and which report: fixed, as in the paper
-SEEDS = (42, 43, 44)  # the paper used 42-46; 3 seeds keep the CPU run affordable
+STUDY = REPO / "studies" / "sst2-minilm.yaml"  # the searched arm's space, sampler and pruner
+DATA = REPO.parent / "shared" / "data"
+SPLIT_SEED = 0  # which held-out rows select and which report, BoolQ's split, train subsets
+BOOLQ_HELD_OUT = 400  # of BoolQ's 3,270 validation rows; the rest are its train rows
+SEEDS = (42, 43, 44)  # the study seed, then finalize's two reruns (the paper used 42-46)
+MINILM_LAYERS = 6
+# the searched arms stop on their epoch budget; this only bounds the trial count
+SEARCH_TRIALS_CAP = 1000
+LORA_SPACE = {
+    "target_modules": ["query;value", "query;key;value"],
+    "rank": [1, 2, 4, 8],
+    "alpha": [8.0, 16.0, 32.0],
+    "dropout": [0.0, 0.05],
+    "lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
+    "batch_size": [16, 32],
+    "warmup_ratio": [0.0, 0.1],
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    """A labelled held-out file and a train file under DATA, read as PROVENANCE.md says."""
+
+    name: str
+    title: str
+    held_out: str
+    train: str | None  # None: carved from the held-out file (BoolQ)
+    text: str
+    text_pair: str | None
+    label: str
+    max_length: int  # tokens: above the longest SST-2/MRPC row, RTE's and BoolQ's p90+
+    read_options: Mapping[str, object] = field(default_factory=dict)
+
+
+TASKS = {
+    task.name: task
+    for task in (
+        Task("sst2", "SST-2", "sst2/validation.tsv", "sst2/train.tsv", "sentence", None,
+             "label", 64, {"quoting": 3}),
+        Task("rte", "RTE", "rte/validation.tsv", "rte/train.tsv", "sentence1", "sentence2",
+             "label", 256),
+        Task("mrpc", "MRPC", "mrpc/validation.tsv", "mrpc/train.tsv", "#1 String",
+             "#2 String", "Quality", 128, {"quoting": 3, "encoding": "utf-8-sig"}),
+        Task("boolq", "BoolQ", "boolq/validation.jsonl", None, "question", "passage", "label",
+             256),
+    )
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Size:
-    """How much each method may train. Both get the same data and the same epochs."""
+    """What every arm trains: the train subset per task, epochs per trial, and the paper
+    arm's learning rates (whose trials and reruns make every arm's budget)."""
 
-    train_examples: int
+    tasks: tuple[str, ...]
+    train_examples: Mapping[str, int]
     epochs: int
-    paper_lrs: tuple[float, ...]  # the paper arm's whole tuning budget
-    search_s: float  # the searched arm's budget (wall time of the search, not counting loading)
-    search_trials: int  # a cap that the time budget normally reaches first
+    paper_lrs: tuple[float, ...]
 
 
-FULL = Size(4000, 4, (3e-4, 1e-3, 3e-3, 1e-2), 45 * 60, 200)
-QUICK = Size(2000, 3, (1e-3, 3e-3, 1e-2), 5 * 60, 60)
+# Sized from one epoch of the paper recipe and of an upper-layers config per task, single
+# thread (CPU ms per train row / per selection-half row scored after each epoch): SST-2
+# 17-22 / 11, RTE 53-68 / 27, MRPC 43-46 / 19, BoolQ 165-171 / 56. Each arm trains
+# 7 x 3 epochs (5 lrs, then 2 reruns), each epoch followed by a selection-half pass: the
+# sizes below make that 17 (SST-2), 15, 15 and 31 (BoolQ) min per task for both arms, plus
+# ~2 min each for loads, estimates and scoring: ~90 min (less on 2 threads).
+FULL = Size(
+    ("sst2", "rte", "mrpc", "boolq"),
+    {"sst2": 1000, "rte": 300, "mrpc": 400, "boolq": 200},
+    3,
+    (3e-4, 1e-3, 3e-3, 1e-2, 3e-2),  # sst2-minilm's lr range, in half-decade steps
+)
+QUICK = Size(("sst2", "mrpc"), {"sst2": 500, "mrpc": 200}, 3, (1e-3, 3e-3, 1e-2))
 
 
 @dataclass(frozen=True)
-class Result:
-    method: str
+class TaskFiles:
+    """The task's rows as JSONL files with reftsearch's column names."""
+
+    train: Path
+    select: Path
+    report: Path
+    counts: str  # where the rows came from, in words
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
     config: str
-    select_score: float
-    report_scores: list[float]
+    select_scores: list[float]  # dev (selection-half) score per seed
+    report_hits: dict[int, list[bool]]  # seed -> report-half row right?
     n_params: int
-    select_s: float
-    seeds_s: float
+    epochs: float
+    trials: int  # search trials finished (complete, pruned or failed)
+    reruns: int
+    wall_s: float
+
+    def report_scores(self) -> list[float]:
+        return [100 * statistics.fmean(hits) for hits in self.report_hits.values()]
+
+    def mean(self) -> float:
+        return statistics.fmean(self.report_scores())
 
     def row(self) -> str:
-        mean = 100 * statistics.fmean(self.report_scores)
-        std = 100 * statistics.stdev(self.report_scores)
+        scores = self.report_scores()
+        select = 100 * statistics.fmean(self.select_scores)
         return (
-            f"{self.method:<9} {mean:6.1f} +- {std:3.1f}  {100 * self.select_score:6.1f}  "
-            f"{self.n_params:>9,}  {self.select_s:7.0f}  {self.seeds_s:7.0f}  {self.config}"
+            f"{self.name:<9} {self.mean():5.1f} +- {statistics.stdev(scores):3.1f}  "
+            f"{select:6.1f}  {self.n_params:>8,}  {self.epochs:6.1f}  "
+            f"{self.trials:>3}+{self.reruns:<2} {self.wall_s:6.0f}  {self.config}"
         )
 
 
-def write_halves(directory: Path) -> tuple[Path, Path]:
-    """GLUE validation split in two halves (select, report) as TSVs read like the originals."""
-    spec = load_spec(STUDY, [_data_override(DATA / "validation.tsv")])
-    rows = load_split(spec.task, "train")
-    select, report = carve_dev(rows, 0.5, HALVES_SEED)
-    paths = directory / "select.tsv", directory / "report.tsv"
-    for path, half in zip(paths, (select, report), strict=True):
-        # SST-2 sentences hold no tabs or newlines, and the reader does no quoting (quoting: 3)
-        lines = [f"{row['text']}\t{row['label']}\n" for row in half]
-        path.write_text("sentence\tlabel\n" + "".join(lines))
-    return paths
+HEADER = (
+    f"{'arm':<9} {'report acc':>13}  {'select':>6}  {'params':>8}  {'epochs':>6}  "
+    f"{'trials':<6} {'wall s':>6}  config"
+)
 
 
-def _data_override(train: Path, dev: Path | None = None, test: Path | None = None) -> str:
-    splits = {"train": train, "dev": dev, "test": test}
-    listed = ", ".join(f"{name}: {path}" for name, path in splits.items() if path is not None)
-    return f"task.data={{{listed}, read_options: {{quoting: 3}}}}"
+def read_rows(task: Task, file: str) -> list[dict]:
+    """A file's rows as reftsearch reads them (``text``, ``text_pair``, ``label``)."""
+    data = DataSpec(train=str(DATA / file), read_options=task.read_options)
+    spec = TaskSpec("classification", data, task.text, task.text_pair, task.label)
+    return load_split(spec, "train")
 
 
-def study_spec(name: str, select: Path, report: Path, size: Size, extra: list[str]) -> StudySpec:
-    """The shipped SST-2 study, on local files: train from GLUE train, dev = selection half."""
+def write_task_files(task: Task, n_train: int, directory: Path) -> TaskFiles:
+    held_out = read_rows(task, task.held_out)
+    if task.train is None:
+        pool, held_out = carve_dev(held_out, BOOLQ_HELD_OUT / len(held_out), SPLIT_SEED)
+        origin = (
+            f"{task.title} ships validation only: its {len(pool) + len(held_out):,} rows split "
+            f"(seed {SPLIT_SEED}) into {len(held_out):,} held out and {len(pool):,} train rows"
+        )
+    else:
+        pool = read_rows(task, task.train)
+        origin = f"{len(held_out):,} validation rows held out"
+    select, report = carve_dev(held_out, 0.5, SPLIT_SEED)
+    train = random.Random(SPLIT_SEED).sample(pool, min(n_train, len(pool)))
+    files = TaskFiles(
+        *(directory / f"{task.name}-{split}.jsonl" for split in ("train", "select", "report")),
+        f"{origin}, halved (seed {SPLIT_SEED}): select on {len(select)}, report on "
+        f"{len(report)}; train on {len(train):,} of {len(pool):,} train rows (seed {SPLIT_SEED})",
+    )
+    keys = ("text", "text_pair", "label") if task.text_pair else ("text", "label")
+    splits = (files.train, files.select, files.report), (train, select, report)
+    for path, rows in zip(*splits, strict=True):
+        path.write_text("".join(json.dumps({k: row[k] for k in keys}) + "\n" for row in rows))
+    return files
+
+
+def task_overrides(task: Task, files: TaskFiles, name: str, n_trials: int, epochs: int) -> list:
+    """The shipped study, on ``files``, named ``name``, with this benchmark's budget."""
+    data = {"train": str(files.train), "dev": str(files.select), "test": str(files.report)}
+    task_raw = {"kind": "classification", "data": data, "text": "text", "label": "label"}
+    if task.text_pair:
+        task_raw["text_pair"] = "text_pair"
+    task_raw["max_length"] = task.max_length
+    return [
+        f"name={name}",
+        f"task={json.dumps(task_raw)}",  # JSON is YAML: paths need no quoting of their own
+        f"seed={SEEDS[0]}",
+        f"budget={json.dumps({'n_trials': n_trials, 'max_epochs': epochs})}",
+        "resources.workers=1",
+    ]
+
+
+def finalize(top_k: int) -> str:
+    return f"finalize={json.dumps({'top_k': top_k, 'seeds': list(SEEDS[1:])})}"
+
+
+def paper_spec(task: Task, files: TaskFiles, size: Size) -> StudySpec:
+    recipe = dict(paper_recipes("classification", MINILM_LAYERS)[0].values)
+    recipe.update(lr=list(size.paper_lrs), dropout=0.0, batch_size=32, warmup_ratio=0.0)
+    n_trials = len(size.paper_lrs)
     return load_spec(
         STUDY,
         [
-            f"name={name}",
-            _data_override(DATA / "train.tsv", select, report),
-            f"task.max_train_examples={size.train_examples}",
-            f"budget.max_epochs={size.epochs}",
-            "finalize=false",  # both methods pick by their single-seed selection score
-            *extra,
+            *task_overrides(task, files, f"{task.name}-paper", n_trials, size.epochs),
+            f"space={json.dumps(recipe)}",
+            "sampler=grid",
+            "pruner=none",
+            "warm_start=null",
+            finalize(1),
         ],
     )
 
 
-def paper_spec(select: Path, report: Path, size: Size) -> StudySpec:
-    lrs = ", ".join(f"{lr:g}" for lr in size.paper_lrs)
-    space = (
-        "space={intervention: loreft, layers: all, prefix: 1, suffix: 0, rank: 1, "
-        f"dropout: 0.0, batch_size: 32, warmup_ratio: 0.0, lr: [{lrs}]}}"
-    )
-    return study_spec(
-        "quality-paper",
-        select,
-        report,
-        size,
-        [space, "sampler=grid", "pruner=none", "warm_start=null",
-         f"budget.n_trials={len(size.paper_lrs)}"],
-    )  # fmt: skip
+def searched_spec(task: Task, files: TaskFiles, epochs: int, top_k: int) -> StudySpec:
+    overrides = task_overrides(task, files, f"{task.name}-searched", SEARCH_TRIALS_CAP, epochs)
+    return load_spec(STUDY, [*overrides, finalize(top_k)])
 
 
-def searched_spec(select: Path, report: Path, size: Size) -> StudySpec:
-    return study_spec(
-        "quality-searched",
-        select,
-        report,
-        size,
-        [f"budget.n_trials={size.search_trials}", f"budget.timeout={size.search_s:g}"],
-    )
+def lora_spec(task: Task, files: TaskFiles, epochs: int, top_k: int) -> StudySpec:
+    overrides = task_overrides(task, files, f"{task.name}-lora", SEARCH_TRIALS_CAP, epochs)
+    lora = ["method=lora", f"space={json.dumps(LORA_SPACE)}", "warm_start=null"]
+    return load_spec(STUDY, [*overrides, *lora, finalize(top_k)])
 
 
-def select(spec: StudySpec, storage: str, log) -> tuple[optuna.trial.FrozenTrial, float]:
-    """Run the study on the selection half; its best trial and the compute it took."""
-    start = time.perf_counter()
-    study = run_study(spec, storage, log=log)
-    return top_search_trials(study, 1)[0], time.perf_counter() - start
+def seed_runs(
+    study: optuna.Study, picked: optuna.trial.FrozenTrial
+) -> dict[int, optuna.trial.FrozenTrial]:
+    """The picked trial and its finalize reruns, by seed; every one of SEEDS must be there."""
+    runs = {TrialRecord.of(picked).config["seed"]: picked}
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        record = TrialRecord.of(trial)
+        if record.finalize_of == picked.number:
+            runs[record.seed] = trial
+    if sorted(runs) != sorted(SEEDS):
+        raise RuntimeError(
+            f"study {study.study_name}: trial {picked.number} completed with seeds "
+            f"{sorted(runs)}, not {list(SEEDS)} (a rerun failed: see its fail_reason)"
+        )
+    return {seed: runs[seed] for seed in SEEDS}
 
 
-def report(spec: StudySpec, trial: optuna.trial.FrozenTrial) -> tuple[list[float], float]:
-    """The picked config trained with each of SEEDS, scored on the report half."""
-    start = time.perf_counter()
+def report_hits(
+    spec: StudySpec, study: optuna.Study, runs: Mapping[int, optuna.trial.FrozenTrial], log: Log
+) -> dict[int, list[bool]]:
+    """Each seed run's kept weights scored on the report half (the test split), row by row."""
     prepared = prepare(spec)
     rows = load_test_rows(spec.task, prepared.data.label_names)
     examples = encode(rows, prepared.base.tokenizer, spec.task)
-    adapter_config, train_config = configs_of(trial)
-    scores = []
-    for seed in SEEDS:
-        adapter = build_adapter(adapter_config, prepared.base, seed)
-        seeded = dataclasses.replace(train_config, seed=seed)
-        train_trial(prepared.base, adapter, prepared.split, seeded)
+    hits = {}
+    for seed, trial in runs.items():
+        adapter, source = trained_adapter(prepared, study, trial, log)
         with adapter.attached(prepared.base.blocks):
-            scores.append(evaluate(prepared.base, adapter, prepared.split, examples))
-    return scores, time.perf_counter() - start
+            scores = evaluate_examples(prepared.base, adapter, prepared.split, examples)
+        log(f"{spec.name}: trial {trial.number} (seed {seed}, {source}): {scores.score:.4f}")
+        hits[seed] = scores.per_example
+    return hits
 
 
-def compare(size: Size, workdir: Path, log) -> list[Result]:
-    select_half, report_half = write_halves(workdir)
-    storage = f"sqlite:///{workdir / 'quality.db'}"
-    results = []
-    for method, spec in (
-        ("paper", paper_spec(select_half, report_half, size)),
-        ("searched", searched_spec(select_half, report_half, size)),
-    ):
-        log(f"== {method}: selecting on {select_half.name}")
-        trial, select_s = select(spec, storage, log)
-        log(f"== {method}: trial {trial.number} picked; training it with seeds {list(SEEDS)}")
-        scores, seeds_s = report(spec, trial)
-        results.append(
-            Result(
-                method,
-                _describe(trial),
-                trial.value,
-                scores,
-                trial.user_attrs["n_params"],
-                select_s,
-                seeds_s,
-            )
-        )
-    return results
-
-
-def _describe(trial: optuna.trial.FrozenTrial) -> str:
-    config = trial.user_attrs["config"]
-    layers = "all" if len(config["layers"]) == 6 else ";".join(map(str, config["layers"]))
-    tied = "+tied" if config["tied"] and config["prefix"] and config["suffix"] else ""
-    return (
-        f"{config['intervention']} r{config['rank']} f{config['prefix']}+l{config['suffix']}"
-        f"{tied} layers={layers} lr={config['lr']:.2g} bs={config['batch_size']} "
-        f"ep={config['epochs']} dropout={config['dropout']:g} warmup={config['warmup_ratio']:g}"
+def run_arm(
+    name: str,
+    spec: StudySpec,
+    storage: str,
+    log: Log,
+    stop: Callable[[optuna.Study], bool] | None = None,
+) -> Arm:
+    start = time.perf_counter()
+    study = run_study(spec, storage, log=log, stop=stop)
+    picked = best_trials(study, 1)
+    if not picked:
+        raise RuntimeError(f"{spec.name}: no trial completed within the budget")
+    runs = seed_runs(study, picked[0])
+    hits = report_hits(spec, study, runs, log)
+    record = TrialRecord.of(picked[0])
+    return Arm(
+        name=name,
+        config=describe_config(record.config)
+        + f" dropout={record.config['dropout']:g} warmup={record.config['warmup_ratio']:g}",
+        select_scores=[trial.value for trial in runs.values()],
+        report_hits=hits,
+        n_params=record.n_params,
+        epochs=epochs_spent(study.get_trials(deepcopy=False)),
+        trials=len(search_trials(study, FINISHED_STATES)),
+        reruns=sum(TrialRecord.of(t).finalize_of is not None for t in study.trials),
+        wall_s=time.perf_counter() - start,
     )
+
+
+def run_task(
+    task: Task, size: Size, top_k: int, with_lora: bool, workdir: Path, log: Log
+) -> tuple[str, list[Arm]]:
+    files = write_task_files(task, size.train_examples[task.name], workdir)
+    storage = f"sqlite:///{workdir / task.name}.db"
+    log(f"== {task.title}: paper arm, lr grid {list(size.paper_lrs)}")
+    paper = run_arm("paper", paper_spec(task, files, size), storage, log)
+    arms = [paper]
+    others = [("searched", searched_spec(task, files, size.epochs, top_k))]
+    if with_lora:
+        others.append(("lora", lora_spec(task, files, size.epochs, top_k)))
+    for name, spec in others:
+        budget = EpochBudget.of(paper.epochs, spec)
+        log(f"== {task.title}: {name} arm, up to {budget.epochs:g} epochs (the paper arm's)")
+        arms.append(run_arm(name, spec, storage, log, stop=budget))
+    return files.counts, arms
+
+
+def lora_verdict(task: Task, arms: list[Arm]) -> str:
+    """Is the searched ReFT config within 0.5 point of the searched LoRA's at >= 10x fewer
+    trainable parameters?"""
+    by_name = {arm.name: arm for arm in arms}
+    reft, lora = by_name["searched"], by_name["lora"]
+    gap, ratio = reft.mean() - lora.mean(), lora.n_params / reft.n_params
+    verdict = "yes" if gap >= -0.5 and ratio >= 10 else "no"
+    return f"{task.title}: {verdict} (ReFT - LoRA {gap:+.1f} points, LoRA/ReFT params {ratio:.1f}x)"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller budget (~15 min here)")
+    parser.add_argument("--quick", action="store_true", help="2 tasks, smaller subsets")
+    parser.add_argument("--with-lora", action="store_true", help="add a LoRA search arm")
     parser.add_argument(
-        "--threads",
+        "--searched-top-k",
         type=int,
-        help="torch CPU threads (default: torch's); on a 2-core machine shared with other "
-        "jobs, 1 thread ran 10x faster than 2",
+        default=1,
+        help="configs the searched arms retrain with the extra seeds (default 1)",
     )
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    # for a cheap end-to-end check: not the benchmark's sizes
+    parser.add_argument("--tasks", help=argparse.SUPPRESS)
+    parser.add_argument("--train-examples", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--epochs", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    size = QUICK if args.quick else FULL
+    tasks = tuple(args.tasks.split(",")) if args.tasks else size.tasks
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        print(f"error: --tasks: {unknown} must be among {sorted(TASKS)}", file=sys.stderr)
+        return 2
     if not DATA.is_dir():
         print(f"error: {DATA} is missing (see ../shared/data/PROVENANCE.md)", file=sys.stderr)
         return 2
+    if args.train_examples is not None:
+        size = replace(size, train_examples={t: args.train_examples for t in TASKS})
+    if args.epochs is not None:
+        size = replace(size, epochs=args.epochs)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    size = QUICK if args.quick else FULL
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
     start = time.perf_counter()
+    results = []
     with tempfile.TemporaryDirectory(prefix="reftsearch-quality-") as workdir:
-        results = compare(size, Path(workdir), lambda line: print(line, file=sys.stderr))
-    paper, searched = results
+        for name in tasks:
+            counts, arms = run_task(
+                TASKS[name], size, args.searched_top_k, args.with_lora, Path(workdir), log
+            )
+            results.append((TASKS[name], counts, arms))
     print(
-        f"SST-2, embedded:minilm, {size.train_examples} train examples, {size.epochs} epochs; "
-        f"GLUE validation halved (seed {HALVES_SEED}): select on one half, report the other; "
-        f"seeds {list(SEEDS)}; {torch.get_num_threads()} threads; "
-        f"total {time.perf_counter() - start:.0f}s"
+        f"embedded:minilm, up to {size.epochs} epochs per trial; paper lr grid "
+        f"{list(size.paper_lrs)}; seeds {list(SEEDS)}; {torch.get_num_threads()} threads; total "
+        f"{time.perf_counter() - start:.0f} s. Report-half accuracy (%), mean +- std over the "
+        "seeds; select = the selection half's; params = the interventions' (or LoRA's), "
+        "without the classification head both train; epochs over the train subset, every "
+        "trial and rerun; trials = search trials + seed reruns"
     )
+    pairs = []
+    for task, counts, arms in results:
+        print(f"\n{task.title}: {counts}\n{HEADER}")
+        for arm in arms:
+            print(arm.row())
+        paper, searched = arms[0], arms[1]
+        print(f"searched - paper: {searched.mean() - paper.mean():+.1f} points")
+        pairs.append(
+            TaskPairs(
+                task.title,
+                {s: (paper.report_hits[s], searched.report_hits[s]) for s in SEEDS},
+            )
+        )
+    if args.with_lora:
+        print("\nsearched ReFT within 0.5 point of searched LoRA at >= 10x fewer parameters:")
+        for task, _, arms in results:
+            print(lora_verdict(task, arms))
+    interval = paired_bootstrap(pairs)
     print(
-        f"{'method':<9} {'report acc':>13}  {'select':>6}  {'params':>9}  {'select s':>7}  "
-        f"{'seeds s':>7}  config"
+        f"\nsearched - paper over {len(pairs)} tasks x {len(SEEDS)} seeds: "
+        f"{interval.mean:+.1f} points, 95% paired bootstrap interval "
+        f"[{interval.low:+.1f}, {interval.high:+.1f}] (report-half rows resampled within "
+        "each task, the same draw for both arms and every seed)"
     )
-    for result in results:
-        print(result.row())
-    difference = 100 * (
-        statistics.fmean(searched.report_scores) - statistics.fmean(paper.report_scores)
-    )
-    print(f"searched_minus_paper={difference:+.1f}")
+    print(interval.line("mean_searched_minus_paper"))
     return 0
 
 

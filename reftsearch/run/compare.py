@@ -27,6 +27,7 @@ import pandas as pd
 from reftsearch.errors import BadInputError, ReftSearchError
 from reftsearch.progress import Log
 from reftsearch.run.driver import run_finalize, run_study
+from reftsearch.run.epoch_budget import epochs_spent
 from reftsearch.run.worker import load
 from reftsearch.search.ranking import ranked
 from reftsearch.search.record import TrialRecord, search_trials
@@ -162,7 +163,7 @@ def judge(
         test_scores=tuple(tests),
         n_params=pick.n_params,
         base_params=pick.base_params,
-        epochs_trained=sum(TrialRecord.of(t).epochs_trained or 0.0 for t in finished),
+        epochs_trained=epochs_spent(finished),
         train_s=sum(TrialRecord.of(t).wall_time_s or 0.0 for t in finished),
         epoch_s=statistics.fmean(times) if times else None,
         peak_memory_mb=max(peaks) if peaks else None,

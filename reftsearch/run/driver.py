@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from functools import partial
 
 import optuna
@@ -58,11 +59,18 @@ def run_study(
     log: Log | None = None,
     workers: int = 1,
     address: str | None = None,
+    stop: Callable[[optuna.Study], bool] | None = None,
 ) -> optuna.Study:
     """Validate everything, then run trials until ``n_trials`` have finished: in this process
-    (one worker) or on Ray actors (several, or any number on the cluster at ``address``)."""
+    (one worker) or on Ray actors (several, or any number on the cluster at ``address``).
+
+    ``stop`` (one worker only) ends the search sooner, before the next trial, once
+    ``stop(study)`` is true (e.g. ``reftsearch.run.epoch_budget.EpochBudget``); finalize then
+    runs as after a met budget."""
+    if stop is not None and (workers > 1 or address is not None):
+        raise ValueError("run_study: stop works with one worker, in this process")
     with storage_errors(storage_url):
-        study = _run_study(spec, storage_url, n_trials, log, workers, address)
+        study = _run_study(spec, storage_url, n_trials, log, workers, address, stop)
     check_some_completed(study)
     return study
 
@@ -74,6 +82,7 @@ def _run_study(
     log: Log | None,
     workers: int,
     address: str | None,
+    stop: Callable[[optuna.Study], bool] | None,
 ) -> optuna.Study:
     n_trials = n_trials or spec.budget.n_trials
     log = log or print_now
@@ -100,19 +109,20 @@ def _run_study(
     optuna.storages.fail_stale_trials(study)
     done = count_finished(study)
     log(f"study {spec.name!r} on {mask_url(storage_url)}: {done} of {n_trials} trials finished")
-    if done < n_trials:
+    if done < n_trials and not (stop is not None and stop(study)):
         enqueue_warm_starts(study, recipes, spec.space, prepared.base.num_layers, log)
         estimate = EstimateRequest(n_trials - done, workers, finalize_runs(spec))
         if not on_ray:
             worker = Worker(spec, storage_url, prepared, log)
             log(worker.estimate(estimate))
-            worker.run(n_trials, spec.budget.timeout, [ProgressPrinter(n_trials, log)])
+            worker.run(n_trials, spec.budget.timeout, [ProgressPrinter(n_trials, log)], stop)
         else:
             prepared.base.drop_weights()  # the workers beside it may need the memory
             run_on_ray(study, spec, storage_url, n_trials, workers, address, log, estimate)
     elif not spec.finalize:
         log("nothing to do: the budget is already met (raise --n-trials to continue)")
-    if spec.finalize and count_finished(study) >= n_trials:
+    stopped = stop is not None and stop(study)
+    if spec.finalize and (count_finished(study) >= n_trials or stopped):
         run_finalize(study, prepared, log)
     return study
 
@@ -168,12 +178,12 @@ def run_finalize(
         # the queue may still hold search trials ahead of the reruns (warm starts a budget
         # met early left): each pops first and is given back to wait for a larger budget
         waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-        study.optimize(
-            partial(_seed_rerun, Objective(_on_finalize_device(prepared, log), log)),
-            n_trials=waiting,
-            callbacks=[ProgressPrinter(reruns, log, finalize=True)],
-            catch=(TrialFailed,),
-        )
+        rerun = partial(_seed_rerun, Objective(_on_finalize_device(prepared, log), log))
+        printer = ProgressPrinter(reruns, log, finalize=True)
+        # one call per trial: a grid sampler stops optimize once every grid point is visited,
+        # which they all are before the first rerun
+        for _ in range(waiting):
+            study.optimize(rerun, n_trials=1, callbacks=[printer], catch=(TrialFailed,))
 
 
 def _seed_rerun(objective: Objective, trial: optuna.Trial) -> float:

@@ -73,18 +73,24 @@ class Worker:
         self.objective = make_objective(self.prepared, log, self.pack_size)
 
     def run(
-        self, n_trials: int, timeout: float | None = None, callbacks: Sequence[Callback] = ()
+        self,
+        n_trials: int,
+        timeout: float | None = None,
+        callbacks: Sequence[Callback] = (),
+        stop: Callable[[optuna.Study], bool] | None = None,
     ) -> int:
-        """Run trials until the study holds ``n_trials`` finished ones; returns how many ran
-        here. While the trials still missing are all running elsewhere, wait: one of them may
-        die, and its retry must then be run."""
+        """Run trials until the study holds ``n_trials`` finished ones, or until ``stop(study)``
+        is true; returns how many ran here. While the trials still missing are all running
+        elsewhere, wait: one of them may die, and its retry must then be run."""
+        if stop is not None:  # packed trials run several per optimize call: stop those too
+            callbacks = [*callbacks, lambda study, _: stop(study) and study.stop()]
         deadline = None if timeout is None else time.monotonic() + timeout
         ran = 0
         waited_for: set[int] = set()
         while deadline is None or time.monotonic() < deadline:
             optuna.storages.fail_stale_trials(self.study)  # a dead worker's trial -> FAIL, retry
             finished = count_finished(self.study)
-            if finished >= n_trials:
+            if finished >= n_trials or (stop is not None and stop(self.study)):
                 break
             sampler = self.study.sampler.sampler  # SeededByFirstTrial's
             if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(
