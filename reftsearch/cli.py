@@ -577,6 +577,8 @@ def _quiet_libraries() -> None:
     """Keep the output to reftsearch's own lines; libraries' chatter goes nowhere."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "datasets" in sys.modules:  # loaded before (main called in a process that used it):
+        sys.modules["datasets"].disable_progress_bars()  # it read the variable then
     import warnings
 
     import optuna
