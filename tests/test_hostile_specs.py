@@ -29,14 +29,14 @@ from reftsearch.spec.readers import join
 from reftsearch.spec.yaml_file import MAX_BYTES, MAX_DEPTH, MAX_NODES
 
 REPO = Path(__file__).resolve().parents[1]
-STUDIES = sorted((REPO / "studies").glob("*.yaml"))
+STUDIES = sorted((REPO / "studies").rglob("*.yaml"))  # studies/compare/ too
 REFTSEARCH = [sys.executable, "-m", "reftsearch.cli"]
 
 # keys whose values are floats (an integer there is a float too): no upper bound to pass
 FLOAT_KEYS = {
     "lr", "dropout", "warmup_ratio", "weight_decay", "alpha", "dev_fraction", "timeout",
     "min_fraction", "p_threshold", "cpus_per_trial", "gpus_per_trial", "cache_mb", "spill_mb",
-    "store_mb",
+    "store_mb", "memory_mb",
 }  # fmt: skip
 # keys whose values are names from a fixed list
 CHOICE_KEYS = {
