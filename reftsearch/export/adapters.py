@@ -49,14 +49,14 @@ from pathlib import Path
 
 import torch
 
-from reftsearch.data.splits import has_split
 from reftsearch.errors import BadInputError
 from reftsearch.export.base_model import transformers4_config
-from reftsearch.export.out_dir import SIDECAR, check_out_dir, listing, replacing
+from reftsearch.export.out_dir import SIDECAR, listing, replacing
 from reftsearch.export.pyreft import (
     BASE_MODEL_DIR,
     REFERENCE_EXAMPLES,
-    pick_trial,
+    held_out_score,
+    open_pick,
     reference_io,
     trial_sidecar,
     write_base_model,
@@ -70,9 +70,8 @@ from reftsearch.models.base import EXACT_DTYPE, BaseModel
 from reftsearch.models.builtin import BUILTIN_MODELS
 from reftsearch.progress import Log
 from reftsearch.search.record import TrialRecord
-from reftsearch.search.storage import load_named_study
 from reftsearch.search.study import PreparedStudy, prepare
-from reftsearch.search.test_split import test_score, trained_adapter
+from reftsearch.search.test_split import trained_adapter
 from reftsearch.spec.study_file import StudySpec
 
 ADAPTERS_VERSION = "1.3.0"
@@ -109,10 +108,7 @@ def export_study(
     log: Log = print,
 ) -> AdaptersExport:
     """Write the best trial (or ``trial_number``) of the stored study to ``out_dir``."""
-    out = Path(out_dir).absolute()  # not resolve(): a symbolic link must stay one, to refuse
-    check_out_dir(out)  # before anything is scored or stored
-    study = load_named_study(spec.name, storage_url)
-    trial = pick_trial(study, trial_number)
+    out, study, trial = open_pick(spec, storage_url, out_dir, trial_number)
     recorded = TrialRecord.of(trial).config or {}
     if "intervention" not in recorded:
         raise BadInputError(
@@ -127,9 +123,7 @@ def export_study(
     base = prepared.base
     base_config = transformers4_config(base.model.config.to_dict(), "the base model's config")
     reft, weights = trained_adapter(prepared, study, trial, log)
-    score = None
-    if has_split(spec.task.data, "test"):
-        score = test_score(spec, study, trial, log, trained=(prepared, reft))
+    score = held_out_score(spec, study, trial, log, trained=(prepared, reft))
 
     # every built-in is copied: base_model/ then holds the trained head (see why_not_mappable)
     copy = spec.model.path in BUILTIN_MODELS

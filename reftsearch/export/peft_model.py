@@ -21,13 +21,13 @@ from pathlib import Path
 import peft
 from torch import nn
 
-from reftsearch.data.splits import has_split
 from reftsearch.errors import BadInputError
 from reftsearch.export.base_model import transformers4_config
-from reftsearch.export.out_dir import check_out_dir, listing, replacing
+from reftsearch.export.out_dir import listing, replacing
 from reftsearch.export.pyreft import (
     ExportResult,
-    pick_trial,
+    held_out_score,
+    open_pick,
     trial_sidecar,
     write_base_model,
     write_export_json,
@@ -38,9 +38,8 @@ from reftsearch.models.base import BaseModel
 from reftsearch.models.builtin import BUILTIN_MODELS, shipped_directory
 from reftsearch.progress import Log
 from reftsearch.search.record import TrialRecord
-from reftsearch.search.storage import load_named_study
 from reftsearch.search.study import prepare
-from reftsearch.search.test_split import test_score, trained_adapter
+from reftsearch.search.test_split import trained_adapter
 from reftsearch.spec.study_file import StudySpec
 
 METHODS = ("lora", "dora", "full")
@@ -54,19 +53,14 @@ def export_study(
     log: Log = print,
 ) -> ExportResult:
     """Write the best trial (or ``trial_number``) of a LoRA, DoRA or full study to ``out_dir``."""
-    out = Path(out_dir).absolute()
-    check_out_dir(out)
-    study = load_named_study(spec.name, storage_url)
-    trial = pick_trial(study, trial_number)
+    out, study, trial = open_pick(spec, storage_url, out_dir, trial_number)
     method = (TrialRecord.of(trial).config or {}).get("method", "reft")
     if method not in METHODS:
         raise BadInputError(f"trial {trial.number} is a {method} trial, not one of {METHODS}")
     prepared = prepare(spec)
     base = prepared.base
     adapter, weights = trained_adapter(prepared, study, trial, log)
-    score = None
-    if has_split(spec.task.data, "test"):
-        score = test_score(spec, study, trial, log, trained=(prepared, adapter))
+    score = held_out_score(spec, study, trial, log, trained=(prepared, adapter))
     with replacing(out) as scratch:
         sidecar = trial_sidecar(spec, storage_url, trial, prepared, score, weights)
         if isinstance(adapter, FullModule):

@@ -120,19 +120,14 @@ def export_study(
     """Write the best trial (or ``trial_number``) of the stored study to ``out_dir``.
 
     The base model is copied for built-in models and with ``with_base_model``, else named."""
-    out = Path(out_dir).absolute()  # not resolve(): a symbolic link must stay one, to refuse
-    check_out_dir(out)  # before anything is scored or stored
-    study = load_named_study(spec.name, storage_url)
-    trial = pick_trial(study, trial_number)
+    out, study, trial = open_pick(spec, storage_url, out_dir, trial_number)
     _check_exportable(trial)
     # float32 whatever the search ran in: the pick's weights and numbers are exact
     prepared = prepare(spec, dtype=EXACT_DTYPE)
     base = prepared.base
     base_config = transformers4_config(base.model.config.to_dict(), "the base model's config")
     reft, weights = trained_adapter(prepared, study, trial, log)
-    score = None
-    if has_split(spec.task.data, "test"):
-        score = test_score(spec, study, trial, log, trained=(prepared, reft))
+    score = held_out_score(spec, study, trial, log, trained=(prepared, reft))
 
     # the built-in models that exist nowhere else are copied; embedded:minilm's package is named
     shipped = shipped_directory(spec.model.path)
@@ -229,6 +224,31 @@ def task_spec_entry(task: TaskSpec) -> dict:
     data["columns"] = None if data["columns"] is None else list(data["columns"])
     data["read_options"] = dict(data["read_options"])
     return {**{name: getattr(task, name) for name in TASK_SPEC_FIELDS}, "data": data}
+
+
+def open_pick(
+    spec: StudySpec, storage_url: str, out_dir: str | Path, trial_number: int | None
+) -> tuple[Path, optuna.Study, optuna.trial.FrozenTrial]:
+    """An export's first steps, for every format: its output directory (checked before anything
+    is scored or stored), the stored study and the trial to export (``pick_trial``)."""
+    out = Path(out_dir).absolute()  # not resolve(): a symbolic link must stay one, to refuse
+    check_out_dir(out)
+    study = load_named_study(spec.name, storage_url)
+    return out, study, pick_trial(study, trial_number)
+
+
+def held_out_score(
+    spec: StudySpec,
+    study: optuna.Study,
+    trial: optuna.trial.FrozenTrial,
+    log: Log,
+    trained: tuple,
+) -> float | None:
+    """The exported trial's test score, from the weights just trained (``test_score``; scored
+    once, then stored), or None when the task has no test split."""
+    if not has_split(spec.task.data, "test"):
+        return None
+    return test_score(spec, study, trial, log, trained=trained)
 
 
 def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTrial:
