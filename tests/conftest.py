@@ -4,7 +4,9 @@ import os
 # machine other jobs share, spinning waits make small kernels many times slower
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import fcntl  # noqa: E402
 import signal  # noqa: E402
+import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -14,10 +16,18 @@ import yaml  # noqa: E402
 from reftsearch.testing import scratch_postgres_database  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# ``model.dtype: auto`` means float32 on every CPU in tests (subprocesses and Ray workers
+# too), not bfloat16-mixed on the machines with native bfloat16: the same results anywhere;
+# the tests of the CPU probe set it themselves
+os.environ.setdefault("REFTSEARCH_NATIVE_BFLOAT16_CPU", "0")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+PYREFT_TOOLS = REPO.parent / "shared" / "tools" / "pyreft_ref"
+PYREFT_VENV = Path(
+    os.environ.get("REFTSEARCH_PYREFT_VENV", Path.home() / ".cache/reftsearch/pyreft-venv")
+)
 
 # the equivalence tests run on every device here: on a GPU machine they check the CUDA paths
 DEVICES = [
@@ -119,3 +129,26 @@ def sigint_as_in_a_terminal() -> None:
     foreground job gets it. A shell's background job (a CI step run with ``&``) inherits it
     ignored, and Python then never raises KeyboardInterrupt."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture(scope="session")
+def pyreft_python() -> Path:
+    """The isolated pyreft 0.1.0 venv's python: reused when built, else built once (~80 s).
+
+    Skips only without the reference tools (../shared); a failed build fails the tests."""
+    python = PYREFT_VENV / "bin" / "python"
+    done = PYREFT_VENV / "pyreft-ref-freeze.txt"  # INSTALL.sh's last step
+    # the checks run check_export.py from the tools too, so a built venv alone is not enough
+    if not (PYREFT_TOOLS / "INSTALL.sh").exists():
+        pytest.skip(f"no pyreft reference tools at {PYREFT_TOOLS} (../shared is missing)")
+    PYREFT_VENV.parent.mkdir(parents=True, exist_ok=True)
+    # INSTALL.sh starts by removing the venv: one build at a time (two test runs at once)
+    with open(PYREFT_VENV.parent / f"{PYREFT_VENV.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (python.exists() and done.exists()):
+            built = subprocess.run(
+                ["bash", str(PYREFT_TOOLS / "INSTALL.sh"), str(PYREFT_VENV)],
+                capture_output=True, text=True, timeout=900,
+            )  # fmt: skip
+            assert built.returncode == 0, f"building the pyreft venv: {built.stderr[-2000:]}"
+    return python

@@ -4,7 +4,6 @@ Unit tests read the files back into reftsearch; the integration tests load them 
 pyreft (an isolated venv built by ../shared/tools/pyreft_ref/INSTALL.sh, never a dependency).
 """
 
-import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -17,7 +16,7 @@ import optuna
 import pytest
 import torch
 import yaml
-from conftest import REPO
+from conftest import PYREFT_TOOLS, REPO
 
 from reftsearch.cli import main
 from reftsearch.errors import BadInputError
@@ -29,10 +28,6 @@ from reftsearch.models.builtin import BUILTIN_MODELS
 from reftsearch.search.study import open_study
 from reftsearch.spec.study_file import load_spec
 
-PYREFT_TOOLS = REPO.parent / "shared" / "tools" / "pyreft_ref"
-PYREFT_VENV = Path(
-    os.environ.get("REFTSEARCH_PYREFT_VENV", Path.home() / ".cache/reftsearch/pyreft-venv")
-)
 ATOL = 1e-4
 
 
@@ -333,29 +328,6 @@ def test_transformers5_config_fields_are_written_under_their_4_45_names():
 
 
 # --- the real pyreft -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def pyreft_python() -> Path:
-    """The isolated pyreft 0.1.0 venv's python: reused when built, else built once (~80 s).
-
-    Skips only without the reference tools (../shared); a failed build fails the tests."""
-    python = PYREFT_VENV / "bin" / "python"
-    done = PYREFT_VENV / "pyreft-ref-freeze.txt"  # INSTALL.sh's last step
-    # the checks run check_export.py from the tools too, so a built venv alone is not enough
-    if not (PYREFT_TOOLS / "INSTALL.sh").exists():
-        pytest.skip(f"no pyreft reference tools at {PYREFT_TOOLS} (../shared is missing)")
-    PYREFT_VENV.parent.mkdir(parents=True, exist_ok=True)
-    # INSTALL.sh starts by removing the venv: one build at a time (two test runs at once)
-    with open(PYREFT_VENV.parent / f"{PYREFT_VENV.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (python.exists() and done.exists()):
-            built = subprocess.run(
-                ["bash", str(PYREFT_TOOLS / "INSTALL.sh"), str(PYREFT_VENV)],
-                capture_output=True, text=True, timeout=900,
-            )  # fmt: skip
-            assert built.returncode == 0, f"building the pyreft venv: {built.stderr[-2000:]}"
-    return python
 
 
 def run_checker(python: Path, *args: str) -> dict:

@@ -17,6 +17,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer  # no
 from reftsearch.errors import BadInputError  # noqa: E402
 from reftsearch.models.base import (
     DTYPES,
+    NATIVE_BFLOAT16_CPU_ENV,
     BaseModel,
     default_dtype,
     emulated_on,
@@ -211,7 +212,8 @@ def test_an_edit_smaller_than_bfloat16_rounding_survives_only_a_mixed_stream():
 
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads Linux CPU flags")
-def test_bfloat16_is_emulated_where_the_cpu_flags_lack_its_instructions():
+def test_bfloat16_is_emulated_where_the_cpu_flags_lack_its_instructions(monkeypatch):
+    monkeypatch.delenv(NATIVE_BFLOAT16_CPU_ENV)  # conftest pins it
     flags = set(Path("/proc/cpuinfo").read_text().split())
     native = bool({"avx512_bf16", "amx_bf16"} & flags)
     assert emulated_on(torch.bfloat16, torch.device("cpu")) is not native
@@ -232,8 +234,18 @@ def test_auto_dtype_is_bfloat16_mixed_where_the_cpu_has_bfloat16_math(flags, exp
     assert default_dtype(torch.device("cpu"), flags) == expected
 
 
+@pytest.mark.parametrize("native", ["0", "1"])
+def test_the_environment_says_what_the_cpu_has(monkeypatch, native):
+    monkeypatch.setenv(NATIVE_BFLOAT16_CPU_ENV, native)
+    want = "bfloat16-mixed" if native == "1" else "float32"
+    assert default_dtype(torch.device("cpu")) == want
+    # given flags are a CPU's own, whatever this machine is taken to have
+    assert default_dtype(torch.device("cpu"), {"avx2"}) == "float32"
+
+
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads Linux CPU flags")
-def test_auto_dtype_reads_this_cpus_flags():
+def test_auto_dtype_reads_this_cpus_flags(monkeypatch):
+    monkeypatch.delenv(NATIVE_BFLOAT16_CPU_ENV)  # conftest pins it
     flags = set(Path("/proc/cpuinfo").read_text().split())
     native = bool({"avx512_bf16", "amx_bf16"} & flags)
     assert default_dtype(torch.device("cpu")) == ("bfloat16-mixed" if native else "float32")

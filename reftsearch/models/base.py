@@ -19,6 +19,7 @@ import copy
 import ctypes
 import gc
 import inspect
+import os
 import warnings
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -235,9 +236,17 @@ def default_dtype(device: torch.device, cpu_flags: Collection[str] | None = None
     return "float32"
 
 
+# "0" or "1": what this machine's CPU is taken to have, in place of its flags (a virtual
+# machine may hide them; tests pin it, so that ``auto`` means one thing on every machine)
+NATIVE_BFLOAT16_CPU_ENV = "REFTSEARCH_NATIVE_BFLOAT16_CPU"
+
+
 def native_bfloat16_cpu(flags: Collection[str] | None = None) -> bool:
-    """Whether a CPU with these ``flags`` (default: this one's, from /proc/cpuinfo; torch's
-    CPUID checks where there is none) computes bfloat16 matmuls natively."""
+    """Whether a CPU with these ``flags`` (default: this one's, from /proc/cpuinfo, or
+    ``$REFTSEARCH_NATIVE_BFLOAT16_CPU`` when set; torch's CPUID checks where there is neither)
+    computes bfloat16 matmuls natively."""
+    if flags is None and os.environ.get(NATIVE_BFLOAT16_CPU_ENV) in ("0", "1"):
+        return os.environ[NATIVE_BFLOAT16_CPU_ENV] == "1"
     if flags is None:
         flags = _cpu_flags()
     if flags is None:
