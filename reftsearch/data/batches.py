@@ -75,6 +75,8 @@ class Batch:
     # where each row's token 0 sits: token t of row b is column t + offsets[b]; the left
     # padding, or minus the tokens a row starts after (``collate(starts=...)``)
     offsets: torch.Tensor
+    # classification: each row's class; generation: each column's next-token target
+    # (IGNORE_INDEX where none is trained), already shifted (see ``collate``)
     labels: torch.Tensor | None = None
     token_type_ids: torch.Tensor | None = None
     rows: torch.Tensor | None = None  # each row's index in the example list it came from
@@ -114,12 +116,22 @@ def collate(
     ``prompt_only`` drops the responses (for generation at eval time, where prompts are
     left-padded so that every row's next token is at the last column). ``starts`` drops each
     row's first tokens, whose frozen keys and values come from a cache (``Batch.past``).
+
+    A training row of a generation task (prompt and response) also drops its last token: no
+    token follows it, so its output is never a prediction, and nothing later attends to it;
+    its labels come shifted, each column's the next token. For a one-token answer and its
+    end-of-sequence, rows that start at the intervened token (a cached prefix) go from three
+    columns to two: a third of every training step.
     """
     starts = starts or [0] * len(examples)
+    targets = examples[0].labels is not None and not prompt_only
     sequences = [
         (e.input_ids[: e.prompt_length] if prompt_only else e.input_ids)[start:]
         for e, start in zip(examples, starts, strict=True)
     ]
+    if targets:
+        kept = zip(sequences, examples, strict=True)
+        sequences = [s[:-1] if _has_response(e) else s for s, e in kept]
     width = max(len(s) for s in sequences)
     padding = [width - len(s) if left_pad else 0 for s in sequences]
 
@@ -146,14 +158,27 @@ def collate(
         )
     if examples[0].label is not None:
         batch.labels = torch.tensor([e.label for e in examples])
-    elif examples[0].labels is not None and not prompt_only:
+    elif targets:
         batch.labels = torch.tensor(
             [
-                pad(e.labels[start:], IGNORE_INDEX, o)
-                for e, start, o in zip(examples, starts, padding, strict=True)
+                pad(_next_tokens(e, start, len(s)), IGNORE_INDEX, o)
+                for e, s, start, o in zip(examples, sequences, starts, padding, strict=True)
             ]
         )
     return batch
+
+
+def _next_tokens(example: Encoded, start: int, width: int) -> list[int]:
+    """The labels of tokens ``start + 1 ...`` for a row of ``width`` tokens from ``start``:
+    each column's next-token target (none after the last token)."""
+    shifted = example.labels[start + 1 : start + 1 + width]
+    return shifted + [IGNORE_INDEX] * (width - len(shifted))
+
+
+def _has_response(example: Encoded) -> bool:
+    """Whether a generation example kept response tokens (a prompt truncated to
+    ``max_length`` keeps none, and then its last token may be the intervened one)."""
+    return len(example.input_ids) > example.prompt_length
 
 
 # Length buckets: a seeded shuffle, then sorting inside windows of this many batches, so rows

@@ -37,9 +37,9 @@ def _supervised_token_losses(
     every prompt and pad token would waste most of it.
     """
     hidden = base.model.base_model(**batch.model_inputs()).last_hidden_state
-    targets = batch.labels[:, 1:]
+    targets = batch.labels  # shifted by ``collate``: each column's next token
     supervised = targets != IGNORE_INDEX
-    logits = base.model.get_output_embeddings()(hidden[:, :-1][supervised])
+    logits = base.model.get_output_embeddings()(hidden[supervised])
     per_token = nn.functional.cross_entropy(logits.float(), targets[supervised], reduction="none")
     row_of = torch.arange(len(targets), device=targets.device)[:, None].expand_as(targets)
     row_of = row_of[supervised]
