@@ -17,10 +17,12 @@ BUDGET = {"n_trials": 2, "max_epochs": 1}
 FINALIZE = {"top_k": 1, "seeds": [7]}
 
 
-def arm(data, method: str) -> dict:
+def arm(data, method: str, dtype: str = "float32") -> dict:
+    """One arm of a comparison, in ``dtype`` (``auto`` would differ between machines)."""
     raw = tiny_study(
         data, name=method, method=method, budget=BUDGET, sampler="grid", finalize=FINALIZE
     )
+    raw["model"] = {"path": "tiny:llama", "dtype": dtype}
     raw["space"] = {
         "reft": {"rank": [1, 2], "suffix": 1, "lr": 5e-3},
         "lora": {"rank": [1, 2], "target_modules": "default", "lr": 5e-3},
@@ -64,6 +66,25 @@ def test_compare_three_methods_on_one_budget(write_study, easy_task_files, capsy
     assert float(rows[2]["% of model"]) > 90 > float(rows[1]["% of model"])
     assert " +- " in lines[1]
     assert captured.err.count("once on 48 test examples") == 6
+
+
+def test_a_16_bit_search_is_compared_on_its_float32_reruns(write_study, easy_task_files, capsys):
+    """After a bfloat16-mixed search the pick is tested as finalize reran it in float32, with
+    its own seed and with the finalize seed: never the 16-bit run itself."""
+    arms = [arm(easy_task_files, m, dtype="bfloat16-mixed") for m in ("reft", "lora")]
+    paths = [write_study(raw, f"{raw['name']}.yaml") for raw in arms]
+    assert main(["compare", *map(str, paths)]) == 0
+    for path in paths:
+        spec = load_spec(path)
+        study = optuna.load_study(study_name=spec.name, storage=spec.storage)
+        best = max((t for t in study.trials if t.number < 2), key=lambda t: t.value)
+        reruns = [t for t in study.trials if TrialRecord.of(t).finalize_of == best.number]
+        own_seed = TrialRecord.of(best).config["seed"]
+        assert sorted(TrialRecord.of(t).seed for t in reruns) == sorted([own_seed, 7])
+        assert {TrialRecord.of(t).dtype for t in reruns} == {"float32"}
+        tested = {int(k.rsplit("_", 1)[1]) for k in study.user_attrs if k.startswith("test_score")}
+        assert tested == {t.number for t in reruns}
+    assert capsys.readouterr().err.count("once on 48 test examples") == 4
 
 
 def test_compare_refuses_studies_on_other_budgets_naming_what_differs(

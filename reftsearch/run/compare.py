@@ -31,6 +31,7 @@ from reftsearch.run.epoch_budget import epochs_spent
 from reftsearch.run.worker import load
 from reftsearch.search.ranking import ranked
 from reftsearch.search.record import TrialRecord, search_trials
+from reftsearch.search.seed_reruns import own_seed_rerun
 from reftsearch.search.study import FINISHED_STATES
 from reftsearch.search.test_split import test_score, trained_adapter
 from reftsearch.spec.study_file import FinalizeSpec, StudySpec
@@ -144,8 +145,10 @@ def judge(
     best = ranked(study, completed)[0]
     prepared = load(dataclasses.replace(spec, finalize=FinalizeSpec(1, seeds)))
     if seeds:
-        run_finalize(study, prepared, log, picks=[best])
-    runs = [best, *reruns_of(study, best, seeds)]
+        prepared = run_finalize(study, prepared, log, picks=[best])
+    # a pick trained in 16 bits is tested as its float32 rerun with its own seed
+    exact = reruns_of(study, best, own_seed_rerun(TrialRecord.of(best)))
+    runs = [*(exact or [best]), *reruns_of(study, best, seeds)]
     tests = []
     for run in runs:
         trained = (prepared, trained_adapter(prepared, study, run, log)[0])
@@ -159,7 +162,7 @@ def judge(
         method=spec.method,
         trials=len(finished),
         best_trial=best.number,
-        dev_score=best.values[0],
+        dev_score=runs[0].values[0],
         test_scores=tuple(tests),
         n_params=pick.n_params,
         base_params=pick.base_params,

@@ -169,21 +169,25 @@ def run_finalize(
     prepared: PreparedStudy,
     log: Log,
     picks: list[optuna.trial.FrozenTrial] | None = None,
-) -> None:
+) -> PreparedStudy:
     """Retrain the top configs (or ``picks``) with the extra seeds (only the runs still
-    missing)."""
+    missing). Returns the loaded study they trained on, to use from then on: after a 16-bit
+    search that is a float32 copy, and ``prepared``'s own weights are gone."""
     reruns = enqueue_finalize(study, prepared.spec.finalize, log, picks)
-    if reruns:
-        log(f"finalize: {reruns} runs of the top configs with other seeds")
-        # the queue may still hold search trials ahead of the reruns (warm starts a budget
-        # met early left): each pops first and is given back to wait for a larger budget
-        waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-        rerun = partial(_seed_rerun, Objective(_on_finalize_device(prepared, log), log))
-        printer = ProgressPrinter(reruns, log, finalize=True)
-        # one call per trial: a grid sampler stops optimize once every grid point is visited,
-        # which they all are before the first rerun
-        for _ in range(waiting):
-            study.optimize(rerun, n_trials=1, callbacks=[printer], catch=(TrialFailed,))
+    if not reruns:
+        return prepared
+    log(f"finalize: {reruns} runs of the top configs with other seeds")
+    # the queue may still hold search trials ahead of the reruns (warm starts a budget met
+    # early left): each pops first and is given back to wait for a larger budget
+    waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    exact = _on_finalize_device(prepared, log)
+    rerun = partial(_seed_rerun, Objective(exact, log))
+    printer = ProgressPrinter(reruns, log, finalize=True)
+    # one call per trial: a grid sampler stops optimize once every grid point is visited,
+    # which they all are before the first rerun
+    for _ in range(waiting):
+        study.optimize(rerun, n_trials=1, callbacks=[printer], catch=(TrialFailed,))
+    return exact
 
 
 def _seed_rerun(objective: Objective, trial: optuna.Trial) -> float:

@@ -39,12 +39,16 @@ def enqueue_finalize(
     reruns = [TrialRecord.of(t) for t in study.get_trials(deepcopy=False, states=ALIVE)]
     existing = {(r.finalize_of, r.seed) for r in reruns if r.finalize_of is not None}
     for trial in top_search_trials(study, finalize.top_k) if picks is None else picks:
-        record = TrialRecord.of(trial)
-        own_seed = () if record.dtype in (None, EXACT_DTYPE) else (record.config["seed"],)
-        for seed in (*own_seed, *finalize.seeds):
+        for seed in (*own_seed_rerun(TrialRecord.of(trial)), *finalize.seeds):
             if (trial.number, seed) not in existing:
                 rerun = TrialRecord(finalize_of=trial.number, seed=seed)
                 study.enqueue_trial(trial.params, user_attrs=rerun.to_user_attrs())
                 log(f"finalize: trial {trial.number} enqueued again with seed {seed}")
     waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
     return sum(1 for t in waiting if TrialRecord.of(t).finalize_of is not None)
+
+
+def own_seed_rerun(record: TrialRecord) -> tuple[int, ...]:
+    """The seed a trial trained in 16 bits is rerun with in float32 (its own); none for a
+    trial trained in float32, whose own run is exact."""
+    return () if record.dtype in (None, EXACT_DTYPE) else (record.config["seed"],)
