@@ -2,6 +2,7 @@
 
 import math
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import optuna
@@ -17,7 +18,7 @@ from reftsearch.engine.train import TrainConfig, build_scheduler, train_trial
 from reftsearch.errors import SpecError
 from reftsearch.methods.adapter import GLOBAL_RNG_LOCK, build_adapter
 from reftsearch.methods.reft.config import ReftConfig
-from reftsearch.run.packed_search import AUTO_MAX_PACK, pack_size, trials_that_fit
+from reftsearch.run.packed_search import AUTO_MAX_PACK, optimize, pack_size, trials_that_fit
 from reftsearch.search.study import prepare
 from reftsearch.spec.study_file import load_spec
 
@@ -124,6 +125,25 @@ def test_packed_run_fills_slots_from_the_study(write_study, easy_task_files):
     # two trials really were in training at the same time
     spans = sorted((t.datetime_start, t.datetime_complete) for t in trials)
     assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:], strict=False))
+
+
+def test_threads_take_each_enqueued_trial_once(tmp_path):
+    """Packed trials on the default SQLite storage, every one enqueued (warm starts): each
+    runs once, with its own config (Optuna alone on 4 threads ran some twice and crashed)."""
+    storage = f"sqlite:///{tmp_path / 'race.db'}"
+    for attempt in range(4):
+        ran = []
+
+        def objective(trial: optuna.Trial, ran: list = ran) -> float:
+            ran.append((trial.number, trial.suggest_float("x", 0, 1)))
+            time.sleep(0.2)  # trials overlap, as packed ones do
+            return 0.0
+
+        study = optuna.create_study(study_name=f"race{attempt}", storage=storage)
+        for i in range(4):
+            study.enqueue_trial({"x": i / 10})
+        optimize(study, objective, k=4, missing=4)
+        assert sorted(ran) == [(i, i / 10) for i in range(4)]
 
 
 def test_packed_trainer_is_train_trial_for_each_thread():
