@@ -1,28 +1,27 @@
 """Time to a good config: reftsearch's search (TPE + Hyperband pruning on per-epoch dev
-scores) vs random search without pruning, with an equal compute budget, over several seeds.
+scores) vs random search without pruning, with equal compute, over several seeds.
 
-For each seed, random search first runs a fixed number of trials in full; their compute
-(the sum of the trials' durations) is the budget, which reftsearch's search then gets as its
-``budget.timeout``: pruning lets it try more configs in it. The target is the best dev score
-either search reached, less 1 point. A search's time to target is the compute its trials
-spent until the first one within that finished. When random search has not got there, it
-goes on, a few trials at a time, up to ``EXTEND`` times its budget, so that its time is
-measured rather than cut off; a search that never gets there counts all it spent (marked
-``>``: the ratio is then a lower bound for the side that did). Both run one after the other
-through ``reftsearch.run.driver.run_study`` in this process, single-threaded by default (the
-machine's other jobs change a trial's time less than with torch's default threads).
+Compute is counted in epochs (``reftsearch.run.epoch_budget``: each trial's epochs over the
+train split, a pruned one's only those it trained), not seconds: the machine's load then
+changes how long the benchmark takes, never what it measures. For each seed, random search
+first runs a fixed number of trials in full; the epochs they trained are the budget, which
+reftsearch's search then gets (``run_study(stop=EpochBudget(...))``): pruning lets it try
+more configs in it. The target is the best dev score either search reached, less 1 point.
+A search's time to target is the epochs its trials trained until the first one within it
+finished. When random search has not got there, it goes on, a few trials at a time, up to
+``EXTEND`` times its budget, so that its time is measured rather than cut off; a search that
+never gets there counts all it spent (marked ``>``: the ratio is then a lower bound for the
+side that did).
 
 * ``--quick``: the embedded MiniLM encoder on the builtin synthetic sentiment task (the
-  demo's: negation and contrast clauses, so where an intervention sits matters), a few
-  seconds per trial, about 35 minutes in all on 2 cores (random search's extensions are
-  most of it);
+  demo's: negation and contrast clauses, so where an intervention sits matters);
 * default: the embedded MiniLM encoder on GLUE SST-2 samples (../shared/data/sst2).
 
 Usage::
 
     .venv/bin/python benchmarks/time_to_target.py [--quick]
 
-Last line: ``time_to_target_ratio=X.XX`` (random's total time to target over the seeds /
+Last line: ``time_to_target_ratio=X.XX`` (random's total epochs to target over the seeds /
 the pruned search's).
 """
 
@@ -39,6 +38,8 @@ import optuna
 import torch
 
 from reftsearch.run.driver import run_study
+from reftsearch.run.epoch_budget import EpochBudget
+from reftsearch.search.record import TrialRecord
 from reftsearch.spec.study_file import parse_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,18 +90,9 @@ def full_setup(folder: Path) -> Setup:
     return Setup("embedded:minilm", data, ["all", "0;2;4", "3;5", "5"], 4, 20, 32, 1024)
 
 
-def spec_for(
-    setup: Setup,
-    folder: Path,
-    seed: int,
-    pruned: bool,
-    timeout_s: float | None = None,
-    n_trials: int | None = None,
-):
+def spec_for(setup: Setup, folder: Path, seed: int, pruned: bool, n_trials: int):
     arm = "pruned" if pruned else "random"
-    budget = {"n_trials": n_trials or setup.n_trials, "max_epochs": setup.max_epochs}
-    if timeout_s is not None:  # a time budget; the trial cap is only a safety net
-        budget.update(n_trials=10 * setup.n_trials, timeout=max(round(timeout_s), 1))
+    budget = {"n_trials": n_trials, "max_epochs": setup.max_epochs}
     raw = {
         "name": f"{arm}-{seed}",
         "storage": f"sqlite:///{folder / f'{arm}-{seed}.db'}",
@@ -132,12 +124,12 @@ def spec_for(
 
 
 def spent(study: optuna.Study) -> list[tuple[float, float | None]]:
-    """Per trial in order: the compute spent up to its end (the sum of the durations of it
-    and every trial before it) and its dev score (None unless it completed)."""
-    trials = [t for t in study.get_trials(deepcopy=False) if t.datetime_complete is not None]
+    """Per trial in order: the epochs trained up to its end (it and every trial before it)
+    and its dev score (None unless it completed)."""
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
     total, points = 0.0, []
     for t in sorted(trials, key=lambda t: t.number):
-        total += (t.datetime_complete - t.datetime_start).total_seconds()
+        total += TrialRecord.of(t).epochs_trained or 0.0
         complete = t.state == optuna.trial.TrialState.COMPLETE
         points.append((total, t.value if complete else None))
     return points
@@ -151,17 +143,28 @@ def best_of(points: list[tuple[float, float | None]]) -> float:
     return max(score for _, score in points if score is not None)
 
 
-def search(setup: Setup, folder: Path, seed: int, arm: str, **budget) -> optuna.Study:
-    spec = spec_for(setup, folder, seed, arm == "pruned", **budget)
+def random_search(setup: Setup, folder: Path, seed: int, n_trials: int) -> optuna.Study:
+    spec = spec_for(setup, folder, seed, False, n_trials)
     return run_study(spec, spec.storage, log=lambda line: None)
+
+
+def pruned_search(setup: Setup, folder: Path, seed: int, epochs: float) -> optuna.Study:
+    """reftsearch's search until another trial could take it past ``epochs``; the trial cap
+    is only a safety net."""
+    spec = spec_for(setup, folder, seed, True, 10 * setup.n_trials)
+    stop = EpochBudget.of(epochs, spec)
+    return run_study(spec, spec.storage, log=lambda line: None, stop=stop)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="builtin synthetic task")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: reftsearch's, one per core)"
+    )
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:  # what is measured is epochs: threads change only how long it takes
+        torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     totals = {"pruned": 0.0, "random": 0.0}
     with tempfile.TemporaryDirectory() as tmp:
@@ -174,26 +177,26 @@ def main() -> None:
             flush=True,
         )
         for seed in SEEDS:
-            points = {"random": spent(search(setup, folder, seed, "random"))}
-            budget_s = points["random"][-1][0]
-            pruned = search(setup, folder, seed, "pruned", timeout_s=budget_s)
-            points["pruned"] = spent(pruned)
+            points = {"random": spent(random_search(setup, folder, seed, setup.n_trials))}
+            budget = points["random"][-1][0]
+            points["pruned"] = spent(pruned_search(setup, folder, seed, budget))
             target = max(best_of(p) for p in points.values()) - TARGET_MARGIN
             while time_to(points["random"], target) is None and (
-                points["random"][-1][0] < EXTEND * budget_s
+                points["random"][-1][0] < EXTEND * budget
             ):  # random search goes on until it gets there (or EXTEND times its budget)
                 more = len(points["random"]) + EXTEND_STEP
-                points["random"] = spent(search(setup, folder, seed, "random", n_trials=more))
-            line = [f"seed {seed}: target {target:.4f} (budget {budget_s:.0f}s)"]
+                points["random"] = spent(random_search(setup, folder, seed, more))
+            line = [f"seed {seed}: target {target:.4f} (budget {budget:.0f} epochs)"]
             for arm in ("pruned", "random"):
                 when = time_to(points[arm], target)
                 totals[arm] += points[arm][-1][0] if when is None else when
                 shown = f">{points[arm][-1][0]:.0f}" if when is None else f"{when:.1f}"
                 line.append(
-                    f"{arm} {shown}s ({len(points[arm])} trials, best {best_of(points[arm]):.4f})"
+                    f"{arm} {shown} epochs ({len(points[arm])} trials, "
+                    f"best {best_of(points[arm]):.4f})"
                 )
             print(" | ".join(line), flush=True)
-    print(f"total time to target: pruned {totals['pruned']:.1f}s, random {totals['random']:.1f}s")
+    print(f"total epochs to target: pruned {totals['pruned']:.1f}, random {totals['random']:.1f}")
     print(f"time_to_target_ratio={totals['random'] / max(totals['pruned'], 1e-9):.2f}")
 
 

@@ -25,6 +25,13 @@ the environment sets it): on a machine other jobs load, torch's spinning waits s
 loops, reftsearch's small kernels most, and that is benchmarks/shared_machine.py's measure,
 not this one's.
 
+Dev scores: one seed per arm differs by seed noise alone (a LoReFT init and a batch order):
+on 256 rows, the L8;15 config scored 0.77-0.86 over five reftsearch seeds. After the timed
+runs, reftsearch's arm reruns its configs with ``--seeds`` - 1 more seeds (untimed, from its
+frozen store) and prints each config's mean and spread, and how far pyreft's one score lies
+from that mean, in standard deviations. That both loops are one recipe is shown exactly by
+tests/test_pyreft_recipe.py: from the same start and batches, their weights agree to ~3e-7.
+
 Last line: ``speedup_vs_pyreft=X.XX`` (pyreft's wall time for the configs / reftsearch's).
 """
 
@@ -33,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -206,6 +214,22 @@ def run_pyreft(
 # --------------------------------------------------------------------------- main
 
 
+def print_seed_noise(configs: list[dict], theirs: list[dict], seeded: list[list[float]]) -> None:
+    """Each config's reftsearch dev score over seeds, and pyreft's one score against it."""
+    if len(seeded) < 2:
+        return
+    print(f"dev scores over {len(seeded)} reftsearch seeds (pyreft: one seed):")
+    for index, (config, result) in enumerate(zip(configs, theirs, strict=True)):
+        scores = [run[index] for run in seeded]
+        mean, spread = statistics.mean(scores), statistics.stdev(scores)
+        away = (result["dev_score"] - mean) / spread if spread else float("inf")
+        print(
+            f"  L[{config['layers']}] r{config['rank']}: reftsearch {mean:.3f} +- {spread:.3f} "
+            f"({min(scores):.3f}-{max(scores):.3f}), pyreft {result['dev_score']:.3f} "
+            f"({away:+.1f} sd)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 configs, 128 train / 64 dev rows")
@@ -215,6 +239,13 @@ def main() -> None:
         default="float32",
         help="reftsearch's model.dtype (default float32, as pyreft's arm; auto: bfloat16-mixed "
         "where the CPU or GPU has native bfloat16 math)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        help="reftsearch's arm over this many seeds, for the dev scores' noise (default 3; "
+        "the extra seeds are not timed)",
     )
     parser.add_argument("--pyreft-trial", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -249,6 +280,12 @@ def main() -> None:
         for line in ours["stdout"].splitlines():  # its stages: load, frozen passes, trials
             if line.startswith(("loaded", "frozen pass", "estimate", "trial")):
                 print(f"    {line}", flush=True)
+        print(f"reftsearch's arm again at {args.seeds - 1} more seeds (not timed):", flush=True)
+        seeded = [ours["scores"]]
+        for seed in range(SEED + 1, SEED + args.seeds):
+            again = folder / f"seed{seed}.yaml"  # a study of its own; the same frozen store
+            again.write_text(json.dumps({**raw, "name": f"throughput-seed{seed}", "seed": seed}))
+            seeded.append(run_reftsearch(again, configs)["scores"])
 
     pyreft_wall = sum(r["wall_s"] for r in theirs)
     print()
@@ -263,6 +300,7 @@ def main() -> None:
         f"dev scores pyreft {[round(r['dev_score'], 3) for r in theirs]}, "
         f"reftsearch {[round(s, 3) for s in ours['scores']]}"
     )
+    print_seed_noise(configs, theirs, seeded)
     print(f"speedup_vs_pyreft={pyreft_wall / ours['wall_s']:.2f}")
 
 
