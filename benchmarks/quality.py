@@ -75,7 +75,7 @@ DATA = REPO.parent / "shared" / "data"
 SPLIT_SEED = 0  # which held-out rows select and which report, BoolQ's split, train subsets
 BOOLQ_HELD_OUT = 400  # of BoolQ's 3,270 validation rows; the rest are its train rows
 SEEDS = (42, 43, 44)  # the study seed, then finalize's two reruns (the paper used 42-46)
-MINILM_LAYERS = 6
+MODEL, MINILM_LAYERS = "embedded:minilm", 6
 # the searched arms stop on their epoch budget; this only bounds the trial count
 SEARCH_TRIALS_CAP = 1000
 LORA_SPACE = {
@@ -232,6 +232,9 @@ def task_overrides(task: Task, files: TaskFiles, name: str, n_trials: int, epoch
         f"name={name}",
         f"task={json.dumps(task_raw)}",  # JSON is YAML: paths need no quoting of their own
         f"seed={SEEDS[0]}",
+        # float32 on every CPU: the same figures anywhere, and no 16-bit search whose float32
+        # own-seed reruns (finalize) would train past the arm's budget
+        f"model={json.dumps({'path': MODEL, 'dtype': 'float32'})}",
         f"budget={json.dumps({'n_trials': n_trials, 'max_epochs': epochs})}",
         "resources.workers=1",
     ]
