@@ -131,24 +131,28 @@ def sigint_as_in_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def built_venv(venv: Path, install_sh: Path, freeze_file: str, env: dict | None = None) -> Path:
+    """``venv``'s python: reused when built (``freeze_file``, its INSTALL.sh's last step, is
+    there), else built by ``install_sh`` under a lock: INSTALL.sh starts by removing the venv,
+    so two test runs at once must not build it into each other. A failed build fails the test."""
+    python = venv / "bin" / "python"
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.parent / f"{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (python.exists() and (venv / freeze_file).exists()):
+            built = subprocess.run(
+                ["bash", str(install_sh), str(venv)],
+                capture_output=True, text=True, timeout=900, env=env,
+            )  # fmt: skip
+            assert built.returncode == 0, f"building {venv}: {built.stderr[-2000:]}"
+    return python
+
+
 @pytest.fixture(scope="session")
 def pyreft_python() -> Path:
-    """The isolated pyreft 0.1.0 venv's python: reused when built, else built once (~80 s).
-
-    Skips only without the reference tools (../shared); a failed build fails the tests."""
-    python = PYREFT_VENV / "bin" / "python"
-    done = PYREFT_VENV / "pyreft-ref-freeze.txt"  # INSTALL.sh's last step
-    # the checks run check_export.py from the tools too, so a built venv alone is not enough
+    """The isolated pyreft 0.1.0 venv's python, built once (~80 s). Skips only without the
+    reference tools (../shared): the checks run check_export.py from them too, so a built
+    venv alone is not enough."""
     if not (PYREFT_TOOLS / "INSTALL.sh").exists():
         pytest.skip(f"no pyreft reference tools at {PYREFT_TOOLS} (../shared is missing)")
-    PYREFT_VENV.parent.mkdir(parents=True, exist_ok=True)
-    # INSTALL.sh starts by removing the venv: one build at a time (two test runs at once)
-    with open(PYREFT_VENV.parent / f"{PYREFT_VENV.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (python.exists() and done.exists()):
-            built = subprocess.run(
-                ["bash", str(PYREFT_TOOLS / "INSTALL.sh"), str(PYREFT_VENV)],
-                capture_output=True, text=True, timeout=900,
-            )  # fmt: skip
-            assert built.returncode == 0, f"building the pyreft venv: {built.stderr[-2000:]}"
-    return python
+    return built_venv(PYREFT_VENV, PYREFT_TOOLS / "INSTALL.sh", "pyreft-ref-freeze.txt")

@@ -5,7 +5,6 @@ in the real adapters (an isolated venv built once by tests/tools/adapters_ref/IN
 never a dependency) and compare its logits with reftsearch's.
 """
 
-import fcntl
 import importlib.metadata
 import json
 import os
@@ -17,7 +16,7 @@ import optuna
 import pytest
 import torch
 import yaml
-from conftest import REPO, tiny_study
+from conftest import REPO, built_venv, tiny_study
 from test_export import run_and_export, write_study
 
 from reftsearch.cli import main
@@ -223,21 +222,9 @@ def test_lora_trials_are_refused(tmp_path, easy_task_files, capsys):
 
 @pytest.fixture(scope="session")
 def adapters_python() -> Path:
-    """The isolated adapters 1.3.0 venv's python: reused when built, else built once (70-150 s)
-    under a lock, so that two test runs do not build it into each other."""
-    python = ADAPTERS_VENV / "bin" / "python"
-    done = ADAPTERS_VENV / "adapters-ref-freeze.txt"  # INSTALL.sh's last step
-    ADAPTERS_VENV.parent.mkdir(parents=True, exist_ok=True)
-    with open(ADAPTERS_VENV.parent / f"{ADAPTERS_VENV.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (python.exists() and done.exists()):
-            built = subprocess.run(
-                ["bash", str(ADAPTERS_TOOLS / "INSTALL.sh"), str(ADAPTERS_VENV)],
-                capture_output=True, text=True, timeout=900,
-                env={**os.environ, "PYTHON": os.environ.get("PYTHON", sys.executable)},
-            )  # fmt: skip
-            assert built.returncode == 0, f"the adapters venv did not build: {built.stderr[-2000:]}"
-    return python
+    """The isolated adapters 1.3.0 venv's python, built once (70-150 s)."""
+    env = {**os.environ, "PYTHON": os.environ.get("PYTHON", sys.executable)}
+    return built_venv(ADAPTERS_VENV, ADAPTERS_TOOLS / "INSTALL.sh", "adapters-ref-freeze.txt", env)
 
 
 def check_in_adapters(python: Path, out: Path, generate: int = 0) -> dict:
