@@ -15,7 +15,7 @@ import sqlite3
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import optuna
@@ -141,8 +141,20 @@ def _connect_args(url: str) -> dict:
 
 
 def _enable_wal(path: Path) -> None:
-    with sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S) as connection:
-        connection.execute("PRAGMA journal_mode=WAL")
+    """Switch the file to write-ahead logging (once per file; a no-op after). The switch
+    needs the file to itself, and SQLite answers "database is locked" at once, without its
+    busy timeout, while another process holds it: eight processes opening one new study
+    failed one in two tries beside a busy process. So the switch is retried until then."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    while True:
+        try:
+            with closing(sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S)) as connection:
+                connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)
 
 
 def _first_line(err: Exception, url: str | None = None) -> str:
