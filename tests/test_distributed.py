@@ -120,7 +120,10 @@ def test_ray_workers_share_a_study_and_a_killed_worker_is_retried(
     assert count_finished(result) == 6
     assert not result.get_trials(states=(State.RUNNING, State.WAITING))
     completed = [t for t in trials if t.state == State.COMPLETE]
-    per_worker = Counter(t.user_attrs["worker"] for t in completed)
+    # both workers took trials of the one study (the victim its killed one: on a fast machine
+    # the other finishes the rest before the victim's replacement has loaded the model), and
+    # a worker ran several
+    per_worker = Counter(t.user_attrs["worker"] for t in trials if "worker" in t.user_attrs)
     assert len(per_worker) >= 2 and max(per_worker.values()) >= 2, per_worker
     # each actor (the restarted one too) loaded the model once and reused it for every trial
     assert {t.user_attrs["model_loads"] for t in completed} == {1}
