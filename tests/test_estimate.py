@@ -17,6 +17,7 @@ from reftsearch.run.estimate import (
     _batch_tokens,
     _step_run,
     estimate_study,
+    finalize_runs,
 )
 from reftsearch.run.worker import Worker
 from reftsearch.search.study import open_study, prepare
@@ -161,6 +162,18 @@ def test_estimate_and_run_predict_alike_finalize_included(
     assert predicted["finalize_s"] == pytest.approx(6 * predicted["median"]["trial_s"])
     assert predicted["total_s"] == pytest.approx(predicted["study_s"] + predicted["finalize_s"])
     assert "then finalize" in capsys.readouterr().out
+
+
+def test_a_16_bit_search_reruns_each_top_config_with_its_own_seed_too(
+    write_study, easy_task_files, capsys
+):
+    raw = tiny_study(easy_task_files, finalize={"top_k": 2, "seeds": [5, 6, 7]})
+    spec = load_spec(write_study(raw))
+    assert finalize_runs(spec) == finalize_runs(spec, "float32") == 6
+    assert finalize_runs(spec, "bfloat16-mixed") == 8
+    raw["model"] = {"path": "tiny:llama", "dtype": "bfloat16-mixed"}
+    assert main(["estimate", str(write_study(raw, "mixed.yaml")), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["finalize_runs"] == 8
 
 
 def test_a_steps_cost_scales_with_the_tokens_its_batch_computes(write_study, easy_task_files):

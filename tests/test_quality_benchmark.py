@@ -112,6 +112,9 @@ def test_the_budget_keeps_room_for_a_whole_trial_and_the_reruns(write_study, eas
     raw["finalize"] = {"top_k": 2, "seeds": [7, 8]}
     spec = load_spec(write_study(raw))
     assert (most_epochs_per_trial(spec), finalize_epochs(spec)) == (2.0, 8.0)
+    # after a 16-bit search each top config is rerun with its own seed too, in float32
+    assert finalize_epochs(spec, "bfloat16-mixed") == 12.0
+    assert EpochBudget.of(20.0, spec, "bfloat16-mixed").reserved == 12.0
     budget = EpochBudget.of(20.0, spec)
     study = optuna.create_study()
     for spent in (4.0, 5.0, 1.0):  # 10 of 20: one more trial (2) and the reruns (8) fit

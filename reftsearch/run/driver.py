@@ -111,7 +111,8 @@ def _run_study(
     log(f"study {spec.name!r} on {mask_url(storage_url)}: {done} of {n_trials} trials finished")
     if done < n_trials and not (stop is not None and stop(study)):
         enqueue_warm_starts(study, recipes, spec.space, prepared.base.num_layers, log)
-        estimate = EstimateRequest(n_trials - done, workers, finalize_runs(spec))
+        runs = finalize_runs(spec, prepared.base.dtype)
+        estimate = EstimateRequest(n_trials - done, workers, runs)
         if not on_ray:
             worker = Worker(spec, storage_url, prepared, log)
             log(worker.estimate(estimate))
@@ -160,7 +161,8 @@ def estimate_new_study(
     estimate on the same configs (its warm starts first)."""
     recipes = warm_start_recipes(spec, storage_url, prepared)
     kept = warm_start_params(recipes, spec.space, prepared.base.num_layers, log=lambda _: None)
-    request = EstimateRequest(spec.budget.n_trials, workers, finalize_runs(spec), samples)
+    runs = finalize_runs(spec, prepared.base.dtype)
+    request = EstimateRequest(spec.budget.n_trials, workers, runs, samples)
     return estimate_study(prepared, request, enqueued=[params for _, params in kept])
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import optuna
 
+from reftsearch.models.base import EXACT_DTYPE
+from reftsearch.run.estimate import finalize_runs
 from reftsearch.search.fidelity import rung_count
 from reftsearch.search.record import TrialRecord
 from reftsearch.spec.study_file import StudySpec
@@ -39,12 +41,11 @@ def most_epochs_per_trial(spec: StudySpec) -> float:
     return float(epochs)
 
 
-def finalize_epochs(spec: StudySpec) -> float:
-    """The most ``spec``'s finalize reruns can train: each of the top configs once per extra
-    seed, every epoch on the whole split (a rerun is never pruned)."""
-    if spec.finalize is None:
-        return 0.0
-    return float(spec.finalize.top_k * len(spec.finalize.seeds) * spec.budget.max_epochs)
+def finalize_epochs(spec: StudySpec, dtype: str = EXACT_DTYPE) -> float:
+    """The most ``spec``'s finalize reruns can train after a search in ``dtype``: each of the
+    top configs once per extra seed (and its own, after a 16-bit search), every epoch on the
+    whole split (a rerun is never pruned)."""
+    return float(finalize_runs(spec, dtype) * spec.budget.max_epochs)
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,10 @@ class EpochBudget:
     reserved: float  # kept for the finalize reruns
 
     @classmethod
-    def of(cls, epochs: float, spec: StudySpec) -> EpochBudget:
-        return cls(epochs, most_epochs_per_trial(spec), finalize_epochs(spec))
+    def of(cls, epochs: float, spec: StudySpec, dtype: str = EXACT_DTYPE) -> EpochBudget:
+        """The budget of ``spec`` searched in ``dtype`` (the loaded model's:
+        ``model.dtype: auto`` may be 16-bit, and its finalize then reruns one more seed)."""
+        return cls(epochs, most_epochs_per_trial(spec), finalize_epochs(spec, dtype))
 
     def __call__(self, study: optuna.Study) -> bool:
         spent = epochs_spent(study.get_trials(deepcopy=False))

@@ -31,6 +31,7 @@ from reftsearch.engine.scoring import evaluate_examples
 from reftsearch.engine.train import TrainConfig, reset_head
 from reftsearch.methods.adapter import Adapter, AdapterConfig, build_adapter
 from reftsearch.methods.reft.config import ReftConfig
+from reftsearch.models.base import EXACT_DTYPE
 from reftsearch.progress import format_duration
 from reftsearch.search.objective import invalid_reason, resolve
 from reftsearch.search.record import describe_config
@@ -66,9 +67,14 @@ class EstimateRequest:
         return self.samples or min(3, self.n_trials)
 
 
-def finalize_runs(spec: StudySpec) -> int:
-    """The seed reruns a study's finalize step trains once its search is done."""
-    return spec.finalize.top_k * len(spec.finalize.seeds) if spec.finalize else 0
+def finalize_runs(spec: StudySpec, dtype: str = EXACT_DTYPE) -> int:
+    """The seed reruns a study's finalize step trains once its search is done, the search
+    trained in ``dtype``: after a 16-bit one, each top config with its own seed too
+    (``seed_reruns.own_seed_rerun``)."""
+    if not spec.finalize:
+        return 0
+    own_seed = 0 if dtype == EXACT_DTYPE else 1
+    return spec.finalize.top_k * (len(spec.finalize.seeds) + own_seed)
 
 
 @dataclass(frozen=True)
