@@ -144,7 +144,8 @@ def _enable_wal(path: Path) -> None:
     """Switch the file to write-ahead logging (once per file; a no-op after). The switch
     needs the file to itself, and SQLite answers "database is locked" at once, without its
     busy timeout, while another process holds it: eight processes opening one new study
-    failed one in two tries beside a busy process. So the switch is retried until then."""
+    failed one in two tries beside a busy process. So the switch is retried, for as long as
+    that timeout."""
     deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
     while True:
         try:
