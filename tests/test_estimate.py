@@ -17,9 +17,9 @@ from reftsearch.run.estimate import (
     _batch_tokens,
     _step_run,
     estimate_study,
-    finalize_runs,
 )
 from reftsearch.run.worker import Worker
+from reftsearch.search.seed_reruns import finalize_runs
 from reftsearch.search.study import open_study, prepare
 from reftsearch.spec.study_file import load_spec
 

@@ -24,13 +24,13 @@ from optuna.trial import TrialState
 from reftsearch.errors import ReftSearchError, SpecError, TrialFailed
 from reftsearch.models.base import EXACT_DTYPE
 from reftsearch.progress import Log
-from reftsearch.run.estimate import Estimate, EstimateRequest, estimate_study, finalize_runs
+from reftsearch.run.estimate import Estimate, EstimateRequest, estimate_study
 from reftsearch.run.lines import ProgressPrinter, print_now
 from reftsearch.run.ray_cluster import run_on_ray
 from reftsearch.run.worker import Worker, load, publish_spec
 from reftsearch.search.objective import Objective
 from reftsearch.search.record import TrialRecord
-from reftsearch.search.seed_reruns import enqueue_finalize
+from reftsearch.search.seed_reruns import enqueue_finalize, finalize_runs
 from reftsearch.search.storage import check_storage, mask_url, storage_errors
 from reftsearch.search.study import (
     PreparedStudy,

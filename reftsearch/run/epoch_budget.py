@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import optuna
 
 from reftsearch.models.base import EXACT_DTYPE
-from reftsearch.run.estimate import finalize_runs
 from reftsearch.search.fidelity import rung_count
 from reftsearch.search.record import TrialRecord
+from reftsearch.search.seed_reruns import finalize_runs
 from reftsearch.spec.study_file import StudySpec
 
 

@@ -31,13 +31,11 @@ from reftsearch.engine.scoring import evaluate_examples
 from reftsearch.engine.train import TrainConfig, reset_head
 from reftsearch.methods.adapter import Adapter, AdapterConfig, build_adapter
 from reftsearch.methods.reft.config import ReftConfig
-from reftsearch.models.base import EXACT_DTYPE
 from reftsearch.progress import format_duration
 from reftsearch.search.objective import invalid_reason, resolve
 from reftsearch.search.record import describe_config
 from reftsearch.search.study import PreparedStudy
 from reftsearch.spec.space import sample
-from reftsearch.spec.study_file import StudySpec
 
 TIMED_STEPS = 2
 EVAL_SAMPLE = 16  # dev examples timed per config
@@ -65,16 +63,6 @@ class EstimateRequest:
     def configs_to_time(self) -> int:
         # the estimate is overhead on a short run: not more configs than it has trials
         return self.samples or min(3, self.n_trials)
-
-
-def finalize_runs(spec: StudySpec, dtype: str = EXACT_DTYPE) -> int:
-    """The seed reruns a study's finalize step trains once its search is done, the search
-    trained in ``dtype``: after a 16-bit one, each top config with its own seed too
-    (``seed_reruns.own_seed_rerun``)."""
-    if not spec.finalize:
-        return 0
-    own_seed = 0 if dtype == EXACT_DTYPE else 1
-    return spec.finalize.top_k * (len(spec.finalize.seeds) + own_seed)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from reftsearch.models.base import EXACT_DTYPE
 from reftsearch.progress import Log
 from reftsearch.search.ranking import top_search_trials
 from reftsearch.search.record import TrialRecord
-from reftsearch.spec.study_file import FinalizeSpec
+from reftsearch.spec.study_file import FinalizeSpec, StudySpec
 
 ALIVE = (
     optuna.trial.TrialState.COMPLETE,
@@ -51,4 +51,17 @@ def enqueue_finalize(
 def own_seed_rerun(record: TrialRecord) -> tuple[int, ...]:
     """The seed a trial trained in 16 bits is rerun with in float32 (its own); none for a
     trial trained in float32, whose own run is exact."""
-    return () if record.dtype in (None, EXACT_DTYPE) else (record.config["seed"],)
+    return (record.config["seed"],) if _inexact(record.dtype) else ()
+
+
+def finalize_runs(spec: StudySpec, dtype: str = EXACT_DTYPE) -> int:
+    """The seed reruns ``spec``'s finalize trains once a search in ``dtype`` is done: each
+    top config once per extra seed, and after a 16-bit search with its own seed too."""
+    if not spec.finalize:
+        return 0
+    return spec.finalize.top_k * (len(spec.finalize.seeds) + int(_inexact(dtype)))
+
+
+def _inexact(dtype: str | None) -> bool:
+    """Whether a search in ``dtype`` (None: recorded before dtypes were) is rerun in float32."""
+    return dtype not in (None, EXACT_DTYPE)
