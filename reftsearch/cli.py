@@ -15,10 +15,14 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from reftsearch.engine.threads import prefer_passive_waits
 from reftsearch.errors import BadInputError, ReftSearchError, TrialFailed
 from reftsearch.spec.study_file import SPLITS, StudySpec, load_spec
+
+if TYPE_CHECKING:
+    from reftsearch.search.trial_gain import TrialGain
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 MAX_PORT = 65535
@@ -271,8 +275,10 @@ def _estimate(args: argparse.Namespace) -> int:
     workers = args.workers or spec.resources.workers
     storage = args.storage or spec.storage
     estimate = estimate_new_study(spec, storage, prepare(spec), workers, args.samples)
+    gain, unmeasured = _trial_gain(spec, storage)
     if args.json:
-        print(json.dumps(estimate.to_dict(), indent=2))
+        gain_dict = None if gain is None else {**asdict(gain), "per_trial": gain.per_trial}
+        print(json.dumps({**estimate.to_dict(), "trial_gain": gain_dict}, indent=2))
         return EXIT_OK
     for label, cost in (
         ("cheapest", estimate.cheapest),
@@ -281,7 +287,22 @@ def _estimate(args: argparse.Namespace) -> int:
     ):
         print(f"{label:>15}: {cost.epoch_s:8.1f}s/epoch {cost.trial_s:8.1f}s/trial  {cost.config}")
     print(estimate.line())
+    print(gain.line() if gain is not None else f"score gain per trial: {unmeasured}")
     return EXIT_OK
+
+
+def _trial_gain(spec: StudySpec, storage: str) -> tuple[TrialGain | None, str]:
+    """What trials past the budget are expected to add, from the stored study's own trials
+    (``reftsearch.search.trial_gain``), or why that is not measured."""
+    from reftsearch.search.storage import load_named_study
+    from reftsearch.search.trial_gain import MIN_SCORES, trial_gain
+
+    try:
+        study = load_named_study(spec.name, storage)
+    except BadInputError as err:  # not run yet (or its storage is not there): nothing to read
+        return None, f"not measured ({err})"
+    gain = trial_gain(study, spec.budget.n_trials, spec.metric)
+    return gain, f"not measured: fewer than {MIN_SCORES} complete trials in study {spec.name!r}"
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -98,7 +98,8 @@ def test_estimate_table(write_study, easy_task_files, capsys):
         "median",
         "most expensive",
     ]
-    assert lines[-1].startswith("estimate: ")
+    assert lines[-2].startswith("estimate: ")
+    assert lines[-1].startswith("score gain per trial: not measured")
 
 
 def test_estimate_times_the_enqueued_configs_first(write_study, easy_task_files):
