@@ -121,6 +121,30 @@ def test_pruning_stops_a_bad_trial_early(write_study, easy_task_files):
     assert bad.user_attrs["pruned_at_epoch"] == max(bad.intermediate_values)
 
 
+def test_a_trial_that_trained_every_epoch_completes_whatever_the_pruner_says(
+    write_study, easy_task_files
+):
+    """Pruning after the last epoch saves nothing and drops a trained config from the
+    ranking and finalize (Hyperband's top rung is the last epoch)."""
+    raw = tiny_study(
+        easy_task_files,
+        metric="loss",
+        budget={"n_trials": 2, "max_epochs": 1},
+        pruner={"type": "median", "n_startup_trials": 1},
+    )
+    raw["space"].update(lr=[1e-2, 1e-7], rank=1, suffix=1)
+    study = write_study(raw)
+    spec = load_spec(study)
+    created = open_study(spec, spec.storage)
+    created.enqueue_trial({"lr": 1e-2})
+    created.enqueue_trial({"lr": 1e-7})  # worse than the median after its only epoch
+    assert main(["run", str(study)]) == 0
+    good, bad = trials_of(study)
+    assert bad.values[0] > good.values[0]  # else the pruner would not have pruned it
+    assert [t.state.name for t in (good, bad)] == ["COMPLETE", "COMPLETE"]
+    assert "pruned_at_epoch" not in bad.user_attrs
+
+
 def test_nan_loss_fails_only_that_trial(write_study, easy_task_files, capsys):
     raw = tiny_study(easy_task_files, budget={"n_trials": 2, "max_epochs": 1})
     raw["space"].update(lr=[1e-2, 1e30], rank=1, suffix=1)

@@ -219,7 +219,9 @@ class Objective:
                 export_bytes=weights_bytes(adapter, base.head),
             )
             report = len(rungs) == 1 and not finalize
-            on_epoch = partial(self._epoch_done, trial, spent, rung.fraction, report)
+            on_epoch = partial(
+                self._epoch_done, trial, spent, rung.fraction, report, train_config.epochs
+            )
             subset = replace(split, train=rung.train)
             cache = self.prepared.cache_for(config)
             trained = self.trainer(base, adapter, subset, train_config, on_epoch, cache)
@@ -233,14 +235,19 @@ class Objective:
         spent: Spent,
         fraction: float,
         report: bool,
+        last_epoch: int,
         epoch: int,
         dev: DevScores,
     ) -> None:
         spent.epochs += fraction
         if report:
-            self._report(trial, epoch, dev)
+            self._report(trial, epoch, dev, last=epoch == last_epoch)
 
-    def _report(self, trial: optuna.Trial, epoch: int, dev: DevScores) -> None:
+    def _report(self, trial: optuna.Trial, epoch: int, dev: DevScores, last: bool) -> None:
+        """Report the epoch's dev score and prune if the pruner says so; after the last
+        epoch the trial has spent all it will, so it completes whatever the pruner says
+        (pruned there it would only drop out of the ranking, finalize and the sampler's
+        view of complete trials: Hyperband's top rung falls on the last epoch)."""
         pareto = len(trial.study.directions) > 1
         if pareto or self.per_example:
             # the epochs' scores are not Optuna's intermediate values here: keep the curve
@@ -253,7 +260,7 @@ class Objective:
                 trial.report(float(hit), step)
         else:
             trial.report(dev.score, epoch)
-        if trial.should_prune():
+        if not last and trial.should_prune():
             store(trial, pruned_at_epoch=epoch, pruned=f"after epoch {epoch} (dev={dev.score:.4f})")
             raise optuna.TrialPruned(f"pruned after epoch {epoch} with dev score {dev.score:.4f}")
 
