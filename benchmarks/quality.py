@@ -135,7 +135,8 @@ class Size:
 # 17-22 / 11, RTE 53-68 / 27, MRPC 43-46 / 19, BoolQ 165-171 / 56. Each arm trains
 # 7 x 3 epochs (5 lrs, then 2 reruns), each epoch followed by a selection-half pass: the
 # sizes below make that 17 (SST-2), 15, 15 and 31 (BoolQ) min per task for both arms, plus
-# ~2 min each for loads, estimates and scoring: ~90 min (less on 2 threads).
+# ~2 min each for loads, estimates and scoring: ~90 min (41 min on 2 threads with
+# --with-lora, 2026-12-04: benchmarks/README.md).
 FULL = Size(
     ("sst2", "rte", "mrpc", "boolq"),
     {"sst2": 1000, "rte": 300, "mrpc": 400, "boolq": 200},
