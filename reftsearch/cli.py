@@ -259,9 +259,13 @@ def _run(args: argparse.Namespace) -> int:
     check_storage(storage)
     print(f"loading {spec.model.path} and the task's data...", flush=True)
     from reftsearch.run.driver import run_study
+    from reftsearch.search.trial_gain import trial_gain
 
     study = run_study(spec, storage, args.n_trials, workers=workers, address=args.address)
     _print_best(study, top=1)
+    gain = trial_gain(study, args.n_trials or spec.budget.n_trials, spec.metric)
+    if gain is not None:  # whether raising --n-trials pays, from this study's own scores
+        print(gain.line())
     return EXIT_OK
 
 

@@ -59,7 +59,7 @@ def test_trial_gain_reads_complete_search_trials_only():
     assert "+0.0" in gain.line() and "at 5 trials" in gain.line() and "at 15" in gain.line()
 
 
-def test_estimate_says_what_more_trials_add_once_the_study_has_scores(
+def test_run_and_estimate_say_what_more_trials_add_once_the_study_has_scores(
     write_study, easy_task_files, capsys
 ):
     raw = tiny_study(easy_task_files, budget={"n_trials": MIN_SCORES, "max_epochs": 1})
@@ -72,7 +72,8 @@ def test_estimate_says_what_more_trials_add_once_the_study_has_scores(
     )
 
     assert main(["run", str(study)]) == 0
-    capsys.readouterr()
+    run_output = capsys.readouterr().out.splitlines()
+    assert run_output[-1].startswith("expected best dev accuracy (from the scores of 5")
     assert main(["estimate", str(study), "--samples", "1", "--json"]) == 0
     gain = json.loads(capsys.readouterr().out)["trial_gain"]
     assert gain["scores"] == MIN_SCORES and gain["budget"] == MIN_SCORES
