@@ -19,7 +19,7 @@ side that did).
 
 Usage::
 
-    .venv/bin/python benchmarks/time_to_target.py [--quick]
+    .venv/bin/python benchmarks/time_to_target.py [--quick] [--pruner successive_halving]
 
 Last line: ``time_to_target_ratio=X.XX`` (random's total epochs to target over the seeds /
 the pruned search's).
@@ -48,6 +48,7 @@ TARGET_MARGIN = 0.01  # 1 point of accuracy
 SEEDS = (1, 2, 3)
 EXTEND = 3  # random search may go on up to this many times its budget to reach the target
 EXTEND_STEP = 4  # trials at a time
+RUNG_PRUNERS = ("hyperband", "successive_halving")
 
 SPACE = {
     "intervention": ["loreft", "direft"],
@@ -90,7 +91,9 @@ def full_setup(folder: Path) -> Setup:
     return Setup("embedded:minilm", data, ["all", "0;2;4", "3;5", "5"], 4, 20, 32, 1024)
 
 
-def spec_for(setup: Setup, folder: Path, seed: int, pruned: bool, n_trials: int):
+def spec_for(
+    setup: Setup, folder: Path, seed: int, pruned: bool, n_trials: int, pruner: str = "hyperband"
+):
     arm = "pruned" if pruned else "random"
     budget = {"n_trials": n_trials, "max_epochs": setup.max_epochs}
     raw = {
@@ -109,9 +112,7 @@ def spec_for(setup: Setup, folder: Path, seed: int, pruned: bool, n_trials: int)
         "seed": seed,
         "budget": budget,
         "sampler": {"type": "tpe", "n_startup_trials": 3} if pruned else {"type": "random"},
-        "pruner": {"type": "hyperband", "min_resource": 1, "reduction_factor": 3}
-        if pruned
-        else "none",
+        "pruner": {"type": pruner, "min_resource": 1, "reduction_factor": 3} if pruned else "none",
         "finalize": False,
         "space": {
             **SPACE,
@@ -148,10 +149,12 @@ def random_search(setup: Setup, folder: Path, seed: int, n_trials: int) -> optun
     return run_study(spec, spec.storage, log=lambda line: None)
 
 
-def pruned_search(setup: Setup, folder: Path, seed: int, epochs: float) -> optuna.Study:
+def pruned_search(
+    setup: Setup, folder: Path, seed: int, epochs: float, pruner: str
+) -> optuna.Study:
     """reftsearch's search until another trial could take it past ``epochs``; the trial cap
     is only a safety net."""
-    spec = spec_for(setup, folder, seed, True, 10 * setup.n_trials)
+    spec = spec_for(setup, folder, seed, True, 10 * setup.n_trials, pruner)
     stop = EpochBudget.of(epochs, spec)
     return run_study(spec, spec.storage, log=lambda line: None, stop=stop)
 
@@ -161,6 +164,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="builtin synthetic task")
     parser.add_argument(
         "--threads", type=int, help="torch CPU threads (default: reftsearch's, one per core)"
+    )
+    parser.add_argument(
+        "--pruner",
+        choices=RUNG_PRUNERS,
+        default="hyperband",
+        help="the searched arm's pruner, over epochs, min_resource 1, reduction_factor 3 "
+        "(default: hyperband, the shipped studies')",
     )
     args = parser.parse_args()
     if args.threads:  # what is measured is epochs: threads change only how long it takes
@@ -172,14 +182,15 @@ def main() -> None:
         setup = quick_setup(folder) if args.quick else full_setup(folder)
         print(
             f"{setup.model}: random search {setup.n_trials}+ trials, reftsearch the same "
-            f"compute; seeds {list(SEEDS)}, up to {setup.max_epochs} epochs per trial, "
+            f"compute ({args.pruner}); seeds {list(SEEDS)}, up to {setup.max_epochs} epochs "
+            "per trial, "
             f"{torch.get_num_threads()} torch threads",
             flush=True,
         )
         for seed in SEEDS:
             points = {"random": spent(random_search(setup, folder, seed, setup.n_trials))}
             budget = points["random"][-1][0]
-            points["pruned"] = spent(pruned_search(setup, folder, seed, budget))
+            points["pruned"] = spent(pruned_search(setup, folder, seed, budget, args.pruner))
             target = max(best_of(p) for p in points.values()) - TARGET_MARGIN
             while time_to(points["random"], target) is None and (
                 points["random"][-1][0] < EXTEND * budget
