@@ -101,21 +101,27 @@ def test_model_data_and_caches_are_built_once_for_all_trials(
     assert full_splits == [((1,), 48), ((1,), 96)]
 
 
-def test_pruning_stops_a_bad_trial_early(write_study, easy_task_files):
+def learning_and_stalled_trials(write_study, easy_task_files, max_epochs):
+    """Run a median-pruned study of two trials: one that learns (its dev loss falls), then
+    one that barely moves (worse than the median at epoch 1); return both."""
     raw = tiny_study(
         easy_task_files,
         metric="loss",
-        budget={"n_trials": 2, "max_epochs": 4},
+        budget={"n_trials": 2, "max_epochs": max_epochs},
         pruner={"type": "median", "n_startup_trials": 1},
     )
     raw["space"].update(lr=[1e-2, 1e-7], rank=1, suffix=1)
     study = write_study(raw)
     spec = load_spec(study)
     created = open_study(spec, spec.storage)
-    created.enqueue_trial({"lr": 1e-2})  # learns: its dev loss falls
-    created.enqueue_trial({"lr": 1e-7})  # barely moves: worse than the median at epoch 1
+    created.enqueue_trial({"lr": 1e-2})
+    created.enqueue_trial({"lr": 1e-7})
     assert main(["run", str(study)]) == 0
-    good, bad = trials_of(study)
+    return trials_of(study)
+
+
+def test_pruning_stops_a_bad_trial_early(write_study, easy_task_files):
+    good, bad = learning_and_stalled_trials(write_study, easy_task_files, max_epochs=4)
     assert good.state.name == "COMPLETE" and len(good.intermediate_values) == 4
     assert bad.state.name == "PRUNED" and len(bad.intermediate_values) < 4
     assert bad.user_attrs["pruned_at_epoch"] == max(bad.intermediate_values)
@@ -126,20 +132,7 @@ def test_a_trial_that_trained_every_epoch_completes_whatever_the_pruner_says(
 ):
     """Pruning after the last epoch saves nothing and drops a trained config from the
     ranking and finalize (Hyperband's top rung is the last epoch)."""
-    raw = tiny_study(
-        easy_task_files,
-        metric="loss",
-        budget={"n_trials": 2, "max_epochs": 1},
-        pruner={"type": "median", "n_startup_trials": 1},
-    )
-    raw["space"].update(lr=[1e-2, 1e-7], rank=1, suffix=1)
-    study = write_study(raw)
-    spec = load_spec(study)
-    created = open_study(spec, spec.storage)
-    created.enqueue_trial({"lr": 1e-2})
-    created.enqueue_trial({"lr": 1e-7})  # worse than the median after its only epoch
-    assert main(["run", str(study)]) == 0
-    good, bad = trials_of(study)
+    good, bad = learning_and_stalled_trials(write_study, easy_task_files, max_epochs=1)
     assert bad.values[0] > good.values[0]  # else the pruner would not have pruned it
     assert [t.state.name for t in (good, bad)] == ["COMPLETE", "COMPLETE"]
     assert "pruned_at_epoch" not in bad.user_attrs
