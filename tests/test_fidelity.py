@@ -6,7 +6,9 @@ from conftest import tiny_study
 
 from reftsearch.cli import main
 from reftsearch.errors import SpecError
+from reftsearch.metrics import share
 from reftsearch.search.fidelity import data_ladder, example_steps, rung_count
+from reftsearch.search.record import unpack_hits
 from reftsearch.search.study import open_study
 from reftsearch.spec.study_file import load_spec, parse_spec
 
@@ -97,6 +99,9 @@ def test_the_data_ladder_trains_on_growing_fractions(write_study, easy_task_file
     assert bad.state.name == "PRUNED" and list(bad.intermediate_values) == [1]
     assert bad.user_attrs["epochs_trained"] == pytest.approx(2 / 9, abs=1e-3)
     assert "at 0.111 of the training data" in bad.user_attrs["pruned"]
+    # the dev hits on record are the trained config's, from the top rung only
+    assert share(unpack_hits(good.user_attrs["dev_hits"])) == pytest.approx(good.value)
+    assert "dev_hits" not in bad.user_attrs
     # the top rung is plain training on everything: the same score as without a ladder
     raw.update(name="plain", pruner="none", budget={"n_trials": 1, "max_epochs": 2})
     (plain,) = run_enqueued(write_study, raw, {"lr": 0.03}, name="plain.yaml")

@@ -19,6 +19,7 @@ from reftsearch.methods.reft.config import ReftConfig
 from reftsearch.methods.reft.module import ReftModule
 from reftsearch.models.base import load_base_model
 from reftsearch.models.sources import CACHE_ENV, cache_dir
+from reftsearch.search.record import unpack_hits
 from reftsearch.spec.study_file import DataSpec, TaskSpec, load_spec, parse_spec
 
 needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent")
@@ -164,6 +165,9 @@ def test_real_study_runs_one_tiny_trial_offline(name, tmp_path, capsys, request)
     assert trial.state == optuna.trial.TrialState.COMPLETE
     assert 0.0 <= trial.value <= 1.0
     assert trial.user_attrs["n_params"] > 0
+    hits = unpack_hits(trial.user_attrs["dev_hits"])  # best's noise margin reads them
+    assert len(hits) == (2 if name.endswith("smollm2") else 16)
+    assert sum(hits) / len(hits) == pytest.approx(trial.value)
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from reftsearch.cli import main
 from reftsearch.errors import SpecError
 from reftsearch.models.base import emulated_on
 from reftsearch.search.ranking import best_trials, seed_summary
-from reftsearch.search.record import TrialRecord
+from reftsearch.search.record import TrialRecord, pack_hits, unpack_hits
 from reftsearch.search.study import open_study
 from reftsearch.search.warm_start import Recipe, map_onto_space, paper_recipes, study_recipes
 from reftsearch.spec.space import Choice, Fixed, FloatRange, IntRange
@@ -147,6 +147,10 @@ def test_finalize_reruns_top_configs_and_best_picks_the_mean(write_study, easy_t
     records = [TrialRecord.of(t) for t in reruns]
     assert {r.seed for r in records} == {11, 12}
     assert all(r.config["seed"] == r.seed for r in records)
+    # each run's dev hits, for best's noise margin: as many as dev examples, their share the score
+    for run in [t for t in trials if t.state.name == "COMPLETE"]:
+        hits = unpack_hits(TrialRecord.of(run).dev_hits)
+        assert len(hits) == 48 and sum(hits) / 48 == pytest.approx(run.value)
     capsys.readouterr()
     assert main(["best", str(study), "--json", "--top", "3"]) == 0
     best = json.loads(capsys.readouterr().out)
@@ -172,14 +176,19 @@ def add_trial(study: optuna.Study, score: float, record: TrialRecord) -> None:
     )
 
 
-def finalized_study(configs: list[tuple[int, list[float]]]) -> optuna.Study:
-    """A study of finalized configs: (trainable parameters, dev score per seed 3, 4, 5)."""
+def finalized_study(
+    configs: list[tuple[int, list[float]]], hits: list[list[bool]] | None = None
+) -> optuna.Study:
+    """A study of finalized configs: (trainable parameters, dev score per seed 3, 4, 5);
+    with ``hits``, each config's dev hits (the same for its three seeds)."""
     study = optuna.create_study(direction="maximize")
-    for n_params, scores in configs:
+    for index, (n_params, scores) in enumerate(configs):
         number = len(study.trials)
+        dev_hits = None if hits is None else pack_hits(hits[index])
         for seed, score in zip((3, 4, 5), scores, strict=True):
             rerun = {"finalize_of": number, "seed": seed} if seed != 3 else {}
-            add_trial(study, score, TrialRecord(config=CONFIG, n_params=n_params, **rerun))
+            record = TrialRecord(config=CONFIG, n_params=n_params, dev_hits=dev_hits, **rerun)
+            add_trial(study, score, record)
     return study
 
 
@@ -195,6 +204,28 @@ def test_best_prefers_the_smaller_config_of_a_tie():
     # a lone trial scoring above both means still ranks after them
     add_trial(clear, 0.9, TrialRecord(config=CONFIG, n_params=10))
     assert [t.number for t in best_trials(clear, 3)] == [0, 3, 6]
+
+
+def test_best_counts_the_dev_splits_noise_in_a_tie():
+    """Two configs 2 points apart on 100 dev examples, steady over seeds: a tie when they
+    disagree on many examples (the gap is within the dev split's noise), no tie when the
+    bigger config gets right every example the smaller one does, and two more."""
+    smaller = [True] * 50 + [False] * 50
+    disagreeing = [True] * 26 + [False] * 24 + [True] * 26 + [False] * 24  # 52 right
+    dominating = [True] * 52 + [False] * 48
+    configs = [(18_456, [0.52, 0.52, 0.52]), (4_614, [0.50, 0.50, 0.50])]
+    noisy = finalized_study(configs, hits=[disagreeing, smaller])
+    assert [t.number for t in best_trials(noisy, 2)] == [3, 0]
+    clear = finalized_study(configs, hits=[dominating, smaller])
+    assert [t.number for t in best_trials(clear, 2)] == [0, 3]
+    # without hits on record (an f1 metric) only the seeds' spread counts: no tie
+    assert [t.number for t in best_trials(finalized_study(configs), 2)] == [0, 3]
+
+
+def test_dev_hits_pack_and_unpack():
+    for hits in ([], [True], [False, True, True, False, True], [True] * 9 + [False] * 500):
+        assert unpack_hits(pack_hits(hits)) == hits
+    assert pack_hits([True, False, True, True, True]) == "5:b8"
 
 
 def test_a_16_bit_search_finalizes_and_exports_in_float32(

@@ -35,7 +35,7 @@ from reftsearch.models.base import BaseModel
 from reftsearch.search.costs import PeakMemory, weights_bytes
 from reftsearch.search.fidelity import Rung, data_ladder, example_steps
 from reftsearch.search.kept_weights import keep
-from reftsearch.search.record import TrialRecord, store
+from reftsearch.search.record import TrialRecord, pack_hits, store
 from reftsearch.search.study import PreparedStudy
 from reftsearch.spec.space import parse_layers, sample
 
@@ -119,6 +119,7 @@ def copy_result(trial: optuna.Trial, twin: optuna.trial.FrozenTrial) -> list[flo
         export_bytes=done.export_bytes,
         weights_artifact=done.weights_artifact,
         dev_curve=done.dev_curve,
+        dev_hits=done.dev_hits,
     )
     for epoch, score in sorted(twin.intermediate_values.items()):
         trial.report(score, epoch)
@@ -240,6 +241,8 @@ class Objective:
         dev: DevScores,
     ) -> None:
         spent.epochs += fraction
+        if epoch == last_epoch and fraction == 1.0 and dev.per_example is not None:
+            store(trial, dev_hits=pack_hits(dev.per_example))  # the trained config's
         if report:
             self._report(trial, epoch, dev, last=epoch == last_epoch)
 

@@ -8,7 +8,7 @@ import statistics
 
 import optuna
 
-from reftsearch.search.record import TrialRecord, search_trials
+from reftsearch.search.record import TrialRecord, search_trials, unpack_hits
 
 
 def top_search_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
@@ -24,8 +24,8 @@ def best_trials(study: optuna.Study, top: int) -> list[optuna.trial.FrozenTrial]
 
     Trials retrained with extra seeds (``finalize``) rank first, by their mean over seeds: a
     single seed's lucky score is not a reason to pick a config. The rest follow by value.
-    Of the finalized configs within noise of the best mean, the smallest leads
-    (``smallest_of_ties``).
+    Of the finalized configs within noise of the best mean (over seeds and, where recorded,
+    over dev examples), the smallest leads (``smallest_of_ties``).
     """
     by_score = top_search_trials(study, len(study.trials))
     summaries = {t.number: s for t in by_score if (s := seed_summary(study, t)) is not None}
@@ -35,26 +35,68 @@ def best_trials(study: optuna.Study, top: int) -> list[optuna.trial.FrozenTrial]
         key=lambda t: summaries[t.number]["mean"],
         reverse=maximize,
     )
-    finalized = smallest_of_ties(finalized, summaries, maximize)
+    finalized = smallest_of_ties(study, finalized, summaries, maximize)
     return (finalized + [t for t in by_score if t.number not in summaries])[:top]
 
 
 def smallest_of_ties(
-    finalized: list[optuna.trial.FrozenTrial], summaries: dict[int, dict], maximize: bool
+    study: optuna.Study,
+    finalized: list[optuna.trial.FrozenTrial],
+    summaries: dict[int, dict],
+    maximize: bool,
 ) -> list[optuna.trial.FrozenTrial]:
     """``finalized`` (best mean first) with the config of fewest trainable parameters moved
-    to the front among those whose mean is within the best one's standard error over seeds:
-    a difference that small is seed noise, and the smaller config is cheaper to train, store
+    to the front among those whose mean is within noise of the best one (``within_noise``):
+    a difference that small says nothing, and the smaller config is cheaper to train, store
     and serve (a study once picked 4x the paper recipe's parameters for such a gain)."""
     if not finalized:
         return finalized
-    lead = summaries[finalized[0].number]
-    margin = lead["std"] / math.sqrt(len(lead["seed_scores"]))
+    lead = finalized[0]
     sign = 1 if maximize else -1
-    ties = [t for t in finalized if sign * (lead["mean"] - summaries[t.number]["mean"]) <= margin]
+    ties = [
+        t
+        for t in finalized
+        if sign * (summaries[lead.number]["mean"] - summaries[t.number]["mean"])
+        <= noise_margin(study, lead, t, summaries[lead.number])
+    ]
     # min keeps the first of equal sizes: the better mean
     smallest = min(ties, key=lambda t: TrialRecord.of(t).n_params or math.inf)
     return [smallest, *(t for t in finalized if t is not smallest)]
+
+
+def noise_margin(
+    study: optuna.Study,
+    lead: optuna.trial.FrozenTrial,
+    other: optuna.trial.FrozenTrial,
+    lead_summary: dict,
+) -> float:
+    """How far ``other``'s mean may trail ``lead``'s and still be noise: the larger of the
+    lead's standard error over seeds and, where both recorded which dev examples they got
+    right, the standard error over dev examples of their paired difference.
+
+    The seeds' spread alone misses the dev split's own noise, the larger one on small dev
+    splits: two configs at chance on 150 dev rows differ by a few rows whatever the seeds
+    say, and a search that ranks on such a gap picks by luck.
+    """
+    seed_error = lead_summary["std"] / math.sqrt(len(lead_summary["seed_scores"]))
+    lead_rows, other_rows = row_hit_rates(study, lead), row_hit_rates(study, other)
+    if lead_rows is None or other_rows is None or len(lead_rows) != len(other_rows):
+        return seed_error
+    gaps = [a - b for a, b in zip(lead_rows, other_rows, strict=True)]
+    return max(seed_error, statistics.stdev(gaps) / math.sqrt(len(gaps)))
+
+
+def row_hit_rates(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> list[float] | None:
+    """Per dev example, the share of the trial's seeds (its own and its reruns) that got it
+    right; None unless every seed recorded its hits (share-of-right metrics only) on at
+    least two examples."""
+    packed = [TrialRecord.of(run).dev_hits for run in seed_runs(study, trial).values()]
+    if any(text is None for text in packed):
+        return None
+    hits = [unpack_hits(text) for text in packed]
+    if len({len(h) for h in hits}) != 1 or len(hits[0]) < 2:
+        return None
+    return [statistics.fmean(row) for row in zip(*hits, strict=True)]
 
 
 def is_maximized(study: optuna.Study) -> bool:
@@ -95,14 +137,23 @@ def pareto_front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return sorted(front, key=lambda t: (size[t.number], -sign * t.values[0], t.number))
 
 
-def seed_scores(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict[int, float]:
-    """Dev score per seed for a search trial: its own run plus its finalize runs."""
-    scores = {TrialRecord.of(trial).config["seed"]: trial.values[0]}
+def seed_runs(
+    study: optuna.Study, trial: optuna.trial.FrozenTrial
+) -> dict[int, optuna.trial.FrozenTrial]:
+    """The completed runs of a search trial's config per seed: its own, then its finalize
+    reruns (a rerun with the search's own seed, in float32 after a 16-bit search, replaces
+    the search's run)."""
+    runs = {TrialRecord.of(trial).config["seed"]: trial}
     for other in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         rerun = TrialRecord.of(other)
         if rerun.finalize_of == trial.number:
-            scores[rerun.seed] = other.value
-    return scores
+            runs[rerun.seed] = other
+    return runs
+
+
+def seed_scores(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict[int, float]:
+    """Dev score per seed for a search trial: its own run plus its finalize runs."""
+    return {seed: run.values[0] for seed, run in seed_runs(study, trial).items()}
 
 
 def seed_summary(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict | None:
