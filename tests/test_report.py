@@ -103,7 +103,8 @@ def test_best_csv_writes_every_trial(searched_study, tmp_path, capsys):
     assert json.loads(captured.out)["number"] in range(4)  # stdout stays pure JSON
     assert f"wrote 4 trials to {target}" in captured.err
     with open(target) as f:
-        assert len(list(csv.DictReader(f))) == 4
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {row["dtype"] for row in rows} == {"float32"}
 
 
 def test_report_of_a_study_without_trials_says_why(write_study, easy_task_files, tmp_path):

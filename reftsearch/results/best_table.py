@@ -63,6 +63,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
                 "number": t.number,
                 "state": t.state.name,
                 "score": t.values[0] if t.values else None,
+                "dtype": record.dtype,  # a 16-bit search's scores beside its float32 reruns'
                 "n_params": record.n_params,
                 **(readable_columns(config) if config else {}),
                 **{key: config[key] for key in TRAINING_COLUMNS if key in config},
