@@ -17,7 +17,7 @@ from functools import partial
 import optuna
 import psutil
 import pytest
-from conftest import tiny_study
+from conftest import sigint_as_in_a_terminal, tiny_study
 from sqlalchemy.engine import make_url
 
 from reftsearch.cli import STORAGE_ENV, main
@@ -25,7 +25,7 @@ from reftsearch.errors import TrialFailed
 from reftsearch.results.best_table import trials_frame
 from reftsearch.run import worker
 from reftsearch.search.record import TrialRecord, search_trials
-from reftsearch.search.study import asked_past_budget, count_finished, open_study
+from reftsearch.search.study import INTERRUPTED, asked_past_budget, count_finished, open_study
 from reftsearch.spec.study_file import load_spec
 
 SECRET = "s3cret"  # trust auth ignores the password; it must still never be printed
@@ -55,7 +55,12 @@ def slow_study(write_study, files, url, n_trials, **changes):
 def start_run(study, *args) -> subprocess.Popen:
     command = [sys.executable, "-m", "reftsearch.cli", "run", str(study), *args]
     return subprocess.Popen(
-        command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=sigint_as_in_a_terminal,
     )
 
 
@@ -129,6 +134,34 @@ def test_ray_workers_share_a_study_and_a_killed_worker_is_retried(
     assert {t.user_attrs["model_loads"] for t in completed} == {1}
     assert f"retry of trial {victim.number}" in out and f"FAILED: worker {host}:{pid}" in out
     assert SECRET not in out and SECRET not in str(result.user_attrs)
+    assert not ray_processes_started_after(began)  # the local cluster was shut down
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_ray_run_ends_its_workers_trials_as_interrupted(
+    write_study, easy_task_files, postgres_url, signum
+):
+    """Ctrl-C stopped the actors with their trials RUNNING: they went FAIL only once their
+    heartbeat was stale, counted as failures, and their configs were not enqueued again."""
+    url = with_password(postgres_url)
+    study = slow_study(write_study, easy_task_files, url, n_trials=6)
+    began = time.time()
+    driver = start_run(study, "--workers", "2")
+    victim = wait_for_trial_mid_way(url, driver)
+    driver.send_signal(signum)
+    out, _ = driver.communicate(timeout=120)
+    assert driver.returncode == 1, out
+    assert out.strip().splitlines()[-1] == "interrupted: run the same command again to resume"
+    trials = stored(url).get_trials()
+    assert not [t for t in trials if t.state == State.RUNNING]  # none waits for a heartbeat
+    ended = [t for t in trials if t.user_attrs.get("fail_reason") == INTERRUPTED]
+    assert victim.number in {t.number for t in ended}
+    assert all(t.state == State.FAIL for t in ended)
+    assert f"interrupted trials {', '.join(str(t.number) for t in ended)}" in out
+    waiting = [t.system_attrs["fixed_params"] for t in trials if t.state == State.WAITING]
+    assert all(t.params in waiting for t in ended)  # each config runs again on resume
+    assert count_finished(stored(url)) == sum(t.state == State.COMPLETE for t in trials)
     assert not ray_processes_started_after(began)  # the local cluster was shut down
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import threading
 import uuid
 
 import optuna
@@ -19,7 +21,7 @@ from reftsearch.errors import BadInputError, ReftSearchError
 from reftsearch.progress import Log
 from reftsearch.run.estimate import EstimateRequest
 from reftsearch.run.lines import ProgressPrinter, StoragePrinter
-from reftsearch.run.worker import Worker
+from reftsearch.run.worker import Worker, interrupt_trials_of
 from reftsearch.spec.study_file import StudySpec
 
 # a worker killed this many times (OOM killer, preemption) ends the run instead of looping
@@ -47,6 +49,7 @@ def run_on_ray(
     import ray
 
     res = spec.resources
+    sigterm = signal.getsignal(signal.SIGTERM)  # reftsearch.cli's: SIGTERM stops as Ctrl-C does
     if address is None:
         # an explicit local cluster: a leftover `ray start` cluster must not be joined
         cpus = max(os.cpu_count() or 1, math.ceil(workers * res.cpus_per_trial))
@@ -59,6 +62,9 @@ def run_on_ray(
         )
     else:
         ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+    if sigterm is not None and threading.current_thread() is threading.main_thread():
+        # ray.init's crash handler takes SIGTERM and aborts the process, cluster left running
+        signal.signal(signal.SIGTERM, sigterm)
     try:
         _check_cluster_fits(ray.cluster_resources(), workers, spec, local=address is None, log=log)
         log(
@@ -80,6 +86,8 @@ def run_on_ray(
             actor.remote(spec, storage_url, log=ForwardedLog(lines_name, f"worker {index}"))
             for index in range(workers)
         ]
+        # asked first: an actor runs its calls in order, and a Ctrl-C needs its trials' owners
+        identities = [a.identity.remote() for a in actors]
         # an actor runs its calls in order: the first one's trials start after its estimate
         estimating = [actors[0].estimate.remote(estimate)]
         runs = [a.run.remote(n_trials, spec.budget.timeout) for a in actors]
@@ -96,8 +104,15 @@ def run_on_ray(
         progress.poll()
     except ray.exceptions.RayError as err:
         raise ReftSearchError(f"a worker failed: {_first_line(err)}") from None
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (reftsearch.cli)
+        owners = _known(identities)
+        ray.shutdown()  # the actors stop first: none may finish a trial ended below
+        ended = interrupt_trials_of(study, owners)
+        if ended:
+            log(f"interrupted trials {', '.join(map(str, ended))}: their configs run again")
+        raise
     finally:
-        ray.shutdown()
+        ray.shutdown()  # a no-op after a Ctrl-C's
 
 
 class LineBuffer:
@@ -136,6 +151,15 @@ class ForwardedLog:
         # waited for (a millisecond): a line still in flight when the worker dies (its last
         # words, as like as not) would be lost
         ray.get(self._handle.add.remote(f"{self.name}: {line}"))
+
+
+def _known(identities: list) -> set[str]:
+    """The actors' ``host:pid`` among ``identities`` (object refs) that have answered; an
+    actor still loading has none, and no trial either."""
+    import ray
+
+    ready, _ = ray.wait(identities, num_returns=len(identities), timeout=0)
+    return set(ray.get(ready))
 
 
 def _drain(buffer, log: Log) -> None:

@@ -29,7 +29,8 @@ from reftsearch.errors import BadInputError, TrialFailed
 from reftsearch.progress import Log
 from reftsearch.run.estimate import EstimateRequest, estimate_study
 from reftsearch.run.packed_search import make_objective, optimize, pack_size
-from reftsearch.search.record import search_trials, store
+from reftsearch.search.objective import worker_id
+from reftsearch.search.record import TrialRecord, search_trials, store
 from reftsearch.search.study import (
     INTERRUPTED,
     PreparedStudy,
@@ -121,6 +122,10 @@ class Worker:
             "old: resources.heartbeat_s x 2)"
         )
 
+    def identity(self) -> str:
+        """``host:pid`` of this worker, as its trials record it (their ``worker``)."""
+        return worker_id()
+
     def estimate(self, request: EstimateRequest) -> str:
         """The line that predicts the study's cost, timed here (the study's enqueued configs
         first: its next trials run them): the cache builds it triggers are the ones this
@@ -148,6 +153,20 @@ class Worker:
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM (reftsearch.cli): not this config's fault
             give_back(trial, fail_reason=INTERRUPTED)
             raise
+
+
+def interrupt_trials_of(study: optuna.Study, workers: set[str]) -> list[int]:
+    """End the trials that ``workers`` (``host:pid``, stopped now) left RUNNING as a Ctrl-C
+    ends a trial in-process: FAIL, ``interrupted``, counted nowhere, their configs enqueued
+    again; without this they would wait out the heartbeat, counted as failures. Returns
+    their numbers."""
+    ended = []
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if TrialRecord.of(frozen).worker in workers:
+            give_back(optuna.Trial(study, frozen._trial_id), fail_reason=INTERRUPTED)
+            study.tell(frozen.number, state=TrialState.FAIL)
+            ended.append(frozen.number)
+    return ended
 
 
 def load(spec: StudySpec, device: str | None = None) -> PreparedStudy:
