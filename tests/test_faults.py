@@ -336,6 +336,50 @@ def test_an_interrupted_trial_is_not_counted_and_runs_again_on_resume(
     assert not result.get_trials(states=(State.RUNNING, State.WAITING))
 
 
+def wait_for_running_rerun(url, process) -> optuna.trial.FrozenTrial:
+    """A finalize rerun that has started training (reruns report no epochs)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read()
+        try:
+            trials = stored(url).get_trials(states=(State.RUNNING,))
+        except KeyError:  # the study is not created yet
+            trials = []
+        for trial in trials:
+            record = TrialRecord.of(trial)
+            if record.finalize_of is not None and record.config is not None:
+                return trial
+        time.sleep(0.05)
+    raise AssertionError("no seed rerun started within 300 s")
+
+
+@pytest.mark.slow
+def test_an_interrupted_seed_rerun_says_so_and_runs_on_resume(write_study, easy_task_files):
+    """A finalize rerun stopped by Ctrl-C stayed FAIL with no reason."""
+    raw = tiny_study(
+        easy_task_files,
+        budget={"n_trials": 1, "max_epochs": 40},
+        finalize={"top_k": 1, "seeds": [11]},
+    )
+    raw["space"].update(batch_size=4, epochs=40)  # seconds a trial: time to stop the rerun
+    study = write_study(raw)
+    url = load_spec(study).storage
+    driver = start_run(study)
+    rerun = wait_for_running_rerun(url, driver)
+    driver.send_signal(signal.SIGINT)
+    out, _ = driver.communicate(timeout=120)
+    assert driver.returncode == 1, out
+    stopped = stored(url).trials[rerun.number]
+    assert stopped.state == State.FAIL and stopped.user_attrs["fail_reason"] == INTERRUPTED
+
+    resumed = start_run(study)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    reruns = [t for t in stored(url).trials if TrialRecord.of(t).finalize_of is not None]
+    assert [t.state for t in reruns] == [State.FAIL, State.COMPLETE]
+    assert reruns[1].params == rerun.params
+
+
 SECRET = "s3cret"  # trust auth ignores the password; it must still never be printed
 
 

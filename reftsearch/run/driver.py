@@ -29,10 +29,11 @@ from reftsearch.run.lines import ProgressPrinter, print_now
 from reftsearch.run.ray_cluster import run_on_ray
 from reftsearch.run.worker import Worker, load, publish_spec
 from reftsearch.search.objective import Objective
-from reftsearch.search.record import TrialRecord
+from reftsearch.search.record import TrialRecord, store
 from reftsearch.search.seed_reruns import enqueue_finalize, finalize_runs
 from reftsearch.search.storage import check_storage, mask_url, storage_errors
 from reftsearch.search.study import (
+    INTERRUPTED,
     PreparedStudy,
     budget_trials,
     count_finished,
@@ -197,7 +198,11 @@ def _seed_rerun(objective: Objective, trial: optuna.Trial) -> float:
         reason = "not run: finalize trains seed reruns only, and the search's budget was met"
         give_back(trial, past_budget=reason)
         raise TrialFailed(f"trial {trial.number} {reason}")
-    return objective(trial)
+    try:
+        return objective(trial)
+    except KeyboardInterrupt:  # the next run enqueues the missing rerun (enqueue_finalize)
+        store(trial, fail_reason=INTERRUPTED)
+        raise
 
 
 def _on_finalize_device(prepared: PreparedStudy, log: Log) -> PreparedStudy:
