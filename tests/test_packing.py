@@ -1,5 +1,6 @@
 """Trial packing: k trials trained side by side equal the same k trials trained alone."""
 
+import datetime
 import math
 import threading
 import time
@@ -18,6 +19,7 @@ from reftsearch.engine.train import TrainConfig, build_scheduler, train_trial
 from reftsearch.errors import SpecError
 from reftsearch.methods.adapter import GLOBAL_RNG_LOCK, build_adapter
 from reftsearch.methods.reft.config import ReftConfig
+from reftsearch.run.lines import ProgressPrinter
 from reftsearch.run.packed_search import AUTO_MAX_PACK, optimize, pack_size, trials_that_fit
 from reftsearch.search.study import prepare
 from reftsearch.spec.study_file import load_spec
@@ -125,6 +127,23 @@ def test_packed_run_fills_slots_from_the_study(write_study, easy_task_files):
     # two trials really were in training at the same time
     spans = sorted((t.datetime_start, t.datetime_complete) for t in trials)
     assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:], strict=False))
+
+
+def test_trials_ending_together_print_their_own_places():
+    """Packed trials end together: each one's callback counted the others as finished too,
+    and two lines said [2/2]."""
+    study = optuna.create_study(direction="maximize")
+    start = datetime.datetime(2026, 12, 4, 12, 0)
+    for seconds in (1, 2):
+        trial = optuna.trial.create_trial(value=0.5)
+        trial.datetime_start = start
+        trial.datetime_complete = start + datetime.timedelta(seconds=seconds)
+        study.add_trial(trial)
+    lines = []
+    printer = ProgressPrinter(2, lines.append)
+    for trial in study.trials:  # both finished before the first callback ran
+        printer(study, trial)
+    assert [line.split()[0] for line in lines] == ["[1/2]", "[2/2]"]
 
 
 def test_threads_take_each_enqueued_trial_once(tmp_path):

@@ -13,7 +13,7 @@ import optuna
 from reftsearch.progress import Log, format_duration
 from reftsearch.search.ranking import top_search_trials
 from reftsearch.search.record import TrialRecord, describe_config, search_trials
-from reftsearch.search.study import FINISHED_STATES, budget_trials, count_finished
+from reftsearch.search.study import FINISHED_STATES, budget_trials
 
 
 def print_now(line: str) -> None:
@@ -31,11 +31,16 @@ class StoragePrinter:
 
     def poll(self) -> None:
         new = [t for t in search_trials(self.study, FINISHED_STATES) if t.number not in self.seen]
-        counted = budget_trials(self.study)
         for trial in sorted(new, key=lambda t: t.datetime_complete):
             self.seen.add(trial.number)
-            done = sum(c.datetime_complete <= trial.datetime_complete for c in counted)
-            self.printer(self.study, trial, done)
+            self.printer(self.study, trial)
+
+
+def finished_by(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> int:
+    """The trials counted toward the budget that finished no later than ``trial``: its place
+    in the run, whenever its line is printed (packed trials end together, and each one's
+    callback would otherwise count the others too; a poll finds several at once)."""
+    return sum(c.datetime_complete <= trial.datetime_complete for c in budget_trials(study))
 
 
 class ProgressPrinter:
@@ -50,16 +55,12 @@ class ProgressPrinter:
         self.printed = 0
         self.started = time.monotonic()
 
-    def __call__(
-        self, study: optuna.Study, trial: optuna.trial.FrozenTrial, done: int | None = None
-    ) -> None:
-        """``done``: finished trials up to this one (default: all finished so far)."""
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         record = TrialRecord.of(trial)
         if record.past_budget is not None:  # asked in a race between workers, never run
             return
         self.printed += 1
-        if done is None:
-            done = self.printed if self.finalize else count_finished(study)
+        done = self.printed if self.finalize else finished_by(study, trial)
         if trial.state == optuna.trial.TrialState.COMPLETE:
             outcome = f"dev={trial.values[0]:.4f}"
         elif record.invalid_reason is not None:
