@@ -7,6 +7,7 @@ import optuna
 import pytest
 import torch
 from conftest import tiny_study
+from test_predict import assert_same_predictions, predictions
 
 from reftsearch.cli import main
 from reftsearch.errors import SpecError
@@ -255,6 +256,11 @@ def test_a_16_bit_search_finalizes_and_exports_in_float32(
     summary = seed_summary(optuna_study(study), next(t for t in trials if t.number == picked))
     assert summary["seed_scores"] == {"3": value[reruns[3]], "11": value[reruns[11]]}
 
+    capsys.readouterr()  # the test split is scored once, from what export ships
+    assert main(["best", str(study), "--test"]) == 0
+    said = capsys.readouterr().err
+    assert f"scoring trial {picked} (kept artifact" in said
+    assert f"(float32, trial {reruns[3]})) once on" in said
     out = tmp_path / "export"
     assert main(["export", str(study), str(out), "--trial", str(picked)]) == 0
     sidecar = json.loads((out / "reftsearch.json").read_text())
@@ -262,6 +268,12 @@ def test_a_16_bit_search_finalizes_and_exports_in_float32(
     assert sidecar["base_model"]["dtype"] == "float32"
     # the float32 rerun with the trial's own seed kept what export needs: no retraining
     assert f"(float32, trial {reruns[3]})" in sidecar["weights"]
+    # predict on the study runs what the export ships: those float32 weights
+    inputs = ["--input", easy_task_files["dev"], "--trial", str(picked)]
+    from_study, said = predictions(capsys, str(study), *inputs)
+    assert f"(float32, trial {reruns[3]})" in said
+    from_export, _ = predictions(capsys, str(out), *inputs[:2])
+    assert_same_predictions(from_study, from_export)
 
 
 def emulated() -> bool:

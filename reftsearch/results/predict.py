@@ -23,7 +23,7 @@ from reftsearch.errors import BadInputError
 from reftsearch.export.pyreft import pick_trial
 from reftsearch.export.reader import PyreftExport
 from reftsearch.methods.adapter import Adapter
-from reftsearch.models.base import BaseModel
+from reftsearch.models.base import EXACT_DTYPE, BaseModel
 from reftsearch.progress import Log
 from reftsearch.search.storage import load_named_study
 from reftsearch.search.study import prepare
@@ -44,10 +44,11 @@ class TrainedTrial:
 
 
 def trained_trial(spec: StudySpec, storage_url: str, number: int | None, log: Log) -> TrainedTrial:
-    """The study's best trial (or trial ``number``), from its kept weights (else retrained)."""
+    """The study's best trial (or trial ``number``), from its kept weights (else retrained),
+    in float32 as export ships it: a 16-bit search's pick predicts from its float32 rerun."""
     study = load_named_study(spec.name, storage_url)
     trial = pick_trial(study, number)
-    prepared = prepare(spec)
+    prepared = prepare(spec, dtype=EXACT_DTYPE)
     adapter, source = trained_adapter(prepared, study, trial, log)
     source = f"trial {trial.number} ({source})"
     return TrainedTrial(prepared.base, adapter, spec.task, prepared.data.label_names, source)

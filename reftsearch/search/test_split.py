@@ -15,6 +15,7 @@ from reftsearch.data.splits import load_test_rows
 from reftsearch.engine.scoring import evaluate
 from reftsearch.engine.train import TrainConfig, train_trial
 from reftsearch.methods.adapter import Adapter, AdapterConfig, adapter_config, build_adapter
+from reftsearch.models.base import EXACT_DTYPE
 from reftsearch.progress import Log
 from reftsearch.search.kept_weights import restore
 from reftsearch.search.record import TrialRecord
@@ -84,15 +85,17 @@ def test_score(
     """The trial's test score, evaluated at most once per study.
 
     ``trained``: the loaded study and the trial's trained interventions (with its head in the
-    model), e.g. from export; without it they are the trial's kept weights, else its config
-    retrained with its seed.
+    model), e.g. from export; without it they are the trial's kept float32 weights, else its
+    config retrained with its seed in float32.
     """
     key = f"test_score_trial_{trial.number}"
     if key in study.user_attrs:
         log(f"test score of trial {trial.number} was evaluated before; not touching test again")
         return study.user_attrs[key]
     if trained is None:
-        prepared = prepare(spec)
+        # in float32, as export ships it and compare tests it: a 16-bit search's pick is
+        # scored from its float32 rerun (or retrained in float32)
+        prepared = prepare(spec, dtype=EXACT_DTYPE)
         adapter, source = trained_adapter(prepared, study, trial, log)
     else:
         (prepared, adapter), source = trained, "as given"
