@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import fcntl  # noqa: E402
+import hashlib  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -131,21 +132,37 @@ def sigint_as_in_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+RECIPE_STAMP = ".built-from"  # in a built venv: the digest of the recipe it was built from
+
+
 def built_venv(venv: Path, install_sh: Path, freeze_file: str, env: dict | None = None) -> Path:
     """``venv``'s python: reused when built (``freeze_file``, its INSTALL.sh's last step, is
-    there), else built by ``install_sh`` under a lock: INSTALL.sh starts by removing the venv,
-    so two test runs at once must not build it into each other. A failed build fails the test."""
+    there) from the recipe as it is now (``recipe_digest``: a cached venv outlives changes to
+    its lock file), else built by ``install_sh`` under a lock: INSTALL.sh starts by removing
+    the venv, so two test runs at once must not build it into each other. A failed build
+    fails the test."""
     python = venv / "bin" / "python"
+    stamp, digest = venv / RECIPE_STAMP, recipe_digest(install_sh)
     venv.parent.mkdir(parents=True, exist_ok=True)
     with open(venv.parent / f"{venv.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (python.exists() and (venv / freeze_file).exists()):
-            built = subprocess.run(
+        built = python.exists() and (venv / freeze_file).exists()
+        if not (built and stamp.exists() and stamp.read_text() == digest):
+            run = subprocess.run(
                 ["bash", str(install_sh), str(venv)],
                 capture_output=True, text=True, timeout=900, env=env,
             )  # fmt: skip
-            assert built.returncode == 0, f"building {venv}: {built.stderr[-2000:]}"
+            assert run.returncode == 0, f"building {venv}: {run.stderr[-2000:]}"
+            stamp.write_text(digest)
     return python
+
+
+def recipe_digest(install_sh: Path) -> str:
+    """SHA-256 of ``install_sh`` and the lock files beside it (``*.lock.txt``)."""
+    digest = hashlib.sha256()
+    for path in [install_sh, *sorted(install_sh.parent.glob("*.lock.txt"))]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 @pytest.fixture(scope="session")
