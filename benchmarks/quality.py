@@ -56,6 +56,7 @@ import optuna
 import torch
 from paired_bootstrap import TaskPairs, paired_bootstrap
 
+from reftsearch.cli import quiet_libraries
 from reftsearch.data.batches import encode
 from reftsearch.data.splits import carve_dev, load_split, load_test_rows
 from reftsearch.engine.scoring import evaluate_examples
@@ -395,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         size = replace(size, epochs=args.epochs)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet_libraries()  # Optuna at WARNING, no datasets progress bars: its own lines only
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

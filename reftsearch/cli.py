@@ -40,7 +40,7 @@ def report_errors(command: Callable[[], int]) -> int:
     """Run ``command``: a ReftSearchError becomes one line on stderr and its exit code.
     SIGTERM (``kill``, a scheduler's stop) interrupts it as Ctrl-C does: the running trial
     ends recorded as interrupted, and the same command resumes."""
-    _quiet_libraries()
+    quiet_libraries()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
     threading.excepthook = _thread_error
@@ -598,7 +598,7 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Keep the output to reftsearch's own lines; libraries' chatter goes nowhere."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
