@@ -20,6 +20,7 @@ side that did).
 Usage::
 
     .venv/bin/python benchmarks/time_to_target.py [--quick] [--pruner successive_halving]
+        [--resource data_fraction]
 
 Last line: ``time_to_target_ratio=X.XX`` (random's total epochs to target over the seeds /
 the pruned search's).
@@ -37,10 +38,11 @@ from pathlib import Path
 import optuna
 import torch
 
+from reftsearch.cli import quiet_libraries
 from reftsearch.run.driver import run_study
 from reftsearch.run.epoch_budget import EpochBudget
 from reftsearch.search.record import TrialRecord
-from reftsearch.spec.study_file import parse_spec
+from reftsearch.spec.study_file import PRUNER_RESOURCES, parse_spec
 
 REPO = Path(__file__).resolve().parents[1]
 SST2 = REPO.parent / "shared" / "data" / "sst2"
@@ -91,8 +93,16 @@ def full_setup(folder: Path) -> Setup:
     return Setup("embedded:minilm", data, ["all", "0;2;4", "3;5", "5"], 4, 20, 32, 1024)
 
 
+def pruner_for(pruner: str, resource: str) -> dict:
+    """The searched arm's pruner: rungs at 1, 3, 9, ... epochs, or at 1/9, 1/3 and all of the
+    train rows (each trained for every epoch) with ``resource: data_fraction``."""
+    if resource == "data_fraction":
+        return {"type": pruner, "resource": resource, "min_fraction": 0.1, "reduction_factor": 3}
+    return {"type": pruner, "min_resource": 1, "reduction_factor": 3}
+
+
 def spec_for(
-    setup: Setup, folder: Path, seed: int, pruned: bool, n_trials: int, pruner: str = "hyperband"
+    setup: Setup, folder: Path, seed: int, pruned: bool, n_trials: int, pruner: dict | None = None
 ):
     arm = "pruned" if pruned else "random"
     budget = {"n_trials": n_trials, "max_epochs": setup.max_epochs}
@@ -112,7 +122,7 @@ def spec_for(
         "seed": seed,
         "budget": budget,
         "sampler": {"type": "tpe", "n_startup_trials": 3} if pruned else {"type": "random"},
-        "pruner": {"type": pruner, "min_resource": 1, "reduction_factor": 3} if pruned else "none",
+        "pruner": pruner if pruned else "none",
         "finalize": False,
         "space": {
             **SPACE,
@@ -150,7 +160,7 @@ def random_search(setup: Setup, folder: Path, seed: int, n_trials: int) -> optun
 
 
 def pruned_search(
-    setup: Setup, folder: Path, seed: int, epochs: float, pruner: str
+    setup: Setup, folder: Path, seed: int, epochs: float, pruner: dict
 ) -> optuna.Study:
     """reftsearch's search until another trial could take it past ``epochs``; the trial cap
     is only a safety net."""
@@ -172,25 +182,33 @@ def main() -> None:
         help="the searched arm's pruner, over epochs, min_resource 1, reduction_factor 3 "
         "(default: hyperband, the shipped studies')",
     )
+    parser.add_argument(
+        "--resource",
+        choices=PRUNER_RESOURCES,
+        default="epochs",
+        help="what the pruner's rungs count: epochs (1, 3) or data_fraction (1/9, 1/3 and all "
+        "of the train rows, each for every epoch)",
+    )
     args = parser.parse_args()
     if args.threads:  # what is measured is epochs: threads change only how long it takes
         torch.set_num_threads(args.threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet_libraries()  # Optuna at WARNING, no datasets progress bars: its own lines only
     totals = {"pruned": 0.0, "random": 0.0}
+    pruner = pruner_for(args.pruner, args.resource)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         setup = quick_setup(folder) if args.quick else full_setup(folder)
         print(
             f"{setup.model}: random search {setup.n_trials}+ trials, reftsearch the same "
-            f"compute ({args.pruner}); seeds {list(SEEDS)}, up to {setup.max_epochs} epochs "
-            "per trial, "
+            f"compute ({args.pruner} over {args.resource}); seeds {list(SEEDS)}, up to "
+            f"{setup.max_epochs} epochs per trial, "
             f"{torch.get_num_threads()} torch threads",
             flush=True,
         )
         for seed in SEEDS:
             points = {"random": spent(random_search(setup, folder, seed, setup.n_trials))}
             budget = points["random"][-1][0]
-            points["pruned"] = spent(pruned_search(setup, folder, seed, budget, args.pruner))
+            points["pruned"] = spent(pruned_search(setup, folder, seed, budget, pruner))
             target = max(best_of(p) for p in points.values()) - TARGET_MARGIN
             while time_to(points["random"], target) is None and (
                 points["random"][-1][0] < EXTEND * budget
