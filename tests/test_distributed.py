@@ -8,7 +8,6 @@ import multiprocessing
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -17,8 +16,9 @@ from functools import partial
 import optuna
 import psutil
 import pytest
-from conftest import sigint_as_in_a_terminal, tiny_study
+from conftest import tiny_study
 from sqlalchemy.engine import make_url
+from subprocess_runs import State, start_run, stored, wait_for_trial_mid_way
 
 from reftsearch.cli import STORAGE_ENV, main
 from reftsearch.errors import TrialFailed
@@ -29,9 +29,6 @@ from reftsearch.search.study import INTERRUPTED, asked_past_budget, count_finish
 from reftsearch.spec.study_file import load_spec
 
 SECRET = "s3cret"  # trust auth ignores the password; it must still never be printed
-State = optuna.trial.TrialState
-# one torch thread per process: 2 threads per process on a busy 2-core machine run 20x slower
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def with_password(url: str, database: str | None = None) -> str:
@@ -50,43 +47,6 @@ def slow_study(write_study, files, url, n_trials, **changes):
     )
     raw["space"].update(batch_size=4, epochs=4)
     return write_study(raw)
-
-
-def start_run(study, *args) -> subprocess.Popen:
-    command = [sys.executable, "-m", "reftsearch.cli", "run", str(study), *args]
-    return subprocess.Popen(
-        command,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=sigint_as_in_a_terminal,
-    )
-
-
-def stored(url: str, name: str = "t") -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=url)
-
-
-def wait_for_trial_mid_way(
-    url: str, process: subprocess.Popen, completed: int = 0
-) -> optuna.trial.FrozenTrial:
-    """A RUNNING trial that has reported an epoch and has epochs left to run, once at least
-    ``completed`` trials are complete."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.stdout.read()
-        try:
-            trials = stored(url).get_trials()
-        except KeyError:  # the study is not created yet
-            trials = []
-        if sum(t.state == State.COMPLETE for t in trials) >= completed:
-            for trial in trials:
-                mid_way = len(trial.intermediate_values) == 1 and "worker" in trial.user_attrs
-                if trial.state == State.RUNNING and mid_way:
-                    return trial
-        time.sleep(0.05)
-    raise AssertionError("no trial got mid-way within 120 s")
 
 
 def ray_processes_started_after(moment: float) -> list[str]:

@@ -9,7 +9,6 @@ resumes with nothing lost; a run whose every trial failed exits 1 with their rea
 """
 
 import hashlib
-import os
 import resource
 import signal
 import subprocess
@@ -20,8 +19,16 @@ from collections import Counter
 import optuna
 import pytest
 import sqlalchemy
-from conftest import sigint_as_in_a_terminal, tiny_study
+from conftest import tiny_study
 from sqlalchemy.engine import make_url
+from subprocess_runs import (
+    ENV,
+    State,
+    start_run,
+    stored,
+    wait_for_running_rerun,
+    wait_for_trial_mid_way,
+)
 
 from reftsearch.cli import main
 from reftsearch.run.worker import Worker
@@ -30,17 +37,9 @@ from reftsearch.search.study import INTERRUPTED, count_finished, open_study
 from reftsearch.spec.study_file import load_spec
 from reftsearch.testing import postgres_admin
 
-State = optuna.trial.TrialState
-# one torch thread per process: 2 threads per process on a busy 2-core machine run 20x slower
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
 
 def digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def stored(url: str, name: str = "t") -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=url)
 
 
 @pytest.fixture
@@ -274,36 +273,6 @@ def slow_study(write_study, files, storage=None, n_trials=4, heartbeat_s=60):
     return write_study(raw)
 
 
-def start_run(study, *args) -> subprocess.Popen:
-    command = [sys.executable, "-m", "reftsearch.cli", "run", str(study), *args]
-    return subprocess.Popen(
-        command,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=sigint_as_in_a_terminal,
-    )
-
-
-def wait_for_trial_mid_way(url, process, completed=1) -> optuna.trial.FrozenTrial:
-    """A RUNNING trial that has reported an epoch and has epochs left, once at least
-    ``completed`` trials are complete."""
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.stdout.read()
-        try:
-            trials = stored(url).get_trials()
-        except KeyError:  # the study is not created yet
-            trials = []
-        if sum(t.state == State.COMPLETE for t in trials) >= completed:
-            for trial in trials:
-                if trial.state == State.RUNNING and len(trial.intermediate_values) == 1:
-                    return trial
-        time.sleep(0.05)
-    raise AssertionError("no trial got mid-way within 300 s")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_an_interrupted_trial_is_not_counted_and_runs_again_on_resume(
@@ -314,7 +283,7 @@ def test_an_interrupted_trial_is_not_counted_and_runs_again_on_resume(
     study = slow_study(write_study, easy_task_files)
     url = load_spec(study).storage
     driver = start_run(study)
-    victim = wait_for_trial_mid_way(url, driver)
+    victim = wait_for_trial_mid_way(url, driver, completed=1)
     driver.send_signal(signum)
     out, _ = driver.communicate(timeout=120)
     assert driver.returncode == 1, out
@@ -334,23 +303,6 @@ def test_an_interrupted_trial_is_not_counted_and_runs_again_on_resume(
     assert count_finished(result) == len(completed) == 4  # four configs trained
     assert [t.params for t in completed if t.number == again.number] == [victim.params]
     assert not result.get_trials(states=(State.RUNNING, State.WAITING))
-
-
-def wait_for_running_rerun(url, process) -> optuna.trial.FrozenTrial:
-    """A finalize rerun that has started training (reruns report no epochs)."""
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.stdout.read()
-        try:
-            trials = stored(url).get_trials(states=(State.RUNNING,))
-        except KeyError:  # the study is not created yet
-            trials = []
-        for trial in trials:
-            record = TrialRecord.of(trial)
-            if record.finalize_of is not None and record.config is not None:
-                return trial
-        time.sleep(0.05)
-    raise AssertionError("no seed rerun started within 300 s")
 
 
 @pytest.mark.slow
@@ -404,7 +356,7 @@ def test_postgres_lost_mid_run_ends_in_one_line_and_resumes(
     name = make_url(url).database
     study = slow_study(write_study, easy_task_files, url, heartbeat_s=1)
     driver = start_run(study)
-    wait_for_trial_mid_way(url, driver)
+    wait_for_trial_mid_way(url, driver, completed=1)
     before = {t.number: (t.value, t.params) for t in stored(url).trials if t.value is not None}
     with postgres_admin() as admin:
         if outage == "database-dropped":
