@@ -360,7 +360,7 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _best(args: argparse.Namespace) -> int:
-    from reftsearch.results.best_table import trial_summary, trials_frame
+    from reftsearch.results.best_table import best_summaries, trials_frame
     from reftsearch.search.ranking import best_trials, is_pareto, pareto_front
     from reftsearch.search.storage import load_named_study
 
@@ -379,7 +379,7 @@ def _best(args: argparse.Namespace) -> int:
     trials = pareto_front(study) if pareto else best_trials(study, args.top)
     if not trials:
         raise ReftSearchError(f"study {spec.name!r} has no completed trial yet")
-    summaries = [trial_summary(study, t) for t in trials]
+    summaries = best_summaries(study, trials)
     if args.test:
         from reftsearch.search.test_split import test_score
 
@@ -563,12 +563,12 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _print_best(study, top: int, summaries: list[dict] | None = None) -> None:
-    from reftsearch.results.best_table import format_table, trial_summary
+    from reftsearch.results.best_table import best_summaries, format_table
     from reftsearch.search.ranking import best_trials, is_pareto, pareto_front
 
     if summaries is None:
         trials = pareto_front(study) if is_pareto(study) else best_trials(study, top)
-        summaries = [trial_summary(study, t) for t in trials]
+        summaries = best_summaries(study, trials)
     print(format_table(summaries, study.user_attrs.get("metric", "value")))
 
 

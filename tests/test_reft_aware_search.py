@@ -12,6 +12,7 @@ from test_predict import assert_same_predictions, predictions
 from reftsearch.cli import main
 from reftsearch.errors import SpecError
 from reftsearch.models.base import emulated_on
+from reftsearch.results.best_table import BY_MEAN, best_summaries, format_table
 from reftsearch.search.ranking import best_trials, seed_summary
 from reftsearch.search.record import TrialRecord, pack_hits, unpack_hits
 from reftsearch.search.study import open_study
@@ -217,8 +218,15 @@ def test_best_counts_the_dev_splits_noise_in_a_tie():
     configs = [(18_456, [0.52, 0.52, 0.52]), (4_614, [0.50, 0.50, 0.50])]
     noisy = finalized_study(configs, hits=[disagreeing, smaller])
     assert [t.number for t in best_trials(noisy, 2)] == [3, 0]
+    # best says why the lower mean leads
+    table = format_table(best_summaries(noisy, best_trials(noisy, 2)), "accuracy")
+    assert table.splitlines()[-1] == (
+        "trial 3 ranks first: fewest trainable parameters (4,614 vs 18,456) among the "
+        "configs within noise of the best mean (trial 0: 0.5200 vs 0.5000)"
+    )
     clear = finalized_study(configs, hits=[dominating, smaller])
     assert [t.number for t in best_trials(clear, 2)] == [0, 3]
+    assert best_summaries(clear, best_trials(clear, 2))[0]["picked_by"] == BY_MEAN
     # without hits on record (an f1 metric) only the seeds' spread counts: no tie
     assert [t.number for t in best_trials(finalized_study(configs), 2)] == [0, 3]
 

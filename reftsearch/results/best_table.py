@@ -6,14 +6,25 @@ from __future__ import annotations
 import optuna
 import pandas as pd
 
-from reftsearch.search.ranking import seed_summary
+from reftsearch.search.ranking import seed_summary, why_it_leads
 from reftsearch.search.record import TrialRecord, describe_config, readable_columns
 
 # what the plots read even from a study without trials
 EMPTY_FRAME_COLUMNS = (
     "number", "state", "score", "n_params", "last_dev_score", "finalize_of", "started", "finished"
 )  # fmt: skip
+BY_MEAN = "mean dev score over seeds"
 TRAINING_COLUMNS = ("dropout", "lr", "epochs", "batch_size", "warmup_ratio", "weight_decay", "seed")
+
+
+def best_summaries(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> list[dict]:
+    """``trial_summary`` of each of ``trials`` (``best_trials``' order), the first one's
+    ``picked_by`` saying why it leads a config with a better mean, if it does."""
+    summaries = [trial_summary(study, t) for t in trials]
+    note = why_it_leads(study, trials[0]) if trials else None
+    if note is not None:
+        summaries[0]["picked_by"] = note
+    return summaries
 
 
 def trial_summary(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict:
@@ -31,7 +42,7 @@ def trial_summary(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict:
         summary["values"] = trial.values
     seeds = seed_summary(study, trial)
     if seeds is not None:
-        summary.update(seeds, picked_by="mean dev score over seeds")
+        summary.update(seeds, picked_by=BY_MEAN)
     return summary
 
 
@@ -48,7 +59,17 @@ def format_table(summaries: list[dict], metric: str) -> str:
         + (f"  test={s['test_score']:.4f}" if "test_score" in s else "")
         for rank, s in enumerate(summaries, 1)
     ]
-    return "\n".join([header, *rows])
+    note = lead_note(summaries)
+    return "\n".join([header, *rows, *([note] if note else [])])
+
+
+def lead_note(summaries: list[dict]) -> str | None:
+    """Why the first of ``summaries`` (``best_summaries``) ranks first, when its mean is not
+    the best; None otherwise."""
+    lead = summaries[0] if summaries else {}
+    if lead.get("picked_by", BY_MEAN) == BY_MEAN:
+        return None
+    return f"trial {lead['number']} ranks first: {lead['picked_by']}"
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:

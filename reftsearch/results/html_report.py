@@ -18,7 +18,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from reftsearch.results.best_table import trial_summary, trials_frame
+from reftsearch.results.best_table import best_summaries, lead_note, trials_frame
 from reftsearch.search.ranking import best_trials, is_maximized, is_pareto, pareto_front
 from reftsearch.search.record import TrialRecord, describe_config
 
@@ -297,8 +297,8 @@ def _top_table(study: optuna.Study) -> str:
     if not trials:
         return "<p class='note'>No completed trial yet.</p>"
     rows = []
-    for rank, trial in enumerate(trials, 1):
-        s = trial_summary(study, trial)
+    summaries = best_summaries(study, trials)
+    for rank, s in enumerate(summaries, 1):
         rows.append(
             {
                 "rank": rank,
@@ -310,9 +310,11 @@ def _top_table(study: optuna.Study) -> str:
                 **({"mean over seeds": s["mean"], "std": s["std"]} if "mean" in s else {}),
             }
         )
-    return pd.DataFrame(rows).to_html(
+    table = pd.DataFrame(rows).to_html(
         index=False, float_format=lambda x: f"{x:.4f}", classes="top", border=0
     )
+    note = lead_note(summaries)
+    return table if note is None else f"{table}\n<p class='note'>{html.escape(note)}.</p>"
 
 
 def _page(study: optuna.Study, frame: pd.DataFrame, sections: list[Section], table: str) -> str:

@@ -39,6 +39,26 @@ def best_trials(study: optuna.Study, top: int) -> list[optuna.trial.FrozenTrial]
     return (finalized + [t for t in by_score if t.number not in summaries])[:top]
 
 
+def why_it_leads(study: optuna.Study, lead: optuna.trial.FrozenTrial) -> str | None:
+    """Why ``lead`` (``best_trials``' first) ranks above a finalized config with a better
+    mean, when it does (``smallest_of_ties``); None otherwise."""
+    lead_summary = seed_summary(study, lead)
+    if lead_summary is None:
+        return None
+    sign = 1 if is_maximized(study) else -1
+    finalized = [
+        (t, s) for t in top_search_trials(study, len(study.trials)) if (s := seed_summary(study, t))
+    ]
+    best, best_summary = max(finalized, key=lambda pair: sign * pair[1]["mean"])
+    if sign * (best_summary["mean"] - lead_summary["mean"]) <= 0:
+        return None
+    return (
+        f"fewest trainable parameters ({TrialRecord.of(lead).n_params:,} vs "
+        f"{TrialRecord.of(best).n_params:,}) among the configs within noise of the best mean "
+        f"(trial {best.number}: {best_summary['mean']:.4f} vs {lead_summary['mean']:.4f})"
+    )
+
+
 def smallest_of_ties(
     study: optuna.Study,
     finalized: list[optuna.trial.FrozenTrial],
