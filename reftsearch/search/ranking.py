@@ -46,9 +46,8 @@ def why_it_leads(study: optuna.Study, lead: optuna.trial.FrozenTrial) -> str | N
     if lead_summary is None:
         return None
     sign = 1 if is_maximized(study) else -1
-    finalized = [
-        (t, s) for t in top_search_trials(study, len(study.trials)) if (s := seed_summary(study, t))
-    ]
+    searched = top_search_trials(study, len(study.trials))
+    finalized = [(t, s) for t in searched if (s := seed_summary(study, t)) is not None]
     best, best_summary = max(finalized, key=lambda pair: sign * pair[1]["mean"])
     if sign * (best_summary["mean"] - lead_summary["mean"]) <= 0:
         return None
@@ -66,7 +65,7 @@ def smallest_of_ties(
     maximize: bool,
 ) -> list[optuna.trial.FrozenTrial]:
     """``finalized`` (best mean first) with the config of fewest trainable parameters moved
-    to the front among those whose mean is within noise of the best one (``within_noise``):
+    to the front among those whose mean is within noise of the best one (``noise_margin``):
     a difference that small says nothing, and the smaller config is cheaper to train, store
     and serve (a study once picked 4x the paper recipe's parameters for such a gain)."""
     if not finalized:
