@@ -70,13 +70,14 @@ def smallest_of_ties(
     and serve (a study once picked 4x the paper recipe's parameters for such a gain)."""
     if not finalized:
         return finalized
-    lead = finalized[0]
+    lead, lead_summary = finalized[0], summaries[finalized[0].number]
+    lead_rows = row_hit_rates(study, lead)
     sign = 1 if maximize else -1
     ties = [
         t
         for t in finalized
-        if sign * (summaries[lead.number]["mean"] - summaries[t.number]["mean"])
-        <= noise_margin(study, lead, t, summaries[lead.number])
+        if sign * (lead_summary["mean"] - summaries[t.number]["mean"])
+        <= noise_margin(lead_summary, lead_rows, row_hit_rates(study, t))
     ]
     # min keeps the first of equal sizes: the better mean
     smallest = min(ties, key=lambda t: TrialRecord.of(t).n_params or math.inf)
@@ -84,21 +85,18 @@ def smallest_of_ties(
 
 
 def noise_margin(
-    study: optuna.Study,
-    lead: optuna.trial.FrozenTrial,
-    other: optuna.trial.FrozenTrial,
-    lead_summary: dict,
+    lead_summary: dict, lead_rows: list[float] | None, other_rows: list[float] | None
 ) -> float:
-    """How far ``other``'s mean may trail ``lead``'s and still be noise: the larger of the
-    lead's standard error over seeds and, where both recorded which dev examples they got
-    right, the standard error over dev examples of their paired difference.
+    """How far a config's mean may trail the lead's and still be noise: the larger of the
+    lead's standard error over seeds (``lead_summary``) and, where both recorded which dev
+    examples they got right (``row_hit_rates``), the standard error over dev examples of
+    their paired difference.
 
     The seeds' spread alone misses the dev split's own noise, the larger one on small dev
     splits: two configs at chance on 150 dev rows differ by a few rows whatever the seeds
     say, and a search that ranks on such a gap picks by luck.
     """
     seed_error = lead_summary["std"] / math.sqrt(len(lead_summary["seed_scores"]))
-    lead_rows, other_rows = row_hit_rates(study, lead), row_hit_rates(study, other)
     if lead_rows is None or other_rows is None or len(lead_rows) != len(other_rows):
         return seed_error
     gaps = [a - b for a, b in zip(lead_rows, other_rows, strict=True)]
