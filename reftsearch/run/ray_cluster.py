@@ -27,6 +27,7 @@ from reftsearch.spec.study_file import StudySpec
 # a worker killed this many times (OOM killer, preemption) ends the run instead of looping
 MAX_WORKER_RESTARTS = 3
 POLL_S = 1.0
+IDENTITY_WAIT_S = 2.0  # at a Ctrl-C, the most it waits for actors' answers still in flight
 
 
 def run_on_ray(
@@ -154,11 +155,12 @@ class ForwardedLog:
 
 
 def _known(identities: list) -> set[str]:
-    """The actors' ``host:pid`` among ``identities`` (object refs) that have answered; an
-    actor still loading has none, and no trial either."""
+    """The actors' ``host:pid`` among ``identities`` (object refs) that have answered, an
+    answer still on its way to the driver included (up to ``IDENTITY_WAIT_S``); an actor
+    still loading has none, and no trial either."""
     import ray
 
-    ready, _ = ray.wait(identities, num_returns=len(identities), timeout=0)
+    ready, _ = ray.wait(identities, num_returns=len(identities), timeout=IDENTITY_WAIT_S)
     return set(ray.get(ready))
 
 
