@@ -1,6 +1,7 @@
 """``reftsearch run`` in a child process, and waiting on its study's storage for a trial in
 a given state (to stop or kill the run there): the fault and distributed tests' helpers."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -31,7 +32,15 @@ def start_run(study, *args) -> subprocess.Popen:
 
 
 def stored(url: str, name: str = "t") -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=url)
+    return optuna.load_study(study_name=name, storage=_storage(url))
+
+
+@functools.cache
+def _storage(url: str) -> optuna.storages.RDBStorage:
+    """One storage, and so one connection pool, per database: a new one per poll (every
+    50 ms) held its connection until garbage collection, and PostgreSQL refused every client
+    past its 100 connections, the run's own included."""
+    return optuna.storages.RDBStorage(url)
 
 
 def wait_for_trial(
