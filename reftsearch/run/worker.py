@@ -142,6 +142,8 @@ class Worker:
         return estimate.line()
 
     def _trial(self, trial: optuna.Trial, n_trials: int) -> float:
+        # stamped first: a Ctrl-C of a Ray run ends its actors' trials by it (interrupt_trials_of)
+        store(trial, worker=worker_id())
         if asked_past_budget(self.study, trial, n_trials):
             reason = f"not run: {n_trials} trials asked before it meet the budget"
             store(trial, past_budget=reason)  # it counts nowhere (is_search_trial)
