@@ -13,7 +13,7 @@ from reftsearch.cli import main
 from reftsearch.errors import SpecError
 from reftsearch.models.base import emulated_on
 from reftsearch.results.best_table import BY_MEAN, best_summaries, format_table
-from reftsearch.search.ranking import best_trials, seed_summary
+from reftsearch.search.ranking import best_trials, seed_summary, why_it_leads
 from reftsearch.search.record import TrialRecord, pack_hits, unpack_hits
 from reftsearch.search.study import open_study
 from reftsearch.search.warm_start import Recipe, map_onto_space, paper_recipes, study_recipes
@@ -229,6 +229,27 @@ def test_best_counts_the_dev_splits_noise_in_a_tie():
     assert best_summaries(clear, best_trials(clear, 2))[0]["picked_by"] == BY_MEAN
     # without hits on record (an f1 metric) only the seeds' spread counts: no tie
     assert [t.number for t in best_trials(finalized_study(configs), 2)] == [0, 3]
+
+
+def test_ranking_reads_the_trials_a_fixed_number_of_times(monkeypatch):
+    """``best`` read every trial once per completed trial (to find its reruns): seconds at
+    1,000 trials. It now reads them a fixed number of times, however many there are."""
+    reads = []
+    for n_configs in (2, 40):
+        study = finalized_study([(4_614 + i, [0.8, 0.8, 0.8]) for i in range(n_configs)])
+        for score in range(n_configs):  # trials without reruns, as most of a search's are
+            add_trial(study, score / 100, TrialRecord(config=CONFIG, n_params=10))
+        get_trials = study.get_trials
+        counted = []
+
+        def counting(*args, get_trials=get_trials, counted=counted, **kwargs):
+            counted.append(1)
+            return get_trials(*args, **kwargs)
+
+        monkeypatch.setattr(study, "get_trials", counting)
+        why_it_leads(study, best_trials(study, 5)[0])
+        reads.append(len(counted))
+    assert reads[0] == reads[1]
 
 
 def test_dev_hits_pack_and_unpack():

@@ -11,8 +11,9 @@ import optuna
 from reftsearch.search.record import TrialRecord, search_trials, unpack_hits
 
 
-def top_search_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
-    """The ``k`` best completed search trials by their own (single-seed) dev score.
+def top_search_trials(study: optuna.Study, k: int | None = None) -> list[optuna.trial.FrozenTrial]:
+    """The ``k`` (default: all) best completed search trials by their own (single-seed) dev
+    score.
 
     The dev score is the first objective, also in a study that trades it off against size.
     """
@@ -27,27 +28,29 @@ def best_trials(study: optuna.Study, top: int) -> list[optuna.trial.FrozenTrial]
     Of the finalized configs within noise of the best mean (over seeds and, where recorded,
     over dev examples), the smallest leads (``smallest_of_ties``).
     """
-    by_score = top_search_trials(study, len(study.trials))
-    summaries = {t.number: s for t in by_score if (s := seed_summary(study, t)) is not None}
+    by_score = top_search_trials(study)
+    reruns = reruns_by_trial(study)
+    summaries = {t.number: s for t in by_score if (s := seed_summary(study, t, reruns))}
     maximize = is_maximized(study)
     finalized = sorted(
         (t for t in by_score if t.number in summaries),
         key=lambda t: summaries[t.number]["mean"],
         reverse=maximize,
     )
-    finalized = smallest_of_ties(study, finalized, summaries, maximize)
+    finalized = smallest_of_ties(study, finalized, summaries, maximize, reruns)
     return (finalized + [t for t in by_score if t.number not in summaries])[:top]
 
 
 def why_it_leads(study: optuna.Study, lead: optuna.trial.FrozenTrial) -> str | None:
     """Why ``lead`` (``best_trials``' first) ranks above a finalized config with a better
     mean, when it does (``smallest_of_ties``); None otherwise."""
-    lead_summary = seed_summary(study, lead)
+    reruns = reruns_by_trial(study)
+    lead_summary = seed_summary(study, lead, reruns)
     if lead_summary is None:
         return None
     sign = 1 if is_maximized(study) else -1
-    searched = top_search_trials(study, len(study.trials))
-    finalized = [(t, s) for t in searched if (s := seed_summary(study, t)) is not None]
+    searched = top_search_trials(study)
+    finalized = [(t, s) for t in searched if (s := seed_summary(study, t, reruns)) is not None]
     best, best_summary = max(finalized, key=lambda pair: sign * pair[1]["mean"])
     if sign * (best_summary["mean"] - lead_summary["mean"]) <= 0:
         return None
@@ -63,6 +66,7 @@ def smallest_of_ties(
     finalized: list[optuna.trial.FrozenTrial],
     summaries: dict[int, dict],
     maximize: bool,
+    reruns: Reruns,
 ) -> list[optuna.trial.FrozenTrial]:
     """``finalized`` (best mean first) with the config of fewest trainable parameters moved
     to the front among those whose mean is within noise of the best one (``noise_margin``):
@@ -71,13 +75,13 @@ def smallest_of_ties(
     if not finalized:
         return finalized
     lead, lead_summary = finalized[0], summaries[finalized[0].number]
-    lead_rows = row_hit_rates(study, lead)
+    lead_rows = row_hit_rates(study, lead, reruns)
     sign = 1 if maximize else -1
     ties = [
         t
         for t in finalized
         if sign * (lead_summary["mean"] - summaries[t.number]["mean"])
-        <= noise_margin(lead_summary, lead_rows, row_hit_rates(study, t))
+        <= noise_margin(lead_summary, lead_rows, row_hit_rates(study, t, reruns))
     ]
     # min keeps the first of equal sizes: the better mean
     smallest = min(ties, key=lambda t: TrialRecord.of(t).n_params or math.inf)
@@ -103,11 +107,14 @@ def noise_margin(
     return max(seed_error, statistics.stdev(gaps) / math.sqrt(len(gaps)))
 
 
-def row_hit_rates(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> list[float] | None:
+def row_hit_rates(
+    study: optuna.Study, trial: optuna.trial.FrozenTrial, reruns: Reruns | None = None
+) -> list[float] | None:
     """Per dev example, the share of the trial's seeds (its own and its reruns) that got it
     right; None unless every seed recorded its hits (share-of-right metrics only) on at
     least two examples."""
-    packed = [TrialRecord.of(run).dev_hits for run in seed_runs(study, trial).values()]
+    runs = seed_runs(study, trial, reruns).values()
+    packed = [TrialRecord.of(run).dev_hits for run in runs]
     if any(text is None for text in packed):
         return None
     hits = [unpack_hits(text) for text in packed]
@@ -154,28 +161,43 @@ def pareto_front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return sorted(front, key=lambda t: (size[t.number], -sign * t.values[0], t.number))
 
 
-def seed_runs(
-    study: optuna.Study, trial: optuna.trial.FrozenTrial
-) -> dict[int, optuna.trial.FrozenTrial]:
-    """The completed runs of a search trial's config per seed: its own, then its finalize
-    reruns (a rerun with the search's own seed, in float32 after a 16-bit search, replaces
-    the search's run)."""
-    runs = {TrialRecord.of(trial).config["seed"]: trial}
+Reruns = dict[int, dict[int, optuna.trial.FrozenTrial]]
+
+
+def reruns_by_trial(study: optuna.Study) -> Reruns:
+    """The completed finalize reruns of each search trial, by seed, in one pass over the
+    study: ranking N trials asks for each one's reruns (N passes took seconds at 1,000)."""
+    reruns: Reruns = {}
     for other in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         rerun = TrialRecord.of(other)
-        if rerun.finalize_of == trial.number:
-            runs[rerun.seed] = other
+        if rerun.finalize_of is not None:
+            reruns.setdefault(rerun.finalize_of, {})[rerun.seed] = other
+    return reruns
+
+
+def seed_runs(
+    study: optuna.Study, trial: optuna.trial.FrozenTrial, reruns: Reruns | None = None
+) -> dict[int, optuna.trial.FrozenTrial]:
+    """The completed runs of a search trial's config per seed: its own, then its finalize
+    reruns (``reruns``, else read from ``study``; a rerun with the search's own seed, in
+    float32 after a 16-bit search, replaces the search's run)."""
+    runs = {TrialRecord.of(trial).config["seed"]: trial}
+    runs.update((reruns_by_trial(study) if reruns is None else reruns).get(trial.number, {}))
     return runs
 
 
-def seed_scores(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict[int, float]:
+def seed_scores(
+    study: optuna.Study, trial: optuna.trial.FrozenTrial, reruns: Reruns | None = None
+) -> dict[int, float]:
     """Dev score per seed for a search trial: its own run plus its finalize runs."""
-    return {seed: run.values[0] for seed, run in seed_runs(study, trial).items()}
+    return {seed: run.values[0] for seed, run in seed_runs(study, trial, reruns).items()}
 
 
-def seed_summary(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict | None:
+def seed_summary(
+    study: optuna.Study, trial: optuna.trial.FrozenTrial, reruns: Reruns | None = None
+) -> dict | None:
     """``{seed_scores, mean, std}`` when the trial was rerun with other seeds, else None."""
-    scores = seed_scores(study, trial)
+    scores = seed_scores(study, trial, reruns)
     if len(scores) < 2:
         return None
     values = list(scores.values())
