@@ -31,9 +31,12 @@ from subprocess_runs import (
 )
 
 from reftsearch.cli import main
+from reftsearch.errors import TrialFailed
 from reftsearch.run.worker import Worker
 from reftsearch.search.record import TrialRecord, search_trials
-from reftsearch.search.study import INTERRUPTED, count_finished, open_study
+from reftsearch.search.seed_reruns import enqueue_finalize
+from reftsearch.search.study import INTERRUPTED, count_finished, open_study, refuse_duplicate
+from reftsearch.search.warm_start import enqueue_warm_starts, paper_recipes
 from reftsearch.spec.study_file import load_spec
 from reftsearch.testing import postgres_admin
 
@@ -226,6 +229,106 @@ def test_waiting_for_a_killed_processs_trial_says_so_then_retries_it(
     trials = stored(spec.storage).trials
     assert [t.state for t in trials] == [State.FAIL, State.COMPLETE]
     assert trials[1].system_attrs["failed_trial"] == 0
+
+
+def enqueue_again(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> None:
+    """Enqueue ``trials``' runs once more, as a second process that read the study before the
+    first one had enqueued them does."""
+    for trial in trials:
+        study.enqueue_trial(trial.system_attrs["fixed_params"], user_attrs=trial.user_attrs)
+
+
+def test_runs_enqueued_twice_train_and_count_once(write_study, easy_task_files, capsys):
+    """Two runs that start a new study at once both enqueued its warm starts, and two that
+    end its search at once both enqueued its reruns: each copy trained as a run of its own
+    (the warm starts counted twice against the budget). The first copy runs; the others end
+    unrun, counted nowhere, printed nowhere."""
+    study = write_study(warm_started_study(easy_task_files))
+    spec = load_spec(study)
+    worker = Worker(spec, spec.storage)
+    enqueue_warm_starts(worker.study, paper_recipes("classification", 4), spec.space, 4)
+    enqueue_again(worker.study, worker.study.get_trials(states=(State.WAITING,)))
+    worker.run(3)
+    enqueue_finalize(worker.study, spec.finalize)
+    enqueue_again(worker.study, worker.study.get_trials(states=(State.WAITING,)))
+    capsys.readouterr()
+    assert main(["run", str(study)]) == 0  # the finalize step pops the reruns
+    out = capsys.readouterr().out
+
+    trials = stored(spec.storage).get_trials()
+    assert runs_trained(trials) == {
+        ("paper-glue-lr0.001", None, None): 1,
+        ("paper-glue-lr0.01", None, None): 1,
+        (None, None, None): 1,  # the sampled third trial
+        (None, ran_first(trials), 11): 1,
+    }
+    copies = [t for t in trials if TrialRecord.of(t).duplicate_of is not None]
+    assert [TrialRecord.of(t).duplicate_of for t in copies] == [0, 1, 5]
+    assert all(t.state == State.FAIL and "config" not in t.user_attrs for t in copies)
+    assert count_finished(stored(spec.storage)) == 3
+    assert not [t for t in trials if t.state in (State.RUNNING, State.WAITING)]
+    assert "finalize: 1 runs" in out and f"[1/1] trial {copies[-1].number - 1} " in out
+    assert f"trial {copies[-1].number} " not in out
+    assert main(["best", str(study), "--csv", str(study.with_suffix(".csv"))]) == 0
+    notes = study.with_suffix(".csv").read_text()
+    assert "not run: trial 0 runs the same enqueued config" in notes
+
+
+def warm_started_study(data) -> dict:
+    """3 trials, two of them the paper's warm starts, then the best one rerun with seed 11."""
+    raw = tiny_study(data, finalize={"top_k": 1, "seeds": [11]})
+    raw["space"].update(prefix={"low": 0, "high": 1}, suffix={"low": 0, "high": 1})
+    raw.update(warm_start={"recipes": "paper"}, budget={"n_trials": 3, "max_epochs": 1})
+    raw["space"]["lr"] = {"low": 3e-3, "high": 1e-2, "log": True}  # two distinct warm starts
+    return raw
+
+
+def runs_trained(trials: list[optuna.trial.FrozenTrial]) -> Counter:
+    """How often each run trained, by warm start, then trial and seed it reruns."""
+    records = [TrialRecord.of(t) for t in trials if t.state == State.COMPLETE]
+    return Counter((r.warm_start, r.finalize_of, r.seed) for r in records)
+
+
+@pytest.mark.slow
+def test_two_runs_started_at_once_train_each_enqueued_run_once(write_study, easy_task_files):
+    """The same, as it happens: two `reftsearch run`s of one new study started at once."""
+    study = write_study(warm_started_study(easy_task_files))
+    runs = [start_run(study), start_run(study)]
+    outs = [run.communicate(timeout=600)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outs
+    trials = stored(load_spec(study).storage).get_trials()
+    assert runs_trained(trials) == {
+        ("paper-glue-lr0.001", None, None): 1,
+        ("paper-glue-lr0.01", None, None): 1,
+        (None, None, None): 1,
+        (None, ran_first(trials), 11): 1,
+    }
+    assert count_finished(stored(load_spec(study).storage)) == 3
+    assert not [t for t in trials if t.state in (State.RUNNING, State.WAITING)]
+
+
+def test_a_copy_runs_when_the_earlier_copy_failed():
+    """An interrupted warm start was enqueued again (``give_back``): that copy must run; a
+    copy of a run that is still waiting, running or done must not."""
+    study = optuna.create_study()
+    for record in ({"warm_start": "a"}, {"warm_start": "a"}, {"finalize_of": 0, "seed": 1}):
+        study.enqueue_trial({}, user_attrs=TrialRecord(**record).to_user_attrs())
+    first = study.ask()
+    refuse_duplicate(first)  # the first copy runs
+    second = study.ask()
+    with pytest.raises(TrialFailed, match="not run: trial 0 runs the same enqueued config"):
+        refuse_duplicate(second)  # while the first runs
+    study.tell(second, state=State.FAIL)
+    study.tell(first, state=State.FAIL)
+    study.enqueue_trial({}, user_attrs=TrialRecord(warm_start="a").to_user_attrs())
+    refuse_duplicate(study.ask())  # trial 2: the rerun of trial 0, another run
+    refuse_duplicate(study.ask())  # trial 3: the interrupted warm start's copy runs
+
+
+def ran_first(trials: list[optuna.trial.FrozenTrial]) -> int:
+    """The search trial finalize reruns: the best complete one."""
+    searched = [t for t in trials if TrialRecord.of(t).is_search_trial and t.values]
+    return max(searched, key=lambda t: t.values[0]).number
 
 
 RACE = """

@@ -94,7 +94,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
                 "wall_time_s": record.wall_time_s,
                 "worker": record.worker,
                 "finalize_of": record.finalize_of,
-                "note": record.invalid_reason or record.fail_reason or record.past_budget,
+                "note": record.invalid_reason or record.fail_reason or record.unrun,
                 "started": t.datetime_start,
                 "finished": t.datetime_complete,
             }

@@ -40,6 +40,7 @@ from reftsearch.search.study import (
     give_back,
     keep_label_names,
     open_study,
+    refuse_duplicate,
     spec_device,
     with_model_on,
 )
@@ -194,6 +195,7 @@ def run_finalize(
 
 
 def _seed_rerun(objective: Objective, trial: optuna.Trial) -> float:
+    refuse_duplicate(trial)
     if TrialRecord.of(trial).finalize_of is None:
         reason = "not run: finalize trains seed reruns only, and the search's budget was met"
         give_back(trial, past_budget=reason)

@@ -57,7 +57,7 @@ class ProgressPrinter:
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         record = TrialRecord.of(trial)
-        if record.past_budget is not None:  # asked in a race between workers, never run
+        if record.unrun is not None:  # asked in a race between workers, never run
             return
         self.printed += 1
         done = self.printed if self.finalize else finished_by(study, trial)

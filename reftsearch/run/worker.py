@@ -40,6 +40,7 @@ from reftsearch.search.study import (
     give_back_grid_point,
     open_study,
     prepare,
+    refuse_duplicate,
 )
 from reftsearch.spec.study_file import StudySpec, parse_spec
 
@@ -144,6 +145,7 @@ class Worker:
     def _trial(self, trial: optuna.Trial, n_trials: int) -> float:
         # stamped first: a Ctrl-C of a Ray run ends its actors' trials by it (interrupt_trials_of)
         store(trial, worker=worker_id())
+        refuse_duplicate(trial)
         if asked_past_budget(self.study, trial, n_trials):
             reason = f"not run: {n_trials} trials asked before it meet the budget"
             store(trial, past_budget=reason)  # it counts nowhere (is_search_trial)

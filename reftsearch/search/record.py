@@ -62,6 +62,10 @@ class TrialRecord:
     fail_reason: str | None = None  # FAIL: diverged, out of memory
     copied_from: int | None = None  # the same config finished already: its result copied
     past_budget: str | None = None  # asked once the budget was met, never run, counts nowhere
+    # popped as a second copy of this earlier trial's enqueued run (the same warm start, or the
+    # same rerun): two processes that start a study, or end its search, at once both enqueue
+    # them; never run, counts nowhere
+    duplicate_of: int | None = None
 
     # where its config came from, when not from the sampler
     warm_start: str | None = None  # the recipe's name
@@ -92,9 +96,16 @@ class TrialRecord:
         return attrs
 
     @property
+    def unrun(self) -> str | None:
+        """Why the trial ended without running, if it did (then it counts nowhere)."""
+        if self.duplicate_of is not None:
+            return f"not run: trial {self.duplicate_of} runs the same enqueued config"
+        return self.past_budget
+
+    @property
     def is_search_trial(self) -> bool:
-        """Not a seed rerun, nor a trial asked past the budget (which never ran)."""
-        return self.finalize_of is None and self.past_budget is None
+        """Not a seed rerun, nor a trial ended unrun (past the budget, or a duplicate)."""
+        return self.finalize_of is None and self.unrun is None
 
 
 _FIELDS = frozenset(field.name for field in dataclasses.fields(TrialRecord))

@@ -45,7 +45,9 @@ def enqueue_finalize(
                 study.enqueue_trial(trial.params, user_attrs=rerun.to_user_attrs())
                 log(f"finalize: trial {trial.number} enqueued again with seed {seed}")
     waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
-    return sum(1 for t in waiting if TrialRecord.of(t).finalize_of is not None)
+    # a run another process enqueued too is one run (its copy ends unrun: refuse_duplicate)
+    runs = {(TrialRecord.of(t).finalize_of, TrialRecord.of(t).seed) for t in waiting}
+    return len(runs - {(None, None)})
 
 
 def own_seed_rerun(record: TrialRecord) -> tuple[int, ...]:

@@ -24,7 +24,7 @@ from reftsearch.data.splits import TaskData, load_task_data
 from reftsearch.engine.activation_cache import PrefixCache
 from reftsearch.engine.frozen_store import FrozenStore
 from reftsearch.engine.threads import use_threads, worker_threads
-from reftsearch.errors import BadInputError, SpecError
+from reftsearch.errors import BadInputError, SpecError, TrialFailed
 from reftsearch.methods.adapter import AdapterConfig
 from reftsearch.methods.full.memory import check_fits
 from reftsearch.methods.lora.module import check_targets
@@ -372,6 +372,41 @@ def asked_past_budget(study: optuna.Study, trial: optuna.Trial, n_trials: int) -
     trials = search_trials(study)
     skipped = _not_counted(trials)
     return sum(t.number < trial.number and t.number not in skipped for t in trials) >= n_trials
+
+
+def refuse_duplicate(trial: optuna.Trial) -> None:
+    """End ``trial`` unrun (FAIL, counted nowhere: ``duplicate_of``) when it is a second copy
+    of an enqueued run an earlier trial runs or ran: the same warm start, or the same
+    config's rerun with the same seed. Two processes that start a study at once both enqueue
+    its warm starts, and two that end its search at once both enqueue its reruns; the
+    earliest copy runs. A failed copy does not count (its run was enqueued again)."""
+    record = TrialRecord.of(trial)
+    key = _enqueued_run(record)
+    if key is None:
+        return
+    alive = [state for state in optuna.trial.TrialState if state != optuna.trial.TrialState.FAIL]
+    first = min(
+        (
+            t.number
+            for t in trial.study.get_trials(deepcopy=False, states=alive)
+            if t.number < trial.number and _enqueued_run(TrialRecord.of(t)) == key
+        ),
+        default=None,
+    )
+    if first is None:
+        return
+    store(trial, duplicate_of=first)
+    give_back_grid_point(trial)
+    raise TrialFailed(f"trial {trial.number} {TrialRecord.of(trial).unrun}")
+
+
+def _enqueued_run(record: TrialRecord) -> tuple | None:
+    """What names an enqueued run: its warm start, or the trial and seed it reruns."""
+    if record.finalize_of is not None:
+        return ("rerun", record.finalize_of, record.seed)
+    if record.warm_start is not None:
+        return ("warm start", record.warm_start)
+    return None
 
 
 def give_back(trial: optuna.Trial, **record: Any) -> None:
