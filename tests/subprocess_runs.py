@@ -39,8 +39,9 @@ def stored(url: str, name: str = "t") -> optuna.Study:
 def _storage(url: str) -> optuna.storages.RDBStorage:
     """One storage, and so one connection pool, per database: a new one per poll (every
     50 ms) held its connection until garbage collection, and PostgreSQL refused every client
-    past its 100 connections, the run's own included."""
-    return optuna.storages.RDBStorage(url)
+    past its 100 connections, the run's own included. A pooled connection is checked before
+    use: a test that cuts the server's connections must not find its own cut."""
+    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
 
 
 def wait_for_trial(
