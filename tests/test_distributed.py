@@ -36,16 +36,16 @@ def with_password(url: str, database: str | None = None) -> str:
     return parsed.set(database=database or parsed.database).render_as_string(hide_password=False)
 
 
-def slow_study(write_study, files, url, n_trials, **changes):
+def slow_study(write_study, files, url, n_trials, epochs=4, **changes):
     """Trials of a few seconds (batch 4, 4 epochs), so that one can be killed mid-way."""
     raw = tiny_study(
         files,
         storage=url,
-        budget={"n_trials": n_trials, "max_epochs": 4},
+        budget={"n_trials": n_trials, "max_epochs": epochs},
         resources={"heartbeat_s": 1, "cpus_per_trial": 0.5},
         **changes,
     )
-    raw["space"].update(batch_size=4, epochs=4)
+    raw["space"].update(batch_size=4, epochs=epochs)
     return write_study(raw)
 
 
@@ -70,7 +70,8 @@ def test_ray_workers_share_a_study_and_a_killed_worker_is_retried(
     write_study, easy_task_files, postgres_url
 ):
     url = with_password(postgres_url)
-    study = slow_study(write_study, easy_task_files, url, n_trials=6)
+    # 40 epochs: the victim, stopped after its first, cannot finish as the driver stops
+    study = slow_study(write_study, easy_task_files, url, n_trials=6, epochs=40)
     began = time.time()
     driver = start_run(study, "--workers", "2")
     victim = wait_for_trial_mid_way(url, driver)
@@ -106,7 +107,8 @@ def test_an_interrupted_ray_run_ends_its_workers_trials_as_interrupted(
     """Ctrl-C stopped the actors with their trials RUNNING: they went FAIL only once their
     heartbeat was stale, counted as failures, and their configs were not enqueued again."""
     url = with_password(postgres_url)
-    study = slow_study(write_study, easy_task_files, url, n_trials=6)
+    # 40 epochs: the victim, stopped after its first, cannot finish as the driver stops
+    study = slow_study(write_study, easy_task_files, url, n_trials=6, epochs=40)
     began = time.time()
     driver = start_run(study, "--workers", "2")
     victim = wait_for_trial_mid_way(url, driver)
@@ -117,7 +119,8 @@ def test_an_interrupted_ray_run_ends_its_workers_trials_as_interrupted(
     trials = stored(url).get_trials()
     assert not [t for t in trials if t.state == State.RUNNING]  # none waits for a heartbeat
     ended = [t for t in trials if t.user_attrs.get("fail_reason") == INTERRUPTED]
-    assert victim.number in {t.number for t in ended}
+    outcomes = [(t.number, t.state.name, TrialRecord.of(t).fail_reason) for t in trials]
+    assert victim.number in {t.number for t in ended}, (outcomes, out)
     assert all(t.state == State.FAIL for t in ended)
     assert f"interrupted trials {', '.join(str(t.number) for t in ended)}" in out
     waiting = [t.system_attrs["fixed_params"] for t in trials if t.state == State.WAITING]

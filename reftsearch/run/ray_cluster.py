@@ -11,10 +11,13 @@ import logging
 import math
 import os
 import signal
+import socket
 import threading
+import time
 import uuid
 
 import optuna
+import psutil
 
 from reftsearch.engine.threads import cluster_worker_threads, worker_env, worker_threads
 from reftsearch.errors import BadInputError, ReftSearchError
@@ -27,7 +30,7 @@ from reftsearch.spec.study_file import StudySpec
 # a worker killed this many times (OOM killer, preemption) ends the run instead of looping
 MAX_WORKER_RESTARTS = 3
 POLL_S = 1.0
-IDENTITY_WAIT_S = 2.0  # at a Ctrl-C, the most it waits for actors' answers still in flight
+GONE_WAIT_S = 10.0  # at a Ctrl-C, the most it waits for this host's actor processes to end
 
 
 def run_on_ray(
@@ -66,6 +69,8 @@ def run_on_ray(
     if sigterm is not None and threading.current_thread() is threading.main_thread():
         # ray.init's crash handler takes SIGTERM and aborts the process, cluster left running
         signal.signal(signal.SIGTERM, sigterm)
+    identities: list = []  # the actors' answers to identity(), asked before their trials
+    known: set[str] = set()  # those answers, as they arrive
     try:
         _check_cluster_fits(ray.cluster_resources(), workers, spec, local=address is None, log=log)
         log(
@@ -95,6 +100,7 @@ def run_on_ray(
         progress = StoragePrinter(study, ProgressPrinter(n_trials, log))
         while runs:
             done, runs = ray.wait(runs, timeout=POLL_S)
+            known |= _known(identities, timeout=0)
             ray.get(done)  # raises a worker's error here
             ready, estimating = ray.wait(estimating, timeout=0)
             for line in ray.get(ready):
@@ -106,11 +112,7 @@ def run_on_ray(
     except ray.exceptions.RayError as err:
         raise ReftSearchError(f"a worker failed: {_first_line(err)}") from None
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (reftsearch.cli)
-        owners = _known(identities)
-        ray.shutdown()  # the actors stop first: none may finish a trial ended below
-        ended = interrupt_trials_of(study, owners)
-        if ended:
-            log(f"interrupted trials {', '.join(map(str, ended))}: their configs run again")
+        _stop(known | _known(identities, timeout=0), study, log)
         raise
     finally:
         ray.shutdown()  # a no-op after a Ctrl-C's
@@ -154,14 +156,53 @@ class ForwardedLog:
         ray.get(self._handle.add.remote(f"{self.name}: {line}"))
 
 
-def _known(identities: list) -> set[str]:
-    """The actors' ``host:pid`` among ``identities`` (object refs) that have answered, an
-    answer still on its way to the driver included (up to ``IDENTITY_WAIT_S``); an actor
-    still loading has none, and no trial either."""
+def _stop(owners: set[str], study: optuna.Study, log: Log) -> None:
+    """At a Ctrl-C: shut the cluster down at once (waiting on the actors first let one
+    finish the trial it ran), then end the trials that its actors ``owners`` (``host:pid``)
+    left RUNNING as interrupted (``interrupt_trials_of``), once this host's actor processes
+    are gone: none may still finish one of them."""
     import ray
 
-    ready, _ = ray.wait(identities, num_returns=len(identities), timeout=IDENTITY_WAIT_S)
-    return set(ray.get(ready))
+    ray.shutdown()
+    _wait_until_gone(owners)
+    ended = interrupt_trials_of(study, owners)
+    if ended:
+        log(f"interrupted trials {', '.join(map(str, ended))}: their configs run again")
+
+
+def _known(identities: list, timeout: float) -> set[str]:
+    """The actors' ``host:pid`` among ``identities`` (object refs) that have answered. An
+    actor answers before its first trial: the run collects the answers as they arrive, so
+    that a Ctrl-C needs no wait for them."""
+    import ray
+
+    ready, _ = ray.wait(identities, num_returns=len(identities), timeout=timeout)
+    known = set()
+    for ref in ready:
+        try:
+            known.add(ray.get(ref))
+        except ray.exceptions.RayError:  # the actor died before it answered: it ran no trial
+            continue
+    return known
+
+
+def _wait_until_gone(workers: set[str]) -> None:
+    """Wait (up to ``GONE_WAIT_S``) until the processes of ``workers`` (``host:pid``) on this
+    host have ended; those elsewhere end with the cluster's connection to them."""
+    host = socket.gethostname()
+    pids = {int(pid) for name, _, pid in (w.rpartition(":") for w in workers) if name == host}
+    deadline = time.monotonic() + GONE_WAIT_S
+    while pids and time.monotonic() < deadline:
+        pids = {pid for pid in pids if _running(pid)}
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _drain(buffer, log: Log) -> None:

@@ -167,8 +167,11 @@ def interrupt_trials_of(study: optuna.Study, workers: set[str]) -> list[int]:
     ended = []
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if TrialRecord.of(frozen).worker in workers:
-            give_back(optuna.Trial(study, frozen._trial_id), fail_reason=INTERRUPTED)
-            study.tell(frozen.number, state=TrialState.FAIL)
+            try:
+                give_back(optuna.Trial(study, frozen._trial_id), fail_reason=INTERRUPTED)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # a worker on another host finished it as it stopped
+            study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
             ended.append(frozen.number)
     return ended
 
