@@ -3,8 +3,9 @@ import os
 # Tests must never reach the hub; set before transformers/huggingface_hub read it at import.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import ctypes  # noqa: E402
-import gc  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -385,11 +386,34 @@ def test_save_and_reload_gives_identical_logits(path, tmp_path):
     assert torch.equal(logits(again, texts), logits(base, texts))
 
 
+# the load and drop measured in a process of its own: in the suite's process the heap that
+# earlier tests freed and their threads' allocations moved the RSS by tens of MB either way
+LOAD_AND_DROP = """
+import ctypes, gc, json, sys
+import psutil
+from reftsearch.models.base import load_base_model
+path, process = sys.argv[1], psutil.Process()
+# a first load and drop keeps what any load keeps for good (imports, caches: 26 MB once in a
+# clean CI run), so that the second shows what the weights themselves leave behind
+load_base_model(path, "causal_lm", dtype="float32", device="cpu").drop_weights()
+gc.collect()
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+before = process.memory_info().rss
+base = load_base_model(path, "causal_lm", dtype="float32", device="cpu")
+weights = sum(p.numel() * p.element_size() for p in base.model.parameters())
+base.drop_weights()
+print(json.dumps({
+    "before": before, "after": process.memory_info().rss, "weights": weights,
+    "devices": sorted({p.device.type for p in base.model.parameters()}),
+    "shape": [base.num_layers, base.hidden_size, base.is_decoder],
+}))
+"""
+
+
 def test_dropped_weights_leave_the_structure_and_give_their_memory_back(tmp_path):
     """What a Ray driver does while its workers search: a bfloat16 checkpoint loaded in
     float32 (the CPU default) is a full-size copy on the heap, which glibc kept after it was
     freed until ``malloc_trim``."""
-    import psutil
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tiny = load_base_model("tiny:llama", "causal_lm")
@@ -399,23 +423,18 @@ def test_dropped_weights_leave_the_structure_and_give_their_memory_back(tmp_path
     )  # fmt: skip
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
     tiny.tokenizer.save_pretrained(tmp_path)
-    process = psutil.Process()
-    # a first load and drop keeps what any load keeps for good (imports, caches: 26 MB once
-    # in a clean CI run), so that the second shows what the weights themselves leave behind
-    load_base_model(str(tmp_path), "causal_lm", dtype="float32", device="cpu").drop_weights()
-    # Earlier tests' freed heap would otherwise be reused by the load and hide its size.
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    before = process.memory_info().rss
-    base = load_base_model(str(tmp_path), "causal_lm", dtype="float32", device="cpu")
-    weights = sum(p.numel() * p.element_size() for p in base.model.parameters())
-    assert weights > 80 * 2**20
-    base.drop_weights()
+    run = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_DROP, str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    measured = json.loads(run.stdout.splitlines()[-1])
+    assert measured["weights"] > 80 * 2**20
     # what the load added to the RSS varies with where the allocator put it (43 to 85 MB of
     # these 85 MB in runs here): the end state is what a driver relies on
-    assert process.memory_info().rss < before + 0.25 * weights
-    assert {p.device.type for p in base.model.parameters()} == {"meta"}
-    assert (base.num_layers, base.hidden_size, base.is_decoder) == (8, 512, True)
+    assert measured["after"] < measured["before"] + 0.25 * measured["weights"], measured
+    assert measured["devices"] == ["meta"]
+    assert measured["shape"] == [8, 512, True]
 
 
 # ----------------------------------------------------------------------------- errors
