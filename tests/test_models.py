@@ -244,6 +244,14 @@ def test_the_environment_says_what_the_cpu_has(monkeypatch, native):
     assert default_dtype(torch.device("cpu"), {"avx2"}) == "float32"
 
 
+def test_the_emulation_warning_says_when_the_environment_decided_it(monkeypatch):
+    """A CI log on a CPU with AMX said it "lacks the AVX512-BF16/AMX instructions": the tests'
+    pin had said so, not the CPU."""
+    monkeypatch.setenv(NATIVE_BFLOAT16_CPU_ENV, "0")
+    with pytest.warns(UserWarning, match=f"{NATIVE_BFLOAT16_CPU_ENV}=0 says it lacks the "):
+        load_base_model("tiny:llama", "causal_lm", dtype="bfloat16-mixed")
+
+
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads Linux CPU flags")
 def test_auto_dtype_reads_this_cpus_flags(monkeypatch):
     monkeypatch.delenv(NATIVE_BFLOAT16_CPU_ENV)  # conftest pins it

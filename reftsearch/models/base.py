@@ -210,8 +210,12 @@ def load_base_model(
     dtype = default_dtype(target) if dtype == AUTO_DTYPE else dtype
     precision = DTYPES[dtype]
     if emulated_on(precision.matmul, target):
+        # a pin (tests set one) is not the CPU: say which of the two said so
+        pin = os.environ.get(NATIVE_BFLOAT16_CPU_ENV)
+        pinned = precision.matmul == torch.bfloat16 and pin == "0"
+        why = f"{NATIVE_BFLOAT16_CPU_ENV}=0 says it lacks" if pinned else "it lacks"
         warnings.warn(
-            f"{path}: dtype {dtype} is emulated on this CPU (it lacks the AVX512-BF16/AMX "
+            f"{path}: dtype {dtype} is emulated on this CPU ({why} the AVX512-BF16/AMX "
             f"instructions for it): its matmuls run several times slower than in float32 (7x "
             f"on an AVX2 EPYC); use float32 here",
             stacklevel=2,
