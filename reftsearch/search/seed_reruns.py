@@ -45,9 +45,9 @@ def enqueue_finalize(
                 study.enqueue_trial(trial.params, user_attrs=rerun.to_user_attrs())
                 log(f"finalize: trial {trial.number} enqueued again with seed {seed}")
     waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    records = [TrialRecord.of(t) for t in waiting]
     # a run another process enqueued too is one run (its copy ends unrun: refuse_duplicate)
-    runs = {(TrialRecord.of(t).finalize_of, TrialRecord.of(t).seed) for t in waiting}
-    return len(runs - {(None, None)})
+    return len({(r.finalize_of, r.seed) for r in records if r.finalize_of is not None})
 
 
 def own_seed_rerun(record: TrialRecord) -> tuple[int, ...]:
