@@ -8,6 +8,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import replace
 
+import psutil
 import pytest
 import torch
 from conftest import DEVICES, tiny_study
@@ -566,8 +567,15 @@ def test_the_store_keeps_within_its_budget_and_removes_only_its_own_files(tmp_pa
         path.write_text("not the store's")
     exited = subprocess.Popen(["true"])  # noqa: S607
     exited.wait()  # its pid is free now: a writer that was killed
-    stale = tmp_path / f"{'1' * 64}.{socket.gethostname()}.{exited.pid}.tmp"
-    stale.write_bytes(b"left by a killed writer")
+    zombie = subprocess.Popen(["true"])  # noqa: S607
+    while psutil.Process(zombie.pid).status() != psutil.STATUS_ZOMBIE:
+        time.sleep(0.01)  # ended, not yet reaped: a writer whose parent has not noticed
+    stale = [
+        tmp_path / f"{'1' * 64}.{socket.gethostname()}.{writer.pid}.tmp"
+        for writer in (exited, zombie)
+    ]
+    for path in stale:
+        path.write_bytes(b"left by a killed writer")
     cache = PrefixCache(64, store=store)
     for layer in (0, 1, 0, 2):  # layer 0 used again: 1 is the least recently used
         cache.states(base, layer, "train", data.train)
@@ -578,7 +586,9 @@ def test_the_store_keeps_within_its_budget_and_removes_only_its_own_files(tmp_pa
     assert len(kept) == 2 and sum(p.stat().st_size for p in kept) <= store.budget_bytes
     layer_key = PrefixCache(64, store=store)._store_key
     assert kept == sorted(store.path(layer_key(base, data.train, layer)) for layer in (0, 2))
-    assert all(path.exists() for path in theirs) and not stale.exists()
+    assert all(path.exists() for path in theirs)
+    assert not any(path.exists() for path in stale)
+    zombie.wait()
 
 
 def test_a_process_waits_for_anothers_pass_and_reads_it(tmp_path, monkeypatch):

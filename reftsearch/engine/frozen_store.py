@@ -36,6 +36,7 @@ import torch
 import transformers
 
 from reftsearch.data.batches import Encoded
+from reftsearch.processes import running
 
 FORMAT = 1  # part of every key: a change in what a file holds must not read old files
 MAGIC = b"RSFROZE1"
@@ -179,7 +180,7 @@ class FrozenStore:
             except FileNotFoundError:  # another process removed it meanwhile
                 continue
             temporary = TEMPORARY.fullmatch(path.name)
-            if temporary and temporary["host"] == host and not _alive(int(temporary["pid"])):
+            if temporary and temporary["host"] == host and not running(int(temporary["pid"])):
                 path.unlink(missing_ok=True)
             elif temporary:
                 used += stat.st_size
@@ -282,13 +283,3 @@ def _mismatch(meta: dict, key: str, shape: Sequence[int], dtype: torch.dtype) ->
     want = {"key": key, "shape": list(shape), "dtype": str(dtype)}
     got = {name: meta.get(name) for name in want}
     return None if got == want else f"it holds {got}, not {want}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True

@@ -17,10 +17,10 @@ import time
 import uuid
 
 import optuna
-import psutil
 
 from reftsearch.engine.threads import cluster_worker_threads, worker_env, worker_threads
 from reftsearch.errors import BadInputError, ReftSearchError
+from reftsearch.processes import running
 from reftsearch.progress import Log
 from reftsearch.run.estimate import EstimateRequest
 from reftsearch.run.lines import ProgressPrinter, StoragePrinter
@@ -193,16 +193,8 @@ def _wait_until_gone(workers: set[str]) -> None:
     pids = {int(pid) for name, _, pid in (w.rpartition(":") for w in workers) if name == host}
     deadline = time.monotonic() + GONE_WAIT_S
     while pids and time.monotonic() < deadline:
-        pids = {pid for pid in pids if _running(pid)}
+        pids = {pid for pid in pids if running(pid)}
         time.sleep(0.05)
-
-
-def _running(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie, ended but not yet reaped, does not)."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def _drain(buffer, log: Log) -> None:
