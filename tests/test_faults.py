@@ -32,10 +32,16 @@ from subprocess_runs import (
 
 from reftsearch.cli import main
 from reftsearch.errors import TrialFailed
-from reftsearch.run.worker import Worker
+from reftsearch.run.worker import Worker, interrupt_trials_of
 from reftsearch.search.record import TrialRecord, search_trials
 from reftsearch.search.seed_reruns import enqueue_finalize
-from reftsearch.search.study import INTERRUPTED, count_finished, open_study, refuse_duplicate
+from reftsearch.search.study import (
+    INTERRUPTED,
+    count_finished,
+    open_study,
+    refuse_duplicate,
+    store,
+)
 from reftsearch.search.warm_start import enqueue_warm_starts, paper_recipes
 from reftsearch.spec.study_file import load_spec
 from reftsearch.testing import postgres_admin
@@ -323,6 +329,24 @@ def test_a_copy_runs_when_the_earlier_copy_failed():
     study.enqueue_trial({}, user_attrs=TrialRecord(warm_start="a").to_user_attrs())
     refuse_duplicate(study.ask())  # trial 2: the rerun of trial 0, another run
     refuse_duplicate(study.ask())  # trial 3: the interrupted warm start's copy runs
+
+
+def test_stopped_workers_trials_end_interrupted_with_what_they_drew_enqueued_again():
+    """A Ray actor stopped at a Ctrl-C may have asked a trial and drawn none, some or all of
+    its config: each ends interrupted; what it drew (with what it was enqueued with) runs
+    again, and one that drew nothing leaves nothing to run."""
+    study = optuna.create_study()
+    study.enqueue_trial({"x": 0.5})
+    enqueued, nothing, partial, other = (study.ask() for _ in range(4))
+    partial.suggest_float("x", 0, 1)
+    for trial in (enqueued, nothing, partial, other):
+        store(trial, worker="here:1" if trial is not other else "elsewhere:2")
+    assert interrupt_trials_of(study, {"here:1"}) == [0, 1, 2]
+    trials = study.get_trials()
+    assert [t.state for t in trials[:4]] == [State.FAIL] * 3 + [State.RUNNING]
+    assert all(TrialRecord.of(t).fail_reason == INTERRUPTED for t in trials[:3])
+    waiting = [t.system_attrs["fixed_params"] for t in trials if t.state == State.WAITING]
+    assert waiting == [{"x": 0.5}, {"x": partial.params["x"]}]
 
 
 def ran_first(trials: list[optuna.trial.FrozenTrial]) -> int:
