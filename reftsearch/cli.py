@@ -362,13 +362,13 @@ def _data(args: argparse.Namespace) -> int:
 def _best(args: argparse.Namespace) -> int:
     from reftsearch.results.best_table import best_summaries, trials_frame
     from reftsearch.search.ranking import best_trials, is_pareto, pareto_front
-    from reftsearch.search.storage import load_named_study
+    from reftsearch.search.study import load_study_of
 
     if args.top < 1:
         raise BadInputError(f"--top: must be a positive integer, got {args.top}")
     csv = _output_file(args.csv, "--csv") if args.csv else None
     spec = _spec(args)
-    study = load_named_study(spec.name, args.storage or spec.storage)
+    study = load_study_of(spec, args.storage or spec.storage)
     if csv is not None:
         with _writing(csv, "--csv"):
             trials_frame(study).to_csv(csv, index=False)

@@ -1,8 +1,16 @@
-"""Whether a process of this host still runs: the one test behind every "its owner died"."""
+"""Processes as trials name them (``host:pid``), and whether one of this host still runs."""
 
 from __future__ import annotations
 
+import os
+import socket
+
 import psutil
+
+
+def worker_id() -> str:
+    """This process as trials record it (their ``worker``): ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def running(pid: int) -> bool:

@@ -31,19 +31,22 @@ from subprocess_runs import (
 )
 
 from reftsearch.cli import main
-from reftsearch.errors import TrialFailed
+from reftsearch.errors import BadInputError, TrialFailed
+from reftsearch.processes import worker_id
 from reftsearch.run.worker import Worker, interrupt_trials_of
 from reftsearch.search.record import TrialRecord, search_trials
 from reftsearch.search.seed_reruns import enqueue_finalize
+from reftsearch.search.storage import open_storage
 from reftsearch.search.study import (
     INTERRUPTED,
+    check_same_setup,
     count_finished,
     open_study,
     refuse_duplicate,
     store,
 )
 from reftsearch.search.warm_start import enqueue_warm_starts, paper_recipes
-from reftsearch.spec.study_file import load_spec
+from reftsearch.spec.study_file import load_spec, parse_spec
 from reftsearch.testing import postgres_admin
 
 
@@ -179,6 +182,44 @@ def test_resuming_with_a_changed_space_is_bad_input_and_changes_nothing(
     assert len(stored(load_spec(study).storage).trials) == 1
 
 
+@pytest.mark.parametrize(
+    ("override", "said"),
+    [
+        ("metric=f1", "metric: study 't' was searched with 'accuracy', the spec now says 'f1'"),
+        ("model=tiny:bert", "model: study 't' was searched with 'tiny:llama'"),
+    ],
+    ids=["metric", "model"],
+)
+def test_a_study_read_or_resumed_with_another_metric_or_model_is_bad_input(
+    write_study, easy_task_files, tmp_path, capsys, override, said
+):
+    """A resume with another metric relabelled the stored scores as the new metric's; one with
+    another model copied the old model's results onto its trials of the same configs, and
+    export retrained the pick on the other model."""
+    study = write_study(tiny_study(easy_task_files, budget={"n_trials": 1, "max_epochs": 1}))
+    assert main(["run", str(study)]) == 0
+    before = digest(tmp_path / "t.db")
+    capsys.readouterr()
+    for command in (["run", str(study), "--n-trials", "2"], ["best", str(study)]):
+        assert main([*command, "--set", override]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "start a new one (--set name=NEW)" in err
+    assert main(["export", str(study), str(tmp_path / "out"), "--set", override]) == 2
+    assert digest(tmp_path / "t.db") == before and not (tmp_path / "out").exists()
+
+
+def test_a_model_directory_that_moved_is_the_same_model(tmp_path, easy_task_files):
+    study = optuna.create_study()
+    study.set_user_attr("model", "/old/checkout/models/my-bert")
+
+    def spec_of(model: str):
+        return parse_spec(tiny_study(easy_task_files, model=model), base_dir=tmp_path)
+
+    check_same_setup(spec_of("./models/my-bert"), study)  # the project was cloned elsewhere
+    with pytest.raises(BadInputError, match="model: study 't' was searched with"):
+        check_same_setup(spec_of("./models/other"), study)
+
+
 def test_a_run_whose_every_trial_failed_exits_1_with_the_reasons(
     write_study, easy_task_files, capsys
 ):
@@ -235,6 +276,43 @@ def test_waiting_for_a_killed_processs_trial_says_so_then_retries_it(
     trials = stored(spec.storage).trials
     assert [t.state for t in trials] == [State.FAIL, State.COMPLETE]
     assert trials[1].system_attrs["failed_trial"] == 0
+
+
+def test_a_trial_whose_process_died_before_its_heartbeat_runs_again(
+    write_study, easy_task_files, capsys
+):
+    """A process killed between Optuna's ask and its trial's first heartbeat left the trial
+    RUNNING with no heartbeat: never stale, so the resumed run waited for it forever."""
+    raw = tiny_study(easy_task_files, budget={"n_trials": 2, "max_epochs": 1})
+    raw["resources"] = {"heartbeat_s": 1}
+    path = write_study(raw)
+    assert main(["run", str(path), "--n-trials", "1"]) == 0
+    spec = load_spec(path)
+    orphan = open_study(spec, spec.storage).ask()  # as the killed process left it
+    orphan.suggest_float("lr", 1e-3, 1e-2, log=True)
+    assert main(["run", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"trial {orphan.number}: {worker_id()} ended before it began training" in out
+    trials = stored(spec.storage).trials
+    assert trials[orphan.number].state == State.FAIL
+    assert TrialRecord.of(trials[orphan.number]).fail_reason == INTERRUPTED
+    rerun = trials[orphan.number + 1]  # its config, enqueued again, and the budget's last
+    assert rerun.state == State.COMPLETE and rerun.params["lr"] == orphan.params["lr"]
+    assert count_finished(stored(spec.storage)) == 2
+
+
+def test_a_trial_names_its_process_from_the_moment_it_runs(tmp_path):
+    """Before its heartbeat, before its objective: a Ctrl-C of a Ray run ends its actors'
+    trials by this name (``interrupt_trials_of``)."""
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 's.db'}"))
+    study.enqueue_trial({"x": 1.0})
+    enqueued, new = study.ask(), study.ask()
+    for trial in stored_trials(study, (enqueued, new)):
+        assert trial.state == State.RUNNING and TrialRecord.of(trial).worker == worker_id()
+
+
+def stored_trials(study: optuna.Study, trials) -> list[optuna.trial.FrozenTrial]:
+    return [study._storage.get_trial(trial._trial_id) for trial in trials]
 
 
 def enqueue_again(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> None:

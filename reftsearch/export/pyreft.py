@@ -50,8 +50,8 @@ from reftsearch.models.builtin import BUILTIN_MODELS, shipped_directory
 from reftsearch.progress import Log
 from reftsearch.search.ranking import best_trials
 from reftsearch.search.record import TrialRecord
-from reftsearch.search.storage import load_named_study, mask_url
-from reftsearch.search.study import PreparedStudy, prepare
+from reftsearch.search.storage import mask_url
+from reftsearch.search.study import PreparedStudy, load_study_of, prepare
 from reftsearch.search.test_split import test_score, trained_adapter
 from reftsearch.spec.study_file import StudySpec, TaskSpec
 
@@ -233,7 +233,7 @@ def open_pick(
     is scored or stored), the stored study and the trial to export (``pick_trial``)."""
     out = Path(out_dir).absolute()  # not resolve(): a symbolic link must stay one, to refuse
     check_out_dir(out)
-    study = load_named_study(spec.name, storage_url)
+    study = load_study_of(spec, storage_url)
     return out, study, pick_trial(study, trial_number)
 
 

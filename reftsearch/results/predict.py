@@ -25,8 +25,7 @@ from reftsearch.export.reader import PyreftExport
 from reftsearch.methods.adapter import Adapter
 from reftsearch.models.base import EXACT_DTYPE, BaseModel
 from reftsearch.progress import Log
-from reftsearch.search.storage import load_named_study
-from reftsearch.search.study import prepare
+from reftsearch.search.study import load_study_of, prepare
 from reftsearch.search.test_split import trained_adapter
 from reftsearch.spec.study_file import StudySpec, TaskSpec
 
@@ -46,7 +45,7 @@ class TrainedTrial:
 def trained_trial(spec: StudySpec, storage_url: str, number: int | None, log: Log) -> TrainedTrial:
     """The study's best trial (or trial ``number``), from its kept weights (else retrained),
     in float32 as export ships it: a 16-bit search's pick predicts from its float32 rerun."""
-    study = load_named_study(spec.name, storage_url)
+    study = load_study_of(spec, storage_url)
     trial = pick_trial(study, number)
     prepared = prepare(spec, dtype=EXACT_DTYPE)
     adapter, source = trained_adapter(prepared, study, trial, log)

@@ -26,11 +26,12 @@ import optuna
 from optuna.trial import TrialState
 
 from reftsearch.errors import BadInputError, TrialFailed
+from reftsearch.processes import worker_id
 from reftsearch.progress import Log
 from reftsearch.run.estimate import EstimateRequest, estimate_study
 from reftsearch.run.packed_search import make_objective, optimize, pack_size
-from reftsearch.search.objective import worker_id
 from reftsearch.search.record import TrialRecord, search_trials, store
+from reftsearch.search.storage import owned_trials_storage
 from reftsearch.search.study import (
     INTERRUPTED,
     PreparedStudy,
@@ -73,6 +74,7 @@ class Worker:
         self.study = open_study(spec, storage_url)
         self.pack_size = pack_size(self.prepared, log)  # trials trained side by side
         self.objective = make_objective(self.prepared, log, self.pack_size)
+        self.unstarted = UnstartedTrials(2 * spec.resources.heartbeat_s)
 
     def run(
         self,
@@ -91,6 +93,7 @@ class Worker:
         waited_for: set[int] = set()
         while deadline is None or time.monotonic() < deadline:
             optuna.storages.fail_stale_trials(self.study)  # a dead worker's trial -> FAIL, retry
+            self.unstarted.end_orphans(self.study, self.log)
             finished = count_finished(self.study)
             if finished >= n_trials or (stop is not None and stop(self.study)):
                 break
@@ -143,8 +146,6 @@ class Worker:
         return estimate.line()
 
     def _trial(self, trial: optuna.Trial, n_trials: int) -> float:
-        # stamped first: a Ctrl-C of a Ray run ends its actors' trials by it (interrupt_trials_of)
-        store(trial, worker=worker_id())
         refuse_duplicate(trial)
         if asked_past_budget(self.study, trial, n_trials):
             reason = f"not run: {n_trials} trials asked before it meet the budget"
@@ -174,6 +175,42 @@ def interrupt_trials_of(study: optuna.Study, workers: set[str]) -> list[int]:
             study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
             ended.append(frozen.number)
     return ended
+
+
+class UnstartedTrials:
+    """RUNNING trials whose process died before their heartbeat began: Optuna never finds
+    them stale, and a run waiting for them would wait forever. A live process starts a
+    trial's heartbeat milliseconds after asking for it; one seen without a heartbeat for
+    ``grace_s`` (the stale-heartbeat grace, ``resources.heartbeat_s`` x 2) is ended as an
+    interrupted trial: not counted, its config enqueued again. Timed by this process's clock
+    from when it first saw the trial, so hosts' clocks need not agree."""
+
+    def __init__(self, grace_s: float) -> None:
+        self.grace_s = grace_s
+        self._first_seen: dict[int, float] = {}  # trial id -> monotonic time
+
+    def end_orphans(self, study: optuna.Study, log: Log) -> None:
+        storage = owned_trials_storage(study)
+        if storage is None or storage.get_heartbeat_interval() is None:
+            return
+        now = time.monotonic()
+        unstarted = storage.running_without_heartbeat(study._study_id)
+        self._first_seen = {i: self._first_seen.get(i, now) for i in unstarted}
+        for trial_id, seen in list(self._first_seen.items()):
+            if now - seen < self.grace_s:
+                continue
+            frozen = storage.get_trial(trial_id)
+            try:
+                give_back(optuna.Trial(study, trial_id), fail_reason=INTERRUPTED)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # it ended meanwhile
+            study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
+            del self._first_seen[trial_id]
+            owner = TrialRecord.of(frozen).worker or "a process"
+            log(
+                f"trial {frozen.number}: {owner} ended before it began training (no heartbeat "
+                f"in {self.grace_s:.0f} s); its config runs again"
+            )
 
 
 def load(spec: StudySpec, device: str | None = None) -> PreparedStudy:

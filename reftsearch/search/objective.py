@@ -11,8 +11,6 @@ out-of-memory trial ends FAIL with its reason; the study goes on.
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -32,6 +30,7 @@ from reftsearch.methods.lora.module import resolve_targets
 from reftsearch.methods.reft.config import ReftConfig
 from reftsearch.methods.reft.constraints import Limits, capped_share, why_invalid
 from reftsearch.models.base import BaseModel
+from reftsearch.processes import worker_id
 from reftsearch.search.costs import PeakMemory, weights_bytes
 from reftsearch.search.fidelity import Rung, data_ladder, example_steps
 from reftsearch.search.kept_weights import keep
@@ -45,10 +44,6 @@ class Spent:
     """What a trial's training cost: epochs over the whole train split (``epochs_trained``)."""
 
     epochs: float = 0.0
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def resolve(

@@ -128,9 +128,16 @@ def unpack_hits(text: str) -> list[bool]:
 
 
 def store(trial: optuna.Trial, **fields: Any) -> None:
-    """Record ``fields`` (names of ``TrialRecord`` fields) on ``trial`` now."""
+    """Record ``fields`` (names of ``TrialRecord`` fields) on ``trial`` now (and in its view
+    of itself: ``TrialRecord.of(trial)`` reads them at once)."""
     for key, value in TrialRecord(**fields).to_user_attrs().items():
         trial.set_user_attr(key, value)
+
+
+def store_by_id(storage: optuna.storages.BaseStorage, trial_id: int, **fields: Any) -> None:
+    """``store`` for a storage's trial ``trial_id``: the storage itself stamps its trials."""
+    for key, value in TrialRecord(**fields).to_user_attrs().items():
+        storage.set_trial_user_attr(trial_id, key, value)
 
 
 def is_search_trial(trial: Trial) -> bool:

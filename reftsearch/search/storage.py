@@ -2,7 +2,8 @@
 
 SQLite (the default, one machine) runs in WAL mode with a busy timeout so that a dashboard
 reading the file, or several local processes, do not hit "database is locked". Heartbeats
-are on, so a trial whose process died is failed and retried once instead of staying RUNNING.
+are on, so a trial whose process died is failed and retried once instead of staying RUNNING;
+every trial names its process from the moment it runs (``OwnedTrialsStorage``).
 Read-only commands (best, report, dashboard, export) open a storage that must exist already
 and change nothing in it (``open_existing_storage``, ``load_named_study``). A storage that
 fails mid-run ends the command with one line (``storage_errors``).
@@ -14,15 +15,21 @@ import errno
 import sqlite3
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
+from datetime import datetime
 from pathlib import Path
 
 import optuna
 import sqlalchemy
+from optuna.storages._rdb import models
+from optuna.storages._rdb.storage import _create_scoped_session
+from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
 from reftsearch.errors import BadInputError, ReftSearchError
+from reftsearch.processes import worker_id
+from reftsearch.search.record import TrialRecord, store_by_id
 
 SQLITE_BUSY_TIMEOUT_S = 60
 CONNECT_TIMEOUT_S = 10
@@ -113,7 +120,7 @@ def open_storage(
         try:
             with warnings.catch_warnings():  # heartbeats are experimental in Optuna, by design
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
+                return OwnedTrialsStorage(
                     url, engine_kwargs=engine_kwargs, skip_table_creation=read_only, **heartbeat
                 )
         except sqlalchemy.exc.DBAPIError as err:
@@ -121,6 +128,61 @@ def open_storage(
                 raise
         time.sleep(0.1 * attempt)  # the winner is still creating its tables
         attempt += 1
+
+
+class OwnedTrialsStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage, with every trial naming its process (``worker``: ``host:pid``)
+    from the moment it is RUNNING.
+
+    Optuna's ``ask`` creates a trial RUNNING (or takes an enqueued one from the queue), and
+    the trial's heartbeat starts only after; a process killed in between left a RUNNING trial
+    that named no process and had no heartbeat: never stale, so every later run of the study
+    waited for it, forever once it was all the budget had left (measured), and a Ray run's
+    Ctrl-C could not tell whose it was. A new trial is created with its ``worker`` in the same
+    transaction; an enqueued one gets it right as it leaves the queue."""
+
+    def _create_new_trial(
+        self, study_id: int, template_trial: FrozenTrial | None = None
+    ) -> FrozenTrial:
+        if template_trial is None:  # Optuna's ask: a RUNNING trial, nothing known yet
+            template_trial = FrozenTrial(
+                number=-1,
+                state=TrialState.RUNNING,
+                value=None,
+                datetime_start=datetime.now(),
+                datetime_complete=None,
+                params={},
+                distributions={},
+                user_attrs=TrialRecord(worker=worker_id()).to_user_attrs(),
+                system_attrs={},
+                intermediate_values={},
+                trial_id=-1,
+            )
+        return super()._create_new_trial(study_id, template_trial)
+
+    def set_trial_state_values(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
+    ) -> bool:
+        taken = super().set_trial_state_values(trial_id, state, values)
+        if taken and state == TrialState.RUNNING:  # an enqueued trial leaves the queue
+            store_by_id(self, trial_id, worker=worker_id())
+        return taken
+
+    def running_without_heartbeat(self, study_id: int) -> set[int]:
+        """The ids of the study's RUNNING trials that have never recorded a heartbeat."""
+        with _create_scoped_session(self.scoped_session) as session:
+            query = session.query(models.TrialModel.trial_id).filter(
+                models.TrialModel.study_id == study_id,
+                models.TrialModel.state == TrialState.RUNNING,
+                ~models.TrialModel.heartbeats.any(),
+            )
+            return {trial_id for (trial_id,) in query}
+
+
+def owned_trials_storage(study: optuna.Study) -> OwnedTrialsStorage | None:
+    """The ``OwnedTrialsStorage`` behind ``study`` (Optuna wraps it in a cache), if any."""
+    storage = getattr(study._storage, "_backend", study._storage)
+    return storage if isinstance(storage, OwnedTrialsStorage) else None
 
 
 def _lost_create_race(err: Exception) -> bool:

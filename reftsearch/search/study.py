@@ -37,7 +37,7 @@ from reftsearch.search.fit import check_lengths
 from reftsearch.search.kept_weights import WEIGHTS_DIR, weights_dir
 from reftsearch.search.pruners import SparingPruner
 from reftsearch.search.record import TrialRecord, is_search_trial, search_trials, store
-from reftsearch.search.storage import open_storage
+from reftsearch.search.storage import load_named_study, open_storage
 from reftsearch.spec.space import (
     Choice,
     Dimension,
@@ -293,6 +293,7 @@ def open_study(spec: StudySpec, storage_url: str, heartbeat: bool = True) -> opt
             f"({len(stored)} objectives), the spec says {' and '.join(spec.directions)}"
         )
     check_same_space(spec, study.get_trials(deepcopy=False))
+    check_same_setup(spec, study)
     study.set_user_attr("metric", spec.metric)
     # the dashboard's axes say "dev accuracy" / "trainable params", not "Objective 0"
     names = {"score": f"dev {spec.metric}", "n_params": "trainable params"}
@@ -302,6 +303,40 @@ def open_study(spec: StudySpec, storage_url: str, heartbeat: bool = True) -> opt
     if WEIGHTS_DIR not in study.user_attrs:  # fixed at creation: trials already point there
         study.set_user_attr(WEIGHTS_DIR, str(weights_dir(spec, storage_url)))
     return study
+
+
+def check_same_setup(spec: StudySpec, study: optuna.Study) -> None:
+    """Refuse a spec whose metric, task kind or model differ from those ``study`` was searched
+    with: its stored scores would be read as the new metric's, and a new trial of a config
+    already tried would copy the old model's result. A model directory that moved (the same
+    name elsewhere, as when a project is cloned again) is the same model."""
+    stored = study.user_attrs
+    for key, attr, now in (
+        ("metric", "metric", spec.metric),
+        ("task.kind", "task_kind", spec.task.kind),
+        ("model", "model", spec.model.path),
+    ):
+        then = stored.get(attr)
+        if then is None or then == now or (key == "model" and _moved(then, now)):
+            continue
+        raise BadInputError(
+            f"{key}: study {spec.name!r} was searched with {then!r}, the spec now says {now!r}; "
+            f"its trials' scores and weights belong to the first: keep it to resume or read "
+            f"this study, or start a new one (--set name=NEW)"
+        )
+
+
+def load_study_of(spec: StudySpec, storage_url: str) -> optuna.Study:
+    """The stored study ``spec`` names, which must be the one it describes (same metric, task
+    kind and model): what export, predict and best rebuild from the spec must be what ran."""
+    study = load_named_study(spec.name, storage_url)
+    check_same_setup(spec, study)
+    return study
+
+
+def _moved(then: str, now: str) -> bool:
+    """Whether two model paths name one model directory in two places."""
+    return then.startswith("/") and now.startswith("/") and Path(then).name == Path(now).name
 
 
 def check_same_space(spec: StudySpec, trials: Sequence[optuna.trial.FrozenTrial]) -> None:
