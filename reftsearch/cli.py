@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from reftsearch.engine.threads import prefer_passive_waits
 from reftsearch.errors import BadInputError, ReftSearchError, TrialFailed
+from reftsearch.own_files import holds, refuse_foreign
 from reftsearch.spec.study_file import SPLITS, StudySpec, load_spec
 
 if TYPE_CHECKING:
@@ -360,13 +361,15 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _best(args: argparse.Namespace) -> int:
-    from reftsearch.results.best_table import best_summaries, trials_frame
+    from reftsearch.results.best_table import CSV_MARK, best_summaries, trials_frame
     from reftsearch.search.ranking import best_trials, is_pareto, pareto_front
     from reftsearch.search.study import load_study_of
 
     if args.top < 1:
         raise BadInputError(f"--top: must be a positive integer, got {args.top}")
     csv = _output_file(args.csv, "--csv") if args.csv else None
+    if csv is not None:
+        refuse_foreign(csv, "--csv", "best --csv", CSV_MARK)
     spec = _spec(args)
     study = load_study_of(spec, args.storage or spec.storage)
     if csv is not None:
@@ -405,13 +408,15 @@ def _dashboard(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from reftsearch.results.html_report import write_report
+    from reftsearch.results.html_report import PAGE_MARK, write_report
     from reftsearch.search.storage import load_named_study
 
     spec = _spec(args)
     out = Path(args.out) if args.out else Path("reports") / spec.name
     if out.exists() and not out.is_dir():
         raise BadInputError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):  # a folder of the user's, or an earlier report
+        refuse_foreign(out / "index.html", "--out", "report", PAGE_MARK)
     study = load_named_study(spec.name, args.storage or spec.storage)
     with _writing(out, "--out"):
         print(f"wrote {write_report(study, out)}")
@@ -427,16 +432,22 @@ def _compare(args: argparse.Namespace) -> int:
         raise BadInputError(f"--timeout: must be a positive number of seconds, got {args.timeout}")
     out = _output_file(args.out, "--out") if args.out else None
     specs = [load_spec(path, args.set) for path in args.studies]
-    from reftsearch.run.compare import check_comparable, compare, plot, printable, table
+    from reftsearch.run.compare import CSV_MARK, check_comparable, compare, plot, printable, table
 
+    name = "compare-" + "-vs-".join(s.name for s in specs) + ".csv"
+    out = out or Path(args.studies[0]).with_name(name)
+    figure = out.with_suffix(".png")
+    refuse_foreign(out, "--out", "compare", CSV_MARK)
+    if figure.exists() and not holds(out, CSV_MARK):  # its plot sits beside its table
+        raise BadInputError(
+            f"--out {out}: {figure.name} exists beside it and is not the plot of a table "
+            "`reftsearch compare` wrote; remove it or give another name"
+        )
     check_comparable(specs, same_trials=args.n_trials is None)
     n_trials = args.n_trials if args.n_trials is not None else specs[0].budget.n_trials
     results = compare([(s, s.storage) for s in specs], n_trials, args.timeout, log=_stderr)
     metric = specs[0].metric
     frame = table(results, metric)
-    name = "compare-" + "-vs-".join(s.name for s in specs) + ".csv"
-    out = out or Path(args.studies[0]).with_name(name)
-    figure = out.with_suffix(".png")
     with _writing(out, "--out"):
         frame.to_csv(out, index=False)
         plot(frame, metric, figure)

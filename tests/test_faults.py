@@ -104,6 +104,41 @@ def test_run_refuses_a_storage_file_that_is_no_database(
     assert digest(not_a_database) == before
 
 
+def test_output_options_replace_only_files_their_command_wrote(
+    write_study, easy_task_files, tmp_path, capsys
+):
+    """`best --csv`, `report --out` and `compare --out` overwrote whatever their path named:
+    the study file, its database (all its trials lost), a user's own table or page."""
+    study = write_study(tiny_study(easy_task_files, budget={"n_trials": 1, "max_epochs": 1}))
+    assert main(["run", str(study)]) == 0
+    mine = tmp_path / "mine.csv"
+    mine.write_text("name,score\nann,3\n")
+    page = tmp_path / "page"
+    page.mkdir()
+    (page / "index.html").write_text("<html>my notes</html>")
+    (tmp_path / "c.png").write_text("my plot")
+    theirs = [study, tmp_path / "t.db", mine, page / "index.html", tmp_path / "c.png"]
+    before = [digest(path) for path in theirs]
+    capsys.readouterr()
+    for argv in (
+        ["best", str(study), "--csv", str(study)],
+        ["best", str(study), "--csv", str(tmp_path / "t.db")],
+        ["best", str(study), "--csv", str(mine)],
+        ["report", str(study), "--out", str(page)],
+        ["compare", str(study), str(study), "--out", str(mine)],
+        ["compare", str(study), str(study), "--out", str(tmp_path / "c.csv")],  # c.png is mine
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "remove it or give another name" in err, err
+    assert [digest(path) for path in theirs] == before
+    for argv in (  # their own files, written again
+        ["best", str(study), "--csv", str(tmp_path / "trials.csv")],
+        ["report", str(study), "--out", str(tmp_path / "report")],
+    ):
+        assert main(argv) == 0 and main(argv) == 0
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -13,6 +13,7 @@ from reftsearch.search.record import TrialRecord, describe_config, readable_colu
 EMPTY_FRAME_COLUMNS = (
     "number", "state", "score", "n_params", "last_dev_score", "finalize_of", "started", "finished"
 )  # fmt: skip
+CSV_MARK = "number,state,score,"  # how every trials table (best --csv, a report's) begins
 BY_MEAN = "mean dev score over seeds"
 TRAINING_COLUMNS = ("dropout", "lr", "epochs", "batch_size", "warmup_ratio", "weight_decay", "seed")
 

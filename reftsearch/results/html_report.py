@@ -341,6 +341,7 @@ def _page(study: optuna.Study, frame: pd.DataFrame, sections: list[Section], tab
     return _TEMPLATE.format(title=esc(f"reftsearch: {study.study_name}"), body="\n".join(parts))
 
 
+PAGE_MARK = "<title>reftsearch: "  # in every report's index.html: the folder is a report's
 _TEMPLATE = """<!doctype html>
 <html lang="en">
 <head>

@@ -186,6 +186,9 @@ def reruns_of(
     return [by_seed[seed] for seed in seeds if seed in by_seed]
 
 
+CSV_MARK = "study,method,trials,best trial,"  # how a table ``compare`` writes begins
+
+
 def table(results: list[ArmResult], metric: str) -> pd.DataFrame:
     return pd.DataFrame([r.row(metric) for r in results])
 

@@ -1,0 +1,33 @@
+"""Files a command writes for its user: it replaces one only if it wrote it itself.
+
+A command's output path may name anything: the study file, its database, a user's own table.
+What a command wrote is known by how it begins (a CSV by its header, a report's page by its
+title): any other file there is the user's, and is refused before any work is done.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from reftsearch.errors import BadInputError
+
+HEAD_BYTES = 4096  # how far into a file its mark is looked for
+
+
+def refuse_foreign(path: Path, option: str, command: str, mark: str) -> None:
+    """Refuse ``path`` (given as ``option``) when it exists and is not a file ``command``
+    wrote: those hold ``mark`` in their first ``HEAD_BYTES`` bytes."""
+    if path.exists() and not holds(path, mark):
+        raise BadInputError(
+            f"{option} {path}: exists and is not a file `reftsearch {command}` wrote; "
+            "remove it or give another name"
+        )
+
+
+def holds(path: Path, mark: str) -> bool:
+    """Whether the beginning of file ``path`` holds ``mark`` (False when it cannot be read)."""
+    try:
+        with path.open("rb") as file:
+            return mark.encode() in file.read(HEAD_BYTES)
+    except OSError:
+        return False
