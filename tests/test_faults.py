@@ -11,10 +11,12 @@ resumes with nothing lost; a run whose every trial failed exits 1 with their rea
 import hashlib
 import resource
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from collections import Counter
+from contextlib import closing
 
 import optuna
 import pytest
@@ -80,6 +82,31 @@ def test_read_only_commands_create_no_database_for_a_mistyped_path(
     assert main([command[0], str(study), *command[1:]]) == 2
     assert "does not exist yet" in capsys.readouterr().err
     assert not (tmp_path / "typo.db").exists()
+
+
+def test_a_sqlite_database_of_other_tables_or_damaged_is_refused_and_left_as_it_was(
+    write_study, easy_task_files, tmp_path, capsys
+):
+    """`run` added Optuna's tables (and WAL mode) to a user's own database at its storage
+    path; a damaged study file gave `best` a traceback; `sqlite://` a TypeError."""
+    theirs = tmp_path / "shop.db"
+    with closing(sqlite3.connect(theirs)) as db:
+        db.execute("CREATE TABLE customers (id INTEGER, name TEXT)")
+        db.commit()
+    damaged = tmp_path / "damaged.db"
+    damaged.write_bytes(b"SQLite format 3\x00" + b"\xff" * 2000)
+    for storage, said in (
+        (f"sqlite:///{theirs}", "of other tables (customers), not a study store"),
+        (f"sqlite:///{damaged}", "is not a readable SQLite database"),
+        ("sqlite://", "is a database in memory"),
+    ):
+        study = write_study(tiny_study(easy_task_files, storage=storage))
+        before = digest(theirs), digest(damaged)
+        for command in (["run"], ["best"]):
+            assert main([*command, str(study)]) == 2
+            assert said in capsys.readouterr().err
+        assert (digest(theirs), digest(damaged)) == before
+    assert sorted(p.name for p in tmp_path.glob("*.db*")) == ["damaged.db", "shop.db"]
 
 
 def test_read_only_commands_leave_an_empty_file_empty(

@@ -66,6 +66,11 @@ def check_storage(url: str) -> None:
             f"storage: not a valid SQLAlchemy URL: {mask_url(url)} ({_first_line(err, url)})"
         ) from None
     path = sqlite_path(url)
+    if parsed.get_backend_name() == "sqlite" and path is None:
+        raise BadInputError(
+            f"storage: {mask_url(url)} is a database in memory, gone when the command ends; "
+            "name a file: sqlite:///study.db"
+        )
     if path is not None:
         if not path.parent.is_dir():
             raise BadInputError(
@@ -76,6 +81,8 @@ def check_storage(url: str) -> None:
         if path.is_file() and path.stat().st_size and not _is_sqlite(path):
             # SQLite would fail on it mid-command; nothing here overwrites a file it did not write
             raise BadInputError(f"storage: {path} exists and is not a SQLite database")
+        if path.is_file() and path.stat().st_size:
+            _check_study_database(path)
         return
     try:
         engine = sqlalchemy.create_engine(url, connect_args=_connect_args(url))
@@ -187,6 +194,23 @@ def owned_trials_storage(study: optuna.Study) -> OwnedTrialsStorage | None:
 
 def _lost_create_race(err: Exception) -> bool:
     return any(text in str(err) for text in CREATE_RACE)
+
+
+def _check_study_database(path: Path) -> None:
+    """Refuse a SQLite file that cannot be read, or that holds tables and none of Optuna's: a
+    database of the user's own, which a study's tables (and WAL mode) would change."""
+    try:
+        with closing(sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)) as db:
+            rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            tables = {name for (name,) in rows}
+    except sqlite3.Error as err:
+        raise BadInputError(f"storage: {path} is not a readable SQLite database ({err})") from None
+    if tables and "studies" not in tables:
+        shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        raise BadInputError(
+            f"storage: {path} is a SQLite database of other tables ({shown}), not a study "
+            "store; name another file"
+        )
 
 
 def _is_sqlite(path: Path) -> bool:
