@@ -42,8 +42,7 @@ def report_errors(command: Callable[[], int]) -> int:
     SIGTERM (``kill``, a scheduler's stop) interrupts it as Ctrl-C does: the running trial
     ends recorded as interrupted, and the same command resumes."""
     quiet_libraries()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)
+    handlers = _interruptible() if threading.current_thread() is threading.main_thread() else {}
     threading.excepthook = _thread_error
     try:
         return command()
@@ -53,10 +52,33 @@ def report_errors(command: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _interruptible() -> dict:
+    """Let Ctrl-C and SIGTERM interrupt the command (``_interrupt``); returns the handlers
+    they had, to put back."""
+    handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _interrupt)
+    return handlers
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    # Only the first signal interrupts: a second one cut short the clean-up of the first (the
+    # running trial given back), and that trial's config was lost from the study.
+    for each in STOP_SIGNALS:
+        signal.signal(each, _stopping)
     raise KeyboardInterrupt
+
+
+def _stopping(signum: int, frame: object) -> None:
+    print("stopping: the running trial is being recorded as interrupted", file=sys.stderr)
 
 
 def _thread_error(args: threading.ExceptHookArgs) -> None:
@@ -631,9 +653,9 @@ def quiet_libraries() -> None:
 
 class ReportedFailures(logging.Filter):
     """Drops Optuna's two warnings about a trial that raised ``TrialFailed`` (it diverged,
-    ran out of memory, or was asked past the budget): reftsearch's progress line says why
-    already, and Optuna's first one carries the exception's whole traceback. Other failures
-    (a bug) keep theirs."""
+    ran out of memory, or was asked past the budget) or was interrupted (Ctrl-C, SIGTERM):
+    reftsearch's own lines say why already, and Optuna's first one carries the exception's
+    whole traceback. Other failures (a bug) keep theirs."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -643,7 +665,9 @@ class ReportedFailures(logging.Filter):
         number = re.match(r"Trial (\d+) failed with ", record.getMessage())
         if number is None:
             return True
-        if record.exc_info is not None and isinstance(record.exc_info[1], TrialFailed):
+        if record.exc_info is not None and isinstance(
+            record.exc_info[1], TrialFailed | KeyboardInterrupt
+        ):
             self._trials.add(number[1])
             return False
         if number[1] in self._trials and record.exc_info is None:

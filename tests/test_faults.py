@@ -9,6 +9,7 @@ resumes with nothing lost; a run whose every trial failed exits 1 with their rea
 """
 
 import hashlib
+import os
 import resource
 import signal
 import sqlite3
@@ -32,7 +33,7 @@ from subprocess_runs import (
     wait_for_trial_mid_way,
 )
 
-from reftsearch.cli import main
+from reftsearch.cli import main, report_errors
 from reftsearch.errors import BadInputError, TrialFailed
 from reftsearch.processes import worker_id
 from reftsearch.run.worker import Worker, interrupt_trials_of
@@ -570,6 +571,66 @@ def test_an_interrupted_trial_is_not_counted_and_runs_again_on_resume(
     assert count_finished(result) == len(completed) == 4  # four configs trained
     assert [t.params for t in completed if t.number == again.number] == [victim.params]
     assert not result.get_trials(states=(State.RUNNING, State.WAITING))
+
+
+@pytest.mark.parametrize("where", ["ask", "tell"])
+def test_a_ctrl_c_in_optunas_ask_or_tell_ends_the_trial_as_interrupted(
+    write_study, easy_task_files, capsys, monkeypatch, where
+):
+    """A signal in ``ask`` (the trial just created) left it RUNNING with no heartbeat: the
+    resumed run waited for it forever. One in ``tell`` came out of Optuna as a traceback
+    (UnboundLocalError) and left the trained trial RUNNING until its heartbeat was stale."""
+    path = write_study(tiny_study(easy_task_files, budget={"n_trials": 2, "max_epochs": 1}))
+    assert main(["run", str(path), "--n-trials", "1"]) == 0
+    if where == "ask":  # the trial just created, RUNNING, when the signal comes
+        real_ask = optuna.Study.ask
+
+        def signalled(study, *args, **kwargs):
+            trial = real_ask(study, *args, **kwargs)
+            if study.study_name != "t":  # the estimate's draft study
+                return trial
+            monkeypatch.undo()  # once: the interrupt's clean-up asks for itself
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(optuna.Study, "ask", signalled)
+    else:  # the trial trained, its tell not yet stored
+
+        def signalled(*args, **kwargs):
+            monkeypatch.undo()
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(optuna.study._optimize, "_tell_with_warning", signalled)
+    capsys.readouterr()
+    assert main(["run", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "interrupted: run the same command again to resume"
+    assert "Traceback" not in err and "failed with parameters" not in err, err
+    trials = stored(load_spec(path).storage).trials
+    assert [t.state for t in trials[:2]] == [State.COMPLETE, State.FAIL]
+    assert TrialRecord.of(trials[1]).fail_reason == INTERRUPTED
+    assert main(["run", str(path)]) == 0  # no wait: the budget's last trial trains
+    assert count_finished(stored(load_spec(path).storage)) == 2
+
+
+def test_a_second_ctrl_c_does_not_cut_the_first_ones_clean_up_short():
+    """Ctrl-C pressed twice: the second arrived inside the first one's clean-up (the trial's
+    config given back), and that config was lost from the study."""
+    cleaned = []
+
+    def command() -> int:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # interrupted at once
+        except KeyboardInterrupt:
+            os.kill(os.getpid(), signal.SIGTERM)  # pressed again while cleaning up
+            time.sleep(0.1)
+            cleaned.append("given back")
+            raise
+        return 0
+
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    assert report_errors(command) == 1 and cleaned == ["given back"]
+    assert {signum: signal.getsignal(signum) for signum in before} == before
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ from reftsearch.progress import Log
 from reftsearch.run.estimate import Estimate, EstimateRequest, estimate_study
 from reftsearch.run.lines import ProgressPrinter, print_now
 from reftsearch.run.ray_cluster import run_on_ray
-from reftsearch.run.worker import Worker, load, publish_spec
+from reftsearch.run.worker import Worker, load, own_trials_interrupted, publish_spec
 from reftsearch.search.objective import Objective
 from reftsearch.search.record import TrialRecord, store
 from reftsearch.search.seed_reruns import enqueue_finalize, finalize_runs
@@ -189,8 +189,9 @@ def run_finalize(
     printer = ProgressPrinter(reruns, log, finalize=True)
     # one call per trial: a grid sampler stops optimize once every grid point is visited,
     # which they all are before the first rerun
-    for _ in range(waiting):
-        study.optimize(rerun, n_trials=1, callbacks=[printer], catch=(TrialFailed,))
+    with own_trials_interrupted(study):
+        for _ in range(waiting):
+            study.optimize(rerun, n_trials=1, callbacks=[printer], catch=(TrialFailed,))
     return exact
 
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -88,6 +89,16 @@ class Worker:
         elsewhere, wait: one of them may die, and its retry must then be run."""
         if stop is not None:  # packed trials run several per optimize call: stop those too
             callbacks = [*callbacks, lambda study, _: stop(study) and study.stop()]
+        with own_trials_interrupted(self.study):
+            return self._run(n_trials, timeout, callbacks, stop)
+
+    def _run(
+        self,
+        n_trials: int,
+        timeout: float | None,
+        callbacks: Sequence[Callback],
+        stop: Callable[[optuna.Study], bool] | None,
+    ) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
         ran = 0
         waited_for: set[int] = set()
@@ -167,14 +178,46 @@ def interrupt_trials_of(study: optuna.Study, workers: set[str]) -> list[int]:
     their numbers."""
     ended = []
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if TrialRecord.of(frozen).worker in workers:
-            try:
+        record = TrialRecord.of(frozen)
+        if record.worker not in workers:
+            continue
+        try:
+            if record.fail_reason != INTERRUPTED:  # else given back already, its tell cut short
                 give_back(optuna.Trial(study, frozen._trial_id), fail_reason=INTERRUPTED)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                continue  # a worker on another host finished it as it stopped
-            study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
-            ended.append(frozen.number)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # a worker on another host finished it as it stopped
+        study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
+        ended.append(frozen.number)
     return ended
+
+
+@contextmanager
+def own_trials_interrupted(study: optuna.Study) -> Iterator[None]:
+    """At a Ctrl-C, end this process's trials still RUNNING as interrupted: one signalled in
+    Optuna's ``ask`` or ``tell``, outside the objective that gives an interrupted trial back,
+    stayed RUNNING (and, before its first heartbeat, was waited for by every later run).
+    Optuna turns a Ctrl-C in its ``tell`` into an UnboundLocalError (its clean-up reads a
+    value the cut-short tell never set): that is an interrupt here too."""
+    try:
+        yield
+    except BaseException as err:
+        if not _interrupted(err):
+            raise
+        interrupt_trials_of(study, {worker_id()})
+        if isinstance(err, KeyboardInterrupt):
+            raise
+        raise KeyboardInterrupt from err
+
+
+def _interrupted(err: BaseException | None) -> bool:
+    """Whether ``err`` is, or was raised while handling, a KeyboardInterrupt."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
 
 
 class UnstartedTrials:
