@@ -228,9 +228,52 @@ def test_best_test_retrains_the_config_when_its_weights_are_gone(
     capsys.readouterr()
     assert main(["best", str(study), "--json", "--test"]) == 0
     captured = capsys.readouterr()
-    assert "its trained weights were not kept (or are gone); retraining" in captured.err
+    assert "its trained weights were not kept (or are gone or unreadable); retr" in captured.err
     assert "scoring trial 0 (retrained with seed " in captured.err
     assert 0.0 <= json.loads(captured.out)["test_score"] <= 1.0
+
+
+def test_kept_weights_move_with_their_sqlite_file_and_a_damaged_one_is_retrained(
+    write_study, easy_task_files, tmp_path, capsys
+):
+    """A project moved elsewhere looked for its weights at the old absolute path (export
+    retrained, run wrote new weights there); a damaged weights file was a traceback."""
+    study = write_study(tiny_study(easy_task_files, budget={"n_trials": 1, "max_epochs": 1}))
+    assert main(["run", str(study)]) == 0
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for path in [tmp_path / "study.yaml", tmp_path / "t.artifacts", *tmp_path.glob("t.db*")]:
+        shutil.move(path, moved / path.name)  # the database with its write-ahead log
+    study = moved / "study.yaml"
+    capsys.readouterr()
+    assert main(["best", str(study), "--json", "--test"]) == 0
+    assert f"scoring trial 0 (kept artifact {moved / 't.artifacts'}/" in capsys.readouterr().err
+    assert main(["run", str(study), "--n-trials", "2"]) == 0
+    assert not (tmp_path / "t.artifacts").exists()
+    assert len(list((moved / "t.artifacts").iterdir())) == 2
+    for kept in (moved / "t.artifacts").iterdir():
+        kept.write_bytes(kept.read_bytes()[:100])  # damaged: cut short
+    capsys.readouterr()
+    assert main(["export", str(study), str(tmp_path / "out"), "--trial", "1"]) == 0
+    assert "were not kept (or are gone or unreadable); retraining" in capsys.readouterr().err
+
+
+def test_weights_that_cannot_be_written_leave_the_trial_complete(
+    write_study, easy_task_files, capsys, monkeypatch
+):
+    """An unwritable artifacts folder failed the trial after it trained (its score lost,
+    counted against the budget) and ended the run with a traceback."""
+
+    def refused(**kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(optuna.artifacts, "upload_artifact", refused)
+    study = write_study(tiny_study(easy_task_files, budget={"n_trials": 1, "max_epochs": 1}))
+    assert main(["run", str(study)]) == 0
+    out = capsys.readouterr().out
+    assert "trial 0: its weights could not be kept in " in out and "(Permission denied)" in out
+    (trial,) = trials_of(study)
+    assert trial.state == optuna.trial.TrialState.COMPLETE
 
 
 def test_best_of_a_missing_study_is_bad_input(write_study, easy_task_files, capsys):

@@ -9,7 +9,6 @@ for that line and then talk to the server.
 
 from __future__ import annotations
 
-from pathlib import Path
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -19,7 +18,7 @@ from optuna.artifacts import FileSystemArtifactStore
 
 from reftsearch.errors import BadInputError
 from reftsearch.progress import Log
-from reftsearch.search.kept_weights import WEIGHTS_DIR
+from reftsearch.search.kept_weights import weights_folder
 from reftsearch.search.storage import mask_url, open_existing_storage
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -82,5 +81,5 @@ def _weights_store(
     trial's page."""
     if study_id is None:
         return None
-    folder = storage.get_study_user_attrs(study_id).get(WEIGHTS_DIR)
-    return FileSystemArtifactStore(folder) if folder and Path(folder).is_dir() else None
+    folder = weights_folder(storage, study_id)
+    return FileSystemArtifactStore(str(folder)) if folder and folder.is_dir() else None

@@ -190,7 +190,7 @@ class Objective:
                 epoch_s=round(wall_s / spent.epochs, 3) if spent.epochs else None,
                 peak_memory_mb=round(peak.mb(), 1),
             )
-        keep(trial, adapter, trained.head)  # so that export needs no retraining
+        keep(trial, adapter, trained.head, self.log)  # so that export needs no retraining
         if len(spec.objectives) == 1:
             return trained.score
         return trained.score, float(adapter.num_parameters())  # objectives: [score, n_params]

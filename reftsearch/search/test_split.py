@@ -49,7 +49,8 @@ def trained_adapter(
         if source is not None:
             return adapter, f"kept artifact {source} ({base.dtype}, trial {run.number})"
     dtype = TrialRecord.of(trial).dtype
-    why = "were not kept (or are gone)" if dtype in (None, base.dtype) else f"are {dtype}"
+    kept = "were not kept (or are gone or unreadable)"
+    why = kept if dtype in (None, base.dtype) else f"are {dtype}"
     log(
         f"trial {trial.number}: its trained weights {why}; retraining its config with seed "
         f"{train_config.seed} in {base.dtype}"
