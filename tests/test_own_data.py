@@ -4,6 +4,7 @@ split (``reftsearch data``), ``validate`` on the data, label names in the study 
 import collections
 import csv
 import json
+import os
 import re
 import subprocess
 import sys
@@ -32,6 +33,11 @@ def topic_rows(n: int, start: int = 0) -> list[tuple[str, str]]:
 def write_tsv(path, rows, header=None):
     lines = ([header] if header else []) + ["\t".join(row) for row in rows]
     path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
     return path
 
 
@@ -139,6 +145,25 @@ def _wrong_column_count(tmp_path):
     return data, "task.data.columns: names 2 columns, t.tsv has 3 in its first row"
 
 
+def _list_label(tmp_path):
+    write_jsonl(tmp_path / "t.jsonl", [{"text": "x", "label": [1]}, {"text": "y", "label": [2]}])
+    return (
+        {"train": "t.jsonl"},
+        "task.data.train (t.jsonl): row 0: column 'label' (task.label): must be text or a "
+        "number, got a list",
+    )
+
+
+def _mapping_text(tmp_path):
+    rows = [{"text": "x", "label": 1}, {"text": {"a": 1}, "label": 0}]
+    write_jsonl(tmp_path / "t.jsonl", rows)
+    return (
+        {"train": "t.jsonl"},
+        "task.data.train (t.jsonl): row 1: column 'text' (task.text): must be text or a "
+        "number, got a mapping",
+    )
+
+
 @pytest.mark.parametrize(
     "case",
     [
@@ -148,11 +173,14 @@ def _wrong_column_count(tmp_path):
         _missing_file,
         _missing_column,
         _wrong_column_count,
+        _list_label,
+        _mapping_text,
     ],
 )
 def test_validate_opens_the_data_and_names_file_column_and_row(tmp_path, capsys, case):
     """These passed validate and failed at run: a tokenizer traceback (empty cell), exit 2
-    without the key (dev label), or were accepted silently (one class)."""
+    without the key (dev label), or were accepted silently (one class, a list as text);
+    a list label was a traceback (unhashable type)."""
     data, message = case(tmp_path)
     path = study(tmp_path, data, text="text")
     assert main(["validate", str(path)]) == 2
@@ -176,6 +204,109 @@ def test_validate_says_what_run_will_read_and_loads_no_model(tmp_path):
         "Sci/Tech, Sports, World)",
         "0 False",
     ], ran.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("d.csv", "text,label\nx,a\nan, unquoted, comma,b\n", "Expected 2 fields in line 3, saw 4"),
+        ("d.jsonl", '{"text": "x", "label": 1}\n{"text": x}\n', "JSON parse error"),
+        ("d.csv", "", "(d.csv): has no rows"),
+        ("d.csv", "text,label\n", "(d.csv): has no rows"),
+        ("d.jsonl", "", "(d.jsonl): has no rows"),
+        ("d.json", "[]", "(d.json): has no rows"),
+        ("d.parquet", "", "(d.parquet): has no rows"),
+    ],
+    ids=["unquoted-comma", "bad-json-line", "empty", "header-only", "empty-jsonl", "[]", "parquet"],
+)
+def test_a_file_that_cannot_be_read_says_why_in_one_line(tmp_path, capfd, name, content, message):
+    """The cause was a separate log line of datasets' (or nowhere: "Instruction "train"
+    corresponds to no data!"), the error itself "An error occurred while generating the
+    dataset"."""
+    (tmp_path / name).write_text(content)
+    path = study(tmp_path, {"train": name}, text="text")
+    assert main(["validate", str(path)]) == 2
+    err = capfd.readouterr().err
+    assert err.startswith(f"{path}: error: task.data.train") and err.count("\n") == 1, err
+    assert message in err
+
+
+def test_a_file_that_may_not_be_opened_is_named(tmp_path, capsys, monkeypatch):
+    """A CSV without read permission was a PermissionError traceback."""
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\nx,a\ny,b\n")
+    data.chmod(0)
+    if os.access(data, os.R_OK):  # root reads it anyway: refuse it as the system would
+        opened = Path.open
+
+        def refuse(self, *args, **kwargs):
+            if self == data:
+                raise PermissionError(13, "Permission denied", str(self))
+            return opened(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "open", refuse)
+    assert main(["validate", str(study(tmp_path, {"train": "d.csv"}, text="text"))]) == 2
+    assert f"task.data.train: cannot read {data}: Permission denied" in capsys.readouterr().err
+
+
+def test_only_an_empty_cell_is_empty(tmp_path):
+    """pandas took None, NA, N/A, null and nan for missing: such a text, label or response
+    was refused as empty, and nothing in read_options could say otherwise."""
+    words = ["None", "NA", "N/A", "null", "nan"]
+    rows = [("NA" if i % 2 else "None", word) for i, word in enumerate(words * 2)]
+    write_tsv(tmp_path / "t.tsv", rows, "label\ttext")
+    spec = load_spec(study(tmp_path, {"train": "t.tsv", "dev": "t.tsv"}, text="text"))
+    data = load_task_data(spec.task, spec.seed)
+    assert data.label_names == ["NA", "None"]
+    assert [(data.label_names[r["label"]], r["text"]) for r in data.train] == rows
+
+    write_tsv(tmp_path / "g.tsv", [(f"say {word}", word) for word in words], "prompt\tresponse")
+    raw = yaml.safe_load(study(tmp_path, {"train": "g.tsv", "dev": "g.tsv"}).read_text())
+    raw["task"]["kind"] = "generation"
+    spec = parse_spec(raw, tmp_path)
+    assert [r["response"] for r in load_task_data(spec.task, spec.seed).train] == words
+
+
+def test_integral_float_labels_match_their_ints(tmp_path):
+    """train 1.0/0.0, dev 1/0 was "label 1 does not occur in train; train's labels are
+    ['0.0', '1.0']"; quoting 2 (pandas reads unquoted cells as floats) a traceback."""
+    (tmp_path / "train.csv").write_text("text,label\nx,1.0\ny,0.0\nz,1.0\nw,0.0\n")
+    (tmp_path / "dev.csv").write_text("text,label\nx,1\ny,0\n")
+    spec = load_spec(study(tmp_path, {"train": "train.csv", "dev": "dev.csv"}, text="text"))
+    data = load_task_data(spec.task, spec.seed)
+    assert data.label_names == ["0", "1"]
+    assert [r["label"] for r in data.dev] == [1, 0]
+
+    quoted = '"text","label"\n"x",1\n"y",0\n"z",2.5\n'
+    (tmp_path / "q.csv").write_text(quoted)
+    data = {"train": "q.csv", "dev": "q.csv", "read_options": {"quoting": 2}}
+    spec = load_spec(study(tmp_path, data, text="text"))
+    assert load_task_data(spec.task, spec.seed).label_names == ["0", "1", "2.5"]
+
+    # one JSON file can hold both; ints and strings keep their names (a resume compares them)
+    labels = [{"text": "a", "label": 1}, {"text": "b", "label": 0.0}, {"text": "c", "label": 1.0}]
+    write_jsonl(tmp_path / "m.jsonl", labels)
+    spec = load_spec(study(tmp_path, {"train": "m.jsonl", "dev": "m.jsonl"}, text="text"))
+    data = load_task_data(spec.task, spec.seed)
+    assert data.label_names == ["0", "1"] and [r["label"] for r in data.train] == [1, 0, 1]
+
+
+def test_the_header_hint_is_for_a_csv_file_whose_first_line_is_a_row(tmp_path):
+    """It said "set task.data.header: false" for a JSON file (where that is refused) and for
+    a CSV whose header lacks only one of the named columns."""
+    (tmp_path / "row.csv").write_text("x,a\ny,b\n")
+    (tmp_path / "pair.csv").write_text("text,label\nx,a\ny,b\n")
+    write_jsonl(tmp_path / "j.jsonl", [{"sentence": "x", "y": 1}, {"sentence": "y", "y": 2}])
+    hint = "set task.data.header: false"
+    for name, task, hinted in [
+        ("row.csv", {"text": "text"}, True),
+        ("pair.csv", {"text": "text", "text_pair": "other"}, False),
+        ("j.jsonl", {"text": "text"}, False),
+    ]:
+        spec = load_spec(study(tmp_path, {"train": name}, **task))
+        with pytest.raises(BadInputError, match="lacks task") as info:
+            load_task_data(spec.task, spec.seed)
+        assert (hint in str(info.value)) == hinted, info.value
 
 
 def test_header_options_are_checked(tmp_path):
@@ -235,6 +366,14 @@ def test_data_lists_the_rows_of_each_split_by_source_row(tmp_path, capsys):
     assert main(["data", str(path), "--out", str(mine)]) == 2
     assert "is not a file `reftsearch data` wrote" in capsys.readouterr().err
     assert mine.read_text() == "my,notes\n"
+    # a folder that is not there, a file where a folder is wanted, no file name: tracebacks
+    for out, message in [
+        (tmp_path / "nodir" / "x.csv", "cannot write there (No such file or directory)"),
+        (mine / "x.csv", "cannot write there (Not a directory)"),
+        (Path("."), "must end in .csv or .tsv"),
+    ]:
+        assert main(["data", str(path), "--out", str(out)]) == 2
+        assert f"error: --out {out}: {message}" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------ the search space

@@ -153,6 +153,56 @@ def test_relative_paths_are_relative_to_the_study_file(tmp_path):
     assert spec.task.data.train == str(tmp_path / "d" / "train.csv")
 
 
+def _read_options(**options):
+    return {"task": {"kind": "classification", "data": {"train": "d.csv", "read_options": options}}}
+
+
+QUOTING = "must be one of 0 (QUOTE_MINIMAL), 1 (QUOTE_ALL), 2 (QUOTE_NONNUMERIC), 3 (QUOTE_NONE)"
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"quoting": "QUOTE_NONE"}, f"task.data.read_options.quoting: {QUOTING}, got 'QUOTE_NONE'"),
+        ({"quoting": "3"}, f"task.data.read_options.quoting: {QUOTING}, got '3'"),
+        ({"quoting": 7}, f"task.data.read_options.quoting: {QUOTING}, got 7"),
+        ({"quoting": True}, f"task.data.read_options.quoting: {QUOTING}, got True"),
+        ({"sep": 1}, "task.data.read_options.sep: must be a non-empty string, got 1"),
+        ({"delimiter": ""}, "task.data.read_options.delimiter: must be a non-empty string"),
+        ({"sep": ";", "delimiter": ";"}, "task.data.read_options: give sep or delimiter"),
+        ({"encoding": 5}, "task.data.read_options.encoding: must be a non-empty string, got 5"),
+        ({"encoding": "utf-9"}, "task.data.read_options.encoding: must be an encoding Python"),
+    ],
+)
+def test_read_options_are_checked(options, expected):
+    """Each of these was a traceback from pandas or the csv module when the data was read."""
+    assert expected in error_of(minimal(**_read_options(**options)))
+
+
+def test_read_options_that_pandas_takes_pass(tmp_path):
+    options = {"quoting": 2, "sep": ";", "encoding": "latin-1"}
+    assert parse(minimal(**_read_options(**options)), tmp_path).task.data.read_options == options
+
+
+def test_a_path_the_system_cannot_look_up_is_refused_naming_its_key(tmp_path):
+    """Each was a traceback (exit 1): RuntimeError, ValueError or OSError."""
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    for raw, expected in [
+        ("loop1", "cannot be looked up as a path: Symlink loop"),
+        ("~nouserxyz/d.csv", "~nouserxyz: no such user"),
+        ("a\0b.csv", "cannot be looked up as a path: embedded null byte"),
+        ("a" * 300 + ".csv", "cannot be looked up as a path: File name too long"),
+    ]:
+        for changes, key in [
+            ({"task": {"kind": "classification", "data": {"train": raw}}}, "task.data.train"),
+            ({"model": raw if raw.startswith("~") else f"./{raw}"}, "model.path"),
+        ]:
+            with pytest.raises(SpecError) as info:
+                parse(minimal(**changes), tmp_path)
+            assert str(info.value).startswith(f"{key}: {expected}"), info.value
+
+
 def test_overrides_are_validated_like_the_file(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(minimal()))

@@ -106,8 +106,8 @@ def print_rows(listing: Listing, task: TaskSpec, out: TextIO) -> None:
 def write_rows(listing: Listing, task: TaskSpec, path: Path) -> int:
     """Write the rows to ``path`` (.csv or .tsv); a file there must be one this wrote."""
     delimiter = DELIMITERS.get(path.suffix.lower())
-    if delimiter is None:
-        raise BadInputError(f"--out: {path.name} must end in .csv or .tsv")
+    if delimiter is None:  # the whole path: ``--out .`` has no name to show
+        raise BadInputError(f"--out {path}: must end in .csv or .tsv")
     header = delimiter.join(listing.columns(task))
     if path.exists() and _first_line(path) != header:
         raise BadInputError(
@@ -115,7 +115,11 @@ def write_rows(listing: Listing, task: TaskSpec, path: Path) -> int:
             "(its first line differs): remove it or give another name"
         )
     records = listing.records(task)
-    with path.open("w", newline="") as file:
+    try:  # a folder that is not there or not writable is the path's fault (a disk full is not)
+        file = path.open("w", newline="")
+    except OSError as err:
+        raise BadInputError(f"--out {path}: cannot write there ({err.strerror})") from None
+    with file:
         writer = csv.writer(file, delimiter=delimiter, lineterminator="\n")
         writer.writerow(listing.columns(task))
         writer.writerows(records)

@@ -8,8 +8,10 @@ carved from train with the study seed. The test split is read only on request
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,7 +109,7 @@ def load_split(task: TaskSpec, split: str, optional: tuple[str, ...] = ()) -> li
         if missing:
             raise BadInputError(
                 f"{where} lacks {', '.join(missing)}; its columns are {sorted(records[0])}"
-                f"{_header_hint(task.data)}"
+                f"{_header_hint(task.data, split, len(missing) == len(columns))}"
             )
     rows = []
     for index, record in enumerate(records):
@@ -130,8 +132,12 @@ def source(data: DataSpec, split: str) -> str:
     return f"task.data.{split} ({Path(location).name})"
 
 
-def _header_hint(data: DataSpec) -> str:
-    if data.builtin is not None or data.hub is not None or not data.header:
+def _header_hint(data: DataSpec, split: str, none_found: bool) -> str:
+    """The fix for a CSV/TSV file whose first line is a row: then none of the named columns
+    is among its "column names" (one column missing is a misspelt name, not a row)."""
+    location = getattr(data, split) if data.builtin is None and data.hub is None else None
+    csv_file = location is not None and FILE_BUILDERS.get(Path(location).suffix.lower()) == "csv"
+    if not csv_file or not data.header or not none_found:
         return ""
     return " (a file whose first line is a row, not column names: set task.data.header: false)"
 
@@ -144,9 +150,16 @@ STRIPPED_COLUMNS = ("text", "text_pair")
 
 def clean_value(canonical: str, value: Any, where: str) -> Any:
     """A cell, checked: an empty one is refused (a tokenizer would fail on it, or train on
-    nothing); texts are text even where the reader saw numbers."""
+    nothing), as is a list or mapping (a JSON or parquet cell can hold one: a label cannot
+    be one, and a text would be its Python repr); texts are text even where the reader saw
+    numbers."""
     if value is None or (isinstance(value, str) and not value.strip()):
         raise BadInputError(f"{where} (task.{canonical}) is empty")
+    if isinstance(value, list | dict):
+        raise BadInputError(
+            f"{where} (task.{canonical}): must be text or a number, got a "
+            f"{'list' if isinstance(value, list) else 'mapping'}"
+        )
     if canonical == "label":
         return value
     text = value if isinstance(value, str) else str(value)
@@ -181,19 +194,26 @@ def _read_records(data: DataSpec, split: str, texts: tuple[str, ...]) -> list[di
 
 
 def _read_local(data: DataSpec, split: str, texts: tuple[str, ...]) -> list[dict]:
+    path = Path(getattr(data, split))
+    records = _read_saved(path, split) if path.is_dir() else _read_file(path, data, split, texts)
+    if not records:
+        raise BadInputError(f"task.data.{split} ({path.name}): has no rows")
+    return records
+
+
+def _read_saved(path: Path, split: str) -> list[dict]:
     import datasets
 
-    path = Path(getattr(data, split))
-    if path.is_dir():
-        try:
-            loaded = datasets.load_from_disk(str(path))
-        except Exception as err:  # datasets raises several types for a non-dataset dir
-            raise BadInputError(
-                f"task.data.{split}: {path} is not a saved dataset ({err})"
-            ) from None
-        if isinstance(loaded, datasets.DatasetDict):
-            loaded = _pick_split(loaded, split, path)
-        return loaded.to_list()
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:  # datasets raises several types for a non-dataset dir
+        raise BadInputError(f"task.data.{split}: {path} is not a saved dataset ({err})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        loaded = _pick_split(loaded, split, path)
+    return loaded.to_list()
+
+
+def _read_file(path: Path, data: DataSpec, split: str, texts: tuple[str, ...]) -> list[dict]:
     builder = FILE_BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise BadInputError(
@@ -202,16 +222,56 @@ def _read_local(data: DataSpec, split: str, texts: tuple[str, ...]) -> list[dict
         )
     if not path.is_file():
         raise BadInputError(f"task.data.{split}: file not found: {path}")
+    try:  # each reader fails its own way on a file it may not open (a traceback, for csv)
+        with path.open("rb") as file:
+            empty = not file.read(1)
+    except OSError as err:
+        raise BadInputError(f"task.data.{split}: cannot read {path}: {err.strerror}") from None
+    if empty:  # pandas says "No columns to parse", the JSON reader nothing useful
+        return []
     options = dict(data.read_options)
     if builder == "csv":
         options = _csv_options(path, data, split, texts)
     elif not data.header or data.columns:
         raise BadInputError(f"task.data.header: only for .csv and .tsv files, not {path.name}")
     try:
-        dataset = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
+        return _load_file(builder, path, options)
     except Exception as err:  # parse errors come from pandas/pyarrow in many types
-        raise BadInputError(f"task.data.{split}: cannot read {path}: {err}") from None
-    return dataset.to_list()
+        raise BadInputError(f"task.data.{split}: cannot read {path}: {_cause(err)}") from None
+
+
+def _load_file(builder: str, path: Path, options: dict[str, Any]) -> list[dict]:
+    """The file's rows, ``[]`` for none (a header line alone, JSON ``[]``): ``load_dataset``
+    refuses a split without rows with a message that names no file."""
+    import datasets
+
+    with _quiet_datasets():
+        reader = datasets.load_dataset_builder(builder, data_files=str(path), **options)
+        reader.download_and_prepare()
+        if not reader.info.splits["train"].num_examples:
+            return []
+        return reader.as_dataset("train").to_list()
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """datasets logs a reader's error before it raises it; the BadInputError says it once."""
+    from datasets.utils import logging as datasets_logging
+
+    verbosity = datasets_logging.get_verbosity()
+    datasets_logging.set_verbosity(datasets_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets_logging.set_verbosity(verbosity)
+
+
+def _cause(err: BaseException) -> str:
+    """What went wrong, on one line: datasets wraps the reader's own error (pandas' "Expected
+    2 fields in line 6, saw 4") in "An error occurred while generating the dataset"."""
+    while err.__cause__ is not None or (not str(err).strip() and err.__context__ is not None):
+        err = err.__cause__ or err.__context__
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def _csv_options(path: Path, data: DataSpec, split: str, texts: tuple[str, ...]) -> dict[str, Any]:
@@ -221,6 +281,9 @@ def _csv_options(path: Path, data: DataSpec, split: str, texts: tuple[str, ...])
     it never closes by swallowing the lines after it, silently. Text columns stay text as
     written: pandas would read a response ``007`` as the number 7 (and `` 5`` as 5)."""
     options = dict(data.read_options)
+    # only an empty cell is missing: pandas would also take None, NA, N/A, null, nan... for
+    # missing, and refuse a text, label or response that is one of these words as empty
+    options.update(keep_default_na=False, na_values=[""])
     by_index = not data.header and not data.columns  # pandas numbers such columns
     options["converters"] = {int(t) if by_index and t.isdigit() else t: str for t in texts}
     if path.suffix.lower() == ".tsv":
@@ -242,7 +305,9 @@ def _csv_options(path: Path, data: DataSpec, split: str, texts: tuple[str, ...])
 
 def _strict_first_row(path: Path, separator: str, options: dict[str, Any], split: str) -> list[str]:
     """The file's first row, after reading every row as pandas will (quoting as set)."""
-    quoting = options.get("quoting", csv.QUOTE_MINIMAL)
+    # QUOTE_ALL and QUOTE_NONNUMERIC quote as QUOTE_MINIMAL does when reading; csv's
+    # QUOTE_NONNUMERIC would also refuse every unquoted text that is not a number
+    quoting = csv.QUOTE_NONE if options.get("quoting") == csv.QUOTE_NONE else csv.QUOTE_MINIMAL
     first: list[str] = []
     try:
         with path.open(newline="", encoding=options.get("encoding", "utf-8")) as file:
@@ -304,7 +369,11 @@ def label_vocabulary(rows: list[dict], task: TaskSpec) -> list[str]:
     (strings, 1..4) get the same ids whatever the order of the rows."""
     values = {row["label"] for row in rows}
     numbers = all(isinstance(x, int | float) and not isinstance(x, bool) for x in values)
-    names = [str(x) for x in sorted(values)] if numbers else sorted({str(x) for x in values})
+    names = (
+        [_label_name(x) for x in sorted(values)]
+        if numbers
+        else sorted({_label_name(x) for x in values})
+    )
     if len(names) < 2:
         raise BadInputError(
             f"{source(task.data, 'train')}: column {task.label!r} (task.label) holds one "
@@ -321,7 +390,7 @@ def map_labels(
     ids = {name: i for i, name in enumerate(label_names)}
     mapped = []
     for row in rows:
-        key = str(row["label"])
+        key = _label_name(row["label"])
         if key not in ids:
             carved_note = " (it occurs only in the rows carved out as dev)" if carved else ""
             raise BadInputError(
@@ -331,3 +400,12 @@ def map_labels(
             )
         mapped.append({**row, "label": ids[key]})
     return mapped
+
+
+def _label_name(value: Any) -> str:
+    """A label as text, an integral float as its int (``1.0`` -> ``"1"``): pandas reads a
+    column as floats where one file writes ``1.0`` (or quotes its texts, quoting 2) and as
+    ints where another writes ``1``, and a JSON file can hold both."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)

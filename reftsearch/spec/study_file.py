@@ -8,6 +8,8 @@ storage is touched.
 
 from __future__ import annotations
 
+import codecs
+import csv
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -338,7 +340,7 @@ def _model(raw: Any, path: str, base_dir: Path) -> ModelSpec:
     entries = v.mapping(raw, path, ["path", "dtype", "device"], required=["path"])
     model_path = v.string(entries["path"], v.join(path, "path"))
     if model_path.startswith((".", "/", "~")):
-        model_path = str((base_dir / Path(model_path).expanduser()).resolve())
+        model_path = _local_path(model_path, v.join(path, "path"), base_dir)
     dtype = v.choice(entries.get("dtype", "auto"), v.join(path, "dtype"), DTYPES)
     device = v.string(
         entries.get("device", "auto"),
@@ -403,6 +405,29 @@ def _column(raw: Any, path: str) -> str:
 
 # what read_options passes on to the CSV reader (pandas.read_csv), and nothing else
 READ_OPTIONS = ("sep", "delimiter", "quoting", "encoding")
+QUOTING = {  # read_options.quoting: the csv module's constants
+    csv.QUOTE_MINIMAL: "QUOTE_MINIMAL",
+    csv.QUOTE_ALL: "QUOTE_ALL",
+    csv.QUOTE_NONNUMERIC: "QUOTE_NONNUMERIC",
+    csv.QUOTE_NONE: "QUOTE_NONE",
+}
+
+
+def _local_path(raw: str, path: str, base_dir: Path) -> str:
+    """``raw`` as an absolute path, relative to the study file. One the system cannot look
+    up (an unknown ~user, a symlink loop, a NUL byte, a name too long) is refused here: the
+    readers would fail on it with a traceback."""
+    try:
+        named = Path(raw).expanduser()
+    except RuntimeError:  # Python's "Could not determine home directory" names no one
+        raise SpecError(path, f"{raw.partition('/')[0]}: no such user") from None
+    try:
+        resolved = (base_dir / named).resolve()
+        resolved.exists()  # raises for a name too long, which resolve() lets through
+    except (OSError, RuntimeError, ValueError) as err:  # ValueError: a NUL byte
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else err
+        raise SpecError(path, f"cannot be looked up as a path: {reason}") from None
+    return str(resolved)
 
 
 def _data(raw: Any, path: str, base_dir: Path) -> DataSpec:
@@ -431,12 +456,10 @@ def _data(raw: Any, path: str, base_dir: Path) -> DataSpec:
                 v.join(path, "train"), "is required (a file, a directory, or a split of data.hub)"
             )
         # local files are relative to the study file
-        splits = {s: str((base_dir / Path(p).expanduser()).resolve()) for s, p in splits.items()}
+        splits = {s: _local_path(p, v.join(path, s), base_dir) for s, p in splits.items()}
     else:
         splits.setdefault("train", "train")
-    read_options = v.mapping(
-        entries.get("read_options"), v.join(path, "read_options"), READ_OPTIONS
-    )
+    read_options = _read_options(entries.get("read_options"), v.join(path, "read_options"))
     header, columns = _header(entries, path, hub is not None)
     return DataSpec(
         **splits,
@@ -450,6 +473,31 @@ def _data(raw: Any, path: str, base_dir: Path) -> DataSpec:
         header=header,
         columns=columns,
     )
+
+
+def _read_options(raw: Any, path: str) -> dict[str, Any]:
+    """Checked here, as pandas and the csv module would fail on a wrong type with a
+    traceback, and on ``quoting: QUOTE_NONE`` (a name, not the number) too."""
+    entries = v.mapping(raw, path, READ_OPTIONS)
+    if "sep" in entries and "delimiter" in entries:
+        raise SpecError(path, "give sep or delimiter (the same option), not both")
+    for key in ("sep", "delimiter", "encoding"):
+        if key in entries:
+            v.string(entries[key], v.join(path, key))
+    quoting = entries.get("quoting", csv.QUOTE_MINIMAL)
+    if isinstance(quoting, bool) or not isinstance(quoting, int) or quoting not in QUOTING:
+        choices = ", ".join(f"{number} ({name})" for number, name in QUOTING.items())
+        raise SpecError(v.join(path, "quoting"), f"must be one of {choices}, got {quoting!r}")
+    if "encoding" in entries:
+        try:
+            codecs.lookup(entries["encoding"])
+        except LookupError:
+            raise SpecError(
+                v.join(path, "encoding"),
+                f"must be an encoding Python knows, like utf-8 or latin-1, "
+                f"got {entries['encoding']!r}",
+            ) from None
+    return entries
 
 
 def _header(entries: dict, path: str, hub: bool) -> tuple[bool, tuple[str, ...] | None]:
