@@ -108,7 +108,7 @@ def export_study(
     log: Log = print,
 ) -> AdaptersExport:
     """Write the best trial (or ``trial_number``) of the stored study to ``out_dir``."""
-    out, study, trial = open_pick(spec, storage_url, out_dir, trial_number)
+    out, study, trial = open_pick(spec, storage_url, out_dir, trial_number, log)
     recorded = TrialRecord.of(trial).config or {}
     if "intervention" not in recorded:
         raise BadInputError(
@@ -127,7 +127,7 @@ def export_study(
 
     # every built-in is copied: base_model/ then holds the trained head (see why_not_mappable)
     copy = spec.model.path in BUILTIN_MODELS
-    with replacing(out) as scratch:
+    with replacing(out, log) as scratch:
         write_export_json(
             scratch / CONFIG_FILE, adapter_config_file(config, base), indent=2, sort_keys=True
         )
@@ -160,7 +160,7 @@ def export_study(
             },
             "note": note,
         }
-        sidecar["files"] = listing(scratch)  # what a later export may replace
+        sidecar |= listing(scratch)  # what a later export may replace
         write_export_json(scratch / SIDECAR, sidecar)
     return AdaptersExport(out, trial.number, weights, note, score)
 

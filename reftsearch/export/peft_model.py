@@ -53,7 +53,7 @@ def export_study(
     log: Log = print,
 ) -> ExportResult:
     """Write the best trial (or ``trial_number``) of a LoRA, DoRA or full study to ``out_dir``."""
-    out, study, trial = open_pick(spec, storage_url, out_dir, trial_number)
+    out, study, trial = open_pick(spec, storage_url, out_dir, trial_number, log)
     method = (TrialRecord.of(trial).config or {}).get("method", "reft")
     if method not in METHODS:
         raise BadInputError(f"trial {trial.number} is a {method} trial, not one of {METHODS}")
@@ -61,7 +61,7 @@ def export_study(
     base = prepared.base
     adapter, weights = trained_adapter(prepared, study, trial, log)
     score = held_out_score(spec, study, trial, log, trained=(prepared, adapter))
-    with replacing(out) as scratch:
+    with replacing(out, log) as scratch:
         sidecar = trial_sidecar(spec, storage_url, trial, prepared, score, weights)
         if isinstance(adapter, FullModule):
             save_full_model(scratch, adapter, base)
@@ -76,7 +76,7 @@ def export_study(
                 scratch, spec.model.path, source, base, config, copied
             )
             sidecar["load_with"] = "peft.PeftModel.from_pretrained(base_model, OUT_DIR)"
-        sidecar["files"] = listing(scratch)
+        sidecar |= listing(scratch)  # what a later export may replace
         write_export_json(scratch / "reftsearch.json", sidecar)
     return ExportResult(out, trial.number, weights, True, "", score)
 

@@ -40,7 +40,7 @@ from reftsearch.export.base_model import (
     save_base_model_for_transformers4,
     transformers4_config,
 )
-from reftsearch.export.out_dir import check_out_dir, listing, replacing
+from reftsearch.export.out_dir import check_out_dir, listing, replacing, settle_interrupted
 from reftsearch.export.pyreft_snippet import render_snippet
 from reftsearch.methods.reft.interventions import Intervention
 from reftsearch.methods.reft.module import ReftModule
@@ -120,7 +120,7 @@ def export_study(
     """Write the best trial (or ``trial_number``) of the stored study to ``out_dir``.
 
     The base model is copied for built-in models and with ``with_base_model``, else named."""
-    out, study, trial = open_pick(spec, storage_url, out_dir, trial_number)
+    out, study, trial = open_pick(spec, storage_url, out_dir, trial_number, log)
     _check_exportable(trial)
     # float32 whatever the search ran in: the pick's weights and numbers are exact
     prepared = prepare(spec, dtype=EXACT_DTYPE)
@@ -132,7 +132,7 @@ def export_study(
     # the built-in models that exist nowhere else are copied; embedded:minilm's package is named
     shipped = shipped_directory(spec.model.path)
     copy = with_base_model or (spec.model.path in BUILTIN_MODELS and shipped is None)
-    with replacing(out) as scratch:
+    with replacing(out, log) as scratch:
         keys, representations = write_pyreft_files(scratch, reft, base)
         has_head = write_head(scratch, base)
         location = write_base_model(
@@ -181,7 +181,7 @@ def export_study(
             "pyreft_note": note,
         }
         (scratch / "reft_config.py").write_text(render_snippet(sidecar))
-        sidecar["files"] = listing(scratch)  # what a later export may replace
+        sidecar |= listing(scratch)  # what a later export may replace
         write_export_json(scratch / "reftsearch.json", sidecar)
     return ExportResult(out, trial.number, weights, loadable, note, score)
 
@@ -227,11 +227,13 @@ def task_spec_entry(task: TaskSpec) -> dict:
 
 
 def open_pick(
-    spec: StudySpec, storage_url: str, out_dir: str | Path, trial_number: int | None
+    spec: StudySpec, storage_url: str, out_dir: str | Path, trial_number: int | None, log: Log
 ) -> tuple[Path, optuna.Study, optuna.trial.FrozenTrial]:
-    """An export's first steps, for every format: its output directory (checked before anything
-    is scored or stored), the stored study and the trial to export (``pick_trial``)."""
+    """An export's first steps, for every format: its output directory (an interrupted export's
+    swap settled, then checked, before anything is scored or stored), the stored study and the
+    trial to export (``pick_trial``)."""
     out = Path(out_dir).absolute()  # not resolve(): a symbolic link must stay one, to refuse
+    settle_interrupted(out, log)
     check_out_dir(out)
     study = load_study_of(spec, storage_url)
     return out, study, pick_trial(study, trial_number)
