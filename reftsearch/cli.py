@@ -635,8 +635,11 @@ def quiet_libraries() -> None:
     """Keep the output to reftsearch's own lines; libraries' chatter goes nowhere."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars too
     if "datasets" in sys.modules:  # loaded before (main called in a process that used it):
         sys.modules["datasets"].disable_progress_bars()  # it read the variable then
+    if "transformers" in sys.modules:  # e.g. export's "Writing model shards" bar
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
     import warnings
 
     import optuna

@@ -233,7 +233,9 @@ def test_export_replaces_only_what_a_previous_export_wrote(tmp_path, capsys):
     assert "base_model" in sidecar["files"] and "reftsearch.json" in sidecar["files"]
     first = (out / "reference_io.json").read_text()
 
+    capsys.readouterr()
     assert main(["export", str(study), str(out)]) == 0  # a previous export: replaced
+    assert "Writing model shards" not in capsys.readouterr().err  # transformers' progress bar
     assert sorted(p.name for p in out.iterdir()) == sidecar["files"]
     assert (out / "reference_io.json").read_text() == first
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []
