@@ -219,8 +219,9 @@ def test_unreadable_and_malformed_files(tmp_path):
         load_spec(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: [unclosed")
-    with pytest.raises(BadInputError, match="not valid YAML"):
+    with pytest.raises(BadInputError, match="not valid YAML") as raised:
         load_spec(bad)
+    assert f'in "{bad}", line 1' in str(raised.value)  # the file, not "<unicode string>"
 
 
 def test_parse_layers():

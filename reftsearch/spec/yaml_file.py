@@ -13,6 +13,7 @@ and JSON do, so that form is resolved as a float too.
 
 from __future__ import annotations
 
+import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,10 +65,18 @@ def read_study_file(path: Path) -> Any:
 def load_yaml(text: str, where: str) -> Any:
     """``text``'s YAML value; ``where`` names it in errors (a file, a ``--set`` item)."""
     try:
-        _check_events(yaml.parse(text, Loader=StudyLoader), where)
-        return yaml.load(text, Loader=StudyLoader)  # noqa: S506 (a safe loader)
+        _check_events(yaml.parse(_named(text, where), Loader=StudyLoader), where)
+        return yaml.load(_named(text, where), Loader=StudyLoader)  # noqa: S506 (a safe loader)
     except (yaml.YAMLError, ValueError) as err:  # ValueError: an integer of 4,300+ digits
         raise BadInputError(f"{where}: not valid YAML: {err}") from None
+
+
+def _named(text: str, where: str) -> io.StringIO:
+    """``text`` as a stream named ``where``: YAML's errors then say `in "study.yaml", line 4`,
+    not `in "<unicode string>"`."""
+    stream = io.StringIO(text)
+    stream.name = where
+    return stream
 
 
 @dataclass
