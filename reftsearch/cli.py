@@ -279,7 +279,7 @@ def _run(args: argparse.Namespace) -> int:
     storage = args.storage or spec.storage
     # a bad spec or storage URL is told at once, not after the runner's imports (torch and
     # transformers: ~10 s on a CPU machine)
-    check_storage(storage)
+    check_storage(storage, writing=True)
     print(f"loading {spec.model.path} and the task's data...", flush=True)
     from reftsearch.run.driver import run_study
     from reftsearch.search.trial_gain import trial_gain
@@ -335,11 +335,14 @@ def _trial_gain(spec: StudySpec, storage: str) -> tuple[TrialGain | None, str]:
 def _validate(args: argparse.Namespace) -> int:
     # the model's config, not its weights: no torch is imported (tests/test_hostile_specs.py)
     from reftsearch.search.fit import check_model_fit, read_model_shape
+    from reftsearch.search.storage import check_storage, sqlite_path
 
     status = EXIT_OK
     for path in args.studies:
         try:
             spec = load_spec(path, args.set)
+            if sqlite_path(spec.storage) is not None:  # a server is left to run: no connection
+                check_storage(spec.storage, writing=True)
             shape = read_model_shape(spec)
             check_model_fit(spec, shape)
             data = _data_summary(spec)
@@ -580,7 +583,7 @@ def _worker(args: argparse.Namespace) -> int:
         raise BadInputError(f"--storage: give a storage URL or set ${STORAGE_ENV}")
     if args.n_trials is not None and args.n_trials < 1:
         raise BadInputError(f"--n-trials: must be a positive integer, got {args.n_trials}")
-    check_storage(args.storage)
+    check_storage(args.storage, writing=True)
     from reftsearch.run.lines import ProgressPrinter
     from reftsearch.run.worker import Worker, published_spec
 

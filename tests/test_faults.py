@@ -18,6 +18,7 @@ import sys
 import time
 from collections import Counter
 from contextlib import closing
+from pathlib import Path
 
 import optuna
 import pytest
@@ -37,6 +38,7 @@ from reftsearch.cli import main, report_errors
 from reftsearch.errors import BadInputError, TrialFailed
 from reftsearch.processes import worker_id
 from reftsearch.run.worker import Worker, interrupt_trials_of
+from reftsearch.search import storage as storage_module
 from reftsearch.search.record import TrialRecord, search_trials
 from reftsearch.search.seed_reruns import enqueue_finalize
 from reftsearch.search.storage import open_storage
@@ -108,6 +110,33 @@ def test_a_sqlite_database_of_other_tables_or_damaged_is_refused_and_left_as_it_
             assert said in capsys.readouterr().err
         assert (digest(theirs), digest(damaged)) == before
     assert sorted(p.name for p in tmp_path.glob("*.db*")) == ["damaged.db", "shop.db"]
+
+
+def test_a_storage_that_cannot_be_written_is_refused_by_validate_and_run_before_loading(
+    write_study, easy_task_files, tmp_path, capsys, monkeypatch
+):
+    """`validate` said ok; `run` loaded the model, then failed (exit 1) at its first write,
+    saying to run the same command again. As root nothing is read-only: ``os.access`` says
+    what a user without write permission would meet."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        storage_module.os, "access", lambda p, mode: Path(p) != locked and real_access(p, mode)
+    )
+    study = write_study(tiny_study(easy_task_files, storage=f"sqlite:///{locked / 's.db'}"))
+    missing = write_study(
+        tiny_study(easy_task_files, storage=f"sqlite:///{tmp_path / 'no' / 's.db'}"), "m.yaml"
+    )
+    for argv, said in (
+        (["validate", str(study)], f"storage: {locked} is not writable"),
+        (["run", str(study)], f"storage: {locked} is not writable"),
+        (["validate", str(missing)], f"directory {tmp_path / 'no'} does not exist"),
+    ):
+        assert main(argv) == 2
+        out = capsys.readouterr()
+        assert said in out.err and "loading" not in out.out
+    assert list(locked.iterdir()) == []
 
 
 def test_read_only_commands_leave_an_empty_file_empty(
@@ -499,6 +528,7 @@ def ran_first(trials: list[optuna.trial.FrozenTrial]) -> int:
 RACE = """
 import os, sys, time
 import optuna
+from reftsearch.search import storage as storage_module
 from reftsearch.search.storage import open_storage
 go, url = sys.argv[1:]
 while not os.path.exists(go):

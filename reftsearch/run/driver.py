@@ -88,7 +88,7 @@ def _run_study(
 ) -> optuna.Study:
     n_trials = n_trials or spec.budget.n_trials
     log = log or print_now
-    check_storage(storage_url)
+    check_storage(storage_url, writing=True)
     on_ray = workers > 1 or address is not None
     start = time.perf_counter()
     # a driver whose workers train loads its copy on the CPU (on the workers' GPU it would

@@ -12,6 +12,7 @@ fails mid-run ends the command with one line (``storage_errors``).
 from __future__ import annotations
 
 import errno
+import os
 import sqlite3
 import time
 import warnings
@@ -56,8 +57,9 @@ def sqlite_path(url: str) -> Path | None:
     return Path(parsed.database)
 
 
-def check_storage(url: str) -> None:
-    """Raise BadInputError if ``url`` cannot hold a study; creates and changes nothing."""
+def check_storage(url: str, writing: bool = False) -> None:
+    """Raise BadInputError if ``url`` cannot hold a study (``writing``: one this process can
+    write, as ``run`` and workers do); creates and changes nothing."""
     try:
         parsed = make_url(url)
         parsed.port  # noqa: B018 (a non-numeric port raises here)
@@ -83,6 +85,8 @@ def check_storage(url: str) -> None:
             raise BadInputError(f"storage: {path} exists and is not a SQLite database")
         if path.is_file() and path.stat().st_size:
             _check_study_database(path)
+        if writing:
+            _check_writable(path)
         return
     try:
         engine = sqlalchemy.create_engine(url, connect_args=_connect_args(url))
@@ -194,6 +198,17 @@ def owned_trials_storage(study: optuna.Study) -> OwnedTrialsStorage | None:
 
 def _lost_create_race(err: Exception) -> bool:
     return any(text in str(err) for text in CREATE_RACE)
+
+
+def _check_writable(path: Path) -> None:
+    """A SQLite study file, and its folder (its write-ahead log goes beside it), must be
+    writable: SQLite says so only at the first write, after the model has loaded."""
+    for target in (path.parent, path) if path.exists() else (path.parent,):
+        if not os.access(target, os.W_OK):
+            raise BadInputError(
+                f"storage: {target} is not writable, and a study's database and its "
+                "write-ahead log are written there; name another place (storage: URL)"
+            )
 
 
 def _check_study_database(path: Path) -> None:
