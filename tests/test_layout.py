@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).parents[1] / "reftsearch"
 
 # lowest first; a module may import its own layer and those below, never one above
 LAYERS = (
-    ("errors", "progress", "metrics"),
+    ("errors", "progress", "metrics", "processes", "own_files"),
     ("spec",),
     ("models", "data"),
     ("methods",),
