@@ -300,6 +300,24 @@ def test_a_study_read_or_resumed_with_another_metric_or_model_is_bad_input(
     assert digest(tmp_path / "t.db") == before and not (tmp_path / "out").exists()
 
 
+def test_a_study_of_one_method_is_not_resumed_by_a_spec_of_another(
+    write_study, easy_task_files, tmp_path, capsys
+):
+    """A LoRA study file copied from a ReFT one, its name unchanged, added LoRA trials to the
+    ReFT study, ranked with them, and replaced the spec its workers join with."""
+    study = write_study(tiny_study(easy_task_files, budget={"n_trials": 1, "max_epochs": 1}))
+    assert main(["run", str(study)]) == 0
+    lora = tiny_study(easy_task_files, budget={"n_trials": 2, "max_epochs": 1}, method="lora")
+    lora["space"] = {"rank": [1, 2], "lr": 1e-3, "batch_size": 8}
+    before = digest(tmp_path / "t.db")
+    capsys.readouterr()
+    assert main(["run", str(write_study(lora, "lora.yaml"))]) == 2
+    assert "method: study 't' was searched with 'reft', the spec now says 'lora'" in (
+        capsys.readouterr().err
+    )
+    assert digest(tmp_path / "t.db") == before
+
+
 def test_a_model_directory_that_moved_is_the_same_model(tmp_path, easy_task_files):
     study = optuna.create_study()
     study.set_user_attr("model", "/old/checkout/models/my-bert")

@@ -50,6 +50,14 @@ def test_shipped_pareto_study_runs_and_best_json_lists_the_front(tmp_path, capsy
     assert "<h2>Pareto front</h2>" in page and "Pareto front: score vs trainable" in page
     assert (out / "params.png").stat().st_size > 1000
 
+    # export wrote `trial.value`, which a two-objective trial has not: a traceback, exit 1
+    exported = tmp_path / "export"
+    pick = str(front[0]["number"])
+    argv = ["export", str(PARETO_STUDY), str(exported), "--trial", pick, "--storage", storage]
+    assert main([*argv, *fast]) == 0
+    sidecar = json.loads((exported / "reftsearch.json").read_text())
+    assert sidecar["dev_score"] == front[0]["value"]
+
 
 @pytest.mark.parametrize(
     ("override", "message"),

@@ -209,7 +209,7 @@ def trial_sidecar(
         # them too)
         "id2label": dict(enumerate(label_names)) or None,
         "label2id": {name: i for i, name in enumerate(label_names)} or None,
-        "dev_score": trial.value,
+        "dev_score": trial.values[0],  # the score: a two-objective study's first objective
         # the dtype the search scored it in (the weights are base_model.dtype, float32)
         "dev_score_dtype": TrialRecord.of(trial).dtype,
         "test_score": test_score,

@@ -300,21 +300,25 @@ def open_study(spec: StudySpec, storage_url: str, heartbeat: bool = True) -> opt
     study.set_metric_names([names[o] for o in spec.objectives])
     study.set_user_attr("task_kind", spec.task.kind)
     study.set_user_attr("model", spec.model.path)
+    study.set_user_attr("method", spec.method)
     if WEIGHTS_DIR not in study.user_attrs:  # fixed at creation: trials already point there
         study.set_user_attr(WEIGHTS_DIR, str(weights_dir(spec, storage_url)))
     return study
 
 
 def check_same_setup(spec: StudySpec, study: optuna.Study) -> None:
-    """Refuse a spec whose metric, task kind or model differ from those ``study`` was searched
-    with: its stored scores would be read as the new metric's, and a new trial of a config
-    already tried would copy the old model's result. A model directory that moved (the same
-    name elsewhere, as when a project is cloned again) is the same model."""
+    """Refuse a spec whose metric, task kind, model or method differ from those ``study`` was
+    searched with: its stored scores would be read as the new metric's, a new trial of a
+    config already tried would copy the old model's result, and a LoRA spec would add LoRA
+    trials to a ReFT study (a copied study file whose name was not changed). A model
+    directory that moved (the same name elsewhere, as when a project is cloned again) is the
+    same model."""
     stored = study.user_attrs
     for key, attr, now in (
         ("metric", "metric", spec.metric),
         ("task.kind", "task_kind", spec.task.kind),
         ("model", "model", spec.model.path),
+        ("method", "method", spec.method),
     ):
         then = stored.get(attr)
         if then is None or then == now or (key == "model" and _moved(then, now)):
@@ -328,7 +332,8 @@ def check_same_setup(spec: StudySpec, study: optuna.Study) -> None:
 
 def load_study_of(spec: StudySpec, storage_url: str) -> optuna.Study:
     """The stored study ``spec`` names, which must be the one it describes (same metric, task
-    kind and model): what export, predict and best rebuild from the spec must be what ran."""
+    kind, model and method): what export, predict and best rebuild from the spec must be what
+    ran."""
     study = load_named_study(spec.name, storage_url)
     check_same_setup(spec, study)
     return study
