@@ -270,11 +270,9 @@ def _spec(args: argparse.Namespace) -> StudySpec:
 def _run(args: argparse.Namespace) -> int:
     from reftsearch.search.storage import check_storage
 
-    if args.n_trials is not None and args.n_trials < 1:
-        raise BadInputError(f"--n-trials: must be a positive integer, got {args.n_trials}")
+    _check_count(args.n_trials, "--n-trials")
     spec = _spec(args)
-    if args.workers is not None and args.workers < 1:
-        raise BadInputError(f"--workers: must be a positive integer, got {args.workers}")
+    _check_count(args.workers, "--workers")
     workers = args.workers or spec.resources.workers
     storage = args.storage or spec.storage
     # a bad spec or storage URL is told at once, not after the runner's imports (torch and
@@ -293,14 +291,17 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    if args.samples is not None and args.samples < 1:
-        raise BadInputError(f"--samples: must be a positive integer, got {args.samples}")
+    _check_count(args.samples, "--samples")
+    _check_count(args.workers, "--workers")
     spec = _spec(args)
+    workers = args.workers or spec.resources.workers
+    storage = args.storage or spec.storage
+    from reftsearch.search.storage import check_storage
+
+    check_storage(storage)  # a study not run yet is fine; a storage that cannot be is not
     from reftsearch.run.driver import estimate_new_study  # after the spec is read (see _run)
     from reftsearch.search.study import prepare
 
-    workers = args.workers or spec.resources.workers
-    storage = args.storage or spec.storage
     estimate = estimate_new_study(spec, storage, prepare(spec), workers, args.samples)
     gain, unmeasured = _trial_gain(spec, storage)
     if args.json:
@@ -425,6 +426,8 @@ def _dashboard(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= MAX_PORT:
         raise BadInputError(f"--port: must be 0 to {MAX_PORT} (0: any free one), got {args.port}")
+    if not args.host.strip():  # the server would listen on every interface, with no login
+        raise BadInputError("--host: give an address to listen on, e.g. 127.0.0.1, got ''")
     spec = _spec(args)
     storage = args.storage or spec.storage
     check_storage(storage)
@@ -451,8 +454,7 @@ def _report(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     if len(args.studies) < 2:
         raise BadInputError(f"compare: give two or more study files, got {len(args.studies)}")
-    if args.n_trials is not None and args.n_trials < 1:
-        raise BadInputError(f"--n-trials: must be a positive integer, got {args.n_trials}")
+    _check_count(args.n_trials, "--n-trials")
     if args.timeout is not None and not 0 < args.timeout < float("inf"):
         raise BadInputError(f"--timeout: must be a positive number of seconds, got {args.timeout}")
     out = _output_file(args.out, "--out") if args.out else None
@@ -462,6 +464,8 @@ def _compare(args: argparse.Namespace) -> int:
     name = "compare-" + "-vs-".join(s.name for s in specs) + ".csv"
     out = out or Path(args.studies[0]).with_name(name)
     figure = out.with_suffix(".png")
+    if figure == out:
+        raise BadInputError(f"--out {out}: name the table (.csv); its plot goes beside it (.png)")
     refuse_foreign(out, "--out", "compare", CSV_MARK)
     if figure.exists() and not holds(out, CSV_MARK):  # its plot sits beside its table
         raise BadInputError(
@@ -542,7 +546,13 @@ def _predict(args: argparse.Namespace) -> int:
         print(text)
     else:
         with _writing(out, "--out"):
-            out.write_text(text + "\n")
+            try:
+                with out.open("x") as file:  # made now, or refused: never another's file
+                    file.write(text + "\n")
+            except FileExistsError:
+                raise BadInputError(
+                    f"--out {out}: exists (made while predicting); name a new file"
+                ) from None
         _stderr(f"wrote {len(predictions)} predictions to {out}")
     return EXIT_OK
 
@@ -581,8 +591,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     if not args.storage:
         raise BadInputError(f"--storage: give a storage URL or set ${STORAGE_ENV}")
-    if args.n_trials is not None and args.n_trials < 1:
-        raise BadInputError(f"--n-trials: must be a positive integer, got {args.n_trials}")
+    _check_count(args.n_trials, "--n-trials")
     check_storage(args.storage, writing=True)
     from reftsearch.run.lines import ProgressPrinter
     from reftsearch.run.worker import Worker, published_spec
@@ -606,6 +615,17 @@ def _print_best(study, top: int, summaries: list[dict] | None = None) -> None:
         trials = pareto_front(study) if is_pareto(study) else best_trials(study, top)
         summaries = best_summaries(study, trials)
     print(format_table(summaries, study.user_attrs.get("metric", "value")))
+
+
+MAX_COUNT = 2**31 - 1  # as a study file's integers (reftsearch.spec.yaml_file)
+
+
+def _check_count(value: int | None, option: str) -> None:
+    """A count given on the command line (trials, workers, samples), if given."""
+    if value is not None and not 1 <= value <= MAX_COUNT:
+        raise BadInputError(
+            f"{option}: must be a positive integer (at most {MAX_COUNT:,}), got {value}"
+        )
 
 
 def _output_file(path: str, option: str) -> Path:

@@ -215,7 +215,7 @@ def test_export_refuses_bad_input(tmp_path, capsys):
     assert main(["export", str(study), str(tmp_path / "o"), "--trial", "7"]) == 2
     assert "has no trial 7" in capsys.readouterr().err
     assert main(["export", str(study), str(tmp_path / "o"), "--trial", "0"]) == 2
-    assert "must be COMPLETE to be exported, it is FAIL" in capsys.readouterr().err
+    assert "must be COMPLETE (trained to its end), it is FAIL" in capsys.readouterr().err
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     assert main(["export", str(study), str(tmp_path / "busy")]) == 2

@@ -209,8 +209,26 @@ def test_output_options_replace_only_files_their_command_wrote(
             "not a valid SQLAlchemy URL",
         ),
         (["compare", "{study}", "{study}", "--out", "{tmp}/missing/c.csv"], "does not exist"),
+        (["compare", "{study}", "{study}", "--out", "{tmp}/c.png"], "name the table (.csv)"),
+        (["dashboard", "{study}", "--host", ""], "--host: give an address to listen on"),
+        (["run", "{study}", "--n-trials", str(2**64)], "at most 2,147,483,647"),
+        (["estimate", "{study}", "--workers", "-3"], "--workers: must be a positive integer"),
+        (["estimate", "{study}", "--storage", "foo://bar"], "storage: cannot use foo://bar"),
     ],
-    ids=["csv-folder", "csv-a-folder", "out-a-file", "port", "storage-folder", "port-text", "cmp"],
+    ids=[
+        "csv-folder",
+        "csv-a-folder",
+        "out-a-file",
+        "port",
+        "storage-folder",
+        "port-text",
+        "cmp",
+        "cmp-png",
+        "empty-host",
+        "huge-count",
+        "estimate-workers",
+        "estimate-storage",
+    ],
 )
 def test_bad_output_paths_ports_and_storages_are_bad_input(
     write_study, easy_task_files, tmp_path, capsys, argv, message

@@ -14,6 +14,7 @@ from test_real_tasks import TINY, needs_data, offline, smollm2_cache, study_file
 from reftsearch.cli import main
 from reftsearch.data.splits import load_task_data
 from reftsearch.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS
+from reftsearch.results import predict as predict_module
 from reftsearch.spec.study_file import load_spec
 
 
@@ -69,6 +70,27 @@ def test_predict_refuses_what_it_cannot_do(trained_study, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # argparse: one of --text / --input
         main(["predict", str(trained_study)])
     assert exit_info.value.code == 2
+    latin1 = b"caf\xe9".decode("utf-8", "surrogateescape")  # as Python reads such an argument
+    capsys.readouterr()
+    assert main(["predict", str(trained_study), "--text", "ok", latin1]) == 2  # was a traceback
+    assert "--text[1]: is not UTF-8 text" in capsys.readouterr().err
+
+
+def test_predict_never_writes_over_a_file_made_while_it_ran(
+    trained_study, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "predictions.txt"
+    real = predict_module.predict
+
+    def meanwhile(*args, **kwargs):
+        out.write_text("mine")  # the user's, made after predict checked the name
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(predict_module, "predict", meanwhile)
+    assert main(["predict", str(trained_study), "--text", "a", "--out", str(out)]) == 2
+    assert out.read_text() == "mine" and "exists (made while predicting)" in (
+        capsys.readouterr().err
+    )
 
 
 def predictions(capsys, *argv: str) -> tuple[list[dict], str]:

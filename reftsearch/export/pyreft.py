@@ -269,7 +269,8 @@ def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTr
     trial = trials[number]
     if trial.state != optuna.trial.TrialState.COMPLETE:
         raise BadInputError(
-            f"--trial: trial {number} must be COMPLETE to be exported, it is {trial.state.name}"
+            f"--trial: trial {number} must be COMPLETE (trained to its end), "
+            f"it is {trial.state.name}"
         )
     return trial
 

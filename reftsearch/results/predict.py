@@ -85,6 +85,13 @@ def text_inputs(task: TaskSpec, texts: list[str]) -> list[dict[str, str]]:
             f"{task.text_pair!r}); give them in a file with --input"
         )
     key = "prompt" if task.kind == "generation" else "text"
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:  # bytes the shell passed that are not UTF-8
+            raise BadInputError(
+                f"--text[{i}]: is not UTF-8 text (a byte that is not, at character {err.start})"
+            ) from None
     return [{key: clean_value(key, text, f"--text[{i}]")} for i, text in enumerate(texts)]
 
 
