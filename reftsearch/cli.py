@@ -473,6 +473,10 @@ def _compare(args: argparse.Namespace) -> int:
             "`reftsearch compare` wrote; remove it or give another name"
         )
     check_comparable(specs, same_trials=args.n_trials is None)
+    from reftsearch.search.storage import check_storage
+
+    for spec in specs:  # every arm's, before the first arm runs for minutes
+        check_storage(spec.storage, writing=True)
     n_trials = args.n_trials if args.n_trials is not None else specs[0].budget.n_trials
     results = compare([(s, s.storage) for s in specs], n_trials, args.timeout, log=_stderr)
     metric = specs[0].metric

@@ -105,6 +105,38 @@ def test_compare_refuses_studies_on_other_budgets_naming_what_differs(
     assert "give two or more study files" in capsys.readouterr().err
 
 
+def test_compare_refuses_what_a_later_arm_cannot_do_before_the_first_arm_runs(
+    write_study, easy_task_files, tmp_path, capsys
+):
+    """A missing test split, a bad storage or the same study twice were found only when
+    their arm came, after the arms before it had run; a task that differed in one setting
+    printed both tasks whole."""
+    a = write_study(arm(easy_task_files, "reft"), "a.yaml")
+    lora = arm(easy_task_files, "lora")
+    cases = {
+        "task.max_length; 'reft' has 32, 'lora' has 64": {
+            **lora,
+            "task": {**lora["task"], "max_length": 64},
+        },
+        "task.data.test: the studies have no test split": {
+            **lora,
+            "task": {**lora["task"], "data": {**easy_task_files, "test": None}},
+        },
+        f"directory {tmp_path / 'no'} does not exist": {
+            **lora,
+            "storage": f"sqlite:///{tmp_path / 'no' / 'x.db'}",
+        },
+        "two of the study files name the same study": {**lora, "name": "reft"},
+    }
+    for said, other in cases.items():
+        first = a
+        if "test split" in said:
+            first = write_study({**arm(easy_task_files, "reft"), "task": other["task"]}, "a2.yaml")
+        assert main(["compare", str(first), str(write_study(other, "b.yaml"))]) == 2
+        assert said in capsys.readouterr().err
+        assert not list(tmp_path.glob("*.db")), said  # no arm ran
+
+
 def test_the_pareto_front_keeps_what_nothing_beats_on_both():
     costs, scores = [1, 2, 3, 4, 2], [0.5, 0.7, 0.6, 0.9, 0.7]
     # 2 (cost 3) is beaten by 1 (cheaper, better); 1 and 4 tie, both kept

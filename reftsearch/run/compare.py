@@ -24,6 +24,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
+from reftsearch.data.splits import has_split
 from reftsearch.errors import BadInputError, ReftSearchError
 from reftsearch.progress import Log
 from reftsearch.run.driver import run_finalize, run_study
@@ -102,11 +103,38 @@ def check_comparable(specs: Sequence[StudySpec], same_trials: bool = True) -> No
         checks["budget.n_trials"] = lambda s: s.budget.n_trials
     for what, value in checks.items():
         for other in specs[1:]:
-            if value(other) != value(first):
+            differs = _first_difference(value(first), value(other), what)
+            if differs is not None:
+                key, mine, theirs = differs
                 raise BadInputError(
-                    f"compare: every study must use the same {what}; {first.name!r} has "
-                    f"{value(first)!r}, {other.name!r} has {value(other)!r}"
+                    f"compare: every study must use the same {key}; {first.name!r} has "
+                    f"{mine!r}, {other.name!r} has {theirs!r}"
                 )
+    studies = [(spec.name, spec.storage) for spec in specs]
+    if len(set(studies)) < len(studies):
+        raise BadInputError(
+            "compare: two of the study files name the same study (name and storage); "
+            "give each arm its own name"
+        )
+    if not has_split(first.task.data, "test"):
+        raise BadInputError(
+            "compare: task.data.test: the studies have no test split, and compare scores "
+            "each pick on it"
+        )
+
+
+def _first_difference(mine: object, theirs: object, key: str) -> tuple[str, object, object] | None:
+    """Where two values differ first, by key path (into dataclasses: ``task.max_length``)."""
+    if mine == theirs:
+        return None
+    if dataclasses.is_dataclass(mine) and type(mine) is type(theirs):
+        for field in dataclasses.fields(mine):
+            differs = _first_difference(
+                getattr(mine, field.name), getattr(theirs, field.name), f"{key}.{field.name}"
+            )
+            if differs is not None:
+                return differs
+    return key, mine, theirs
 
 
 def rerun_seeds(spec: StudySpec) -> tuple[int, ...]:
