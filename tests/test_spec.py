@@ -222,6 +222,7 @@ def test_unreadable_and_malformed_files(tmp_path):
     with pytest.raises(BadInputError, match="not valid YAML") as raised:
         load_spec(bad)
     assert f'in "{bad}", line 1' in str(raised.value)  # the file, not "<unicode string>"
+    assert "\n" not in str(raised.value)  # one line, as every error
 
 
 def test_parse_layers():

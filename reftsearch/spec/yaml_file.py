@@ -68,7 +68,8 @@ def load_yaml(text: str, where: str) -> Any:
         _check_events(yaml.parse(_named(text, where), Loader=StudyLoader), where)
         return yaml.load(_named(text, where), Loader=StudyLoader)  # noqa: S506 (a safe loader)
     except (yaml.YAMLError, ValueError) as err:  # ValueError: an integer of 4,300+ digits
-        raise BadInputError(f"{where}: not valid YAML: {err}") from None
+        reason = " ".join(str(err).split())  # one line: YAML's spreads over several
+        raise BadInputError(f"{where}: not valid YAML: {reason}") from None
 
 
 def _named(text: str, where: str) -> io.StringIO:
