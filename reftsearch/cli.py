@@ -626,10 +626,10 @@ MAX_COUNT = 2**31 - 1  # as a study file's integers (reftsearch.spec.yaml_file)
 
 def _check_count(value: int | None, option: str) -> None:
     """A count given on the command line (trials, workers, samples), if given."""
-    if value is not None and not 1 <= value <= MAX_COUNT:
-        raise BadInputError(
-            f"{option}: must be a positive integer (at most {MAX_COUNT:,}), got {value}"
-        )
+    if value is not None and value < 1:
+        raise BadInputError(f"{option}: must be a positive integer, got {value}")
+    if value is not None and value > MAX_COUNT:
+        raise BadInputError(f"{option}: must be at most {MAX_COUNT:,}, got {value}")
 
 
 def _output_file(path: str, option: str) -> Path:
