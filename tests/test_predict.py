@@ -196,6 +196,13 @@ def test_predict_refuses_what_is_no_export_it_can_read(
     (older / "reftsearch.json").write_text(json.dumps(sidecar))
     error = refused(older)
     assert "lacks the task settings (task_spec)" in error and "export the trial again" in error
+    edited = {**sidecar, "task_spec": {"data": {}}}  # a hand edit: was a KeyError traceback
+    (older / "reftsearch.json").write_text(json.dumps(edited))
+    assert "its task_spec is not as export writes it (KeyError" in refused(older)
+    whole = json.loads((out / "reftsearch.json").read_text())
+    lora = {**whole, "config": {"method": "lora", "rank": 2}}  # was the config, dumped
+    (older / "reftsearch.json").write_text(json.dumps(lora))
+    assert "an export of a lora trial; predict EXPORT_DIR runs ReFT exports" in refused(older)
 
     adapters = tmp_path / "adapters"
     assert main(["export", str(trained_study), str(adapters), "--format", "adapters"]) == 0

@@ -128,13 +128,24 @@ def open_export(directory: Path) -> PyreftExport:
             "with; export the trial again with this reftsearch (reftsearch export STUDY OUT_DIR "
             "--trial N)"
         )
-    if "intervention" not in (sidecar.get("config") or {}):
-        raise BadInputError(f"{path}: its config is not a ReFT trial's: {sidecar.get('config')}")
-    settings = sidecar[TASK_SPEC]
-    read = settings["data"]
-    columns = None if read["columns"] is None else tuple(read["columns"])
-    data = DataSpec(header=read["header"], columns=columns, read_options=read["read_options"])
-    task = TaskSpec(**{name: settings[name] for name in TASK_SPEC_FIELDS}, data=data)
+    config = sidecar.get("config") or {}
+    if "intervention" not in config:
+        method = config.get("method", "unknown") if isinstance(config, dict) else "unknown"
+        raise BadInputError(
+            f"{directory}: an export of a {method} trial; predict EXPORT_DIR runs ReFT "
+            "exports: run the trial from its study instead (reftsearch predict STUDY --trial N)"
+        )
+    try:
+        settings = sidecar[TASK_SPEC]
+        read = settings["data"]
+        columns = None if read["columns"] is None else tuple(read["columns"])
+        data = DataSpec(header=read["header"], columns=columns, read_options=read["read_options"])
+        task = TaskSpec(**{name: settings[name] for name in TASK_SPEC_FIELDS}, data=data)
+    except (KeyError, TypeError) as err:  # a reftsearch.json edited by hand
+        raise BadInputError(
+            f"{path}: its {TASK_SPEC} is not as export writes it ({type(err).__name__}: {err}); "
+            "export the trial again (reftsearch export STUDY OUT_DIR --trial N)"
+        ) from None
     id2label = sidecar.get("id2label") or {}
     label_names = [id2label[str(i)] for i in range(len(id2label))] or None
     return PyreftExport(directory, sidecar, task, label_names)
