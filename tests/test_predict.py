@@ -15,6 +15,7 @@ from reftsearch.cli import main
 from reftsearch.data.splits import load_task_data
 from reftsearch.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS
 from reftsearch.results import predict as predict_module
+from reftsearch.results.predict import Prediction
 from reftsearch.spec.study_file import load_spec
 
 
@@ -91,6 +92,14 @@ def test_predict_never_writes_over_a_file_made_while_it_ran(
     assert out.read_text() == "mine" and "exists (made while predicting)" in (
         capsys.readouterr().err
     )
+
+
+def test_a_classified_input_is_one_line_whatever_it_holds():
+    """An input with a tab or a line break (a quoted CSV cell) broke the one tab-separated
+    line per input that scripts split."""
+    shown = Prediction({"text": "a\tb\nc"}, "pos", {"neg": 0.1, "pos": 0.9}).line()
+    assert shown == "pos\t(neg 0.100, pos 0.900)\ta\\tb\\nc"
+    assert len(shown.split("\t")) == 3 and "\n" not in shown
 
 
 def predictions(capsys, *argv: str) -> tuple[list[dict], str]:

@@ -59,6 +59,9 @@ def trained_export(export: PyreftExport) -> TrainedTrial:
     return TrainedTrial(base, reft, export.task, export.label_names, export.description)
 
 
+ESCAPED = str.maketrans({"\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
 @dataclass(frozen=True)
 class Prediction:
     """One input and what the trial makes of it."""
@@ -69,7 +72,9 @@ class Prediction:
     text: str | None = None  # generation
 
     def line(self) -> str:
-        shown = " | ".join(self.input.values())
+        """What predict prints: one line per classified input (tab-separated: its tabs and
+        line breaks are shown escaped), or a prompt and its continuation."""
+        shown = " | ".join(value.translate(ESCAPED) for value in self.input.values())
         if self.text is not None:
             return f"{shown}\n  -> {self.text}"
         assert self.label is not None and self.probabilities is not None
