@@ -197,6 +197,8 @@ def test_a_path_the_system_cannot_look_up_is_refused_naming_its_key(tmp_path):
         for changes, key in [
             ({"task": {"kind": "classification", "data": {"train": raw}}}, "task.data.train"),
             ({"model": raw if raw.startswith("~") else f"./{raw}"}, "model.path"),
+            ({"export": {"dir": raw}}, "export.dir"),
+            ({"resources": {"spill_dir": raw}}, "resources.spill_dir"),
         ]:
             with pytest.raises(SpecError) as info:
                 parse(minimal(**changes), tmp_path)

@@ -652,8 +652,7 @@ def _folder(entries: dict, path: str, key: str, base_dir: Path) -> str | None:
     """A folder named by ``key``, relative to the study file (as data paths are)."""
     if entries.get(key) is None:
         return None
-    folder = Path(v.string(entries[key], v.join(path, key))).expanduser()
-    return str(base_dir / folder)
+    return _local_path(v.string(entries[key], v.join(path, key)), v.join(path, key), base_dir)
 
 
 def _threads(raw: Any, path: str) -> int | None:
@@ -677,7 +676,7 @@ def _export(raw: Any, path: str, base_dir: Path, name: str) -> str:
     directory = entries.get("dir")
     if directory is None:
         return str(base_dir / "exports" / name)
-    return str((base_dir / Path(v.string(directory, v.join(path, "dir")))).resolve())
+    return _local_path(v.string(directory, v.join(path, "dir")), v.join(path, "dir"), base_dir)
 
 
 def _warm_start(raw: Any, path: str, base_dir: Path, method: str) -> tuple[WarmStartSpec, ...]:
