@@ -176,19 +176,24 @@ def interrupt_trials_of(study: optuna.Study, workers: set[str]) -> list[int]:
     ends a trial in-process: FAIL, ``interrupted``, counted nowhere, their configs enqueued
     again; without this they would wait out the heartbeat, counted as failures. Returns
     their numbers."""
-    ended = []
-    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        record = TrialRecord.of(frozen)
-        if record.worker not in workers:
-            continue
-        try:
-            if record.fail_reason != INTERRUPTED:  # else given back already, its tell cut short
-                give_back(optuna.Trial(study, frozen._trial_id), fail_reason=INTERRUPTED)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # a worker on another host finished it as it stopped
-        study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
-        ended.append(frozen.number)
-    return ended
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    return [
+        frozen.number
+        for frozen in running
+        if TrialRecord.of(frozen).worker in workers and _end_interrupted(study, frozen)
+    ]
+
+
+def _end_interrupted(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> bool:
+    """End the RUNNING trial ``frozen`` as an interrupted one (FAIL, not counted, its config
+    given back); False if it ended meanwhile (a worker on another host finished it)."""
+    try:
+        if TrialRecord.of(frozen).fail_reason != INTERRUPTED:  # else given back, its tell cut
+            give_back(optuna.Trial(study, frozen._trial_id), fail_reason=INTERRUPTED)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
+    return True
 
 
 @contextmanager
@@ -243,11 +248,8 @@ class UnstartedTrials:
             if now - seen < self.grace_s:
                 continue
             frozen = storage.get_trial(trial_id)
-            try:
-                give_back(optuna.Trial(study, trial_id), fail_reason=INTERRUPTED)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                continue  # it ended meanwhile
-            study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
+            if not _end_interrupted(study, frozen):
+                continue
             del self._first_seen[trial_id]
             owner = TrialRecord.of(frozen).worker or "a process"
             log(

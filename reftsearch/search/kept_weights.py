@@ -28,7 +28,7 @@ from torch import nn
 from reftsearch.methods.adapter import Adapter
 from reftsearch.progress import Log
 from reftsearch.search.record import TrialRecord, store
-from reftsearch.search.storage import sqlite_path
+from reftsearch.search.storage import backend_of, sqlite_path
 from reftsearch.spec.study_file import StudySpec
 
 WEIGHTS_DIR = "weights_dir"  # study user attribute: where the artifact store is
@@ -49,7 +49,7 @@ def weights_folder(storage: optuna.storages.BaseStorage, study_id: int) -> Path 
     recorded = storage.get_study_user_attrs(study_id).get(WEIGHTS_DIR)
     if recorded is None:
         return None
-    url = getattr(getattr(storage, "_backend", storage), "url", None)  # RDB storages have one
+    url = getattr(backend_of(storage), "url", None)  # RDB storages have one
     database = sqlite_path(url) if isinstance(url, str) else None
     return _beside(database) if database is not None else Path(recorded)
 

@@ -80,10 +80,10 @@ def check_storage(url: str, writing: bool = False) -> None:
             )
         if path.is_dir():
             raise BadInputError(f"storage: {path} is a directory, not a SQLite database file")
-        if path.is_file() and path.stat().st_size and not _is_sqlite(path):
-            # SQLite would fail on it mid-command; nothing here overwrites a file it did not write
-            raise BadInputError(f"storage: {path} exists and is not a SQLite database")
+        # SQLite would fail on another file mid-command; nothing overwrites a file it did not write
         if path.is_file() and path.stat().st_size:
+            if not _is_sqlite(path):
+                raise BadInputError(f"storage: {path} exists and is not a SQLite database")
             _check_study_database(path)
         if writing:
             _check_writable(path)
@@ -191,9 +191,14 @@ class OwnedTrialsStorage(optuna.storages.RDBStorage):
 
 
 def owned_trials_storage(study: optuna.Study) -> OwnedTrialsStorage | None:
-    """The ``OwnedTrialsStorage`` behind ``study`` (Optuna wraps it in a cache), if any."""
-    storage = getattr(study._storage, "_backend", study._storage)
+    """The ``OwnedTrialsStorage`` behind ``study``, if any."""
+    storage = backend_of(study._storage)
     return storage if isinstance(storage, OwnedTrialsStorage) else None
+
+
+def backend_of(storage: optuna.storages.BaseStorage) -> optuna.storages.BaseStorage:
+    """The storage behind ``storage``: Optuna wraps an RDB storage in a cache."""
+    return getattr(storage, "_backend", storage)
 
 
 def _lost_create_race(err: Exception) -> bool:

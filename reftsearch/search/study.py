@@ -294,13 +294,11 @@ def open_study(spec: StudySpec, storage_url: str, heartbeat: bool = True) -> opt
         )
     check_same_space(spec, study.get_trials(deepcopy=False))
     check_same_setup(spec, study)
-    study.set_user_attr("metric", spec.metric)
+    for attr, (_, value) in _setup(spec).items():
+        study.set_user_attr(attr, value)
     # the dashboard's axes say "dev accuracy" / "trainable params", not "Objective 0"
     names = {"score": f"dev {spec.metric}", "n_params": "trainable params"}
     study.set_metric_names([names[o] for o in spec.objectives])
-    study.set_user_attr("task_kind", spec.task.kind)
-    study.set_user_attr("model", spec.model.path)
-    study.set_user_attr("method", spec.method)
     if WEIGHTS_DIR not in study.user_attrs:  # fixed at creation: trials already point there
         study.set_user_attr(WEIGHTS_DIR, str(weights_dir(spec, storage_url)))
     return study
@@ -314,12 +312,7 @@ def check_same_setup(spec: StudySpec, study: optuna.Study) -> None:
     directory that moved (the same name elsewhere, as when a project is cloned again) is the
     same model."""
     stored = study.user_attrs
-    for key, attr, now in (
-        ("metric", "metric", spec.metric),
-        ("task.kind", "task_kind", spec.task.kind),
-        ("model", "model", spec.model.path),
-        ("method", "method", spec.method),
-    ):
+    for attr, (key, now) in _setup(spec).items():
         then = stored.get(attr)
         if then is None or then == now or (key == "model" and _moved(then, now)):
             continue
@@ -328,6 +321,16 @@ def check_same_setup(spec: StudySpec, study: optuna.Study) -> None:
             f"its trials' scores and weights belong to the first: keep it to resume or read "
             f"this study, or start a new one (--set name=NEW)"
         )
+
+
+def _setup(spec: StudySpec) -> dict[str, tuple[str, str]]:
+    """What a study is searched with, as it stores it: user attribute -> (spec key, value)."""
+    return {
+        "metric": ("metric", spec.metric),
+        "task_kind": ("task.kind", spec.task.kind),
+        "model": ("model", spec.model.path),
+        "method": ("method", spec.method),
+    }
 
 
 def load_study_of(spec: StudySpec, storage_url: str) -> optuna.Study:
