@@ -13,6 +13,12 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def pid_here(worker: str) -> int | None:
+    """The pid of ``worker`` (``host:pid``) if it names a process of this host, else None."""
+    host, _, pid = worker.rpartition(":")
+    return int(pid) if host == socket.gethostname() and pid.isdigit() else None
+
+
 def running(pid: int) -> bool:
     """Whether process ``pid`` runs. A zombie (ended, not yet reaped by its parent) does not:
     whatever it was writing or computing is as orphaned as a vanished process's. Another

@@ -15,6 +15,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from contextlib import closing
@@ -37,7 +38,7 @@ from subprocess_runs import (
 from reftsearch.cli import main, report_errors
 from reftsearch.errors import BadInputError, TrialFailed
 from reftsearch.processes import worker_id
-from reftsearch.run.worker import Worker, interrupt_trials_of
+from reftsearch.run.worker import UnstartedTrials, Worker, interrupt_trials_of
 from reftsearch.search import storage as storage_module
 from reftsearch.search.record import TrialRecord, search_trials
 from reftsearch.search.seed_reruns import enqueue_finalize
@@ -406,6 +407,32 @@ def test_waiting_for_a_killed_processs_trial_says_so_then_retries_it(
     assert trials[1].system_attrs["failed_trial"] == 0
 
 
+ASK_AND_EXIT = """
+import sys
+from reftsearch.processes import worker_id
+from reftsearch.search.study import open_study
+from reftsearch.spec.study_file import load_spec
+spec = load_spec(sys.argv[1])
+trial = open_study(spec, spec.storage).ask()
+print(trial.number, trial.suggest_float("lr", 1e-3, 1e-2, log=True), worker_id())
+"""
+
+
+def test_a_trial_of_a_live_process_is_not_ended_however_late_its_first_beat(
+    write_study, easy_task_files, capsys
+):
+    """Under load a trial's first heartbeat can come late; its process runs here, so the
+    trial is its own, not an orphan to end."""
+    raw = tiny_study(easy_task_files, budget={"n_trials": 1, "max_epochs": 1})
+    raw["resources"] = {"heartbeat_s": 1}
+    spec = load_spec(write_study(raw))
+    live = open_study(spec, spec.storage).ask()  # this test's process: alive, no heartbeat
+    unstarted = UnstartedTrials(grace_s=0)
+    unstarted.end_orphans(open_study(spec, spec.storage), print)
+    assert "ended before it began training" not in capsys.readouterr().out
+    assert stored(spec.storage).trials[live.number].state == State.RUNNING
+
+
 def test_a_trial_whose_process_died_before_its_heartbeat_runs_again(
     write_study, easy_task_files, capsys
 ):
@@ -416,16 +443,23 @@ def test_a_trial_whose_process_died_before_its_heartbeat_runs_again(
     path = write_study(raw)
     assert main(["run", str(path), "--n-trials", "1"]) == 0
     spec = load_spec(path)
-    orphan = open_study(spec, spec.storage).ask()  # as the killed process left it
-    orphan.suggest_float("lr", 1e-3, 1e-2, log=True)
+    killed = subprocess.run(  # as a process killed between ask and heartbeat left it
+        [sys.executable, "-c", ASK_AND_EXIT, str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=ENV,
+    )
+    number, lr, killed_worker = killed.stdout.split()
+    orphan = int(number)
     assert main(["run", str(path)]) == 0
     out = capsys.readouterr().out
-    assert f"trial {orphan.number}: {worker_id()} ended before it began training" in out
+    assert f"trial {orphan}: {killed_worker} ended before it began training" in out
     trials = stored(spec.storage).trials
-    assert trials[orphan.number].state == State.FAIL
-    assert TrialRecord.of(trials[orphan.number]).fail_reason == INTERRUPTED
-    rerun = trials[orphan.number + 1]  # its config, enqueued again, and the budget's last
-    assert rerun.state == State.COMPLETE and rerun.params["lr"] == orphan.params["lr"]
+    assert trials[orphan].state == State.FAIL
+    assert TrialRecord.of(trials[orphan]).fail_reason == INTERRUPTED
+    rerun = trials[orphan + 1]  # its config, enqueued again, and the budget's last
+    assert rerun.state == State.COMPLETE and rerun.params["lr"] == float(lr)
     assert count_finished(stored(spec.storage)) == 2
 
 
@@ -437,6 +471,37 @@ def test_a_trial_names_its_process_from_the_moment_it_runs(tmp_path):
     enqueued, new = study.ask(), study.ask()
     for trial in stored_trials(study, (enqueued, new)):
         assert trial.state == State.RUNNING and TrialRecord.of(trial).worker == worker_id()
+
+
+def test_an_enqueued_trial_is_taken_by_one_of_the_runs_that_pop_it_at_once(tmp_path):
+    """Optuna reads a WAITING trial's state, then writes RUNNING: on SQLite, two runs started
+    at once both took the study's first enqueued trial, and the second to report died
+    ("Trial#0 has already finished"). Four connections pop one trial, released together."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(storage=open_storage(url, heartbeat_s=None))
+    for _ in range(3):
+        study.enqueue_trial({"x": 1.0})
+        (waiting,) = study.get_trials(states=(State.WAITING,))
+        assert sorted(pop_at_once(url, waiting._trial_id, 4)) == [False, False, False, True]
+        study.tell(waiting.number, state=State.FAIL)
+
+
+def pop_at_once(url: str, trial_id: int, connections: int) -> list[bool]:
+    """Whether each of ``connections`` storages, released together, took ``trial_id``."""
+    storages = [open_storage(url, heartbeat_s=None) for _ in range(connections)]
+    released = threading.Barrier(connections)
+    taken: list[bool] = []
+
+    def pop(storage: optuna.storages.RDBStorage) -> None:
+        released.wait()
+        taken.append(storage.set_trial_state_values(trial_id, State.RUNNING))
+
+    threads = [threading.Thread(target=pop, args=(storage,)) for storage in storages]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return taken
 
 
 def stored_trials(study: optuna.Study, trials) -> list[optuna.trial.FrozenTrial]:

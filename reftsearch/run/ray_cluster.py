@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import signal
-import socket
 import threading
 import time
 import uuid
@@ -20,7 +19,7 @@ import optuna
 
 from reftsearch.engine.threads import cluster_worker_threads, worker_env, worker_threads
 from reftsearch.errors import BadInputError, ReftSearchError
-from reftsearch.processes import running
+from reftsearch.processes import pid_here, running
 from reftsearch.progress import Log
 from reftsearch.run.estimate import EstimateRequest
 from reftsearch.run.lines import ProgressPrinter, StoragePrinter
@@ -189,8 +188,7 @@ def _known(identities: list, timeout: float) -> set[str]:
 def _wait_until_gone(workers: set[str]) -> None:
     """Wait (up to ``GONE_WAIT_S``) until the processes of ``workers`` (``host:pid``) on this
     host have ended; those elsewhere end with the cluster's connection to them."""
-    host = socket.gethostname()
-    pids = {int(pid) for name, _, pid in (w.rpartition(":") for w in workers) if name == host}
+    pids = {pid for pid in map(pid_here, workers) if pid is not None}
     deadline = time.monotonic() + GONE_WAIT_S
     while pids and time.monotonic() < deadline:
         pids = {pid for pid in pids if running(pid)}

@@ -27,7 +27,7 @@ import optuna
 from optuna.trial import TrialState
 
 from reftsearch.errors import BadInputError, TrialFailed
-from reftsearch.processes import worker_id
+from reftsearch.processes import pid_here, running, worker_id
 from reftsearch.progress import Log
 from reftsearch.run.estimate import EstimateRequest, estimate_study
 from reftsearch.run.packed_search import make_objective, optimize, pack_size
@@ -231,7 +231,9 @@ class UnstartedTrials:
     trial's heartbeat milliseconds after asking for it; one seen without a heartbeat for
     ``grace_s`` (the stale-heartbeat grace, ``resources.heartbeat_s`` x 2) is ended as an
     interrupted trial: not counted, its config enqueued again. Timed by this process's clock
-    from when it first saw the trial, so hosts' clocks need not agree."""
+    from when it first saw the trial, so hosts' clocks need not agree. A trial whose process
+    runs on this host is never ended, however late its first beat: ending a live process's
+    trial fails that process when it reports (Optuna's "has already finished")."""
 
     def __init__(self, grace_s: float) -> None:
         self.grace_s = grace_s
@@ -248,7 +250,7 @@ class UnstartedTrials:
             if now - seen < self.grace_s:
                 continue
             frozen = storage.get_trial(trial_id)
-            if not _end_interrupted(study, frozen):
+            if _runs_here(frozen) or not _end_interrupted(study, frozen):
                 continue
             del self._first_seen[trial_id]
             owner = TrialRecord.of(frozen).worker or "a process"
@@ -256,6 +258,12 @@ class UnstartedTrials:
                 f"trial {frozen.number}: {owner} ended before it began training (no heartbeat "
                 f"in {self.grace_s:.0f} s); its config runs again"
             )
+
+
+def _runs_here(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether ``trial``'s process is one of this host and still runs."""
+    pid = pid_here(TrialRecord.of(trial).worker or "")
+    return pid is not None and running(pid)
 
 
 def load(spec: StudySpec, device: str | None = None) -> PreparedStudy:

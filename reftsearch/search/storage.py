@@ -174,10 +174,31 @@ class OwnedTrialsStorage(optuna.storages.RDBStorage):
     def set_trial_state_values(
         self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
     ) -> bool:
-        taken = super().set_trial_state_values(trial_id, state, values)
-        if taken and state == TrialState.RUNNING:  # an enqueued trial leaves the queue
+        if state != TrialState.RUNNING:
+            return super().set_trial_state_values(trial_id, state, values)
+        taken = self._take_waiting(trial_id)  # an enqueued trial leaves the queue
+        if taken:
             store_by_id(self, trial_id, worker=worker_id())
         return taken
+
+    def _take_waiting(self, trial_id: int) -> bool:
+        """Move a WAITING trial to RUNNING in one conditional UPDATE; False if it was no
+        longer WAITING. Optuna reads the state, then writes it: on SQLite, whose reads lock
+        nothing, two runs started at once both read WAITING and both took the study's first
+        enqueued trial; the one that reported second died ("Trial#0 has already finished")."""
+        with _create_scoped_session(self.scoped_session) as session:
+            taken = (
+                session.query(models.TrialModel)
+                .filter(
+                    models.TrialModel.trial_id == trial_id,
+                    models.TrialModel.state == TrialState.WAITING,
+                )
+                .update(
+                    {"state": TrialState.RUNNING, "datetime_start": datetime.now()},
+                    synchronize_session=False,
+                )
+            )
+        return taken == 1
 
     def running_without_heartbeat(self, study_id: int) -> set[int]:
         """The ids of the study's RUNNING trials that have never recorded a heartbeat."""
