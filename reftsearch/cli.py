@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,15 +35,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     prefer_passive_waits()  # before torch loads OpenMP (reftsearch.engine.threads)
     parser = _parser()
     args = parser.parse_args(argv)
-    return report_errors(lambda: args.handler(args))
+    return report_errors(lambda: args.handler(args), trains=args.command in TRAINING_COMMANDS)
 
 
-def report_errors(command: Callable[[], int]) -> int:
+# the commands that run a study's trials: an interrupt ends the running one recorded as
+# interrupted, and the same command resumes the study
+TRAINING_COMMANDS = ("run", "worker", "compare")
+
+
+def report_errors(command: Callable[[], int], trains: bool = True) -> int:
     """Run ``command``: a ReftSearchError becomes one line on stderr and its exit code.
-    SIGTERM (``kill``, a scheduler's stop) interrupts it as Ctrl-C does: the running trial
-    ends recorded as interrupted, and the same command resumes."""
+    SIGTERM (``kill``, a scheduler's stop) interrupts it as Ctrl-C does: for a command that
+    ``trains`` a study's trials, the running trial ends recorded as interrupted, and the same
+    command resumes."""
     quiet_libraries()
-    handlers = _interruptible() if threading.current_thread() is threading.main_thread() else {}
+    main_thread = threading.current_thread() is threading.main_thread()
+    handlers = _interruptible(_stopping if trains else _stopping_quietly) if main_thread else {}
     threading.excepthook = _thread_error
     try:
         return command()
@@ -50,7 +58,8 @@ def report_errors(command: Callable[[], int]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume", file=sys.stderr)
+        again = "run the same command again" + (" to resume" if trains else "")
+        print(f"interrupted: {again}", file=sys.stderr)
         return EXIT_FAILED
     finally:
         for signum, handler in handlers.items():
@@ -60,25 +69,29 @@ def report_errors(command: Callable[[], int]) -> int:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def _interruptible() -> dict:
-    """Let Ctrl-C and SIGTERM interrupt the command (``_interrupt``); returns the handlers
-    they had, to put back."""
+def _interruptible(stopping: Callable[[int, object], None]) -> dict:
+    """Let Ctrl-C and SIGTERM interrupt the command (``_interrupt``), later ones only call
+    ``stopping``; returns the handlers they had, to put back."""
     handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     for signum in STOP_SIGNALS:
-        signal.signal(signum, _interrupt)
+        signal.signal(signum, partial(_interrupt, stopping=stopping))
     return handlers
 
 
-def _interrupt(signum: int, frame: object) -> None:
+def _interrupt(signum: int, frame: object, stopping: Callable[[int, object], None]) -> None:
     # Only the first signal interrupts: a second one cut short the clean-up of the first (the
     # running trial given back), and that trial's config was lost from the study.
     for each in STOP_SIGNALS:
-        signal.signal(each, _stopping)
+        signal.signal(each, stopping)
     raise KeyboardInterrupt
 
 
 def _stopping(signum: int, frame: object) -> None:
     print("stopping: the running trial is being recorded as interrupted", file=sys.stderr)
+
+
+def _stopping_quietly(signum: int, frame: object) -> None:
+    print("stopping", file=sys.stderr)
 
 
 def _thread_error(args: threading.ExceptHookArgs) -> None:

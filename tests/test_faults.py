@@ -35,6 +35,7 @@ from subprocess_runs import (
     wait_for_trial_mid_way,
 )
 
+from reftsearch import cli
 from reftsearch.cli import main, report_errors
 from reftsearch.errors import BadInputError, TrialFailed
 from reftsearch.processes import worker_id
@@ -762,6 +763,28 @@ def test_a_second_ctrl_c_does_not_cut_the_first_ones_clean_up_short():
     before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     assert report_errors(command) == 1 and cleaned == ["given back"]
     assert {signum: signal.getsignal(signum) for signum in before} == before
+
+
+@pytest.mark.parametrize(
+    ("command", "last_line"),
+    [
+        ("run", "interrupted: run the same command again to resume"),
+        ("estimate", "interrupted: run the same command again"),
+        ("best", "interrupted: run the same command again"),
+    ],
+)
+def test_an_interrupt_says_resume_only_for_commands_that_run_trials(
+    command, last_line, write_study, easy_task_files, monkeypatch, capsys
+):
+    """`best` or `estimate` stopped by Ctrl-C said to run it again "to resume"."""
+    study = write_study(tiny_study(easy_task_files))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "load_spec", interrupted)
+    assert main([command, str(study)]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == last_line
 
 
 @pytest.mark.slow
