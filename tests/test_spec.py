@@ -171,12 +171,34 @@ QUOTING = "must be one of 0 (QUOTE_MINIMAL), 1 (QUOTE_ALL), 2 (QUOTE_NONNUMERIC)
         ({"delimiter": ""}, "task.data.read_options.delimiter: must be a non-empty string"),
         ({"sep": ";", "delimiter": ";"}, "task.data.read_options: give sep or delimiter"),
         ({"encoding": 5}, "task.data.read_options.encoding: must be a non-empty string, got 5"),
-        ({"encoding": "utf-9"}, "task.data.read_options.encoding: must be an encoding Python"),
+        ({"encoding": "utf-9"}, "task.data.read_options.encoding: must be a text encoding"),
+        ({"encoding": "rot13"}, "task.data.read_options.encoding: must be a text encoding"),
+        ({"encoding": "base64"}, "task.data.read_options.encoding: must be a text encoding"),
     ],
 )
 def test_read_options_are_checked(options, expected):
     """Each of these was a traceback from pandas or the csv module when the data was read."""
     assert expected in error_of(minimal(**_read_options(**options)))
+
+
+@pytest.mark.parametrize(
+    ("columns", "expected"),
+    [
+        (
+            {"text": "review", "label": "review"},
+            "task.label: names column 'review', which task.text",
+        ),
+        ({"text": "a", "text_pair": "a"}, "task.text_pair: names column 'a', which task.text"),
+        ({"text_pair": 1, "label": 1}, "task.label: names column '1', which task.text_pair"),
+        ({"text": "label"}, "task.label: names column 'label', which task.text names too"),
+        ({"kind": "generation", "prompt": "q", "response": "q"}, "task.response: names column"),
+    ],
+)
+def test_a_column_read_as_two_parts_is_refused(columns, expected):
+    """Text and label from one column trained a model to copy its input: no error, a
+    perfect dev score."""
+    task = {"kind": "classification", "data": {"train": "d.csv"}, **columns}
+    assert expected in error_of(minimal(task=task))
 
 
 def test_read_options_that_pandas_takes_pass(tmp_path):

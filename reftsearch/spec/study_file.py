@@ -380,7 +380,7 @@ def _task(raw: Any, path: str, base_dir: Path) -> TaskSpec:
         for key in ("max_train_examples", "max_dev_examples", "max_length", "max_new_tokens")
         if key in entries
     }
-    return TaskSpec(
+    task = TaskSpec(
         kind=kind,
         data=_data(entries["data"], v.join(path, "data"), base_dir),
         dev_fraction=v.number(
@@ -394,6 +394,28 @@ def _task(raw: Any, path: str, base_dir: Path) -> TaskSpec:
         **columns,
         **limits,
     )
+    _check_one_part_each(task, path)
+    return task
+
+
+def _check_one_part_each(task: TaskSpec, path: str) -> None:
+    """A column read as two parts (text and label, prompt and response; defaults count)
+    trains a model to copy its input, or scores it on it: refused, naming both keys."""
+    parts = (
+        ("text", "text_pair", "label") if task.kind == "classification" else ("prompt", "response")
+    )
+    seen: dict[str, str] = {}
+    for key in parts:
+        column = getattr(task, key)
+        if column is None:
+            continue
+        if column in seen:
+            raise SpecError(
+                v.join(path, key),
+                f"names column {column!r}, which {v.join(path, seen[column])} names too "
+                "(given or by default): each column is read as one part only",
+            )
+        seen[column] = key
 
 
 def _column(raw: Any, path: str) -> str:
@@ -488,16 +510,22 @@ def _read_options(raw: Any, path: str) -> dict[str, Any]:
     if isinstance(quoting, bool) or not isinstance(quoting, int) or quoting not in QUOTING:
         choices = ", ".join(f"{number} ({name})" for number, name in QUOTING.items())
         raise SpecError(v.join(path, "quoting"), f"must be one of {choices}, got {quoting!r}")
-    if "encoding" in entries:
-        try:
-            codecs.lookup(entries["encoding"])
-        except LookupError:
-            raise SpecError(
-                v.join(path, "encoding"),
-                f"must be an encoding Python knows, like utf-8 or latin-1, "
-                f"got {entries['encoding']!r}",
-            ) from None
+    if "encoding" in entries and not _text_encoding(entries["encoding"]):
+        raise SpecError(
+            v.join(path, "encoding"),
+            f"must be a text encoding Python knows, like utf-8 or latin-1, "
+            f"got {entries['encoding']!r}",
+        )
     return entries
+
+
+def _text_encoding(name: str) -> bool:
+    """Whether ``name`` is a codec that turns bytes into text: Python's codecs also hold
+    str-to-str and bytes-to-bytes ones (rot13, base64, zlib), which a CSV reader fails on."""
+    try:
+        return codecs.lookup(name)._is_text_encoding
+    except LookupError:
+        return False
 
 
 def _header(entries: dict, path: str, hub: bool) -> tuple[bool, tuple[str, ...] | None]:
