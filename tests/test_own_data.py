@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import optuna
@@ -74,6 +75,19 @@ def test_headerless_tsv_by_column_names_or_indices(tmp_path, columns):
     assert data.label_names == sorted(TOPICS)
     first = min(data.train + data.dev, key=lambda row: row["row"])
     assert first == {"text": 'sports news "item" 0', "label": 2, "row": 0}
+
+
+def test_a_separator_of_several_characters_reads_without_a_warning(tmp_path):
+    """pandas' ParserWarning ("Falling back to the 'python' engine") was printed at every
+    read of a file whose sep is a regular expression, for nothing the user could change."""
+    lines = ["sentence::label", *(f"{text}::{label}" for label, text in topic_rows(8))]
+    (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
+    spec = load_spec(study(tmp_path, {"train": "train.csv", "read_options": {"sep": "::"}}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data = load_task_data(spec.task, spec.seed)
+    assert sorted(data.label_names) == sorted(TOPICS)
+    assert len(data.train) + len(data.dev) == 8
 
 
 def test_string_labels_get_sorted_ids_whatever_the_row_order(tmp_path):

@@ -289,6 +289,8 @@ def _csv_options(path: Path, data: DataSpec, split: str, texts: tuple[str, ...])
     if path.suffix.lower() == ".tsv":
         options.setdefault("sep", "\t")
     separator = options.get("sep", options.get("delimiter", ","))
+    if len(separator) > 1:  # a regular expression: pandas' C reader warns, then falls back
+        options["engine"] = "python"
     first = _strict_first_row(path, separator, options, split) if len(separator) == 1 else None
     if data.header:
         return options
