@@ -2,6 +2,7 @@
 
 import csv
 import json
+import warnings
 
 import optuna
 import pytest
@@ -138,7 +139,9 @@ def test_lora_exports_for_peft_and_does_not_warm_start_a_reft_study(
     assert main(["run", str(lora_path)]) == 0
     lora_storage = load_spec(lora_path).storage
     capsys.readouterr()
-    assert main(["export", str(lora_path), str(tmp_path / "out")]) == 0
+    with warnings.catch_warnings():  # peft's FutureWarning about transformers was printed
+        warnings.simplefilter("error", FutureWarning)
+        assert main(["export", str(lora_path), str(tmp_path / "out")]) == 0
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["use_dora"] is False
 

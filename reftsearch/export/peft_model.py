@@ -16,6 +16,7 @@ export's files (``out_dir.replacing``).
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import peft
@@ -43,6 +44,8 @@ from reftsearch.search.test_split import trained_adapter
 from reftsearch.spec.study_file import StudySpec
 
 METHODS = ("lora", "dora", "full")
+# peft (0.21) reads model.is_gradient_checkpointing, which transformers 5 deprecated
+DEPRECATED_IN_TRANSFORMERS = "`is_gradient_checkpointing` is deprecated"
 
 
 def export_study(
@@ -97,7 +100,9 @@ def peft_model(lora: LoraModule, base: BaseModel) -> peft.PeftModel:
     config = to_peft(
         lora.config, list(targets.values()), modules_to_save=module_names(base.model, head) or None
     )
-    wrapped = peft.get_peft_model(model, config)
+    with warnings.catch_warnings():  # not the user's to act on
+        warnings.filterwarnings("ignore", DEPRECATED_IN_TRANSFORMERS, FutureWarning)
+        wrapped = peft.get_peft_model(model, config)
     for key, name in targets.items():
         layer = wrapped.base_model.model.get_submodule(name)
         parts = lora.adapters[key]
