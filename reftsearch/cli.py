@@ -51,7 +51,6 @@ def report_errors(command: Callable[[], int], trains: bool = True) -> int:
     quiet_libraries()
     main_thread = threading.current_thread() is threading.main_thread()
     handlers = _interruptible(_stopping if trains else _stopping_quietly) if main_thread else {}
-    threading.excepthook = _thread_error
     try:
         return command()
     except ReftSearchError as err:
@@ -92,15 +91,6 @@ def _stopping(signum: int, frame: object) -> None:
 
 def _stopping_quietly(signum: int, frame: object) -> None:
     print("stopping", file=sys.stderr)
-
-
-def _thread_error(args: threading.ExceptHookArgs) -> None:
-    """A storage error in a thread (Optuna's heartbeat) prints nothing: the main thread meets
-    the same storage next and says so in one line (``storage_errors``), not a traceback."""
-    from reftsearch.search.storage import storage_cause
-
-    if storage_cause(args.exc_value) is None:
-        threading.__excepthook__(args)
 
 
 def _parser() -> argparse.ArgumentParser:

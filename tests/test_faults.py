@@ -25,6 +25,7 @@ import optuna
 import pytest
 import sqlalchemy
 from conftest import tiny_study
+from optuna.storages._heartbeat import get_heartbeat_thread
 from sqlalchemy.engine import make_url
 from subprocess_runs import (
     ENV,
@@ -462,6 +463,31 @@ def test_a_trial_whose_process_died_before_its_heartbeat_runs_again(
     rerun = trials[orphan + 1]  # its config, enqueued again, and the budget's last
     assert rerun.state == State.COMPLETE and rerun.params["lr"] == float(lr)
     assert count_finished(stored(spec.storage)) == 2
+
+
+def test_a_heartbeat_the_storage_refuses_is_skipped_and_the_next_one_beats(tmp_path, monkeypatch):
+    """Optuna's heartbeat thread ended at its first storage error (a server restarting, a
+    lock held past the busy timeout): the live trial beat no more, other workers failed it as
+    stale, and its run died when it reported."""
+    monkeypatch.setattr(storage_module, "SQLITE_BUSY_TIMEOUT_S", 0.2)
+    path = tmp_path / "s.db"
+    storage = open_storage(f"sqlite:///{path}", heartbeat_s=1)
+    study = optuna.create_study(storage=storage)
+    trial = study.ask()
+    with closing(sqlite3.connect(path, isolation_level=None)) as holder:
+        holder.execute("BEGIN EXCLUSIVE")  # every write waits, then fails "database is locked"
+        heartbeat = get_heartbeat_thread(trial._trial_id, storage)
+        heartbeat.start()
+        time.sleep(0.5)  # the first beat has failed
+        assert storage.running_without_heartbeat(study._study_id) == {trial._trial_id}
+        holder.execute("COMMIT")
+    deadline = time.monotonic() + 5  # the next beat comes a second later
+    try:
+        while storage.running_without_heartbeat(study._study_id) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert storage.running_without_heartbeat(study._study_id) == set()
+    finally:
+        heartbeat.join()
 
 
 def test_a_trial_names_its_process_from_the_moment_it_runs(tmp_path):

@@ -200,6 +200,18 @@ class OwnedTrialsStorage(optuna.storages.RDBStorage):
             )
         return taken == 1
 
+    def record_heartbeat(self, trial_id: int) -> None:
+        """One beat of a running trial. A beat the storage refuses (a server restarting, a
+        connection gone, a lock held past the busy timeout) is skipped, not raised: Optuna's
+        heartbeat thread ends at its first error, and the live trial, beating no more, was
+        failed as stale by the other workers, and the run training it died when it reported
+        ("has already finished"). A trial whose storage stays away still goes stale."""
+        try:
+            super().record_heartbeat(trial_id)
+        except Exception as err:
+            if storage_cause(err) is None:
+                raise
+
     def running_without_heartbeat(self, study_id: int) -> set[int]:
         """The ids of the study's RUNNING trials that have never recorded a heartbeat."""
         with _create_scoped_session(self.scoped_session) as session:
