@@ -174,7 +174,7 @@ class OwnedTrialsStorage(optuna.storages.RDBStorage):
     def set_trial_state_values(
         self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
     ) -> bool:
-        if state != TrialState.RUNNING:
+        if state != TrialState.RUNNING or values is not None:
             return super().set_trial_state_values(trial_id, state, values)
         taken = self._take_waiting(trial_id)  # an enqueued trial leaves the queue
         if taken:
