@@ -27,7 +27,7 @@ import torch
 
 from reftsearch.engine.activation_cache import PrefixCache
 from reftsearch.engine.packing import Pack, TrialRun
-from reftsearch.engine.scoring import evaluate_examples
+from reftsearch.engine.scoring import EVAL_BATCH_SIZE, evaluate_examples
 from reftsearch.engine.train import TrainConfig, reset_head
 from reftsearch.methods.adapter import Adapter, AdapterConfig, build_adapter
 from reftsearch.methods.reft.config import ReftConfig
@@ -38,7 +38,10 @@ from reftsearch.search.study import PreparedStudy
 from reftsearch.spec.space import sample
 
 TIMED_STEPS = 2
-EVAL_SAMPLE = 16  # dev examples timed per config
+# dev examples timed per config: one whole scoring batch, as trials score them. A batch of
+# 16 made a SmolLM2 dev pass look 3x dearer per example than the trials' batches of 64 (each
+# decoding step reads every weight, whatever the rows), and the estimate 1.5-2x too high
+EVAL_SAMPLE = EVAL_BATCH_SIZE
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,7 @@ def _cost(
     adapter = build_adapter(adapter_config, base, train_config.seed)
     cache = prepared.cache_for(adapter_config)
     step_s = _step_seconds(prepared, adapter, train_config, cache)
-    per_dev_example = _dev_seconds(prepared, adapter, cache) / EVAL_SAMPLE
+    per_dev_example = _dev_seconds(prepared, adapter, cache) / min(EVAL_SAMPLE, len(split.dev))
     steps = math.ceil(len(split.train) / train_config.batch_size)
     epoch_s = steps * step_s + len(split.dev) * per_dev_example
     described = describe_config({**adapter_config.to_dict(), **vars(train_config)})
