@@ -113,26 +113,26 @@ class Worker:
                 self.study
             ):
                 break
-            running = [t.number for t in search_trials(self.study, (TrialState.RUNNING,))]
-            if finished + len(running) >= n_trials:
-                if not waited_for.issuperset(running):
-                    self.log(self._waiting_line(running))
-                    waited_for.update(running)
+            in_progress = [t.number for t in search_trials(self.study, (TrialState.RUNNING,))]
+            if finished + len(in_progress) >= n_trials:
+                if not waited_for.issuperset(in_progress):
+                    self.log(self._waiting_line(in_progress))
+                    waited_for.update(in_progress)
                 time.sleep(IDLE_POLL_S)
                 continue
-            missing = n_trials - finished - len(running)
+            missing = n_trials - finished - len(in_progress)
             run_trial = partial(self._trial, n_trials=n_trials)
             optimize(self.study, run_trial, self.pack_size, missing, callbacks)
             ran += 1
         return ran
 
-    def _waiting_line(self, running: list[int]) -> str:
+    def _waiting_line(self, in_progress: list[int]) -> str:
         """Said once per trial waited for: the wait may last minutes with nothing printed."""
         interval = self.study._storage.get_heartbeat_interval()
         if interval is None:
-            return f"waiting for trials {running}, running in other processes"
+            return f"waiting for trials {in_progress}, running in other processes"
         return (
-            f"waiting for trials {running}: other processes run them, or were killed (a killed "
+            f"waiting for trials {in_progress}: other processes run them, or were killed (a killed "
             f"one's trial is failed and retried here once its heartbeat is {2 * interval} s "
             "old: resources.heartbeat_s x 2)"
         )
@@ -176,10 +176,10 @@ def interrupt_trials_of(study: optuna.Study, workers: set[str]) -> list[int]:
     ends a trial in-process: FAIL, ``interrupted``, counted nowhere, their configs enqueued
     again; without this they would wait out the heartbeat, counted as failures. Returns
     their numbers."""
-    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    unfinished = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     return [
         frozen.number
-        for frozen in running
+        for frozen in unfinished
         if TrialRecord.of(frozen).worker in workers and _end_interrupted(study, frozen)
     ]
 
