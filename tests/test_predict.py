@@ -77,6 +77,33 @@ def test_predict_refuses_what_it_cannot_do(trained_study, tmp_path, capsys):
     assert "--text[1]: is not UTF-8 text" in capsys.readouterr().err
 
 
+def test_an_input_file_predict_cannot_read_is_named_as_given(trained_study, tmp_path, capsys):
+    """An --input file is not the study's test split: its errors named task.data.test and
+    advised editing the study's task.data settings, which would change how the study's own
+    files are read (and an export has no study file): they name --input and say the format
+    the file must have."""
+    out = tmp_path / "out"
+    assert main(["export", str(trained_study), str(out)]) == 0
+    files = {
+        "columns.csv": ("review,label\nnice,1\n", "lacks task.text: column 'text'"),
+        "rowfirst.csv": ("nice,1\nbad,0\n", "lacks task.text: column 'text'"),
+        "quotes.csv": ('text\n"Tigers" win\n', "line 2: "),
+        "latin1.csv": (b"text\ncaf\xe9\n", "not utf-8 text"),
+        "notes.txt": ("text\nnice\n", "notes.txt: unknown file type"),
+        "empty.csv": ("text\n", "has no rows"),
+    }
+    for name, (content, cause) in files.items():
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        for target in (trained_study, out):
+            capsys.readouterr()
+            assert main(["predict", str(target), "--input", str(path)]) == 2, name
+            error = capsys.readouterr().err
+            assert "--input" in error and cause in error, error
+            assert "task.data.test" not in error and "set task.data" not in error, error
+            assert "--input is read as the task's files are: column 'text' (task.text)" in error
+
+
 def test_predict_never_writes_over_a_file_made_while_it_ran(
     trained_study, tmp_path, capsys, monkeypatch
 ):

@@ -89,14 +89,21 @@ def carve_dev(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict],
     )
 
 
-def load_split(task: TaskSpec, split: str, optional: tuple[str, ...] = ()) -> list[dict]:
+def load_split(
+    task: TaskSpec, split: str, optional: tuple[str, ...] = (), given_as: str | None = None
+) -> list[dict]:
     """One split as rows with canonical keys and ``row`` (the row's index in the split);
     errors name the split's key path, its file, and the missing column or the empty row. The
-    ``optional`` canonical columns (e.g. ``label`` for inputs to predict) may be absent."""
+    ``optional`` canonical columns (e.g. ``label`` for inputs to predict) may be absent.
+
+    ``given_as`` names a local file that is not one of the study's splits (``predict
+    --input``) in errors: it must follow the task's ``task.data`` settings, so its errors do
+    not advise changing them (that would change how the study's own files are read)."""
     columns = _columns(task)
     texts = tuple(name for key, name in columns.items() if key != "label")
-    records = _read_records(task.data, split, texts)
-    where = source(task.data, split)
+    file = _LocalFile.of(task.data, split, given_as)
+    records = _read_records(task.data, split, texts, file)
+    where = source(task.data, split) if given_as is None else file.where
     if records:
         columns = {
             key: name for key, name in columns.items() if key not in optional or name in records[0]
@@ -109,7 +116,7 @@ def load_split(task: TaskSpec, split: str, optional: tuple[str, ...] = ()) -> li
         if missing:
             raise BadInputError(
                 f"{where} lacks {', '.join(missing)}; its columns are {sorted(records[0])}"
-                f"{_header_hint(task.data, split, len(missing) == len(columns))}"
+                f"{_header_hint(task.data, file, len(missing) == len(columns))}"
             )
     rows = []
     for index, record in enumerate(records):
@@ -132,12 +139,33 @@ def source(data: DataSpec, split: str) -> str:
     return f"task.data.{split} ({Path(location).name})"
 
 
-def _header_hint(data: DataSpec, split: str, none_found: bool) -> str:
+@dataclass(frozen=True)
+class _LocalFile:
+    """A local split file or saved dataset, and what its errors call it."""
+
+    path: Path
+    key: str  # task.data.train, ..., or how a file given another way was given (--input)
+    advise: bool  # errors may advise task.data settings: the file is one of the study's
+
+    @classmethod
+    def of(cls, data: DataSpec, split: str, given_as: str | None) -> _LocalFile | None:
+        if data.builtin is not None or data.hub is not None:
+            return None
+        path = Path(getattr(data, split))
+        if given_as is None:
+            return cls(path, f"task.data.{split}", advise=True)
+        return cls(path, given_as, advise=False)
+
+    @property
+    def where(self) -> str:
+        return f"{self.key} ({self.path.name})"
+
+
+def _header_hint(data: DataSpec, file: _LocalFile | None, none_found: bool) -> str:
     """The fix for a CSV/TSV file whose first line is a row: then none of the named columns
     is among its "column names" (one column missing is a misspelt name, not a row)."""
-    location = getattr(data, split) if data.builtin is None and data.hub is None else None
-    csv_file = location is not None and FILE_BUILDERS.get(Path(location).suffix.lower()) == "csv"
-    if not csv_file or not data.header or not none_found:
+    csv_file = file is not None and FILE_BUILDERS.get(file.path.suffix.lower()) == "csv"
+    if not csv_file or not file.advise or not data.header or not none_found:
         return ""
     return " (a file whose first line is a row, not column names: set task.data.header: false)"
 
@@ -179,7 +207,9 @@ def has_split(data: DataSpec, split: str) -> bool:
     return data.builtin is not None or getattr(data, split) is not None
 
 
-def _read_records(data: DataSpec, split: str, texts: tuple[str, ...]) -> list[dict]:
+def _read_records(
+    data: DataSpec, split: str, texts: tuple[str, ...], file: _LocalFile | None
+) -> list[dict]:
     """The split's records; ``texts`` names the columns a CSV reader must keep as text."""
     if data.builtin is not None:
         from reftsearch.data.synthetic import make_builtin_task
@@ -190,54 +220,56 @@ def _read_records(data: DataSpec, split: str, texts: tuple[str, ...]) -> list[di
             raise BadInputError(f"task.data.builtin: {err}") from None
     if data.hub is not None:
         return _read_hub(data, getattr(data, split), split)
-    return _read_local(data, split, texts)
+    assert file is not None  # a local split: _LocalFile.of made one
+    return _read_local(data, split, texts, file)
 
 
-def _read_local(data: DataSpec, split: str, texts: tuple[str, ...]) -> list[dict]:
-    path = Path(getattr(data, split))
-    records = _read_saved(path, split) if path.is_dir() else _read_file(path, data, split, texts)
+def _read_local(data: DataSpec, split: str, texts: tuple[str, ...], file: _LocalFile) -> list[dict]:
+    read_saved = file.path.is_dir()
+    records = _read_saved(file, split) if read_saved else _read_file(file, data, texts)
     if not records:
-        raise BadInputError(f"task.data.{split} ({path.name}): has no rows")
+        raise BadInputError(f"{file.where}: has no rows")
     return records
 
 
-def _read_saved(path: Path, split: str) -> list[dict]:
+def _read_saved(file: _LocalFile, split: str) -> list[dict]:
     import datasets
 
     try:
-        loaded = datasets.load_from_disk(str(path))
+        loaded = datasets.load_from_disk(str(file.path))
     except Exception as err:  # datasets raises several types for a non-dataset dir
-        raise BadInputError(f"task.data.{split}: {path} is not a saved dataset ({err})") from None
+        raise BadInputError(f"{file.key}: {file.path} is not a saved dataset ({err})") from None
     if isinstance(loaded, datasets.DatasetDict):
-        loaded = _pick_split(loaded, split, path)
+        loaded = _pick_split(loaded, split, file)
     return loaded.to_list()
 
 
-def _read_file(path: Path, data: DataSpec, split: str, texts: tuple[str, ...]) -> list[dict]:
+def _read_file(file: _LocalFile, data: DataSpec, texts: tuple[str, ...]) -> list[dict]:
+    path = file.path
     builder = FILE_BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise BadInputError(
-            f"task.data.{split}: {path.name}: unknown file type; "
+            f"{file.key}: {path.name}: unknown file type; "
             f"must be one of {sorted(FILE_BUILDERS)} or a saved dataset dir"
         )
     if not path.is_file():
-        raise BadInputError(f"task.data.{split}: file not found: {path}")
+        raise BadInputError(f"{file.key}: file not found: {path}")
     try:  # each reader fails its own way on a file it may not open (a traceback, for csv)
-        with path.open("rb") as file:
-            empty = not file.read(1)
+        with path.open("rb") as opened:
+            empty = not opened.read(1)
     except OSError as err:
-        raise BadInputError(f"task.data.{split}: cannot read {path}: {err.strerror}") from None
+        raise BadInputError(f"{file.key}: cannot read {path}: {err.strerror}") from None
     if empty:  # pandas says "No columns to parse", the JSON reader nothing useful
         return []
     options = dict(data.read_options)
     if builder == "csv":
-        options = _csv_options(path, data, split, texts)
+        options = _csv_options(file, data, texts)
     elif not data.header or data.columns:
         raise BadInputError(f"task.data.header: only for .csv and .tsv files, not {path.name}")
     try:
         return _load_file(builder, path, options)
     except Exception as err:  # parse errors come from pandas/pyarrow in many types
-        raise BadInputError(f"task.data.{split}: cannot read {path}: {_cause(err)}") from None
+        raise BadInputError(f"{file.key}: cannot read {path}: {_cause(err)}") from None
 
 
 def _load_file(builder: str, path: Path, options: dict[str, Any]) -> list[dict]:
@@ -274,12 +306,13 @@ def _cause(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
-def _csv_options(path: Path, data: DataSpec, split: str, texts: tuple[str, ...]) -> dict[str, Any]:
+def _csv_options(file: _LocalFile, data: DataSpec, texts: tuple[str, ...]) -> dict[str, Any]:
     """``read_options`` for pandas, with the header and column names, once the file has been
     checked with Python's strict CSV reader: pandas reads a field that opens a quote it does
     not close right before the separator (``"Tigers" win``) by dropping the quotes, and one
     it never closes by swallowing the lines after it, silently. Text columns stay text as
     written: pandas would read a response ``007`` as the number 7 (and `` 5`` as 5)."""
+    path = file.path
     options = dict(data.read_options)
     # only an empty cell is missing: pandas would also take None, NA, N/A, null, nan... for
     # missing, and refuse a text, label or response that is one of these words as empty
@@ -291,12 +324,12 @@ def _csv_options(path: Path, data: DataSpec, split: str, texts: tuple[str, ...])
     separator = options.get("sep", options.get("delimiter", ","))
     if len(separator) > 1:  # a regular expression: pandas' C reader warns, then falls back
         options["engine"] = "python"
-    first = _strict_first_row(path, separator, options, split) if len(separator) == 1 else None
+    first = _strict_first_row(file, separator, options) if len(separator) == 1 else None
     if data.header:
         return options
     if data.columns and first is not None and len(first) != len(data.columns):
         raise BadInputError(
-            f"task.data.columns: names {len(data.columns)} columns, {path.name} has "
+            f"task.data.columns: names {len(data.columns)} columns, {file.where} has "
             f"{len(first)} in its first row"
         )
     options["header"] = None
@@ -305,15 +338,15 @@ def _csv_options(path: Path, data: DataSpec, split: str, texts: tuple[str, ...])
     return options
 
 
-def _strict_first_row(path: Path, separator: str, options: dict[str, Any], split: str) -> list[str]:
+def _strict_first_row(file: _LocalFile, separator: str, options: dict[str, Any]) -> list[str]:
     """The file's first row, after reading every row as pandas will (quoting as set)."""
     # QUOTE_ALL and QUOTE_NONNUMERIC quote as QUOTE_MINIMAL does when reading; csv's
     # QUOTE_NONNUMERIC would also refuse every unquoted text that is not a number
     quoting = csv.QUOTE_NONE if options.get("quoting") == csv.QUOTE_NONE else csv.QUOTE_MINIMAL
     first: list[str] = []
     try:
-        with path.open(newline="", encoding=options.get("encoding", "utf-8")) as file:
-            reader = csv.reader(file, delimiter=separator, quoting=quoting, strict=True)
+        with file.path.open(newline="", encoding=options.get("encoding", "utf-8")) as opened:
+            reader = csv.reader(opened, delimiter=separator, quoting=quoting, strict=True)
             try:
                 first = next(reader, [])
                 for _ in reader:
@@ -325,25 +358,23 @@ def _strict_first_row(path: Path, separator: str, options: dict[str, Any], split
                     "as text with task.data.read_options: {quoting: 3}"
                 )
                 raise BadInputError(
-                    f"task.data.{split} ({path.name}): line {reader.line_num}: {err}"
-                    f"{hint if quotes else ''}"
+                    f"{file.where}: line {reader.line_num}: {err}"
+                    f"{hint if quotes and file.advise else ''}"
                 ) from None
     except (UnicodeDecodeError, LookupError) as err:
+        advice = "; set task.data.read_options: {encoding: ...}" if file.advise else ""
         raise BadInputError(
-            f"task.data.{split} ({path.name}): not {options.get('encoding', 'utf-8')} "
-            f"text ({err}); set task.data.read_options: {{encoding: ...}}"
+            f"{file.where}: not {options.get('encoding', 'utf-8')} text ({err}){advice}"
         ) from None
     return first
 
 
-def _pick_split(loaded, split: str, path: Path):
+def _pick_split(loaded, split: str, file: _LocalFile):
     names = DEV_SPLIT_NAMES if split == "dev" else (split,)
     for name in names:
         if name in loaded:
             return loaded[name]
-    raise BadInputError(
-        f"task.data.{split}: {path} has splits {list(loaded)}, none of {list(names)}"
-    )
+    raise BadInputError(f"{file.key}: {file.path} has splits {list(loaded)}, none of {list(names)}")
 
 
 def _read_hub(data: DataSpec, split_name: str, split: str) -> list[dict]:

@@ -106,9 +106,30 @@ def file_inputs(task: TaskSpec, path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         raise BadInputError(f"--input: file not found: {path}")
     data = dataclasses.replace(task.data, builtin=None, hub=None, test=str(path.resolve()))
-    rows = load_split(dataclasses.replace(task, data=data), "test", optional=("label", "response"))
+    as_split = dataclasses.replace(task, data=data)
+    try:
+        rows = load_split(as_split, "test", optional=("label", "response"), given_as="--input")
+    except BadInputError as err:
+        raise BadInputError(
+            f"{err}; --input is read as the task's files are: {_format(task)}"
+        ) from None
     inputs = ("prompt",) if task.kind == "generation" else ("text", "text_pair")
     return [{key: row[key] for key in inputs if key in row} for row in rows]
+
+
+def _format(task: TaskSpec) -> str:
+    """The file format ``--input`` must have: the task's input columns and read settings."""
+    keys = ("prompt",) if task.kind == "generation" else ("text", "text_pair")
+    names = [f"{getattr(task, key)!r} (task.{key})" for key in keys if getattr(task, key)]
+    parts = [f"column{'s' if len(names) > 1 else ''} {' and '.join(names)}"]
+    data = task.data
+    if data.columns:
+        parts.append(f"no header line, columns in the order {list(data.columns)}")
+    elif not data.header:
+        parts.append("no header line (columns by position)")
+    if data.read_options:
+        parts.append(f"read_options {dict(data.read_options)}")
+    return ", ".join(parts)
 
 
 def predict(trained: TrainedTrial, inputs: list[dict]) -> list[Prediction]:
