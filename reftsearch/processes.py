@@ -29,3 +29,9 @@ def running(pid: int) -> bool:
         return False
     except psutil.AccessDenied:
         return True
+
+
+def runs_here(worker: str | None) -> bool:
+    """Whether ``worker`` (``host:pid``) is a process of this host that still runs."""
+    pid = pid_here(worker or "")
+    return pid is not None and running(pid)

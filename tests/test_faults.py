@@ -389,35 +389,41 @@ def test_workers_on_one_study_draw_different_configs_and_a_lone_run_is_reproduci
     assert params[0] == params[1] and params[0][0] == trials[0].params
 
 
-def test_waiting_for_a_killed_processs_trial_says_so_then_retries_it(
-    write_study, easy_task_files, capsys
-):
-    """After a SIGKILL, the trial it ran stays RUNNING until its heartbeat is stale: the
-    resumed run waits for it, and now says why instead of nothing for minutes."""
-    raw = tiny_study(easy_task_files, budget={"n_trials": 1, "max_epochs": 1})
-    raw["resources"] = {"heartbeat_s": 1}
-    spec = load_spec(write_study(raw))
-    study = open_study(spec, spec.storage)
-    orphan = study.ask()  # as a killed process leaves it: RUNNING, its last heartbeat stored
-    study._storage.record_heartbeat(orphan._trial_id)
-    lines = []
-    Worker(spec, spec.storage, log=lines.append).run(1)
-    waiting = [line for line in lines if line.startswith("waiting for trials [0]")]
-    assert len(waiting) == 1 and "once its heartbeat is 2 s old" in waiting[0]
-    trials = stored(spec.storage).trials
-    assert [t.state for t in trials] == [State.FAIL, State.COMPLETE]
-    assert trials[1].system_attrs["failed_trial"] == 0
-
-
+# a process that asks for a trial (and, with --beat, beats once) and exits: the trial it
+# leaves is a killed process's
 ASK_AND_EXIT = """
 import sys
 from reftsearch.processes import worker_id
 from reftsearch.search.study import open_study
 from reftsearch.spec.study_file import load_spec
 spec = load_spec(sys.argv[1])
-trial = open_study(spec, spec.storage).ask()
+study = open_study(spec, spec.storage)
+trial = study.ask()
+if "--beat" in sys.argv:
+    study._storage.record_heartbeat(trial._trial_id)
 print(trial.number, trial.suggest_float("lr", 1e-3, 1e-2, log=True), worker_id())
 """
+
+
+def test_waiting_for_a_killed_processs_trial_says_so_then_retries_it(
+    write_study, easy_task_files, capsys
+):
+    """After a SIGKILL, the trial it ran stays RUNNING until its heartbeat is stale: the
+    resumed run waits for it, and now says why instead of nothing for minutes."""
+    raw = tiny_study(easy_task_files, budget={"n_trials": 1, "max_epochs": 1})
+    raw["resources"] = {"heartbeat_s": 3}  # stale 6 s after its beat: the worker is loaded
+    path = write_study(raw)
+    spec = load_spec(path)
+    # as a killed process leaves it: RUNNING, its last heartbeat stored
+    killed = [sys.executable, "-c", ASK_AND_EXIT, str(path), "--beat"]
+    subprocess.run(killed, capture_output=True, check=True, env=ENV)
+    lines = []
+    Worker(spec, spec.storage, log=lines.append).run(1)
+    waiting = [line for line in lines if line.startswith("waiting for trials [0]")]
+    assert len(waiting) == 1 and "once its heartbeat is 6 s old" in waiting[0]
+    trials = stored(spec.storage).trials
+    assert [t.state for t in trials] == [State.FAIL, State.COMPLETE]
+    assert trials[1].system_attrs["failed_trial"] == 0
 
 
 def test_a_trial_of_a_live_process_is_not_ended_however_late_its_first_beat(
@@ -729,6 +735,71 @@ def test_an_interrupted_trial_is_not_counted_and_runs_again_on_resume(
     assert count_finished(result) == len(completed) == 4  # four configs trained
     assert [t.params for t in completed if t.number == again.number] == [victim.params]
     assert not result.get_trials(states=(State.RUNNING, State.WAITING))
+
+
+def suspend_past_the_grace(process: subprocess.Popen, url: str, checker) -> None:
+    """Stop ``process`` mid-trial (Ctrl-Z, a machine asleep) for longer than twice its
+    heartbeat, run the stale check on the study ``checker()`` opens, and let it go on."""
+    wait_for_trial_mid_way(url, process)
+    process.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(3)  # heartbeat_s 1: stale after 2 s
+        optuna.storages.fail_stale_trials(checker())
+    finally:
+        process.send_signal(signal.SIGCONT)
+
+
+@pytest.mark.slow
+def test_a_suspended_run_is_not_failed_as_stale_by_a_process_of_its_host(
+    write_study, easy_task_files
+):
+    """A run stopped past twice its heartbeat (Ctrl-Z, then fg) had its trial failed as
+    stale by another worker and died when it resumed and reported ("Cannot tell a FAIL
+    trial"). On its own host its process can be seen alive: its trial is not stale."""
+    path = slow_study(write_study, easy_task_files, n_trials=2, heartbeat_s=1)
+    spec = load_spec(path)
+    run = start_run(path)
+    suspend_past_the_grace(run, spec.storage, lambda: open_study(spec, spec.storage))
+    out, _ = run.communicate(timeout=300)
+    assert run.returncode == 0, out
+    states = [t.state for t in stored(spec.storage).trials]
+    assert states == [State.COMPLETE, State.COMPLETE], out
+
+
+@pytest.mark.slow
+def test_a_trial_failed_as_stale_from_another_host_is_left_to_its_retry(
+    write_study, easy_task_files
+):
+    """A process on another host cannot see the suspended one: it fails the trial and
+    enqueues its retry. The resumed run gives the trial up, says why, and runs on: the
+    budget is met with every config trained, the retry's included."""
+    path = slow_study(write_study, easy_task_files, n_trials=2, heartbeat_s=1)
+    spec = load_spec(path)
+    run = start_run(path)
+    elsewhere = optuna.storages.RDBStorage(  # Optuna's own check, as a worker elsewhere runs it
+        spec.storage,
+        heartbeat_interval=1,
+        grace_period=2,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(1),
+    )
+    suspend_past_the_grace(
+        run, spec.storage, lambda: optuna.load_study(study_name="t", storage=elsewhere)
+    )
+    out, _ = run.communicate(timeout=300)
+    assert run.returncode == 0, out
+    assert "Traceback" not in out and "Cannot tell" not in out, out
+    trials = stored(spec.storage).trials
+    failed = [t for t in trials if t.state == State.FAIL]
+    assert len(failed) == 1, out
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == failed[0].number]
+    assert (
+        f"trial {failed[0].number}: another process failed it as stale (no heartbeat from this "
+        f"one for over 2 s: suspended, or the storage out of reach); it runs again as trial "
+        f"{retry.number}"
+    ) in out
+    assert retry.state == State.COMPLETE and retry.params == failed[0].params
+    assert count_finished(stored(spec.storage)) == 2
+    assert not stored(spec.storage).get_trials(states=(State.RUNNING, State.WAITING))
 
 
 @pytest.mark.parametrize("where", ["ask", "tell"])

@@ -156,7 +156,7 @@ def _missing_column(tmp_path):
 def _wrong_column_count(tmp_path):
     write_tsv(tmp_path / "t.tsv", [("a", "x", "y"), ("b", "z", "w")])
     data = {"train": "t.tsv", "header": False, "columns": ["label", "text"]}
-    return data, "task.data.columns: names 2 columns, task.data.train (t.tsv) has 3 in its first row"
+    return data, "names 2 columns, task.data.train (t.tsv) has 3 in its first row"
 
 
 def _list_label(tmp_path):

@@ -27,7 +27,7 @@ import optuna
 from optuna.trial import TrialState
 
 from reftsearch.errors import BadInputError, TrialFailed
-from reftsearch.processes import pid_here, running, worker_id
+from reftsearch.processes import runs_here, worker_id
 from reftsearch.progress import Log
 from reftsearch.run.estimate import EstimateRequest, estimate_study
 from reftsearch.run.packed_search import make_objective, optimize, pack_size
@@ -76,6 +76,7 @@ class Worker:
         self.pack_size = pack_size(self.prepared, log)  # trials trained side by side
         self.objective = make_objective(self.prepared, log, self.pack_size)
         self.unstarted = UnstartedTrials(2 * spec.resources.heartbeat_s)
+        self.given_up: set[int] = set()  # trials of this process another one failed as stale
 
     def run(
         self,
@@ -122,9 +123,37 @@ class Worker:
                 continue
             missing = n_trials - finished - len(in_progress)
             run_trial = partial(self._trial, n_trials=n_trials)
-            optimize(self.study, run_trial, self.pack_size, missing, callbacks)
+            try:
+                optimize(self.study, run_trial, self.pack_size, missing, callbacks)
+            except (ValueError, AssertionError):
+                # Optuna's tell of a trial another process failed: "Cannot tell a FAIL
+                # trial", or its assertion when the trial's own call had returned
+                if not self._give_up_stale_trials():
+                    raise
             ran += 1
         return ran
+
+    def _give_up_stale_trials(self) -> list[int]:
+        """This process's trials that another process failed as stale (no heartbeat for
+        twice ``resources.heartbeat_s``: this process was suspended, or the storage out of
+        its reach, and no process on another host can tell that from a dead one), newly
+        found: each is left to its retry, which the stale check enqueued, and said so."""
+        trials = self.study.get_trials(deepcopy=False)
+        mine = {t.number for t in trials if TrialRecord.of(t).worker == worker_id()}
+        retries = {
+            t.system_attrs["failed_trial"]: t.number
+            for t in trials
+            if t.system_attrs.get("failed_trial") in mine - self.given_up
+        }
+        grace = 2 * self.prepared.spec.resources.heartbeat_s
+        for number, retry in sorted(retries.items()):
+            self.log(
+                f"trial {number}: another process failed it as stale (no heartbeat from this "
+                f"one for over {grace} s: suspended, or the storage out of reach); it runs "
+                f"again as trial {retry}"
+            )
+        self.given_up.update(retries)
+        return sorted(retries)
 
     def _waiting_line(self, in_progress: list[int]) -> str:
         """Said once per trial waited for: the wait may last minutes with nothing printed."""
@@ -165,10 +194,23 @@ class Worker:
             raise TrialFailed(f"trial {trial.number} {reason}")
         try:
             store(trial, model_loads=_model_loads)
-            return self.objective(trial)
+            value = self.objective(trial)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM (reftsearch.cli): not this config's fault
             give_back(trial, fail_reason=INTERRUPTED)
             raise
+        except optuna.exceptions.UpdateFinishedTrialError:  # failed as stale by another process
+            raise FailedElsewhere(trial.number) from None
+        if self.study._storage.get_trial(trial._trial_id).state.is_finished():
+            raise FailedElsewhere(trial.number)  # the same, found before Optuna's tell fails
+        return value
+
+
+class FailedElsewhere(optuna.TrialPruned):
+    """Another process ended this process's trial (failed it as stale): its result cannot be
+    told. A ``TrialPruned``, so that Optuna logs one line for it, not a traceback."""
+
+    def __init__(self, number: int) -> None:
+        super().__init__(f"trial {number} was failed as stale by another process")
 
 
 def interrupt_trials_of(study: optuna.Study, workers: set[str]) -> list[int]:
@@ -250,7 +292,7 @@ class UnstartedTrials:
             if now - seen < self.grace_s:
                 continue
             frozen = storage.get_trial(trial_id)
-            if _runs_here(frozen) or not _end_interrupted(study, frozen):
+            if runs_here(TrialRecord.of(frozen).worker) or not _end_interrupted(study, frozen):
                 continue
             del self._first_seen[trial_id]
             owner = TrialRecord.of(frozen).worker or "a process"
@@ -258,12 +300,6 @@ class UnstartedTrials:
                 f"trial {frozen.number}: {owner} ended before it began training (no heartbeat "
                 f"in {self.grace_s:.0f} s); its config runs again"
             )
-
-
-def _runs_here(trial: optuna.trial.FrozenTrial) -> bool:
-    """Whether ``trial``'s process is one of this host and still runs."""
-    pid = pid_here(TrialRecord.of(trial).worker or "")
-    return pid is not None and running(pid)
 
 
 def load(spec: StudySpec, device: str | None = None) -> PreparedStudy:

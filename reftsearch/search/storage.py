@@ -29,7 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
 from reftsearch.errors import BadInputError, ReftSearchError
-from reftsearch.processes import worker_id
+from reftsearch.processes import runs_here, worker_id
 from reftsearch.search.record import TrialRecord, store_by_id
 
 SQLITE_BUSY_TIMEOUT_S = 60
@@ -211,6 +211,15 @@ class OwnedTrialsStorage(optuna.storages.RDBStorage):
         except Exception as err:
             if storage_cause(err) is None:
                 raise
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        """Optuna's stale trials (no heartbeat for twice ``heartbeat_s``), less those whose
+        process runs on this host: it was suspended (Ctrl-Z, the machine asleep) or starved,
+        not lost. Failed as stale, its retry ran beside it, and the process, resumed, died
+        when it next reported (Optuna's "Cannot tell a FAIL trial"). Across hosts no process
+        can be checked: ``Worker`` then gives the trial up to its retry."""
+        stale = super()._get_stale_trial_ids(study_id)
+        return [i for i in stale if not runs_here(TrialRecord.of(self.get_trial(i)).worker)]
 
     def running_without_heartbeat(self, study_id: int) -> set[int]:
         """The ids of the study's RUNNING trials that have never recorded a heartbeat."""
