@@ -441,6 +441,31 @@ def test_a_trial_of_a_live_process_is_not_ended_however_late_its_first_beat(
     assert stored(spec.storage).trials[live.number].state == State.RUNNING
 
 
+def test_a_trial_of_a_process_whose_pid_another_now_has_is_not_that_ones(
+    write_study, easy_task_files, capsys
+):
+    """A container restarted under its old host name hands out its small pids again: a dead
+    worker's pid, now another process's, kept the dead one's trial from ever going stale.
+    Each trial records when its process started, which tells the two apart."""
+    raw = tiny_study(easy_task_files, budget={"n_trials": 2, "max_epochs": 1})
+    raw["resources"] = {"heartbeat_s": 1}
+    spec = load_spec(write_study(raw))
+    study = open_study(spec, spec.storage)
+    ours, earlier = study.ask(), study.ask()  # both stamped with this process's pid
+    assert TrialRecord.of(ours).worker_started == pytest.approx(time.time(), abs=3600)
+    for trial in (ours, earlier):
+        study._storage.record_heartbeat(trial._trial_id)
+    # the process that had this pid before this one: started an hour earlier
+    started = TrialRecord.of(earlier).worker_started - 3600
+    study._storage.set_trial_user_attr(earlier._trial_id, "worker_started", started)
+    time.sleep(2.5)  # both heartbeats stale
+    optuna.storages.fail_stale_trials(study)
+    trials = stored(spec.storage).trials
+    assert trials[ours.number].state == State.RUNNING  # this process runs it
+    assert trials[earlier.number].state == State.FAIL  # retried: its process is gone
+    assert trials[-1].system_attrs["failed_trial"] == earlier.number
+
+
 def test_a_trial_whose_process_died_before_its_heartbeat_runs_again(
     write_study, easy_task_files, capsys
 ):

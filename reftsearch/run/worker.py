@@ -27,11 +27,11 @@ import optuna
 from optuna.trial import TrialState
 
 from reftsearch.errors import BadInputError, TrialFailed
-from reftsearch.processes import runs_here, worker_id
+from reftsearch.processes import worker_id
 from reftsearch.progress import Log
 from reftsearch.run.estimate import EstimateRequest, estimate_study
 from reftsearch.run.packed_search import make_objective, optimize, pack_size
-from reftsearch.search.record import TrialRecord, search_trials, store
+from reftsearch.search.record import TrialRecord, owner_runs_here, search_trials, store
 from reftsearch.search.storage import owned_trials_storage
 from reftsearch.search.study import (
     INTERRUPTED,
@@ -292,7 +292,7 @@ class UnstartedTrials:
             if now - seen < self.grace_s:
                 continue
             frozen = storage.get_trial(trial_id)
-            if runs_here(TrialRecord.of(frozen).worker) or not _end_interrupted(study, frozen):
+            if owner_runs_here(frozen) or not _end_interrupted(study, frozen):
                 continue
             del self._first_seen[trial_id]
             owner = TrialRecord.of(frozen).worker or "a process"

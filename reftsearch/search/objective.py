@@ -30,7 +30,7 @@ from reftsearch.methods.lora.module import resolve_targets
 from reftsearch.methods.reft.config import ReftConfig
 from reftsearch.methods.reft.constraints import Limits, capped_share, why_invalid
 from reftsearch.models.base import BaseModel
-from reftsearch.processes import worker_id
+from reftsearch.processes import this_process
 from reftsearch.search.costs import PeakMemory, weights_bytes
 from reftsearch.search.fidelity import Rung, data_ladder, example_steps
 from reftsearch.search.kept_weights import keep
@@ -159,7 +159,7 @@ class Objective:
             config=config,
             dtype=base.dtype,
             threads=torch.get_num_threads(),
-            worker=worker_id(),
+            **this_process(),
         )
         if isinstance(adapter_config, ReftConfig):
             capped = capped_share(adapter_config, self.prepared.limits)

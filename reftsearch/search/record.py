@@ -20,6 +20,8 @@ from typing import Any
 
 import optuna
 
+from reftsearch.processes import runs_here
+
 Trial = optuna.Trial | optuna.trial.FrozenTrial
 
 
@@ -39,6 +41,7 @@ class TrialRecord:
     n_interventions: int | None = None  # ReFT only
     positions_capped: float | None = None  # share of train prompts pyreft's n // 2 cap shortens
     worker: str | None = None  # host:pid
+    worker_started: float | None = None  # when that process started (its pid may be reused)
     model_loads: int | None = None  # how often that worker had loaded the model so far
     wall_time_s: float | None = None
     epochs_trained: float | None = None  # in epochs over the whole train split
@@ -138,6 +141,13 @@ def store_by_id(storage: optuna.storages.BaseStorage, trial_id: int, **fields: A
     """``store`` for a storage's trial ``trial_id``: the storage itself stamps its trials."""
     for key, value in TrialRecord(**fields).to_user_attrs().items():
         storage.set_trial_user_attr(trial_id, key, value)
+
+
+def owner_runs_here(trial: Trial) -> bool:
+    """Whether the process that runs ``trial`` (its ``worker``) is one of this host and still
+    runs: then the trial is its, however late its heartbeat."""
+    record = TrialRecord.of(trial)
+    return runs_here(record.worker, record.worker_started)
 
 
 def is_search_trial(trial: Trial) -> bool:

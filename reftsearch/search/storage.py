@@ -29,8 +29,8 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
 from reftsearch.errors import BadInputError, ReftSearchError
-from reftsearch.processes import runs_here, worker_id
-from reftsearch.search.record import TrialRecord, store_by_id
+from reftsearch.processes import this_process
+from reftsearch.search.record import TrialRecord, owner_runs_here, store_by_id
 
 SQLITE_BUSY_TIMEOUT_S = 60
 CONNECT_TIMEOUT_S = 10
@@ -164,7 +164,7 @@ class OwnedTrialsStorage(optuna.storages.RDBStorage):
                 datetime_complete=None,
                 params={},
                 distributions={},
-                user_attrs=TrialRecord(worker=worker_id()).to_user_attrs(),
+                user_attrs=TrialRecord(**this_process()).to_user_attrs(),
                 system_attrs={},
                 intermediate_values={},
                 trial_id=-1,
@@ -178,7 +178,7 @@ class OwnedTrialsStorage(optuna.storages.RDBStorage):
             return super().set_trial_state_values(trial_id, state, values)
         taken = self._take_waiting(trial_id)  # an enqueued trial leaves the queue
         if taken:
-            store_by_id(self, trial_id, worker=worker_id())
+            store_by_id(self, trial_id, **this_process())
         return taken
 
     def _take_waiting(self, trial_id: int) -> bool:
@@ -219,7 +219,7 @@ class OwnedTrialsStorage(optuna.storages.RDBStorage):
         when it next reported (Optuna's "Cannot tell a FAIL trial"). Across hosts no process
         can be checked: ``Worker`` then gives the trial up to its retry."""
         stale = super()._get_stale_trial_ids(study_id)
-        return [i for i in stale if not runs_here(TrialRecord.of(self.get_trial(i)).worker)]
+        return [i for i in stale if not owner_runs_here(self.get_trial(i))]
 
     def running_without_heartbeat(self, study_id: int) -> set[int]:
         """The ids of the study's RUNNING trials that have never recorded a heartbeat."""
