@@ -12,6 +12,8 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -162,6 +164,48 @@ def test_a_killed_swap_is_settled_by_the_next_export(tmp_path, at):
     assert logged == []
     export_into(out, SECOND)
     assert contents(out) == SECOND and siblings(out) == []
+
+
+def swap_paused(out: str, go: str) -> None:
+    """Export SECOND into ``out``, pausing mid-swap (after 3 of its renames) until ``go``
+    exists; ``go``.paused says it is there."""
+    rename, renames = os.rename, []
+
+    def rename_or_wait(*args, **kwargs):
+        renames.append(args)
+        if len(renames) == 3:
+            Path(go + ".paused").touch()
+            while not os.path.exists(go):
+                time.sleep(0.01)
+        rename(*args, **kwargs)
+
+    os.rename = rename_or_wait
+    export_into(Path(out), SECOND)
+
+
+def test_exports_into_one_folder_swap_one_at_a_time(tmp_path):
+    """An export that began while another was mid-swap took that one's .old sibling for a
+    killed export's and undid its swap under it; two swaps at once could mix their files."""
+    out, go = tmp_path / "out", tmp_path / "go"
+    export_into(out, FIRST)
+    code = f"from test_export_out_dir import swap_paused; swap_paused({str(out)!r}, {str(go)!r})"
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    paused = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
+    while not Path(str(go) + ".paused").exists():
+        assert paused.poll() is None, paused.stderr.read().decode()
+        time.sleep(0.01)
+    third = {**SECOND, "config.json": "3", "intkey_b.bin": "3"}
+    later = threading.Thread(
+        target=lambda: (settle_interrupted(out, print), export_into(out, third))
+    )
+    later.start()
+    later.join(timeout=1)
+    assert later.is_alive()  # waits for the swap under way
+    go.touch()
+    assert paused.wait(timeout=60) == 0, paused.stderr.read().decode()
+    later.join(timeout=60)
+    assert contents(out) == third and siblings(out) == ["go", "go.paused"]
 
 
 def test_a_previous_export_that_cannot_be_deleted_is_a_warning(tmp_path, monkeypatch):

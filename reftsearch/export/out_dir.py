@@ -11,6 +11,8 @@ export's entries are moved into a ``.old`` sibling, reftsearch.json first, then 
 reftsearch.json last. So OUT_DIR holds reftsearch.json exactly when it holds a whole export, and
 an interrupted swap is undone from what is on disk: at once on an exception (Ctrl-C, SIGTERM, a
 failed move), by the next export after a kill. A crash mid-export leaves the previous export.
+Exports into one folder swap (and undo) one at a time (``_alone_in``): the last to finish is
+the one in place.
 
 Exports from before ``file_tree`` listed only the top level: inside their ``base_model/``, the
 files ``save_pretrained`` writes are taken for theirs (OLDER_NESTED_FILES), anything else (a
@@ -20,6 +22,7 @@ subfolder too) is refused as a top-level file of the user's is.
 from __future__ import annotations
 
 import errno
+import fcntl
 import fnmatch
 import json
 import os
@@ -28,7 +31,7 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from reftsearch.errors import BadInputError
@@ -159,9 +162,10 @@ def replacing(out: Path, log: Log) -> Iterator[Path]:
         scratch = _new_scratch(out)
     try:
         yield scratch
-        check_out_dir(out)  # again: the user may have added a file meanwhile
-        with _out_dir_errors(out, "moving the export into it"):
-            _swap(out, scratch, log)
+        with _alone_in(out.parent):
+            check_out_dir(out)  # again: the user may have added a file meanwhile
+            with _out_dir_errors(out, "moving the export into it"):
+                _swap(out, scratch, log)
     finally:
         if not _old_of(scratch).exists():  # else an undo failed: the next export needs scratch
             shutil.rmtree(scratch, ignore_errors=True)
@@ -235,13 +239,35 @@ def settle_interrupted(out: Path, log: Log) -> None:
     if not out.is_dir() or out.is_symlink():
         return
     name = re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}{re.escape(OLD)}")  # mkdtemp's
-    with _out_dir_errors(out, "undoing an interrupted export"):
+    with _alone_in(out.parent), _out_dir_errors(out, "undoing an interrupted export"):
         for old in sorted(out.parent.iterdir()):
             if name.fullmatch(old.name) and old.is_dir() and not old.is_symlink():
                 scratch = old.with_name(old.name.removesuffix(OLD) + PARTIAL)
                 _settle(out, scratch, old)
                 _discard(old, log)
                 shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextmanager
+def _alone_in(folder: Path) -> Iterator[None]:
+    """While no other export swaps into (or settles) ``folder``: an exclusive ``flock`` on the
+    folder itself (no lock file to leave behind; a killed holder's lock ends with it). Without
+    it, an export starting while another swapped took that one's ``.old`` sibling for a killed
+    export's and undid its swap, and two swaps at once could leave one export's
+    reftsearch.json beside the other's weights. Where the filesystem has no such locks, the
+    exports go on without."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        descriptor = None
+    try:
+        if descriptor is not None:
+            with suppress(OSError):
+                fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)
 
 
 @contextmanager
