@@ -439,15 +439,13 @@ def _dashboard(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from reftsearch.results.html_report import PAGE_MARK, write_report
+    from reftsearch.results.html_report import check_report_folder, write_report
     from reftsearch.search.storage import load_named_study
 
     spec = _spec(args)
     out = Path(args.out) if args.out else Path("reports") / spec.name
-    if out.exists() and not out.is_dir():
-        raise BadInputError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):  # a folder of the user's, or an earlier report
-        refuse_foreign(out / "index.html", "--out", "report", PAGE_MARK)
+    with _writing(out, "--out"):
+        check_report_folder(out, "--out")
     study = load_named_study(spec.name, args.storage or spec.storage)
     with _writing(out, "--out"):
         print(f"wrote {write_report(study, out)}")

@@ -177,7 +177,12 @@ def test_output_options_replace_only_files_their_command_wrote(
     page.mkdir()
     (page / "index.html").write_text("<html>my notes</html>")
     (tmp_path / "c.png").write_text("my plot")
+    plots = tmp_path / "plots"  # files of the names a report writes, none of them a report's
+    plots.mkdir()
+    (plots / "trials.csv").write_text("my trials")
+    (plots / "history.png").write_text("my plot")
     theirs = [study, tmp_path / "t.db", mine, page / "index.html", tmp_path / "c.png"]
+    theirs += [plots / "trials.csv", plots / "history.png"]
     before = [digest(path) for path in theirs]
     capsys.readouterr()
     for argv in (
@@ -185,18 +190,24 @@ def test_output_options_replace_only_files_their_command_wrote(
         ["best", str(study), "--csv", str(tmp_path / "t.db")],
         ["best", str(study), "--csv", str(mine)],
         ["report", str(study), "--out", str(page)],
+        ["report", str(study), "--out", str(plots)],
+        ["report", str(study), "--out", str(tmp_path)],  # the study's own folder
         ["compare", str(study), str(study), "--out", str(mine)],
         ["compare", str(study), str(study), "--out", str(tmp_path / "c.csv")],  # c.png is mine
     ):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
-        assert "remove it or give another name" in err, err
+        assert "remove it or give another name" in err or "no `reftsearch report` wrote" in err
     assert [digest(path) for path in theirs] == before
     for argv in (  # their own files, written again
         ["best", str(study), "--csv", str(tmp_path / "trials.csv")],
         ["report", str(study), "--out", str(tmp_path / "report")],
     ):
         assert main(argv) == 0 and main(argv) == 0
+    report = tmp_path / "report"
+    (report / "notes.txt").write_text("mine, beside an earlier report")
+    assert main(["report", str(study), "--out", str(report)]) == 2
+    assert "holds files no `reftsearch report` wrote (notes.txt)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,12 @@ from conftest import tiny_study
 
 from reftsearch.cli import main
 from reftsearch.results.best_table import trials_frame
-from reftsearch.results.html_report import best_so_far, split_reruns, write_report
+from reftsearch.results.html_report import (
+    REPORT_FILES,
+    best_so_far,
+    split_reruns,
+    write_report,
+)
 from reftsearch.search.ranking import pareto_front
 from reftsearch.search.record import TrialRecord
 from reftsearch.search.study import open_study
@@ -65,6 +70,8 @@ def test_report_writes_plots_top_table_and_csv(searched_study, tmp_path, capsys)
     for name in PLOTS:
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
         assert f"src='{name}'" in page
+    # what a later report may write over: every file this one wrote
+    assert {path.name for path in out.iterdir()} <= REPORT_FILES
     # offline: nothing is fetched from elsewhere
     assert not re.search(r"(src|href)=['\"]?(https?:)?//", page)
     assert "<h1>reftsearch report: t</h1>" in page and "4 complete" in page

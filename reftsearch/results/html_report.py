@@ -9,6 +9,7 @@ study cannot support yet (too few trials, nothing varied) becomes a sentence say
 from __future__ import annotations
 
 import html
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from reftsearch.errors import BadInputError
+from reftsearch.own_files import holds
 from reftsearch.results.best_table import best_summaries, lead_note, trials_frame
 from reftsearch.search.ranking import best_trials, is_maximized, is_pareto, pareto_front
 from reftsearch.search.record import TrialRecord, describe_config
@@ -342,6 +345,28 @@ def _page(study: optuna.Study, frame: pd.DataFrame, sections: list[Section], tab
 
 
 PAGE_MARK = "<title>reftsearch: "  # in every report's index.html: the folder is a report's
+# every file a report writes (the plots' names as ``write_report`` gives them)
+REPORT_FILES = frozenset({"index.html", "trials.csv", "history.png", "layers_positions.png",
+                          "rank.png", "params.png", "importances.png", "states.png"})  # fmt: skip
+
+
+def check_report_folder(out: Path, option: str) -> None:
+    """Refuse ``out`` unless it is missing, empty, or an earlier report (its index.html, and
+    nothing a report does not write): a report writes over its files of those names."""
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"{option} {out}: exists and is not a directory")
+    entries = set(os.listdir(out)) if out.is_dir() else set()
+    if not entries:
+        return
+    others = sorted(entries - REPORT_FILES)
+    if others or not holds(out / "index.html", PAGE_MARK):
+        named = ", ".join(others[:5]) or "no index.html of a report"
+        raise BadInputError(
+            f"{option} {out}: holds files no `reftsearch report` wrote ({named}); "
+            "give a new or empty folder, or an earlier report's"
+        )
+
+
 _TEMPLATE = """<!doctype html>
 <html lang="en">
 <head>
