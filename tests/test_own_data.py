@@ -14,6 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from test_real_tasks import smollm2_cache  # noqa: F401
 
 from reftsearch.cli import main
 from reftsearch.data.splits import load_task_data
@@ -508,3 +509,52 @@ def test_a_headerless_generation_file_runs_and_lists_prompts(tmp_path, capsys):
     assert main(["run", str(path)]) == 0
     stored = optuna.load_study(study_name="sums", storage=load_spec(path).storage)
     assert "label_names" not in stored.user_attrs  # no classes in a generation study
+
+
+# ------------------------------------------------------------------------ prompts too long
+
+
+def long_prompt_rows(n_long: int, n_short: int = 60) -> list[dict]:
+    short = [{"prompt": f"{i}+1=", "response": str(i + 1)} for i in range(n_short)]
+    return [{"prompt": "long question " * 40, "response": "7"}] * n_long + short
+
+
+def generation_study(tmp_path, rows: list[dict], model: str = "tiny:llama", **task) -> Path:
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "dev.jsonl", long_prompt_rows(0, 8))
+    path = study(tmp_path, {"train": "train.jsonl", "dev": "dev.jsonl"}, model=model)
+    raw = yaml.safe_load(path.read_text())
+    raw["task"] = {"kind": "generation", "data": raw["task"]["data"], "max_length": 32,
+                   "max_new_tokens": 4, **task}  # fmt: skip
+    raw["metric"] = "exact_match"
+    raw["space"]["batch_size"] = 4  # the long prompts batch together (rows sorted by length)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_train_prompts_that_fill_max_length_are_left_out_not_diverged(tmp_path, capsys):
+    """A prompt cut to max_length keeps no response token; a batch of only such rows took
+    its loss over no tokens (NaN), and every trial failed as diverged, at any lr."""
+    path = generation_study(tmp_path, long_prompt_rows(6))
+    assert main(["run", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "and 60 train / 8 dev examples" in out
+    assert "left out of training: 6 train prompts that fill task.max_length (32 tokens)" in out
+    (trial,) = optuna.load_study(study_name="own", storage=f"sqlite:///{tmp_path}/own.db").trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+
+    every_one = generation_study(tmp_path, long_prompt_rows(8, n_short=0))
+    assert main(["run", str(every_one)]) == 2
+    assert "task.max_length: every train prompt fills its 32 tokens" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("smollm2_cache")
+def test_smollm2_trains_on_the_prompts_that_leave_room_for_a_response(tmp_path, capsys):
+    path = generation_study(tmp_path, long_prompt_rows(4, n_short=8), model="embedded:smollm2")
+    overrides = ["--set", "space.layers=15", "--set", "space.rank=1"]
+    assert main(["run", str(path), *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "and 8 train / 8 dev examples" in out and "left out of training: 4 train" in out
+    (trial,) = optuna.load_study(study_name="own", storage=f"sqlite:///{tmp_path}/own.db").trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE

@@ -176,6 +176,13 @@ def _next_tokens(example: Encoded, start: int, width: int) -> list[int]:
     return shifted + [IGNORE_INDEX] * (width - len(shifted))
 
 
+def with_response(examples: list[Encoded]) -> list[Encoded]:
+    """The training examples with something to learn: a generation prompt that fills
+    ``max_length`` keeps no response token, and a batch of only such rows took its loss over
+    no tokens (NaN), which failed the trial as diverged whatever its learning rate."""
+    return [e for e in examples if e.labels is None or _has_response(e)]
+
+
 def _has_response(example: Encoded) -> bool:
     """Whether a generation example kept response tokens (a prompt truncated to
     ``max_length`` keeps none, and then its last token may be the intervened one)."""

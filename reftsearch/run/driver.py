@@ -102,6 +102,12 @@ def _run_study(
         f"{len(prepared.split.train)} train / {len(prepared.split.dev)} dev examples in "
         f"{time.perf_counter() - start:.1f}s"
     )
+    if prepared.left_out:
+        log(
+            f"left out of training: {prepared.left_out} train prompts that fill "
+            f"task.max_length ({spec.task.max_length} tokens), which leaves them no response "
+            "token to learn from; raise it to train on them"
+        )
     # read before the study is created: a warm start from a study that is not there is refused
     # with the storage unchanged
     recipes = warm_start_recipes(spec, storage_url, prepared)

@@ -19,7 +19,7 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial
 
-from reftsearch.data.batches import SplitData, encode
+from reftsearch.data.batches import SplitData, encode, with_response
 from reftsearch.data.splits import TaskData, load_task_data
 from reftsearch.engine.activation_cache import PrefixCache
 from reftsearch.engine.frozen_store import FrozenStore
@@ -67,6 +67,7 @@ class PreparedStudy:
     base: BaseModel
     data: TaskData
     split: SplitData
+    left_out: int = 0  # train rows without a response token once truncated (generation)
 
     @cached_property
     def limits(self) -> Limits:
@@ -105,14 +106,22 @@ def prepare(spec: StudySpec, device: str | None = None, dtype: str | None = None
     use_threads(worker_threads(spec.resources))  # a Ray worker's share: in its environment
     data = load_task_data(spec.task, spec.seed)
     base = _load_model(spec, data, device, dtype or spec.model.dtype)
+    encoded = encode(data.train, base.tokenizer, spec.task)
+    train = with_response(encoded)
+    if not train:
+        raise SpecError(
+            "task.max_length",
+            f"every train prompt fills its {spec.task.max_length} tokens: no response token "
+            "is left to learn from; raise it",
+        )
     split = SplitData(
-        train=encode(data.train, base.tokenizer, spec.task),
+        train=train,
         dev=encode(data.dev, base.tokenizer, spec.task),
         kind=spec.task.kind,
         metric=spec.metric,
         max_new_tokens=spec.task.max_new_tokens,
     )
-    prepared = PreparedStudy(spec, base, data, split)
+    prepared = PreparedStudy(spec, base, data, split, left_out=len(encoded) - len(train))
     check_lengths(spec.task, shape_of(base.model.config.to_dict()).max_positions)
     if spec.method == "reft":
         check_space(spec.space, prepared.limits)
