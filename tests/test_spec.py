@@ -121,6 +121,7 @@ def test_int_range_and_choices_mapping(tmp_path):
             "resources.trials_per_worker: must be a positive integer or 'auto', got 0",
         ),
         ({"name": "bad name!"}, "name: must be letters, digits"),
+        ({"name": "n" * 101}, "name: must be at most 100 characters: it names the study's files"),
     ],
 )
 def test_errors_name_the_key_path(changes, expected):
@@ -151,6 +152,19 @@ def test_relative_paths_are_relative_to_the_study_file(tmp_path):
     )
     assert spec.storage == f"sqlite:///{tmp_path / 's.db'}"
     assert spec.task.data.train == str(tmp_path / "d" / "train.csv")
+
+
+@pytest.mark.parametrize("folder", ["exp?1", "pct%41", "at@host:1", "hash#1", "sp ace"])
+def test_a_storage_in_the_study_folder_stays_there_whatever_its_name(tmp_path, folder):
+    """The default storage's URL held the folder's path as written: ``?`` began a query (the
+    database went to the folder above, shared by ``exp?1`` and ``exp?2``), ``%41`` read as
+    ``A`` (a folder that does not exist)."""
+    from reftsearch.search.storage import sqlite_path
+
+    base = tmp_path / folder
+    assert sqlite_path(parse(minimal(), base).storage) == base / "t.db"
+    relative = parse(minimal(storage="sqlite:///sub/s.db"), base).storage
+    assert sqlite_path(relative) == base / "sub" / "s.db"
 
 
 def _read_options(**options):

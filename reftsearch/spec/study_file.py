@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from sqlalchemy.engine import URL
+
 from reftsearch.errors import BadInputError, SpecError
 from reftsearch.metrics import PER_EXAMPLE
 from reftsearch.spec import readers as v
@@ -251,11 +253,20 @@ TOP_LEVEL = (
 )
 
 
+MAX_NAME = 100  # characters of a study's name; two fit one compare table's file name
+
+
 def parse_spec(raw: Any, base_dir: Path, source: Path | None = None) -> StudySpec:
     entries = v.mapping(raw, "", TOP_LEVEL, required=["name", "model", "task"])
     name = v.string(
         entries["name"], "name", r"[A-Za-z0-9][A-Za-z0-9_.-]*", "letters, digits, '_', '.' or '-'"
     )
+    if len(name) > MAX_NAME:  # the file system's limit is 255 bytes a name
+        raise SpecError(
+            "name",
+            f"must be at most {MAX_NAME} characters: it names the study's files "
+            f"({name[:12]}....db, .artifacts/, reports/), got {len(name)}",
+        )
     task = _task(entries["task"], "task", base_dir)
     metric = v.choice(entries.get("metric", METRICS_FOR_KIND[task.kind][0]), "metric", METRICS)
     if metric not in METRICS_FOR_KIND[task.kind]:
@@ -320,7 +331,7 @@ def _objectives(raw: Any, path: str) -> tuple[str, ...]:
 
 def _storage(raw: Any, path: str, base_dir: Path, name: str) -> str:
     if raw is None:
-        return f"sqlite:///{base_dir / (name + '.db')}"
+        return _sqlite_url(base_dir, name + ".db")  # a name needs no escaping (see "name")
     url = v.string(raw, path)
     if "://" not in url:
         raise SpecError(
@@ -330,8 +341,16 @@ def _storage(raw: Any, path: str, base_dir: Path, name: str) -> str:
         )
     if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
         # a relative SQLite path is relative to the study file, not to the shell's cwd
-        return f"sqlite:///{base_dir / url[len('sqlite:///') :]}"
+        return _sqlite_url(base_dir, url[len("sqlite:///") :])
     return url
+
+
+def _sqlite_url(folder: Path, relative: str) -> str:
+    """The URL of SQLite file ``relative`` (URL text, as written) in ``folder``, whose path is
+    escaped where a URL reads it otherwise: in ``/runs/exp?1/``, ``?`` began a query (the
+    database went to ``/runs/exp``, shared by every ``exp?N``), and ``pct%41`` read as
+    ``pctA``."""
+    return f"{URL.create('sqlite', database=str(folder)).render_as_string()}/{relative}"
 
 
 def _model(raw: Any, path: str, base_dir: Path) -> ModelSpec:
