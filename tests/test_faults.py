@@ -332,6 +332,33 @@ def test_a_study_read_or_resumed_with_another_metric_or_model_is_bad_input(
     assert digest(tmp_path / "t.db") == before and not (tmp_path / "out").exists()
 
 
+def test_a_study_resumed_on_other_rows_is_bad_input_the_same_rows_elsewhere_are_not(
+    write_study, easy_task_files, tmp_path, capsys
+):
+    """A resume on another dev file (or other train rows) ranked its new trials, scored on
+    other rows, beside the first ones as if comparable."""
+    study = write_study(tiny_study(easy_task_files, budget={"n_trials": 1, "max_epochs": 1}))
+    assert main(["run", str(study)]) == 0
+    before = digest(tmp_path / "t.db")
+    capsys.readouterr()
+    other_dev = tmp_path / "other_dev.csv"
+    other_dev.write_text("".join(Path(easy_task_files["dev"]).read_text().splitlines(True)[:9]))
+    for override, changed in (
+        (f"task.data.dev={other_dev}", "the dev rows differ"),
+        ("task.max_train_examples=50", "the train rows differ"),
+    ):
+        assert main(["run", str(study), "--n-trials", "2", "--set", override]) == 2
+        err = capsys.readouterr().err
+        assert f"task.data: {changed} from those study 't' was searched on" in err, err
+    assert digest(tmp_path / "t.db") == before
+    moved = tmp_path / "moved"  # the same rows in another place: the same study
+    moved.mkdir()
+    for split, path in easy_task_files.items():
+        (moved / f"{split}.csv").write_text(Path(path).read_text())
+    data = f"task.data={{train: {moved}/train.csv, dev: {moved}/dev.csv}}"
+    assert main(["run", str(study), "--n-trials", "2", "--set", data]) == 0
+
+
 def test_a_study_of_one_method_is_not_resumed_by_a_spec_of_another(
     write_study, easy_task_files, tmp_path, capsys
 ):

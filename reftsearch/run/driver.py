@@ -38,7 +38,7 @@ from reftsearch.search.study import (
     budget_trials,
     count_finished,
     give_back,
-    keep_label_names,
+    keep_task_data,
     open_study,
     refuse_duplicate,
     spec_device,
@@ -112,7 +112,7 @@ def _run_study(
     # with the storage unchanged
     recipes = warm_start_recipes(spec, storage_url, prepared)
     study = open_study(spec, storage_url)
-    keep_label_names(study, prepared.data.label_names)
+    keep_task_data(study, prepared.data)
     publish_spec(study, spec, n_trials)
     optuna.storages.fail_stale_trials(study)
     done = count_finished(study)

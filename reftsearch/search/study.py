@@ -7,6 +7,8 @@ storage exactly as it was.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -51,6 +53,7 @@ from reftsearch.spec.study_file import PrunerSpec, StudySpec
 
 NO_GRID_POINT = -1  # the grid_id of a trial that gave its point back
 LABELS_ATTR = "label_names"  # a classification study's classes: class id i is the i-th
+ROWS_ATTR = "rows_sha256"  # a digest of each search split's rows: {"train": ..., "dev": ...}
 INTERRUPTED = "interrupted"  # the fail_reason of a trial stopped by Ctrl-C or SIGTERM
 FROZEN_STORE_ENV = "REFTSEARCH_FROZEN_STORE"  # the frozen store's folder unless the spec says
 
@@ -158,9 +161,32 @@ def _load_model(spec: StudySpec, data: TaskData, device: str, dtype: str) -> Bas
     return base
 
 
-def keep_label_names(study: optuna.Study, label_names: list[str] | None) -> None:
-    """Store a classification study's classes on it; a resumed study must find the same
-    ones, or the ids its trials' heads learned would now mean other classes."""
+def keep_task_data(study: optuna.Study, data: TaskData) -> None:
+    """Store what the study's trials train and are scored on: its classes (classification)
+    and a digest of each split's rows. A resumed study must find the same: class ids would
+    change meaning, and trials scored on other dev rows (another file, a carve of other
+    rows, another max_dev_examples) were ranked beside the first ones as if comparable."""
+    _keep_label_names(study, data.label_names)
+    digests = {"train": _rows_digest(data.train), "dev": _rows_digest(data.dev)}
+    stored = study.user_attrs.get(ROWS_ATTR)
+    if stored is None:  # a new study, or one from before digests were kept
+        study.set_user_attr(ROWS_ATTR, digests)
+        return
+    changed = [split for split, digest in digests.items() if stored.get(split) != digest]
+    if changed:
+        raise BadInputError(
+            f"task.data: the {' and '.join(changed)} rows differ from those study "
+            f"{study.study_name!r} was searched on; its trials' scores belong to those: "
+            "restore them to resume it, or run the new data as a study of another name "
+            "(--set name=NEW)"
+        )
+
+
+def _rows_digest(rows: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _keep_label_names(study: optuna.Study, label_names: list[str] | None) -> None:
     if label_names is None:
         return
     stored = study.user_attrs.get(LABELS_ATTR)
