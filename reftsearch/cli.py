@@ -390,6 +390,7 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _best(args: argparse.Namespace) -> int:
+    from reftsearch.data.splits import has_split
     from reftsearch.results.best_table import CSV_MARK, best_summaries, trials_frame
     from reftsearch.search.ranking import best_trials, is_pareto, pareto_front
     from reftsearch.search.study import load_study_of
@@ -408,6 +409,8 @@ def _best(args: argparse.Namespace) -> int:
     pareto = is_pareto(study)  # two objectives: the whole front, fewest parameters first
     if pareto and args.test:
         raise BadInputError("--test: a study with two objectives has a front, not one best config")
+    if args.test and not has_split(spec.task.data, "test"):  # before the pick is retrained
+        raise BadInputError("task.data.test: the study has no test split (--test scores on it)")
     trials = pareto_front(study) if pareto else best_trials(study, args.top)
     if not trials:
         raise ReftSearchError(f"study {spec.name!r} has no completed trial yet")
@@ -501,7 +504,7 @@ def _export(args: argparse.Namespace) -> int:
     result = export_study(
         spec,
         args.storage or spec.storage,
-        args.out_dir or spec.export_dir,
+        _out_dir(args, spec),
         args.trial,
         _stderr,
         with_base_model=args.with_base_model,
@@ -511,6 +514,16 @@ def _export(args: argparse.Namespace) -> int:
     if not result.pyreft_loadable:
         _stderr(f"note: {result.note}")
     return EXIT_OK
+
+
+def _out_dir(args: argparse.Namespace, spec: StudySpec) -> str:
+    """OUT_DIR as given, or the spec's ``export_dir``; an empty one is refused (it exported
+    to the spec's folder instead)."""
+    if args.out_dir is None:
+        return spec.export_dir
+    if not args.out_dir.strip():
+        raise BadInputError("OUT_DIR: give a directory (or leave it out for the spec's), got ''")
+    return args.out_dir
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -571,7 +584,7 @@ def _export_peft(args: argparse.Namespace, spec: StudySpec) -> int:
     from reftsearch.export.peft_model import export_study
 
     result = export_study(
-        spec, args.storage or spec.storage, args.out_dir or spec.export_dir, args.trial, _stderr
+        spec, args.storage or spec.storage, _out_dir(args, spec), args.trial, _stderr
     )
     test = "" if result.test_score is None else f", test={result.test_score:.4f}"
     print(f"exported trial {result.trial}{test} to {result.out_dir} ({result.weights})")
@@ -582,7 +595,7 @@ def _export_adapters(args: argparse.Namespace, spec: StudySpec) -> int:
     from reftsearch.export.adapters import export_study
 
     result = export_study(
-        spec, args.storage or spec.storage, args.out_dir or spec.export_dir, args.trial, _stderr
+        spec, args.storage or spec.storage, _out_dir(args, spec), args.trial, _stderr
     )
     test = "" if result.test_score is None else f", test={result.test_score:.4f}"
     print(f"exported trial {result.trial}{test} to {result.out_dir} ({result.weights})")

@@ -228,6 +228,7 @@ def test_output_options_replace_only_files_their_command_wrote(
         (["run", "{study}", "--n-trials", str(2**64)], "at most 2,147,483,647"),
         (["estimate", "{study}", "--workers", "-3"], "--workers: must be a positive integer"),
         (["estimate", "{study}", "--storage", "foo://bar"], "storage: cannot use foo://bar"),
+        (["export", "{study}", ""], "OUT_DIR: give a directory"),
     ],
     ids=[
         "csv-folder",
@@ -242,6 +243,7 @@ def test_output_options_replace_only_files_their_command_wrote(
         "huge-count",
         "estimate-workers",
         "estimate-storage",
+        "export-empty-dir",
     ],
 )
 def test_bad_output_paths_ports_and_storages_are_bad_input(
@@ -255,6 +257,18 @@ def test_bad_output_paths_ports_and_storages_are_bad_input(
     assert err.startswith("error: ") and message in err and "s3cret" not in err
     assert digest(study) == before
     assert not (tmp_path / "t.db").exists()
+
+
+def test_best_test_without_a_test_split_is_refused_before_any_retraining(
+    write_study, easy_task_files, capsys
+):
+    data = {split: easy_task_files[split] for split in ("train", "dev")}
+    study = write_study(tiny_study(data, budget={"n_trials": 1, "max_epochs": 1}))
+    assert main(["run", str(study)]) == 0
+    capsys.readouterr()
+    assert main(["best", str(study), "--test"]) == 2
+    err = capsys.readouterr().err
+    assert "task.data.test: the study has no test split" in err and "retrain" not in err
 
 
 def test_a_warm_start_from_a_missing_study_is_bad_input_and_creates_nothing(

@@ -67,6 +67,8 @@ def test_predict_refuses_what_it_cannot_do(trained_study, tmp_path, capsys):
     assert taken.read_text() == "mine"
     assert main(["predict", str(trained_study), "--input", str(tmp_path / "none.csv")]) == 2
     assert "--input: file not found" in capsys.readouterr().err
+    assert main(["predict", str(trained_study), "--input", str(tmp_path)]) == 2
+    assert f"--input: {tmp_path} is a directory" in capsys.readouterr().err
     assert main(["predict", str(trained_study), "--trial", "7", "--text", "a"]) == 2
     with pytest.raises(SystemExit) as exit_info:  # argparse: one of --text / --input
         main(["predict", str(trained_study)])

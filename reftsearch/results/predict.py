@@ -103,6 +103,8 @@ def text_inputs(task: TaskSpec, texts: list[str]) -> list[dict[str, str]]:
 def file_inputs(task: TaskSpec, path: Path) -> list[dict[str, str]]:
     """The rows of a file in the task's format (its columns and read options); a label or
     response column, if present, is left out."""
+    if path.is_dir():
+        raise BadInputError(f"--input: {path} is a directory; give a file of inputs")
     if not path.is_file():
         raise BadInputError(f"--input: file not found: {path}")
     data = dataclasses.replace(task.data, builtin=None, hub=None, test=str(path.resolve()))
