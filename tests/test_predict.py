@@ -236,8 +236,20 @@ def test_predict_refuses_what_is_no_export_it_can_read(
     assert "lacks the task settings (task_spec)" in error and "export the trial again" in error
     edited = {**sidecar, "task_spec": {"data": {}}}  # a hand edit: was a KeyError traceback
     (older / "reftsearch.json").write_text(json.dumps(edited))
-    assert "its task_spec is not as export writes it (KeyError" in refused(older)
+    assert "task_spec is not as export writes it (KeyError" in refused(older)
     whole = json.loads((out / "reftsearch.json").read_text())
+    task_spec = whole["task_spec"]
+    for edit, said in (  # each was a traceback (exit 1), or labels made up (empty id2label)
+        ({"task_spec": {**task_spec, "max_length": -5}}, "task_spec.max_length is not as"),
+        ({"task_spec": {**task_spec, "max_length": "x"}}, "task_spec.max_length is not as"),
+        ({"id2label": {"0": "a"}}, "id2label is not as export writes it"),
+        ({"id2label": {}}, "id2label is not as export writes it"),
+        ({"base_model": None}, "base_model is not as export writes it"),
+        ({"id2label": {"0": "a", "1": "b", "2": "c"}}, "does not fit the base model"),
+    ):
+        (older / "reftsearch.json").write_text(json.dumps({**whole, **edit}))
+        error = refused(older)
+        assert said in error and "export the trial again" in error, error
     lora = {**whole, "config": {"method": "lora", "rank": 2}}  # was the config, dumped
     (older / "reftsearch.json").write_text(json.dumps(lora))
     assert "an export of a lora trial; predict EXPORT_DIR runs ReFT exports" in refused(older)

@@ -142,13 +142,46 @@ def open_export(directory: Path) -> PyreftExport:
         data = DataSpec(header=read["header"], columns=columns, read_options=read["read_options"])
         task = TaskSpec(**{name: settings[name] for name in TASK_SPEC_FIELDS}, data=data)
     except (KeyError, TypeError) as err:  # a reftsearch.json edited by hand
-        raise BadInputError(
-            f"{path}: its {TASK_SPEC} is not as export writes it ({type(err).__name__}: {err}); "
-            "export the trial again (reftsearch export STUDY OUT_DIR --trial N)"
-        ) from None
+        raise _edited(path, TASK_SPEC, f"{type(err).__name__}: {err}") from None
+    for name in ("max_length", "max_new_tokens"):
+        value = getattr(task, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _edited(path, f"{TASK_SPEC}.{name}", f"a positive integer, got {value!r}")
+    if (
+        not isinstance(sidecar.get("base_model"), dict)
+        or BASE_MODEL_KEYS - sidecar["base_model"].keys()
+    ):
+        raise _edited(path, "base_model", f"an object with {sorted(BASE_MODEL_KEYS)}")
+    return PyreftExport(directory, sidecar, task, _label_names(path, sidecar, task))
+
+
+# what export records of the base model (reftsearch.export.pyreft), all of which load reads
+BASE_MODEL_KEYS = frozenset({"copied", "revision", "load_from", "path", "sha256", "dtype"})
+
+
+def _label_names(path: Path, sidecar: dict, task: TaskSpec) -> list[str] | None:
+    """The classes in ``id2label`` (``{"0": name, ...}``), which the head's rows follow."""
     id2label = sidecar.get("id2label") or {}
-    label_names = [id2label[str(i)] for i in range(len(id2label))] or None
-    return PyreftExport(directory, sidecar, task, label_names)
+    if task.kind != "classification":
+        return None
+    wanted = [str(i) for i in range(len(id2label))]
+    if (
+        not isinstance(id2label, dict)
+        or sorted(id2label, key=str) != sorted(wanted)
+        or len(wanted) < 2
+    ):
+        raise _edited(
+            path, "id2label", f'the classes by id, {{"0": ..., "1": ...}}, got {id2label!r}'
+        )
+    return [str(id2label[i]) for i in wanted]
+
+
+def _edited(path: Path, key: str, wanted: str) -> BadInputError:
+    """A ``reftsearch.json`` edited by hand: which key, and what export writes there."""
+    return BadInputError(
+        f"{path}: {key} is not as export writes it ({wanted}); export the trial again "
+        "(reftsearch export STUDY OUT_DIR --trial N)"
+    )
 
 
 def read_json(path: Path) -> dict:
@@ -217,4 +250,11 @@ def load_head(base: BaseModel, name: str, state: dict[str, torch.Tensor]) -> Non
         raise BadInputError(
             f"{name}: {', '.join(missing[:3])} not in the base model (another model's head)"
         )
-    base.model.load_state_dict(state, strict=False)
+    try:
+        base.model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # e.g. a head of 2 classes for a model made for 3
+        first = str(err).strip().splitlines()[-1].strip()
+        raise BadInputError(
+            f"{name}: does not fit the base model as reftsearch.json describes it ({first}); "
+            "were its classes (id2label) edited? export the trial again"
+        ) from None
