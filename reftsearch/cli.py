@@ -377,7 +377,10 @@ def _data(args: argparse.Namespace) -> int:
 
     spec = _spec(args)
     from reftsearch.data.listing import describe, list_rows, print_rows, write_rows
+    from reftsearch.data.splits import has_split
 
+    if args.split and "test" in args.split and not has_split(spec.task.data, "test"):
+        raise BadInputError("--split test: the study has no test split (task.data.test)")
     listing = list_rows(spec.task, spec.seed, args.split or SPLITS)
     for split in listing.splits:
         _stderr(describe(split))

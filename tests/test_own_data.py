@@ -558,3 +558,12 @@ def test_smollm2_trains_on_the_prompts_that_leave_room_for_a_response(tmp_path, 
     assert "and 8 train / 8 dev examples" in out and "left out of training: 4 train" in out
     (trial,) = optuna.load_study(study_name="own", storage=f"sqlite:///{tmp_path}/own.db").trials
     assert trial.state == optuna.trial.TrialState.COMPLETE
+
+
+def test_data_split_test_without_a_test_split_is_refused(tmp_path, capsys):
+    """It printed the header and no rows, exit 0: as if the test split were empty."""
+    write_tsv(tmp_path / "train.tsv", topic_rows(20), header="label\ttext")
+    path = study(tmp_path, {"train": "train.tsv"}, text="text")
+    assert main(["data", str(path), "--split", "test"]) == 2
+    assert "--split test: the study has no test split" in capsys.readouterr().err
+    assert main(["data", str(path)]) == 0  # all the splits it has
