@@ -192,17 +192,19 @@ def test_exports_into_one_folder_swap_one_at_a_time(tmp_path):
     tests = str(Path(__file__).parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
     paused = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
-    while not Path(str(go) + ".paused").exists():
-        assert paused.poll() is None, paused.stderr.read().decode()
-        time.sleep(0.01)
-    third = {**SECOND, "config.json": "3", "intkey_b.bin": "3"}
-    later = threading.Thread(
-        target=lambda: (settle_interrupted(out, print), export_into(out, third))
-    )
-    later.start()
-    later.join(timeout=1)
-    assert later.is_alive()  # waits for the swap under way
-    go.touch()
+    try:
+        while not Path(str(go) + ".paused").exists():
+            assert paused.poll() is None, paused.stderr.read().decode()
+            time.sleep(0.01)
+        third = {**SECOND, "config.json": "3", "intkey_b.bin": "3"}
+        later = threading.Thread(
+            target=lambda: (settle_interrupted(out, print), export_into(out, third))
+        )
+        later.start()
+        later.join(timeout=1)
+        assert later.is_alive()  # waits for the swap under way
+    finally:
+        go.touch()  # the paused export goes on (and ends) whatever happened here
     assert paused.wait(timeout=60) == 0, paused.stderr.read().decode()
     later.join(timeout=60)
     assert contents(out) == third and siblings(out) == ["go", "go.paused"]
