@@ -210,6 +210,37 @@ def test_exports_into_one_folder_swap_one_at_a_time(tmp_path):
     assert contents(out) == third and siblings(out) == ["go", "go.paused"]
 
 
+def write_killed(out: str) -> None:
+    """An export killed while it writes its files (kill -9, out of memory)."""
+    with replacing(Path(out), print) as scratch:
+        (scratch / "config.json").write_text("half")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("earlier", [True, False], ids=["over-an-export", "first-export"])
+def test_a_scratch_folder_of_a_killed_export_is_removed_one_still_writing_is_not(tmp_path, earlier):
+    """An export killed while writing left its .partial folder (with a --with-base-model
+    export, a whole model) for good: no later export removed it."""
+    out = tmp_path / "out"
+    if earlier:
+        export_into(out, FIRST)
+    code = f"from test_export_out_dir import write_killed; write_killed({str(out)!r})"
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    killed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+    (left,) = siblings(out)
+    assert left.endswith(".partial")
+    with replacing(out, print) as live:  # an export still writing: its folder is its own
+        settle_interrupted(out, print)
+        assert siblings(out) == [live.name]
+        for path, text in SECOND.items():
+            (live / path).parent.mkdir(parents=True, exist_ok=True)
+            (live / path).write_text(text)
+        (live / SIDECAR).write_text(json.dumps({"trial": "2"} | listing(live)))
+    assert contents(out) == SECOND and siblings(out) == []
+
+
 def test_a_previous_export_that_cannot_be_deleted_is_a_warning(tmp_path, monkeypatch):
     out = tmp_path / "out"
     export_into(out, FIRST)

@@ -31,7 +31,7 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
 from reftsearch.errors import BadInputError
@@ -159,7 +159,10 @@ def replacing(out: Path, log: Log) -> Iterator[Path]:
     removed. ``log`` says when the previous export's files could not be deleted."""
     check_out_dir(out)
     with _out_dir_errors(out, "making a scratch folder next to it"):
-        scratch = _new_scratch(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with _alone_in(out.parent):  # made and locked before another export's settle looks
+            scratch = _new_scratch(out)
+            owned = _lock(scratch, wait=False)
     try:
         yield scratch
         with _alone_in(out.parent):
@@ -169,10 +172,11 @@ def replacing(out: Path, log: Log) -> Iterator[Path]:
     finally:
         if not _old_of(scratch).exists():  # else an undo failed: the next export needs scratch
             shutil.rmtree(scratch, ignore_errors=True)
+        if owned is not None:
+            os.close(owned)
 
 
 def _new_scratch(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=PARTIAL, dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
@@ -234,18 +238,52 @@ def _discard(old: Path, log: Log) -> None:
 def settle_interrupted(out: Path, log: Log) -> None:
     """Finish what an export killed mid-swap into ``out`` left: the previous export is put
     back unless the new one was whole in place, then the swap's scratch siblings are deleted.
-    Only siblings named as ``replacing`` names them, with a ``.old`` one (the swap began, so
-    the export was written: a ``.partial`` one alone may be an export still writing)."""
-    if not out.is_dir() or out.is_symlink():
+    Only siblings named as ``replacing`` names them: a ``.old`` one and its ``.partial`` (the
+    swap began), and a ``.partial`` one alone whose export is gone (killed while writing it:
+    its lock is free; one still writing holds it)."""
+    if out.is_symlink() or not out.parent.is_dir():
         return
-    name = re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}{re.escape(OLD)}")  # mkdtemp's
+    scratch_name = rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}"  # mkdtemp's
+    olds, partials = re.compile(scratch_name + re.escape(OLD)), re.compile(scratch_name + PARTIAL)
     with _alone_in(out.parent), _out_dir_errors(out, "undoing an interrupted export"):
         for old in sorted(out.parent.iterdir()):
-            if name.fullmatch(old.name) and old.is_dir() and not old.is_symlink():
+            if out.is_dir() and olds.fullmatch(old.name) and _is_folder(old):
                 scratch = old.with_name(old.name.removesuffix(OLD) + PARTIAL)
                 _settle(out, scratch, old)
                 _discard(old, log)
                 shutil.rmtree(scratch, ignore_errors=True)
+        for scratch in sorted(out.parent.iterdir()):
+            lone = partials.fullmatch(scratch.name) and not _old_of(scratch).exists()
+            if lone and _is_folder(scratch) and _unowned(scratch):
+                shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _is_folder(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def _unowned(scratch: Path) -> bool:
+    """Whether no export holds ``scratch``'s lock: the one that made it is gone."""
+    descriptor = _lock(scratch, wait=False)
+    if descriptor is None:
+        return False
+    os.close(descriptor)
+    return True
+
+
+def _lock(folder: Path, wait: bool) -> int | None:
+    """An open descriptor of ``folder`` holding its exclusive ``flock`` (closing it lets go),
+    or None where it is held elsewhere (``wait`` False) or the filesystem has no such locks."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except OSError:
+        os.close(descriptor)
+        return None
+    return descriptor
 
 
 @contextmanager
@@ -256,14 +294,8 @@ def _alone_in(folder: Path) -> Iterator[None]:
     export's and undid its swap, and two swaps at once could leave one export's
     reftsearch.json beside the other's weights. Where the filesystem has no such locks, the
     exports go on without."""
+    descriptor = _lock(folder, wait=True)
     try:
-        descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        descriptor = None
-    try:
-        if descriptor is not None:
-            with suppress(OSError):
-                fcntl.flock(descriptor, fcntl.LOCK_EX)
         yield
     finally:
         if descriptor is not None:
