@@ -567,3 +567,14 @@ def test_data_split_test_without_a_test_split_is_refused(tmp_path, capsys):
     assert main(["data", str(path), "--split", "test"]) == 2
     assert "--split test: the study has no test split" in capsys.readouterr().err
     assert main(["data", str(path)]) == 0  # all the splits it has
+
+
+def test_one_class_left_by_the_carve_says_so(tmp_path, capsys):
+    """Two classes in the file, one row left to train once dev is carved: the message said
+    the file held one value in all its rows."""
+    rows = "".join(f"t{i},{i % 2}\n" for i in range(20))
+    (tmp_path / "train.csv").write_text("text,label\n" + rows)
+    path = study(tmp_path, {"train": "train.csv"}, text="text", dev_fraction=0.99)
+    assert main(["validate", str(path)]) == 2
+    said = "in all 1 rows (the rows kept once task.dev_fraction 0.99 is carved out as dev)"
+    assert said in capsys.readouterr().err

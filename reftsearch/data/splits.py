@@ -63,7 +63,7 @@ def load_task_data(task: TaskSpec, seed: int) -> TaskData:
         )
     label_names = None
     if task.kind == "classification":
-        label_names = label_vocabulary(train, task)
+        label_names = label_vocabulary(train, task, _kept(task, dev_carved))
         train = map_labels(train, label_names, task, "train")
         dev = map_labels(dev, label_names, task, "train" if dev_carved else "dev", dev_carved)
     return TaskData(train, dev, label_names, dev_carved)
@@ -396,7 +396,18 @@ def _subset(rows: list[dict], limit: int | None, seed: int) -> list[dict]:
     return random.Random(seed).sample(rows, limit)
 
 
-def label_vocabulary(rows: list[dict], task: TaskSpec) -> list[str]:
+def _kept(task: TaskSpec, dev_carved: bool) -> str:
+    """Which of train's rows a study keeps, where not all: its label errors say so (a file
+    of two classes is not what holds one)."""
+    kept = []
+    if dev_carved:
+        kept.append(f"once task.dev_fraction {task.dev_fraction:g} is carved out as dev")
+    if task.max_train_examples is not None:
+        kept.append(f"of task.max_train_examples {task.max_train_examples}")
+    return f" (the rows kept {' and '.join(kept)})" if kept else ""
+
+
+def label_vocabulary(rows: list[dict], task: TaskSpec, kept: str = "") -> list[str]:
     """The classes: the label values that occur in train, sorted (numbers as numbers, else
     as text); class id i is the i-th. Labels 0..K-1 so keep their ids, and any other labels
     (strings, 1..4) get the same ids whatever the order of the rows."""
@@ -410,8 +421,8 @@ def label_vocabulary(rows: list[dict], task: TaskSpec) -> list[str]:
     if len(names) < 2:
         raise BadInputError(
             f"{source(task.data, 'train')}: column {task.label!r} (task.label) holds one "
-            f"value, {names[0]!r}, in all {len(rows)} rows: a classifier needs two classes "
-            "or more"
+            f"value, {names[0]!r}, in all {len(rows)} rows{kept}: a classifier needs two "
+            "classes or more"
         )
     return names
 
