@@ -510,7 +510,7 @@ def test_a_trial_of_a_process_whose_pid_another_now_has_is_not_that_ones(
     # the process that had this pid before this one: started an hour earlier
     started = TrialRecord.of(earlier).worker_started - 3600
     study._storage.set_trial_user_attr(earlier._trial_id, "worker_started", started)
-    time.sleep(2.5)  # both heartbeats stale
+    time.sleep(3.5)  # both heartbeats stale: SQLite keeps whole seconds, stale is > 2
     optuna.storages.fail_stale_trials(study)
     trials = stored(spec.storage).trials
     assert trials[ours.number].state == State.RUNNING  # this process runs it
