@@ -37,12 +37,24 @@ RENAMES = 8  # a swap of FIRST for SECOND: 4 entries aside, 4 in (reftsearch.jso
 def export_into(out: Path, files: dict[str, str], log=print) -> None:
     """An export as the exporters write one: ``files``, then reftsearch.json listing them."""
     with replacing(out, log) as scratch:
-        for path, text in files.items():
-            (scratch / path).parent.mkdir(parents=True, exist_ok=True)
-            (scratch / path).write_text(text)
-        (scratch / SIDECAR).write_text(
-            json.dumps({"trial": files["config.json"]} | listing(scratch))
-        )
+        write_export(scratch, files)
+
+
+def write_export(scratch: Path, files: dict[str, str]) -> None:
+    for path, text in files.items():
+        (scratch / path).parent.mkdir(parents=True, exist_ok=True)
+        (scratch / path).write_text(text)
+    (scratch / SIDECAR).write_text(json.dumps({"trial": files["config.json"]} | listing(scratch)))
+
+
+def in_child(function: str, *args: str) -> tuple[list[str], dict[str, str]]:
+    """The command and environment that run this module's ``function(*args)`` in a new
+    Python process (to be killed or paused there)."""
+    call = f"{function}({', '.join(map(repr, args))})"
+    code = f"from test_export_out_dir import {function}; {call}"
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    return [sys.executable, "-c", code], env
 
 
 def contents(directory: Path) -> dict[str, str]:
@@ -152,10 +164,8 @@ def swap_killed(out: str, at: str) -> None:
 def test_a_killed_swap_is_settled_by_the_next_export(tmp_path, at):
     out = tmp_path / "out"
     export_into(out, FIRST)
-    code = f"from test_export_out_dir import swap_killed; swap_killed({str(out)!r}, {at!r})"
-    tests = str(Path(__file__).parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
-    killed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True)
+    command, env = in_child("swap_killed", str(out), at)
+    killed = subprocess.run(command, env=env, capture_output=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
     assert siblings(out)  # what the kill left: a .old folder, and the new export's scratch
     logged: list[str] = []
@@ -188,10 +198,8 @@ def test_exports_into_one_folder_swap_one_at_a_time(tmp_path):
     killed export's and undid its swap under it; two swaps at once could mix their files."""
     out, go = tmp_path / "out", tmp_path / "go"
     export_into(out, FIRST)
-    code = f"from test_export_out_dir import swap_paused; swap_paused({str(out)!r}, {str(go)!r})"
-    tests = str(Path(__file__).parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
-    paused = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
+    command, env = in_child("swap_paused", str(out), str(go))
+    paused = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
     try:
         while not Path(str(go) + ".paused").exists():
             assert paused.poll() is None, paused.stderr.read().decode()
@@ -224,20 +232,15 @@ def test_a_scratch_folder_of_a_killed_export_is_removed_one_still_writing_is_not
     out = tmp_path / "out"
     if earlier:
         export_into(out, FIRST)
-    code = f"from test_export_out_dir import write_killed; write_killed({str(out)!r})"
-    tests = str(Path(__file__).parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
-    killed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True)
+    command, env = in_child("write_killed", str(out))
+    killed = subprocess.run(command, env=env, capture_output=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
     (left,) = siblings(out)
     assert left.endswith(".partial")
     with replacing(out, print) as live:  # an export still writing: its folder is its own
         settle_interrupted(out, print)
         assert siblings(out) == [live.name]
-        for path, text in SECOND.items():
-            (live / path).parent.mkdir(parents=True, exist_ok=True)
-            (live / path).write_text(text)
-        (live / SIDECAR).write_text(json.dumps({"trial": "2"} | listing(live)))
+        write_export(live, SECOND)
     assert contents(out) == SECOND and siblings(out) == []
 
 
