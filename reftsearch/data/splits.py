@@ -103,7 +103,7 @@ def load_split(
     texts = tuple(name for key, name in columns.items() if key != "label")
     file = _LocalFile.of(task.data, split, given_as)
     records = _read_records(task.data, split, texts, file)
-    where = source(task.data, split) if given_as is None else file.where
+    where = source(task.data, split) if file is None else file.where
     if records:
         columns = {
             key: name for key, name in columns.items() if key not in optional or name in records[0]

@@ -115,13 +115,17 @@ def file_inputs(task: TaskSpec, path: Path) -> list[dict[str, str]]:
         raise BadInputError(
             f"{err}; --input is read as the task's files are: {_format(task)}"
         ) from None
-    inputs = ("prompt",) if task.kind == "generation" else ("text", "text_pair")
-    return [{key: row[key] for key in inputs if key in row} for row in rows]
+    return [{key: row[key] for key in _input_keys(task) if key in row} for row in rows]
+
+
+def _input_keys(task: TaskSpec) -> tuple[str, ...]:
+    """The parts of a row a prediction reads (the label or response is what it gives)."""
+    return ("prompt",) if task.kind == "generation" else ("text", "text_pair")
 
 
 def _format(task: TaskSpec) -> str:
     """The file format ``--input`` must have: the task's input columns and read settings."""
-    keys = ("prompt",) if task.kind == "generation" else ("text", "text_pair")
+    keys = _input_keys(task)
     names = [f"{getattr(task, key)!r} (task.{key})" for key in keys if getattr(task, key)]
     parts = [f"column{'s' if len(names) > 1 else ''} {' and '.join(names)}"]
     data = task.data
