@@ -244,6 +244,7 @@ def test_predict_refuses_what_is_no_export_it_can_read(
         ({"task_spec": {**task_spec, "max_length": "x"}}, "task_spec.max_length is not as"),
         ({"id2label": {"0": "a"}}, "id2label is not as export writes it"),
         ({"id2label": {}}, "id2label is not as export writes it"),
+        ({"id2label": 5}, "id2label is not as export writes it"),
         ({"base_model": None}, "base_model is not as export writes it"),
         ({"id2label": {"0": "a", "1": "b", "2": "c"}}, "does not fit the base model"),
     ):

@@ -164,16 +164,12 @@ def _label_names(path: Path, sidecar: dict, task: TaskSpec) -> list[str] | None:
     id2label = sidecar.get("id2label") or {}
     if task.kind != "classification":
         return None
-    wanted = [str(i) for i in range(len(id2label))]
-    if (
-        not isinstance(id2label, dict)
-        or sorted(id2label, key=str) != sorted(wanted)
-        or len(wanted) < 2
-    ):
+    ids = [str(i) for i in range(len(id2label))] if isinstance(id2label, dict) else []
+    if len(ids) < 2 or sorted(id2label, key=str) != sorted(ids):  # a dict of "0".."n-1"
         raise _edited(
             path, "id2label", f'the classes by id, {{"0": ..., "1": ...}}, got {id2label!r}'
         )
-    return [str(id2label[i]) for i in wanted]
+    return [str(id2label[i]) for i in ids]
 
 
 def _edited(path: Path, key: str, wanted: str) -> BadInputError:
