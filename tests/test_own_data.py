@@ -306,6 +306,17 @@ def test_integral_float_labels_match_their_ints(tmp_path):
     assert data.label_names == ["0", "1"] and [r["label"] for r in data.train] == [1, 0, 1]
 
 
+def test_json_false_and_0_are_two_classes(tmp_path, capsys):
+    """In a set ``False == 0``: train labels false/0 read as one class ('False'), refused
+    as "holds one value", while the dev row labelled 0 "does not occur in train"."""
+    labels = [False, 0, True, 1] * 3
+    write_jsonl(tmp_path / "b.jsonl", [{"text": str(i), "label": x} for i, x in enumerate(labels)])
+    spec = load_spec(study(tmp_path, {"train": "b.jsonl", "dev": "b.jsonl"}, text="text"))
+    data = load_task_data(spec.task, spec.seed)
+    assert data.label_names == ["0", "1", "False", "True"]
+    assert [r["label"] for r in data.dev] == [2, 0, 3, 1] * 3
+
+
 def test_the_header_hint_is_for_a_csv_file_whose_first_line_is_a_row(tmp_path):
     """It said "set task.data.header: false" for a JSON file (where that is refused) and for
     a CSV whose header lacks only one of the named columns."""

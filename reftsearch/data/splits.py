@@ -411,13 +411,11 @@ def label_vocabulary(rows: list[dict], task: TaskSpec, kept: str = "") -> list[s
     """The classes: the label values that occur in train, sorted (numbers as numbers, else
     as text); class id i is the i-th. Labels 0..K-1 so keep their ids, and any other labels
     (strings, 1..4) get the same ids whatever the order of the rows."""
-    values = {row["label"] for row in rows}
-    numbers = all(isinstance(x, int | float) and not isinstance(x, bool) for x in values)
-    names = (
-        [_label_name(x) for x in sorted(values)]
-        if numbers
-        else sorted({_label_name(x) for x in values})
-    )
+    # one value per name, not a set of values: in a set ``False`` and ``0`` (``True`` and
+    # ``1``) are one element, but a JSON file's ``false`` and ``0`` name two classes
+    values = {_label_name(row["label"]): row["label"] for row in rows}
+    numbers = all(isinstance(x, int | float) and not isinstance(x, bool) for x in values.values())
+    names = sorted(values, key=values.get) if numbers else sorted(values)
     if len(names) < 2:
         raise BadInputError(
             f"{source(task.data, 'train')}: column {task.label!r} (task.label) holds one "
