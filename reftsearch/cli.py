@@ -416,7 +416,7 @@ def _best(args: argparse.Namespace) -> int:
         raise BadInputError("task.data.test: the study has no test split (--test scores on it)")
     trials = pareto_front(study) if pareto else best_trials(study, args.top)
     if not trials:
-        raise ReftSearchError(f"study {spec.name!r} has no completed trial yet")
+        raise BadInputError(f"study {spec.name!r} has no completed trial yet")
     summaries = best_summaries(study, trials)
     if args.test:
         from reftsearch.search.test_split import test_score

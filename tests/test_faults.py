@@ -271,6 +271,22 @@ def test_best_test_without_a_test_split_is_refused_before_any_retraining(
     assert "task.data.test: the study has no test split" in err and "retrain" not in err
 
 
+def test_best_and_export_of_a_study_without_a_completed_trial_exit_2_alike(
+    write_study, easy_task_files, tmp_path, capsys
+):
+    """``best`` exited 1 (a run that failed), ``export`` 2, for the same study state."""
+    study = write_study(tiny_study(easy_task_files))
+    spec = load_spec(study)
+    open_study(spec, spec.storage, heartbeat=False)
+    for argv, message in (
+        (["best", str(study)], "has no completed trial yet"),
+        (["export", str(study), str(tmp_path / "out")], "has no completed trial to export"),
+    ):
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_warm_start_from_a_missing_study_is_bad_input_and_creates_nothing(
     write_study, easy_task_files, tmp_path, capsys
 ):
