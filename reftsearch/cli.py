@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from reftsearch.engine.threads import prefer_passive_waits
 from reftsearch.errors import BadInputError, ReftSearchError, TrialFailed
-from reftsearch.own_files import holds, refuse_foreign
+from reftsearch.own_files import holds, refuse_foreign, why_unwritable
 from reftsearch.spec.study_file import SPLITS, StudySpec, load_spec
 
 if TYPE_CHECKING:
@@ -656,6 +656,9 @@ def _output_file(path: str, option: str) -> Path:
         raise BadInputError(f"{option} {out}: is a directory; give a file name")
     if not out.parent.is_dir():
         raise BadInputError(f"{option} {out}: directory {out.parent} does not exist")
+    reason = why_unwritable(out.parent)
+    if reason is not None:
+        raise BadInputError(f"{option} {out}: cannot write in {out.parent} ({reason})")
     return out
 
 

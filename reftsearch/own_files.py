@@ -7,6 +7,8 @@ title): any other file there is the user's, and is refused before any work is do
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 from reftsearch.errors import BadInputError
@@ -31,3 +33,16 @@ def holds(path: Path, mark: str) -> bool:
             return mark.encode() in file.read(HEAD_BYTES)
     except OSError:
         return False
+
+
+def why_unwritable(folder: Path) -> str | None:
+    """Why nothing can be made in ``folder``, or None when a folder could be (one is made
+    and removed). Permission bits do not tell: ``os.access`` says yes to root for any
+    folder, and some refuse root too (``/proc``, a FUSE mount), so a check by them passed
+    where writing failed after minutes of training."""
+    try:
+        probe = tempfile.mkdtemp(prefix=".reftsearch-probe.", dir=folder)
+    except OSError as err:
+        return err.strerror or str(err)
+    os.rmdir(probe)
+    return None

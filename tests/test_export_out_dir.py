@@ -292,7 +292,12 @@ def test_a_folder_that_cannot_be_written_is_refused_up_front(tmp_path, monkeypat
 
 
 def test_a_scratch_folder_that_cannot_be_made_is_one_line(tmp_path, monkeypatch):
+    """A scratch folder that cannot be made after the up-front check could (a full disk)."""
+    mkdtemp = tempfile.mkdtemp
+
     def refusing_mkdtemp(**kwargs):
+        if "suffix" not in kwargs:  # the up-front check's folder, not the scratch one
+            return mkdtemp(**kwargs)
         raise PermissionError(13, "Permission denied", str(kwargs["dir"]))
 
     monkeypatch.setattr(tempfile, "mkdtemp", refusing_mkdtemp)
@@ -339,6 +344,8 @@ def test_a_real_export_refuses_a_file_in_base_model_before_any_work(
     for out_dir, error in [
         (out, "holds files no reftsearch export wrote (base_model/MY_NOTES.txt)"),
         (study / "sub", f"{study} must be a directory, it is a file"),
+        # root may write any folder by its bits, so os.access said yes: it trained, then failed
+        (Path("/proc/reftsearch/out"), "OUT_DIR: /proc must be writable"),
     ]:
         assert main(["export", str(study), str(out_dir)]) == 2
         err = capsys.readouterr().err

@@ -224,6 +224,8 @@ def test_output_options_replace_only_files_their_command_wrote(
         ),
         (["compare", "{study}", "{study}", "--out", "{tmp}/missing/c.csv"], "does not exist"),
         (["compare", "{study}", "{study}", "--out", "{tmp}/c.png"], "name the table (.csv)"),
+        # root passes a permission check anywhere: compare ran its arms, then could not write
+        (["compare", "{study}", "{study}", "--out", "/proc/c.csv"], "cannot write in /proc"),
         (["dashboard", "{study}", "--host", ""], "--host: give an address to listen on"),
         (["run", "{study}", "--n-trials", str(2**64)], "at most 2,147,483,647"),
         (["estimate", "{study}", "--workers", "-3"], "--workers: must be a positive integer"),
@@ -239,6 +241,7 @@ def test_output_options_replace_only_files_their_command_wrote(
         "port-text",
         "cmp",
         "cmp-png",
+        "cmp-proc",
         "empty-host",
         "huge-count",
         "estimate-workers",

@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from reftsearch.errors import BadInputError
+from reftsearch.own_files import why_unwritable
 from reftsearch.progress import Log
 
 SIDECAR = "reftsearch.json"
@@ -60,7 +61,10 @@ def check_out_dir(out: Path) -> None:
         )
     if out.exists() and not out.is_dir():
         raise BadInputError(f"OUT_DIR: {out} must be a directory, it is a file")
-    _check_writable(_nearest_folder(out), "(the export is written next to OUT_DIR first)")
+    nearest = _nearest_folder(out)
+    why = "(the export is written next to OUT_DIR first)"
+    _check_writable(nearest, why)
+    _check_folders_can_be_made_in(nearest, why)
     if not out.is_dir():
         return
     with _out_dir_errors(out, "reading it"):
@@ -87,6 +91,14 @@ def _check_writable(folder: Path, why: str) -> None:
     if not os.access(folder, os.W_OK | os.X_OK):
         mode = stat.filemode(folder.stat().st_mode)
         raise BadInputError(f"OUT_DIR: {folder} must be writable {why}, it is {mode}")
+
+
+def _check_folders_can_be_made_in(folder: Path, why: str) -> None:
+    reason = why_unwritable(folder)
+    if reason is not None:
+        raise BadInputError(
+            f"OUT_DIR: {folder} must be writable {why}; making a folder in it failed: {reason}"
+        )
 
 
 def _check_written_by_export(out: Path, paths: set[str]) -> None:
