@@ -703,9 +703,10 @@ def quiet_libraries() -> None:
 
 class ReportedFailures(logging.Filter):
     """Drops Optuna's two warnings about a trial that raised ``TrialFailed`` (it diverged,
-    ran out of memory, or was asked past the budget) or was interrupted (Ctrl-C, SIGTERM):
-    reftsearch's own lines say why already, and Optuna's first one carries the exception's
-    whole traceback. Other failures (a bug) keep theirs."""
+    ran out of memory, or was asked past the budget), was interrupted (Ctrl-C, SIGTERM) or
+    met a failing storage or a full disk: reftsearch's own lines say why already, and
+    Optuna's first one carries the exception's whole traceback. Other failures (a bug) keep
+    theirs."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -715,15 +716,20 @@ class ReportedFailures(logging.Filter):
         number = re.match(r"Trial (\d+) failed with ", record.getMessage())
         if number is None:
             return True
-        if record.exc_info is not None and isinstance(
-            record.exc_info[1], TrialFailed | KeyboardInterrupt
-        ):
+        if record.exc_info is not None and _reported(record.exc_info[1]):
             self._trials.add(number[1])
             return False
         if number[1] in self._trials and record.exc_info is None:
             self._trials.discard(number[1])
             return False
         return True
+
+
+def _reported(err: BaseException) -> bool:
+    """Whether the command's own lines say why a trial failed with ``err``."""
+    from reftsearch.search.storage import storage_cause
+
+    return isinstance(err, TrialFailed | KeyboardInterrupt) or storage_cause(err) is not None
 
 
 if __name__ == "__main__":

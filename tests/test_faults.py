@@ -8,6 +8,7 @@ configs; a storage that fails mid-run ends the run with one line (exit 1) and th
 resumes with nothing lost; a run whose every trial failed exits 1 with their reasons.
 """
 
+import errno
 import hashlib
 import os
 import resource
@@ -1089,6 +1090,52 @@ def test_a_full_disk_mid_run_ends_in_one_line_and_resumes(write_study, easy_task
     assert result.trials[0].params == first.params and result.trials[0].value == first.value
     assert count_finished(result) >= 3
     assert not result.get_trials(states=(State.RUNNING, State.WAITING))
+
+
+@pytest.mark.parametrize("fault", ["storage", "disk"])
+def test_a_trial_cut_short_by_the_storage_or_a_full_disk_is_not_counted(
+    write_study, easy_task_files, tmp_path, monkeypatch, capsys, caplog, fault
+):
+    """PostgreSQL's connections cut mid-trial (the next one made again), or the disk full as
+    the trial's weights were kept: the trial was stored as a plain FAIL, counted against the
+    budget with its config never trained, and Optuna's warning printed three tracebacks."""
+    study = write_study(tiny_study(easy_task_files, budget={"n_trials": 2, "max_epochs": 2}))
+    url = load_spec(study).storage
+    if fault == "storage":  # once, as a cut connection fails one statement
+        report = optuna.storages.RDBStorage.set_trial_intermediate_value
+        cut = sqlalchemy.exc.OperationalError("UPDATE", {}, Exception("terminating connection"))
+        calls = Counter()
+
+        def failing_once(self, *args):
+            calls["report"] += 1
+            if calls["report"] == 1:
+                raise cut
+            return report(self, *args)
+
+        monkeypatch.setattr(
+            optuna.storages.RDBStorage, "set_trial_intermediate_value", failing_once
+        )
+        expected = f"error: storage {url} failed: "
+    else:
+
+        def disk_full(**kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(optuna.artifacts, "upload_artifact", disk_full)
+        folder = tmp_path / "t.artifacts"  # where: the error said no more than "no room"
+        expected = f"error: no room to write: [Errno 28] No space left on device: '{folder}'"
+    assert main(["run", str(study)]) == 1
+    assert one_error_line(capsys.readouterr().err).startswith(expected)
+    assert "failed with parameters" not in caplog.text  # Optuna's warning, with a traceback
+    cut_short = stored(url).trials[0]  # its config given back: enqueued again
+    assert cut_short.state == State.FAIL and cut_short.user_attrs["fail_reason"] == INTERRUPTED
+
+    monkeypatch.undo()
+    assert main(["run", str(study)]) == 0
+    result = stored(url)
+    assert count_finished(result) == 2
+    trained = [t.params for t in result.trials if t.state == State.COMPLETE]
+    assert len(trained) == 2 and cut_short.params in trained
 
 
 @pytest.mark.slow

@@ -32,7 +32,7 @@ from reftsearch.progress import Log
 from reftsearch.run.estimate import EstimateRequest, estimate_study
 from reftsearch.run.packed_search import make_objective, optimize, pack_size
 from reftsearch.search.record import TrialRecord, owner_runs_here, search_trials, store
-from reftsearch.search.storage import owned_trials_storage
+from reftsearch.search.storage import owned_trials_storage, storage_cause
 from reftsearch.search.study import (
     INTERRUPTED,
     PreparedStudy,
@@ -200,9 +200,29 @@ class Worker:
             raise
         except optuna.exceptions.UpdateFinishedTrialError:  # failed as stale by another process
             raise FailedElsewhere(trial.number) from None
+        except Exception as err:
+            if storage_cause(err) is None:
+                raise
+            # the storage or the disk failed, not this config: it ends as an interrupted one
+            # (not counted, its config trained again) if the storage takes that; Optuna's
+            # tell of FAIL that follows may succeed (a cut connection is made again), and a
+            # plain failure would count against the budget with its config never trained
+            _give_back_if_reachable(trial)
+            raise
         if self.study._storage.get_trial(trial._trial_id).state.is_finished():
             raise FailedElsewhere(trial.number)  # the same, found before Optuna's tell fails
         return value
+
+
+def _give_back_if_reachable(trial: optuna.Trial) -> None:
+    """``give_back`` ``trial`` as interrupted, unless the storage fails again (then Optuna's
+    tell most likely fails too: the trial, left RUNNING, is failed and retried once its
+    heartbeat is stale, as a dead worker's is)."""
+    try:
+        give_back(trial, fail_reason=INTERRUPTED)
+    except Exception as err:
+        if storage_cause(err) is None:
+            raise
 
 
 class FailedElsewhere(optuna.TrialPruned):

@@ -13,7 +13,6 @@ predict retrain such a trial's config with its seed.
 
 from __future__ import annotations
 
-import errno
 import io
 import pickle
 import tempfile
@@ -28,7 +27,7 @@ from torch import nn
 from reftsearch.methods.adapter import Adapter
 from reftsearch.progress import Log
 from reftsearch.search.record import TrialRecord, store
-from reftsearch.search.storage import backend_of, sqlite_path
+from reftsearch.search.storage import NO_ROOM, backend_of, sqlite_path
 from reftsearch.spec.study_file import StudySpec
 
 WEIGHTS_DIR = "weights_dir"  # study user attribute: where the artifact store is
@@ -79,8 +78,8 @@ def keep(trial: optuna.Trial, adapter: Adapter, head: nn.Module | None, log: Log
                 study_or_trial=trial,
             )
     except OSError as err:
-        if err.errno == errno.ENOSPC:  # the disk is full: the run must stop and say so
-            raise
+        if err.errno in NO_ROOM:  # the disk is full: the run must stop and say where
+            raise OSError(err.errno, err.strerror, str(folder)) from err
         log(f"trial {trial.number}: its weights could not be kept in {folder} ({err.strerror})")
         return
     store(trial, weights_artifact=artifact_id)
