@@ -60,6 +60,10 @@ def report_errors(command: Callable[[], int], trains: bool = True) -> int:
         again = "run the same command again" + (" to resume" if trains else "")
         print(f"interrupted: {again}", file=sys.stderr)
         return EXIT_FAILED
+    except BrokenPipeError:  # `reftsearch data ... | head`: the reader stopped reading
+        # stdout's last flush at exit would raise again ("Exception ignored ...")
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)

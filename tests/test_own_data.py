@@ -317,6 +317,19 @@ def test_json_false_and_0_are_two_classes(tmp_path, capsys):
     assert [r["label"] for r in data.dev] == [2, 0, 3, 1] * 3
 
 
+def test_data_piped_into_a_reader_that_stops_ends_without_a_traceback(tmp_path):
+    """`reftsearch data study.yaml | head -1` printed a BrokenPipeError traceback."""
+    write_tsv(tmp_path / "t.tsv", topic_rows(4000), "label\ttext")  # past a pipe's 64 KB
+    path = study(tmp_path, {"train": "t.tsv"}, text="text")
+    command = [sys.executable, "-m", "reftsearch.cli", "data", str(path)]
+    reader = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert reader.stdout.readline().startswith(b"split\t")
+    reader.stdout.close()  # as `head -1` exits
+    assert reader.wait(timeout=120) == 1
+    err = reader.stderr.read().decode()
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_the_header_hint_is_for_a_csv_file_whose_first_line_is_a_row(tmp_path):
     """It said "set task.data.header: false" for a JSON file (where that is refused) and for
     a CSV whose header lacks only one of the named columns."""
