@@ -180,11 +180,20 @@ def test_bad_input_exits_2_and_leaves_storage_untouched(
     assert len(trials_of(study)) == 1
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+psycopg://user:s3cret@127.0.0.1:1/nowhere",
+        # libpq takes a password in the query too: it was printed in clear
+        "postgresql+psycopg://user@127.0.0.1:1/nowhere?password=s3cret",
+        "postgresql+psycopg://user@127.0.0.1:1/nowhere?sslpassword=s3cret&sslpassword=s3cret2",
+    ],
+    ids=["user-info", "query", "query-twice"],
+)
 def test_unreachable_storage_is_bad_input_with_password_masked(
-    write_study, easy_task_files, capsys
+    write_study, easy_task_files, capsys, url
 ):
     study = write_study(tiny_study(easy_task_files))
-    url = "postgresql+psycopg://user:s3cret@127.0.0.1:1/nowhere"
     assert main(["run", str(study), "--storage", url]) == 2
     err = capsys.readouterr().err
     assert "127.0.0.1" in err and "s3cret" not in err and "***" in err

@@ -43,11 +43,32 @@ NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # disk full, quota met, fil
 
 
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (safe to print)."""
+    """The URL with its password replaced by ``***`` (safe to print), the one after the user
+    name and any in its query (``?password=...``, which libpq takes too)."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
+        masked = parsed.update_query_dict({key: "***" for key in _secret_keys(parsed)})
+        return masked.render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
     except Exception:  # not a parseable URL: show no part that could be a secret
         return url.split("@")[-1] if "@" in url else url
+
+
+def _secrets(url: str) -> list[str]:
+    """The passwords written in ``url``: after its user name, and in its query."""
+    try:
+        parsed = make_url(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError):  # not a URL: nothing to mask in it
+        return []
+    secrets = [parsed.password]
+    for key in _secret_keys(parsed):  # a key given twice holds a tuple of values
+        value = parsed.query[key]
+        secrets += [value] if isinstance(value, str) else list(value)
+    return [secret for secret in secrets if secret]
+
+
+def _secret_keys(parsed: sqlalchemy.engine.URL) -> list[str]:
+    # libpq's password and sslpassword; a passfile names a file, no secret
+    return [key for key in parsed.query if "password" in key.lower()]
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -308,11 +329,9 @@ def _enable_wal(path: Path) -> None:
 
 def _first_line(err: Exception, url: str | None = None) -> str:
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    try:
-        password = make_url(url).password if url else None
-    except (sqlalchemy.exc.ArgumentError, ValueError):  # not a URL: nothing to mask in it
-        password = None
-    return text.replace(str(password), "***") if password else text
+    for secret in _secrets(url) if url else []:
+        text = text.replace(str(secret), "***")
+    return text
 
 
 def open_existing_storage(url: str, name: str) -> optuna.storages.RDBStorage:
