@@ -277,3 +277,15 @@ def test_every_sampler_a_spec_accepts_is_built():
     from reftsearch.spec.study_file import SAMPLERS
 
     assert sorted(SAMPLERS) == sorted(BUILDERS)
+
+
+def test_a_warm_start_from_the_study_itself_is_refused():
+    """`validate` said ok; `run` then failed "no study named ... (run the study first)" for a
+    new study, and an existing one enqueued its own best configs, copied, not trained."""
+    own = {"study": "t"}
+    message = "names this study itself ('t')"
+    assert error_of(minimal(warm_start=own)).startswith(f"warm_start.study: {message}")
+    listed = [{"recipes": "paper"}, {**own, "storage": "sqlite:////tmp/t.db"}]
+    assert error_of(minimal(warm_start=listed)).startswith(f"warm_start[1].study: {message}")
+    other = {**own, "storage": "sqlite:////tmp/elsewhere.db"}  # another storage's study "t"
+    assert parse(minimal(warm_start=other)).warm_start[0].study == "t"

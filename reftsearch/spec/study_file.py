@@ -315,7 +315,23 @@ def parse_spec(raw: Any, base_dir: Path, source: Path | None = None) -> StudySpe
     )
     if spec.sampler.type == "grid":
         grid(spec.space, "space")  # GridSampler takes lists only: a range is refused here
+    _refuse_own_warm_start(spec, entries.get("warm_start"))
     return spec
+
+
+def _refuse_own_warm_start(spec: StudySpec, raw: Any) -> None:
+    """A study cannot warm-start from itself: a new one is not there to read when its run
+    starts, and an existing one's best configs, enqueued again, would only be copied."""
+    for index, source in enumerate(spec.warm_start):
+        if source.study == spec.name and source.storage in (None, spec.storage):
+            path = v.join(
+                v.join("warm_start", index) if isinstance(raw, list) else "warm_start", "study"
+            )
+            raise SpecError(
+                path,
+                f"names this study itself ({spec.name!r}); a warm start takes another study's "
+                "best configs (this one resumes where it stopped when run again)",
+            )
 
 
 def _objectives(raw: Any, path: str) -> tuple[str, ...]:
