@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
 import os
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from reftsearch.engine.threads import prefer_passive_waits
 from reftsearch.errors import BadInputError, ReftSearchError, TrialFailed
-from reftsearch.own_files import holds, refuse_foreign, why_unwritable
+from reftsearch.own_files import holds, is_stream, refuse_foreign, why_unwritable, written_whole
 from reftsearch.spec.study_file import SPLITS, StudySpec, load_spec
 
 if TYPE_CHECKING:
@@ -389,7 +388,9 @@ def _data(args: argparse.Namespace) -> int:
     for split in listing.splits:
         _stderr(describe(split))
     if args.out:
-        n = write_rows(listing, spec.task, Path(args.out))
+        out = Path(args.out)
+        with _writing(out, "--out"):
+            n = write_rows(listing, spec.task, out)
         _stderr(f"wrote {n:,} rows to {args.out}")
     else:
         print_rows(listing, spec.task, sys.stdout)
@@ -410,8 +411,8 @@ def _best(args: argparse.Namespace) -> int:
     spec = _spec(args)
     study = load_study_of(spec, args.storage or spec.storage)
     if csv is not None:
-        with _writing(csv, "--csv"):
-            trials_frame(study).to_csv(csv, index=False)
+        with _writing(csv, "--csv"), written_whole(csv) as scratch:
+            trials_frame(study).to_csv(scratch, index=False)
         _stderr(f"wrote {len(study.trials)} trials to {csv}")
     pareto = is_pareto(study)  # two objectives: the whole front, fewest parameters first
     if pareto and args.test:
@@ -493,8 +494,10 @@ def _compare(args: argparse.Namespace) -> int:
     metric = specs[0].metric
     frame = table(results, metric)
     with _writing(out, "--out"):
-        frame.to_csv(out, index=False)
-        plot(frame, metric, figure)
+        with written_whole(out) as scratch:
+            frame.to_csv(scratch, index=False)
+        with written_whole(figure) as scratch:
+            plot(frame, metric, scratch)
     print(printable(frame, metric))
     print(f"wrote {out} and {figure.name}")
     return EXIT_OK
@@ -571,9 +574,9 @@ def _predict(args: argparse.Namespace) -> int:
         print(text)
     else:
         with _writing(out, "--out"):
-            try:
-                with out.open("x") as file:  # made now, or refused: never another's file
-                    file.write(text + "\n")
+            try:  # made now, or refused: never another's file
+                with written_whole(out, exclusive=True) as scratch:
+                    scratch.write_text(text + "\n")
             except FileExistsError:
                 raise BadInputError(
                     f"--out {out}: exists (made while predicting); name a new file"
@@ -660,6 +663,8 @@ def _output_file(path: str, option: str) -> Path:
         raise BadInputError(f"{option} {out}: is a directory; give a file name")
     if not out.parent.is_dir():
         raise BadInputError(f"{option} {out}: directory {out.parent} does not exist")
+    if is_stream(out):  # /dev/stdout, a named pipe: written to, not made in its folder
+        return out
     reason = why_unwritable(out.parent)
     if reason is not None:
         raise BadInputError(f"{option} {out}: cannot write in {out.parent} ({reason})")
@@ -668,13 +673,19 @@ def _output_file(path: str, option: str) -> Path:
 
 @contextmanager
 def _writing(path: Path, option: str) -> Iterator[None]:
-    """Writing ``path`` failed (no permission, a file where a folder is wanted): bad input."""
+    """Writing ``path`` failed: no room left (exit 1), or the path's fault (no permission, a
+    file where a folder is wanted): bad input."""
+    from reftsearch.search.storage import NO_ROOM
+
     try:
         yield
     except OSError as err:
-        if err.errno == errno.ENOSPC:  # no fault of the path: storage_errors says it
-            raise
         reason = err.strerror or err
+        if err.errno in NO_ROOM:
+            raise ReftSearchError(
+                f"{option} {path}: no room to write it ({reason}); free some space, then run "
+                "the same command again"
+            ) from None
         raise BadInputError(f"{option} {path}: cannot write there ({reason})") from None
 
 

@@ -8,7 +8,10 @@ title): any other file there is the user's, and is refused before any work is do
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from reftsearch.errors import BadInputError
@@ -19,6 +22,8 @@ HEAD_BYTES = 4096  # how far into a file its mark is looked for
 def refuse_foreign(path: Path, option: str, command: str, mark: str) -> None:
     """Refuse ``path`` (given as ``option``) when it exists and is not a file ``command``
     wrote: those hold ``mark`` in their first ``HEAD_BYTES`` bytes."""
+    if is_stream(path):  # /dev/stdout, a named pipe: written to, never read or replaced
+        return
     if path.exists() and not holds(path, mark):
         raise BadInputError(
             f"{option} {path}: exists and is not a file `reftsearch {command}` wrote; "
@@ -46,3 +51,38 @@ def why_unwritable(folder: Path) -> str | None:
         return err.strerror or str(err)
     os.rmdir(probe)
     return None
+
+
+def is_stream(path: Path) -> bool:
+    """Whether ``path`` is there and neither a regular file nor a folder: ``/dev/stdout``, a
+    named pipe. Reading one to judge it would wait for input (for ever, in a pipe)."""
+    return path.exists() and not path.is_file() and not path.is_dir()
+
+
+@contextmanager
+def written_whole(path: Path, exclusive: bool = False) -> Iterator[Path]:
+    """Where to write ``path``'s content: a file beside it, moved onto ``path`` once written
+    whole, so that a failure (a full disk) leaves no part of a file there, and an earlier
+    one as it was. ``exclusive``: refuse (FileExistsError) a ``path`` made meanwhile, never
+    replacing it. A stream (``is_stream``) is written directly: nothing can be moved onto it."""
+    if is_stream(path):
+        yield path
+        return
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(handle)
+    scratch = Path(name)
+    try:
+        yield scratch
+        os.chmod(scratch, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask())
+        if exclusive:
+            os.link(scratch, path)  # fails if path exists
+        else:
+            os.replace(scratch, path)
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -8,6 +8,7 @@ configs; a storage that fails mid-run ends the run with one line (exit 1) and th
 resumes with nothing lost; a run whose every trial failed exits 1 with their reasons.
 """
 
+import csv as csv_module
 import errno
 import hashlib
 import os
@@ -23,9 +24,11 @@ from contextlib import closing
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 import sqlalchemy
 from conftest import tiny_study
+from matplotlib.figure import Figure
 from optuna.storages._heartbeat import get_heartbeat_thread
 from sqlalchemy.engine import make_url
 from subprocess_runs import (
@@ -1136,6 +1139,81 @@ def test_a_trial_cut_short_by_the_storage_or_a_full_disk_is_not_counted(
     assert count_finished(result) == 2
     trained = [t.params for t in result.trials if t.state == State.COMPLETE]
     assert len(trained) == 2 and cut_short.params in trained
+
+
+def no_room(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def part_then_no_room(self, path, *args, **kwargs):
+    """A write that fills the disk: part of the file is there, then ENOSPC."""
+    Path(path).write_text("number,val")
+    no_room()
+
+
+class PartThenNoRoomWriter:
+    def __init__(self, file, **kwargs):
+        self.file = file
+
+    def writerow(self, row):
+        self.file.write("split,row")
+
+    def writerows(self, rows):
+        no_room()
+
+
+def test_a_full_disk_leaves_earlier_outputs_whole_and_no_partial_file(
+    write_study, easy_task_files, tmp_path, monkeypatch, capsys
+):
+    """best --csv, data --out, predict --out, compare --out: a traceback and a truncated (or
+    0-byte) file that then blocked the retry; report --out: a truncated history.png beside
+    the new trials.csv and the old page."""
+    study = write_study(tiny_study(easy_task_files, budget={"n_trials": 1, "max_epochs": 1}))
+    assert main(["run", str(study)]) == 0
+    csv, listed, report = tmp_path / "trials.csv", tmp_path / "rows.csv", tmp_path / "report"
+    for argv in (["best", "--csv", csv], ["data", "--out", listed], ["report", "--out", report]):
+        assert main([argv[0], str(study), *map(str, argv[1:])]) == 0
+    before = {path: digest(path) for path in [csv, listed, *report.iterdir()]}
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", part_then_no_room)
+    monkeypatch.setattr(csv_module, "writer", PartThenNoRoomWriter)
+    monkeypatch.setattr(Figure, "savefig", part_then_no_room)
+    capsys.readouterr()
+    for argv, option, path in (
+        (["best", "--csv", csv], "--csv", csv),
+        (["data", "--out", listed], "--out", listed),
+        (["report", "--out", report], "--out", report),
+    ):
+        assert main([argv[0], str(study), *map(str, argv[1:])]) == 1
+        line = one_error_line(capsys.readouterr().err)
+        assert line.startswith(f"error: {option} {path}: no room to write it ("), line
+    assert {path: digest(path) for path in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir() if "partial" in p.name) == []
+    assert sorted(p.name for p in report.iterdir()) == sorted(
+        p.name for p in before if p.parent == report
+    )
+
+
+def test_best_csv_into_a_pipe_is_written_not_read(write_study, easy_task_files, tmp_path):
+    """`best --csv /dev/stdout | cat` hung for ever: the check that the file is one best
+    wrote read the pipe's first bytes."""
+    study = write_study(tiny_study(easy_task_files, budget={"n_trials": 1, "max_epochs": 1}))
+    assert main(["run", str(study)]) == 0
+    pipe = tmp_path / "pipe.csv"
+    os.mkfifo(pipe)
+    read = {}
+    reader = threading.Thread(target=lambda: read.update(text=pipe.read_text()))
+    reader.start()
+    command = [sys.executable, "-m", "reftsearch.cli", "best", str(study), "--csv", str(pipe)]
+    try:
+        ran = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=120)
+    finally:
+        if reader.is_alive():  # the command never opened the pipe to write: let the reader go
+            with open(pipe, "w"):
+                pass
+        reader.join()
+    assert ran.returncode == 0, ran.stderr
+    assert read["text"].startswith("number,")
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from typing import TextIO
 
 from reftsearch.data.splits import has_split, load_task_data, load_test_rows, source
 from reftsearch.errors import BadInputError
+from reftsearch.own_files import is_stream, written_whole
 from reftsearch.spec.study_file import SPLITS, TaskSpec
 
 DELIMITERS = {".csv": ",", ".tsv": "\t"}
@@ -109,17 +110,13 @@ def write_rows(listing: Listing, task: TaskSpec, path: Path) -> int:
     if delimiter is None:  # the whole path: ``--out .`` has no name to show
         raise BadInputError(f"--out {path}: must end in .csv or .tsv")
     header = delimiter.join(listing.columns(task))
-    if path.exists() and _first_line(path) != header:
+    if path.exists() and not is_stream(path) and _first_line(path) != header:
         raise BadInputError(
             f"--out: {path} exists and is not a file `reftsearch data` wrote "
             "(its first line differs): remove it or give another name"
         )
     records = listing.records(task)
-    try:  # a folder that is not there or not writable is the path's fault (a disk full is not)
-        file = path.open("w", newline="")
-    except OSError as err:
-        raise BadInputError(f"--out {path}: cannot write there ({err.strerror})") from None
-    with file:
+    with written_whole(path) as scratch, scratch.open("w", newline="") as file:
         writer = csv.writer(file, delimiter=delimiter, lineterminator="\n")
         writer.writerow(listing.columns(task))
         writer.writerows(records)

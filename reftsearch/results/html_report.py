@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import html
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +40,32 @@ class Section:
 
 
 def write_report(study: optuna.Study, out_dir: Path) -> Path:
-    """Write ``out_dir/index.html``, its PNGs and ``trials.csv``; returns the HTML path."""
+    """Write ``out_dir/index.html``, its PNGs and ``trials.csv``; returns the HTML path.
+
+    They are written into a folder beside ``out_dir`` first, then moved in, the page last:
+    a failure while writing (a full disk) leaves an earlier report there whole, where it
+    had left a truncated plot beside the new table and the old page."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    scratch = _scratch_folder(out_dir)
+    try:
+        _write_files(study, scratch)
+        for name in sorted(os.listdir(scratch), key=lambda name: name == "index.html"):
+            os.replace(scratch / name, out_dir / name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return out_dir / "index.html"
+
+
+def _scratch_folder(out_dir: Path) -> Path:
+    """A new folder beside ``out_dir``, or in it where its parent cannot be written (a
+    leftover of a killed report there is not taken for a file of the user's)."""
+    try:  # ``--out .`` has no name of its own: its absolute path has
+        return Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=out_dir.absolute().parent))
+    except PermissionError:
+        return Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=out_dir))
+
+
+def _write_files(study: optuna.Study, out_dir: Path) -> None:
     frame = trials_frame(study)
     frame.to_csv(out_dir / "trials.csv", index=False)
     metric = study.user_attrs.get("metric", "dev score")
@@ -97,9 +123,7 @@ def write_report(study: optuna.Study, out_dir: Path) -> Path:
             _states(frame),
         ),
     ]
-    index = out_dir / "index.html"
-    index.write_text(_page(study, frame, sections, _top_table(study)))
-    return index
+    (out_dir / "index.html").write_text(_page(study, frame, sections, _top_table(study)))
 
 
 def _save(out_dir: Path, name: str, title: str, caption: str, drawn: Figure | str) -> Section:
@@ -348,6 +372,7 @@ PAGE_MARK = "<title>reftsearch: "  # in every report's index.html: the folder is
 # every file a report writes (the plots' names as ``write_report`` gives them)
 REPORT_FILES = frozenset({"index.html", "trials.csv", "history.png", "layers_positions.png",
                           "rank.png", "params.png", "importances.png", "states.png"})  # fmt: skip
+SCRATCH_PREFIX = ".report-partial."  # a report's files before they are moved into place
 
 
 def check_report_folder(out: Path, option: str) -> None:
@@ -358,7 +383,7 @@ def check_report_folder(out: Path, option: str) -> None:
     entries = set(os.listdir(out)) if out.is_dir() else set()
     if not entries:
         return
-    others = sorted(entries - REPORT_FILES)
+    others = sorted(e for e in entries - REPORT_FILES if not e.startswith(SCRATCH_PREFIX))
     if others or not holds(out / "index.html", PAGE_MARK):
         named = ", ".join(others[:5]) or "no index.html of a report"
         raise BadInputError(

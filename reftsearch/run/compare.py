@@ -280,4 +280,4 @@ def plot(frame: pd.DataFrame, metric: str, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"test {metric} (mean +- std over seeds)")
     figure.suptitle("score against cost; red: the Pareto front (no study beats it on both)")
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=100, format="png")  # path may be a scratch file (.partial)
