@@ -60,3 +60,9 @@ def runs_here(worker: str | None, started: float | None = None) -> bool:
     running, waited for, forever."""
     pid = pid_here(worker or "")
     return pid is not None and running(pid, started)
+
+
+def died_here(worker: str | None, started: float | None = None) -> bool:
+    """Whether ``worker`` was a process of this host that no longer runs (``runs_here``)."""
+    pid = pid_here(worker or "")
+    return pid is not None and not running(pid, started)

@@ -476,29 +476,34 @@ study = open_study(spec, spec.storage)
 trial = study.ask()
 if "--beat" in sys.argv:
     study._storage.record_heartbeat(trial._trial_id)
+if "--elsewhere" in sys.argv:  # a process of another host: this one cannot tell it is gone
+    study._storage.set_trial_user_attr(trial._trial_id, "worker", "elsewhere:1")
 print(trial.number, trial.suggest_float("lr", 1e-3, 1e-2, log=True), worker_id())
 """
 
 
 def test_waiting_for_a_killed_processs_trial_says_so_then_retries_it(
-    write_study, easy_task_files, capsys
+    write_study, easy_task_files, tmp_path
 ):
-    """After a SIGKILL, the trial it ran stays RUNNING until its heartbeat is stale: the
-    resumed run waits for it, and now says why instead of nothing for minutes."""
+    """After a SIGKILL on another host, the trial it ran stays RUNNING until its heartbeat
+    is stale: the resumed run waits for it, and says why instead of nothing for minutes.
+    One killed on this host is retried at once (its pid is gone): no wait."""
     raw = tiny_study(easy_task_files, budget={"n_trials": 1, "max_epochs": 1})
     raw["resources"] = {"heartbeat_s": 3}  # stale 6 s after its beat: the worker is loaded
-    path = write_study(raw)
-    spec = load_spec(path)
-    # as a killed process leaves it: RUNNING, its last heartbeat stored
-    killed = [sys.executable, "-c", ASK_AND_EXIT, str(path), "--beat"]
-    subprocess.run(killed, capture_output=True, check=True, env=ENV)
-    lines = []
-    Worker(spec, spec.storage, log=lines.append).run(1)
-    waiting = [line for line in lines if line.startswith("waiting for trials [0]")]
-    assert len(waiting) == 1 and "once its heartbeat is 6 s old" in waiting[0]
-    trials = stored(spec.storage).trials
-    assert [t.state for t in trials] == [State.FAIL, State.COMPLETE]
-    assert trials[1].system_attrs["failed_trial"] == 0
+    for host, waited in (["--elsewhere"], 1), ([], 0):
+        storage = f"sqlite:///{tmp_path}/w{waited}.db"
+        path = write_study({**raw, "storage": storage}, f"w{waited}.yaml")
+        spec = load_spec(path)
+        # as a killed process leaves it: RUNNING, its last heartbeat stored
+        killed = [sys.executable, "-c", ASK_AND_EXIT, str(path), "--beat", *host]
+        subprocess.run(killed, capture_output=True, check=True, env=ENV)
+        lines = []
+        Worker(spec, spec.storage, log=lines.append).run(1)
+        waiting = [line for line in lines if line.startswith("waiting for trials [0]")]
+        assert len(waiting) == waited and all("heartbeat is 6 s old" in w for w in waiting)
+        trials = stored(spec.storage).trials
+        assert [t.state for t in trials] == [State.FAIL, State.COMPLETE]
+        assert trials[1].system_attrs["failed_trial"] == 0
 
 
 def test_a_trial_of_a_live_process_is_not_ended_however_late_its_first_beat(

@@ -20,7 +20,7 @@ from typing import Any
 
 import optuna
 
-from reftsearch.processes import runs_here
+from reftsearch.processes import died_here, runs_here
 
 Trial = optuna.Trial | optuna.trial.FrozenTrial
 
@@ -148,6 +148,12 @@ def owner_runs_here(trial: Trial) -> bool:
     runs: then the trial is its, however late its heartbeat."""
     record = TrialRecord.of(trial)
     return runs_here(record.worker, record.worker_started)
+
+
+def owner_died_here(trial: Trial) -> bool:
+    """Whether the process that ran ``trial`` was one of this host's and has ended."""
+    record = TrialRecord.of(trial)
+    return died_here(record.worker, record.worker_started)
 
 
 def is_search_trial(trial: Trial) -> bool:

@@ -30,7 +30,7 @@ from sqlalchemy.engine import make_url
 
 from reftsearch.errors import BadInputError, ReftSearchError
 from reftsearch.processes import this_process
-from reftsearch.search.record import TrialRecord, owner_runs_here, store_by_id
+from reftsearch.search.record import TrialRecord, owner_died_here, owner_runs_here, store_by_id
 
 SQLITE_BUSY_TIMEOUT_S = 60
 CONNECT_TIMEOUT_S = 10
@@ -238,9 +238,18 @@ class OwnedTrialsStorage(optuna.storages.RDBStorage):
         process runs on this host: it was suspended (Ctrl-Z, the machine asleep) or starved,
         not lost. Failed as stale, its retry ran beside it, and the process, resumed, died
         when it next reported (Optuna's "Cannot tell a FAIL trial"). Across hosts no process
-        can be checked: ``Worker`` then gives the trial up to its retry."""
+        can be checked: ``Worker`` then gives the trial up to its retry.
+
+        Plus those whose process was one of this host's and has ended (killed, or stopped
+        by a full disk it could not record the failure on): their configs run again without
+        waiting out the heartbeat (2 minutes by default). One that never beat is an orphan
+        (``UnstartedTrials``)."""
         stale = super()._get_stale_trial_ids(study_id)
-        return [i for i in stale if not owner_runs_here(self.get_trial(i))]
+        lost = [i for i in stale if not owner_runs_here(self.get_trial(i))]
+        running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        unstarted = self.running_without_heartbeat(study_id)
+        dead = [t._trial_id for t in running if t._trial_id not in unstarted and owner_died_here(t)]
+        return sorted({*lost, *dead})
 
     def running_without_heartbeat(self, study_id: int) -> set[int]:
         """The ids of the study's RUNNING trials that have never recorded a heartbeat."""
