@@ -70,6 +70,16 @@ def test_recipes_are_mapped_onto_the_space():
     skipped, why = map_onto_space(Recipe("x", {"intervention": "noreft"}), space, 4)
     assert skipped is None and "not among" in why[0]
 
+    # a structure the space holds one of, listed or fixed: it ran as that one, unsaid
+    for single in (Choice(("loreft",)), Fixed("loreft")):
+        narrow = {**space, "intervention": single, "layers": Fixed("all")}
+        skipped, why = map_onto_space(Recipe("d", {"intervention": "direft"}), narrow, 4)
+        assert skipped is None and why == ["intervention='direft' is not among ['loreft']"]
+        kept, _ = map_onto_space(
+            Recipe("l", {"intervention": "loreft", "layers": "0-3"}), narrow, 4
+        )
+        assert kept == {}  # "0-3" is "all" on 4 layers; both fixed: nothing left to enqueue
+
 
 def test_paper_warm_start_runs_first_and_is_marked(write_study, easy_task_files, capsys):
     raw = tiny_study(

@@ -116,6 +116,11 @@ def study_recipes(name: str, storage: str, top_k: int, method: str) -> list[Reci
     return recipes
 
 
+# what a config is, not how it trains: a recipe this space cannot take as it is is skipped,
+# not changed into another config (README: "whose intervention or layer set ... is skipped")
+STRUCTURE = ("intervention", "layers")
+
+
 def map_onto_space(
     recipe: Recipe, space: Mapping[str, Dimension], num_layers: int
 ) -> tuple[dict[str, Any] | None, list[str]]:
@@ -125,8 +130,12 @@ def map_onto_space(
     sampled = searched(space)
     for name, value in recipe.values.items():
         if name not in sampled:
-            fixed = space[name].value if isinstance(space.get(name), Fixed) else None
-            if name in space and fixed is not None and fixed != value:
+            fixed = _fixed_value(space.get(name))
+            if fixed is None or fixed == value:
+                continue
+            if name in STRUCTURE and _map_value(name, value, Choice((fixed,)), num_layers) is None:
+                return None, [f"{name}={value!r} is not among {[fixed]}"]
+            if name not in STRUCTURE:
                 notes.append(f"{name}={value!r} is fixed to {fixed!r} in this space")
             continue
         mapped = _map_value(name, value, sampled[name], num_layers)
@@ -138,6 +147,16 @@ def map_onto_space(
     if not both_sides(params.get("prefix", 1), params.get("suffix", 1)):
         params.pop("tied", None)  # not sampled then
     return params, notes
+
+
+def _fixed_value(dimension: Dimension | None) -> Any:
+    """The one value a dimension that is not searched takes: a fixed value, or a list of
+    one (None: the dimension is not in the space)."""
+    if isinstance(dimension, Fixed):
+        return dimension.value
+    if isinstance(dimension, Choice) and len(dimension.choices) == 1:
+        return dimension.choices[0]
+    return None
 
 
 def _map_value(name: str, value: Any, dimension: Dimension, num_layers: int) -> Any:
