@@ -5,6 +5,7 @@ import socket
 import subprocess
 import threading
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import replace
 
@@ -635,6 +636,14 @@ def test_an_unwritable_store_leaves_the_cache_as_without_one(tmp_path):
     with pytest.warns(UserWarning, match="frozen store disabled"):
         frozen = cache.frozen(base, 1, "train", [data.train])
     assert frozen is not None and cache.store is None
+    # a run's cache says it in its output: a warning printed its source line, as a crash does
+    lines = []
+    logged = PrefixCache(64, store=FrozenStore(blocked / "frozen", 64))
+    logged.log = lines.append  # as a worker sets its own
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert logged.frozen(base, 1, "train", [data.train]) is not None
+    assert any(line.startswith("frozen store disabled (") for line in lines), lines
 
 
 @pytest.mark.slow

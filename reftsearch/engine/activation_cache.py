@@ -337,7 +337,7 @@ class PrefixCache:
                 if homes:
                     self._compute(base, layer, split, examples, homes, sizes, store)
         except _SpillFailed as err:  # full or not writable: go on with memory alone
-            warnings.warn(f"cache spill disabled: {err.__cause__}", stacklevel=2)
+            self._warn(f"cache spill disabled ({err.__cause__}): the cache keeps memory only")
             self.spill = None
             return self._fetch(base, layer, split, examples, keys_values)
         return self._get(states_key(layer)), self._get(kv_key) if keys_values else None
@@ -517,8 +517,16 @@ class PrefixCache:
 
     def _drop_store(self, err: OSError) -> None:
         if self.store is not None:
-            warnings.warn(f"frozen store disabled: {err}", stacklevel=3)
+            self._warn(f"frozen store disabled ({err}): frozen passes are not kept on disk")
             self.store = None
+
+    def _warn(self, line: str) -> None:
+        """A line of the run's output (a Python warning with a source line read as a crash),
+        or a warning where the cache has no log (a library caller's)."""
+        if self.log is not None:
+            self.log(line)
+        else:
+            warnings.warn(line, stacklevel=3)
 
     def _progress(self, what: str) -> Progress | None:
         return None if self.log is None else Progress(what, self.log, self.progress_every_s)
