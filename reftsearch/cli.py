@@ -376,19 +376,20 @@ def _data_summary(spec: StudySpec) -> str:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     spec = _spec(args)
-    from reftsearch.data.listing import describe, list_rows, print_rows, write_rows
+    from reftsearch.data.listing import describe, list_rows, print_rows, rows_delimiter, write_rows
     from reftsearch.data.splits import has_split
 
+    out = None if args.out is None else _output_file(args.out, "--out")
+    if out is not None:  # refused before the rows are read, not after their summary
+        rows_delimiter(out)
     if args.split and "test" in args.split and not has_split(spec.task.data, "test"):
         raise BadInputError("--split test: the study has no test split (task.data.test)")
     listing = list_rows(spec.task, spec.seed, args.split or SPLITS)
     for split in listing.splits:
         _stderr(describe(split))
-    if args.out:
-        out = Path(args.out)
+    if out is not None:
         with _writing(out, "--out"):
             n = write_rows(listing, spec.task, out)
         _stderr(f"wrote {n:,} rows to {args.out}")
@@ -405,7 +406,7 @@ def _best(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise BadInputError(f"--top: must be a positive integer, got {args.top}")
-    csv = _output_file(args.csv, "--csv") if args.csv else None
+    csv = None if args.csv is None else _output_file(args.csv, "--csv")
     if csv is not None:
         refuse_foreign(csv, "--csv", "best --csv", CSV_MARK)
     spec = _spec(args)
@@ -454,7 +455,9 @@ def _report(args: argparse.Namespace) -> int:
     from reftsearch.search.storage import load_named_study
 
     spec = _spec(args)
-    out = Path(args.out) if args.out else Path("reports") / spec.name
+    if args.out == "":
+        raise BadInputError("--out: give a folder, got ''")
+    out = Path(args.out) if args.out is not None else Path("reports") / spec.name
     with _writing(out, "--out"):
         check_report_folder(out, "--out")
     study = load_named_study(spec.name, args.storage or spec.storage)
@@ -469,7 +472,7 @@ def _compare(args: argparse.Namespace) -> int:
     _check_count(args.n_trials, "--n-trials")
     if args.timeout is not None and not 0 < args.timeout < float("inf"):
         raise BadInputError(f"--timeout: must be a positive number of seconds, got {args.timeout}")
-    out = _output_file(args.out, "--out") if args.out else None
+    out = None if args.out is None else _output_file(args.out, "--out")
     specs = [load_spec(path, args.set) for path in args.studies]
     from reftsearch.run.compare import CSV_MARK, check_comparable, compare, plot, printable, table
 
@@ -537,7 +540,7 @@ def _out_dir(args: argparse.Namespace, spec: StudySpec) -> str:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    out = _output_file(args.out, "--out") if args.out else None
+    out = None if args.out is None else _output_file(args.out, "--out")
     if out is not None and out.exists():
         raise BadInputError(f"--out {out}: exists; name a new file (predict never overwrites)")
     target = Path(args.study)
@@ -658,6 +661,8 @@ def _check_count(value: int | None, option: str) -> None:
 
 def _output_file(path: str, option: str) -> Path:
     """``path`` as a file this command is to write, refused before any work if it cannot be."""
+    if not path:  # ``--csv ""`` (an unset variable): no file to write was no error
+        raise BadInputError(f"{option}: give a file name, got ''")
     out = Path(path)
     if out.is_dir():
         raise BadInputError(f"{option} {out}: is a directory; give a file name")

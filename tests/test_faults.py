@@ -235,6 +235,12 @@ def test_output_options_replace_only_files_their_command_wrote(
         (["estimate", "{study}", "--workers", "-3"], "--workers: must be a positive integer"),
         (["estimate", "{study}", "--storage", "foo://bar"], "storage: cannot use foo://bar"),
         (["export", "{study}", ""], "OUT_DIR: give a directory"),
+        # an empty name (an unset variable) wrote nothing and said nothing, exit 0
+        (["best", "{study}", "--csv", ""], "--csv: give a file name, got ''"),
+        (["report", "{study}", "--out", ""], "--out: give a folder, got ''"),
+        (["data", "{study}", "--out", ""], "--out: give a file name, got ''"),
+        # refused before the rows are read and summed up, not after
+        (["data", "{study}", "--out", "{tmp}/rows.txt"], "must end in .csv or .tsv"),
     ],
     ids=[
         "csv-folder",
@@ -251,6 +257,10 @@ def test_output_options_replace_only_files_their_command_wrote(
         "estimate-workers",
         "estimate-storage",
         "export-empty-dir",
+        "csv-empty",
+        "report-empty",
+        "data-empty",
+        "data-suffix",
     ],
 )
 def test_bad_output_paths_ports_and_storages_are_bad_input(

@@ -407,12 +407,13 @@ def test_data_lists_the_rows_of_each_split_by_source_row(tmp_path, capsys):
     assert mine.read_text() == "my,notes\n"
     # a folder that is not there, a file where a folder is wanted, no file name: tracebacks
     for out, message in [
-        (tmp_path / "nodir" / "x.csv", "cannot write there (No such file or directory)"),
-        (mine / "x.csv", "cannot write there (Not a directory)"),
-        (Path("."), "must end in .csv or .tsv"),
+        (tmp_path / "nodir" / "x.csv", f"directory {tmp_path / 'nodir'} does not exist"),
+        (mine / "x.csv", f"directory {mine} does not exist"),
+        (Path("."), "is a directory; give a file name"),
     ]:
         assert main(["data", str(path), "--out", str(out)]) == 2
-        assert f"error: --out {out}: {message}" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert err == f"error: --out {out}: {message}\n", err  # before any row was read
 
 
 # ------------------------------------------------------------------------ the search space

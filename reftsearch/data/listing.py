@@ -104,11 +104,17 @@ def print_rows(listing: Listing, task: TaskSpec, out: TextIO) -> None:
     writer.writerows(listing.records(task))
 
 
-def write_rows(listing: Listing, task: TaskSpec, path: Path) -> int:
-    """Write the rows to ``path`` (.csv or .tsv); a file there must be one this wrote."""
+def rows_delimiter(path: Path) -> str:
+    """The delimiter of a rows file named ``path``: refused unless it is a .csv or .tsv."""
     delimiter = DELIMITERS.get(path.suffix.lower())
     if delimiter is None:  # the whole path: ``--out .`` has no name to show
         raise BadInputError(f"--out {path}: must end in .csv or .tsv")
+    return delimiter
+
+
+def write_rows(listing: Listing, task: TaskSpec, path: Path) -> int:
+    """Write the rows to ``path`` (.csv or .tsv); a file there must be one this wrote."""
+    delimiter = rows_delimiter(path)
     header = delimiter.join(listing.columns(task))
     if path.exists() and not is_stream(path) and _first_line(path) != header:
         raise BadInputError(
