@@ -128,6 +128,20 @@ def test_warm_start_from_another_study(write_study, easy_task_files):
     assert [t.params for t in trials] == [t.params for t in best]
 
 
+def test_a_warm_start_from_a_study_without_completed_trials_says_so(
+    write_study, easy_task_files, capsys
+):
+    """It enqueued nothing and said nothing: the run looked warm-started."""
+    source = load_spec(write_study(tiny_study(easy_task_files, name="source"), "source.yaml"))
+    open_study(source, source.storage, heartbeat=False)  # created, no trial yet
+    warm = {"study": "source", "storage": source.storage}
+    raw = tiny_study(easy_task_files, name="t2", warm_start=warm, budget={"n_trials": 1})
+    assert main(["run", str(write_study(raw, "t2.yaml"))]) == 0
+    assert (
+        "warm start from study 'source': it has no completed trial yet" in capsys.readouterr().out
+    )
+
+
 def test_warm_start_from_a_study_of_another_model_keeps_all_layers(tmp_path):
     """A 4-layer model's trial on "all" layers resolved them to [0, 1, 2, 3]: on a 6-layer
     model that set is not "all", and the recipe would be skipped; its searched value is."""

@@ -110,7 +110,7 @@ def _run_study(
         )
     # read before the study is created: a warm start from a study that is not there is refused
     # with the storage unchanged
-    recipes = warm_start_recipes(spec, storage_url, prepared)
+    recipes = warm_start_recipes(spec, storage_url, prepared, log)
     study = open_study(spec, storage_url)
     keep_task_data(study, prepared.data)
     publish_spec(study, spec, n_trials)
@@ -150,15 +150,20 @@ def check_some_completed(study: optuna.Study) -> None:
     raise ReftSearchError(f"all {len(trials)} trials failed: {summary}")
 
 
-def warm_start_recipes(spec: StudySpec, storage_url: str, prepared: PreparedStudy) -> list[Recipe]:
+def warm_start_recipes(
+    spec: StudySpec, storage_url: str, prepared: PreparedStudy, log: Log = lambda _: None
+) -> list[Recipe]:
     recipes: list[Recipe] = []
     for source in spec.warm_start:
         if source.recipes:
             recipes += paper_recipes(spec.task.kind, prepared.base.num_layers)
-        else:
-            recipes += study_recipes(
-                source.study, source.storage or storage_url, source.top_k, spec.method
-            )
+            continue
+        found = study_recipes(
+            source.study, source.storage or storage_url, source.top_k, spec.method
+        )
+        if not found:  # it may still be running: no error, but not silence either
+            log(f"warm start from study {source.study!r}: it has no completed trial yet")
+        recipes += found
     return recipes
 
 
