@@ -7,6 +7,7 @@ title): any other file there is the user's, and is refused before any work is do
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import tempfile
@@ -68,6 +69,7 @@ def written_whole(path: Path, exclusive: bool = False) -> Iterator[Path]:
     if is_stream(path):
         yield path
         return
+    path = path.resolve() if path.is_symlink() else path  # the file it names is replaced
     handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(handle)
     scratch = Path(name)
@@ -75,11 +77,24 @@ def written_whole(path: Path, exclusive: bool = False) -> Iterator[Path]:
         yield scratch
         os.chmod(scratch, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask())
         if exclusive:
-            os.link(scratch, path)  # fails if path exists
+            _link_new(scratch, path)
         else:
             os.replace(scratch, path)
     finally:
         scratch.unlink(missing_ok=True)
+
+
+def _link_new(source: Path, path: Path) -> None:
+    """Make ``source`` the new file ``path``; FileExistsError if ``path`` is there. A hard
+    link fails on one that is; a file system without hard links gets a check, then a move."""
+    try:
+        os.link(source, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None
+        os.replace(source, path)
 
 
 def _umask() -> int:

@@ -43,6 +43,7 @@ from subprocess_runs import (
 from reftsearch import cli
 from reftsearch.cli import main, report_errors
 from reftsearch.errors import BadInputError, TrialFailed
+from reftsearch.own_files import written_whole
 from reftsearch.processes import worker_id
 from reftsearch.run.worker import UnstartedTrials, Worker, interrupt_trials_of
 from reftsearch.search import storage as storage_module
@@ -1207,6 +1208,29 @@ def test_a_full_disk_leaves_earlier_outputs_whole_and_no_partial_file(
     assert sorted(p.name for p in report.iterdir()) == sorted(
         p.name for p in before if p.parent == report
     )
+
+
+def test_a_file_written_whole_keeps_links_and_never_replaces_in_exclusive_mode(
+    tmp_path, monkeypatch
+):
+    real, link = tmp_path / "real.csv", tmp_path / "link.csv"
+    real.write_text("old")
+    link.symlink_to(real)
+    with written_whole(link) as scratch:
+        scratch.write_text("new")
+    assert link.is_symlink() and real.read_text() == "new"  # through the link, as open() did
+    with pytest.raises(FileExistsError), written_whole(real, exclusive=True) as scratch:
+        scratch.write_text("newer")
+    assert real.read_text() == "new"
+
+    def no_hard_links(*args):  # a file system without them (FAT, some FUSE mounts)
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    with written_whole(tmp_path / "made.txt", exclusive=True) as scratch:
+        scratch.write_text("made")
+    assert (tmp_path / "made.txt").read_text() == "made"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.csv", "made.txt", "real.csv"]
 
 
 def test_best_csv_into_a_pipe_is_written_not_read(write_study, easy_task_files, tmp_path):
