@@ -376,7 +376,6 @@ def _data_summary(spec: StudySpec) -> str:
 
 
 def _data(args: argparse.Namespace) -> int:
-
     spec = _spec(args)
     from reftsearch.data.listing import describe, list_rows, print_rows, rows_delimiter, write_rows
     from reftsearch.data.splits import has_split

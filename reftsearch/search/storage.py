@@ -245,10 +245,13 @@ class OwnedTrialsStorage(optuna.storages.RDBStorage):
         waiting out the heartbeat (2 minutes by default). One that never beat is an orphan
         (``UnstartedTrials``)."""
         stale = super()._get_stale_trial_ids(study_id)
-        lost = [i for i in stale if not owner_runs_here(self.get_trial(i))]
-        running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        running = {
+            t._trial_id: t
+            for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        }
+        lost = [i for i in stale if i in running and not owner_runs_here(running[i])]
         unstarted = self.running_without_heartbeat(study_id)
-        dead = [t._trial_id for t in running if t._trial_id not in unstarted and owner_died_here(t)]
+        dead = [i for i, t in running.items() if i not in unstarted and owner_died_here(t)]
         return sorted({*lost, *dead})
 
     def running_without_heartbeat(self, study_id: int) -> set[int]:

@@ -133,10 +133,10 @@ def map_onto_space(
             fixed = _fixed_value(space.get(name))
             if fixed is None or fixed == value:
                 continue
-            if name in STRUCTURE and _map_value(name, value, Choice((fixed,)), num_layers) is None:
-                return None, [f"{name}={value!r} is not among {[fixed]}"]
             if name not in STRUCTURE:
                 notes.append(f"{name}={value!r} is fixed to {fixed!r} in this space")
+            elif _map_value(name, value, Choice((fixed,)), num_layers) is None:
+                return None, [f"{name}={value!r} is not among {[fixed]}"]
             continue
         mapped = _map_value(name, value, sampled[name], num_layers)
         if mapped is None:
