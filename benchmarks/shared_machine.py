@@ -3,8 +3,8 @@
 On a small machine shared with other jobs, torch's OpenMP threads spin-wait at the end of
 every kernel for partners that another process holds off the cores; reftsearch's steps are
 many small kernels (reftsearch.engine.threads), so that cost it 5-20x where pyreft's big
-kernels lost ~3x. reftsearch therefore runs with passive waits (``OMP_WAIT_POLICY=PASSIVE``,
-set before torch loads) and ``resources.threads`` per worker.
+kernels lost ~3x. reftsearch therefore runs with a short spin (``GOMP_SPINCOUNT=10000``, set
+before torch loads) and ``resources.threads`` per worker.
 
 The run: ``reftsearch run`` on benchmarks/vs_pyreft.py's configs and rows (SmolLM2, last-token
 LoReFT, one epoch, float32; ``--quick``: two configs, 128 train and 64 dev rows), once alone
@@ -31,6 +31,8 @@ from pathlib import Path
 from throughput import run_reftsearch, study_yaml, write_data
 from vs_pyreft import CONFIGS
 
+from reftsearch.engine.threads import WAIT_SETTINGS
+
 BUSY = (
     "import torch\n"
     "torch.set_num_threads(2)\n"
@@ -48,7 +50,8 @@ TORCH_DEFAULTS = [
 
 def busy_process() -> subprocess.Popen:
     """Another user's torch job: two threads, torch's defaults (no wait policy of ours)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    ours = ("OMP_NUM_THREADS", *WAIT_SETTINGS)
+    env = {k: v for k, v in os.environ.items() if k not in ours}
     process = subprocess.Popen([sys.executable, "-c", BUSY], env=env)
     time.sleep(5)  # its imports done: busy from the run's first second
     return process

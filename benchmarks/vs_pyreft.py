@@ -20,10 +20,10 @@ dev rows (``--quick``: the first two configs, 128 train and 64 dev rows). Usage:
 
     .venv/bin/python benchmarks/vs_pyreft.py [--quick] [--device cuda] [--dtype auto]
 
-Both arms run with reftsearch's OpenMP setting, passive waits (``OMP_WAIT_POLICY``, unless
-the environment sets it): on a machine other jobs load, torch's spinning waits slow both
-loops, reftsearch's small kernels most, and that is benchmarks/shared_machine.py's measure,
-not this one's.
+Both arms run with reftsearch's OpenMP setting, a short spin before a thread sleeps
+(``GOMP_SPINCOUNT``, unless the environment sets a wait policy): on a machine other jobs load,
+torch's longer spinning waits slow both loops, reftsearch's small kernels most, and that is
+benchmarks/shared_machine.py's measure, not this one's.
 
 Dev scores: one seed per arm differs by seed noise alone (a LoReFT init and a batch order):
 on 256 rows, the L8;15 config scored 0.77-0.86 over five reftsearch seeds. After the timed
@@ -187,7 +187,7 @@ def pyreft_trial(config: dict, model_dir: str, train_path: Path, dev_path: Path,
 def run_pyreft(
     python: Path, model_dir: Path, train: Path, dev: Path, configs: list[dict], device: str
 ) -> list[dict]:
-    from reftsearch.engine.threads import prefer_passive_waits  # not in the pyreft venv
+    from reftsearch.engine.threads import prefer_short_waits  # not in the pyreft venv
 
     results = []
     for config in configs:
@@ -196,7 +196,7 @@ def run_pyreft(
         command += [str(model_dir), str(train), str(dev), device]
         # the pyreft venv must not see reftsearch's modules; the benchmarks folder it needs
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-        prefer_passive_waits(env)  # as reftsearch's arm runs (see the module's text)
+        prefer_short_waits(env)  # as reftsearch's arm runs (see the module's text)
         out = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
         result = json.loads(out.stdout.strip().splitlines()[-1])
         result["wall_s"] = time.perf_counter() - start

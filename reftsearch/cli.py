@@ -17,7 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from reftsearch.engine.threads import prefer_passive_waits
+from reftsearch.engine.threads import prefer_short_waits
 from reftsearch.errors import BadInputError, ReftSearchError, TrialFailed
 from reftsearch.own_files import holds, is_stream, refuse_foreign, why_unwritable, written_whole
 from reftsearch.spec.study_file import SPLITS, StudySpec, load_spec
@@ -31,7 +31,7 @@ STORAGE_ENV = "REFTSEARCH_STORAGE"  # where `reftsearch worker` finds its storag
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    prefer_passive_waits()  # before torch loads OpenMP (reftsearch.engine.threads)
+    prefer_short_waits()  # before torch loads OpenMP (reftsearch.engine.threads)
     parser = _parser()
     args = parser.parse_args(argv)
     return report_errors(lambda: args.handler(args), trains=args.command in TRAINING_COMMANDS)

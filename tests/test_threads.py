@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from reftsearch.engine.threads import (
+    WAIT_POLICY,
     cluster_worker_threads,
-    prefer_passive_waits,
+    prefer_short_waits,
     worker_env,
     worker_threads,
 )
@@ -38,32 +39,40 @@ def test_actors_on_a_joined_cluster_get_the_cpus_ray_reserves_for_them():
     assert cluster_worker_threads(ResourcesSpec(cpus_per_trial=4), env={}) == 4
     assert cluster_worker_threads(ResourcesSpec(cpus_per_trial=0.5), env={}) == 1
     assert cluster_worker_threads(ResourcesSpec(cpus_per_trial=4, threads=2), env={}) == 2
-    assert worker_env(3) == {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def test_passive_waits_never_replace_the_users_policy():
+def test_short_waits_never_replace_or_amend_the_users_policy():
     env = {}
-    prefer_passive_waits(env)
-    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
-    env = {"OMP_WAIT_POLICY": "ACTIVE"}
-    prefer_passive_waits(env)
-    assert env == {"OMP_WAIT_POLICY": "ACTIVE"}
+    prefer_short_waits(env)
+    assert env == WAIT_POLICY == {"GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "0"}
+    # GOMP_SPINCOUNT outranks OMP_WAIT_POLICY in libgomp: adding ours would undo the user's
+    for users in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "0"}, {"KMP_BLOCKTIME": "200"}):
+        env = dict(users)
+        prefer_short_waits(env)
+        assert env == users
+
+
+def test_ray_workers_start_with_the_drivers_wait_policy():
+    assert worker_env(3, env={}) == {"OMP_NUM_THREADS": "3", **WAIT_POLICY}
+    users = {"OMP_WAIT_POLICY": "PASSIVE", "PATH": "/bin"}
+    assert worker_env(3, env=users) == {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def test_the_command_line_sets_the_policy_before_torch_loads():
-    """libgomp reads OMP_WAIT_POLICY once, when torch loads it: the ``reftsearch`` module must
-    not import torch before ``main`` sets it."""
+    """libgomp reads its wait settings once, when torch loads it: the ``reftsearch`` module
+    must not import torch before ``main`` sets them."""
     study = Path(__file__).parents[1] / "studies" / "tiny.yaml"
     code = (
         "import os, sys\n"
-        "os.environ.pop('OMP_WAIT_POLICY', None)\n"
+        "for key in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT', 'KMP_BLOCKTIME'):\n"
+        "    os.environ.pop(key, None)\n"
         "import reftsearch.cli\n"
         "assert 'torch' not in sys.modules\n"
         f"assert reftsearch.cli.main(['validate', {str(study)!r}]) == 0\n"
-        "print(os.environ['OMP_WAIT_POLICY'])"
+        "print(os.environ['GOMP_SPINCOUNT'])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip().splitlines()[-1] == "PASSIVE"
+    assert out.stdout.strip().splitlines()[-1] == "10000"
 
 
 def test_spec_reads_threads(tmp_path):

@@ -3,23 +3,31 @@
 torch's CPU kernels run on OpenMP (libgomp). Two of its defaults cost a lot on a machine whose
 cores other processes also use (benchmarks/shared_machine.py):
 
-* an OpenMP thread that finishes its share of a kernel spins (up to ~300,000 loops) before
-  it sleeps, waiting for the rest. A reftsearch step is thousands of small kernels (a
+* an OpenMP thread that finishes its share of a kernel spins (up to ~300,000 loops, ~3 ms)
+  before it sleeps, waiting for the rest. A reftsearch step is thousands of small kernels (a
   suffix-only trial runs a few tokens per row above the cached layers), each ending in such a
   barrier: when another process holds one of the cores, the thread that still has work waits
   for a time slice while its partner spins on the other core. A step of that shape (15
   SmolLM2-sized layers on 32 rows, forward and backward; 2 cores with 5-8 other helpers'
   processes on them) took 1.5-7.5 s on torch's two spinning threads, 0.4-1.5 s with passive
-  waits (threads sleep at once, ``OMP_WAIT_POLICY=PASSIVE``), 1.1-2.8 s on one thread, with
-  or without one more busy 2-thread process. pyreft's steps (whole rows, every layer: big
-  kernels) have far fewer barriers per second: they slowed ~3x where reftsearch slowed 20x.
-  libgomp reads ``OMP_WAIT_POLICY`` once, when torch loads it: it is set at the start of the
-  ``reftsearch`` command and in every Ray worker's environment, never over a user's value.
+  waits (threads sleep at once), 1.1-2.8 s on one thread. pyreft's steps (whole rows, every
+  layer: big kernels) have far fewer barriers per second: they slowed ~3x where reftsearch
+  slowed 20x. Sleeping at once costs a machine to itself, though: each of a step's ~200
+  matmuls then wakes its partner thread (tens of microseconds), and the gap between two
+  kernels is about as long. A short spin, ~10,000 loops (~0.1 ms), catches the next kernel
+  and still sleeps when the partner is held off: a float32 step at layer 15 took 95 ms
+  against 124 ms passive (bfloat16-mixed: 85 against 118) alone, and 226 against 151 ms
+  beside a busy 2-thread process; a whole run of benchmarks/vs_pyreft.py's four configs took
+  62 s against 74 s (40 against 60 s in bfloat16-mixed) alone, 2.1x that beside the busy
+  process (benchmarks/README.md). libgomp (torch's OpenMP) reads ``GOMP_SPINCOUNT`` once,
+  when torch loads it: it is set at the start of the ``reftsearch`` command and in every Ray
+  worker's environment, unless the user set a wait policy of their own. Intel's OpenMP
+  (some torch builds) ignores it and sleeps at once (``KMP_BLOCKTIME=0``).
 * one thread per core in every process: several workers on one machine would each start one
   per core. ``resources.threads`` (default: ``$OMP_NUM_THREADS`` if set, else the cores this
   process may use divided by the workers on this machine, at least 1) sets it per worker.
 
-No import of torch here: the command line calls ``prefer_passive_waits`` before torch loads.
+No import of torch here: the command line calls ``prefer_short_waits`` before torch loads.
 """
 
 from __future__ import annotations
@@ -30,15 +38,23 @@ from collections.abc import Mapping
 
 from reftsearch.spec.study_file import ResourcesSpec
 
-# what idle OpenMP threads do: sleep at once instead of spinning (see the module's text)
-WAIT_POLICY = {"OMP_WAIT_POLICY": "PASSIVE"}
+# what idle OpenMP threads do: spin ~0.1 ms, then sleep (see the module's text)
+WAIT_POLICY = {"GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "0"}
+# any of these set by the user is their policy: none of ours is added to it
+WAIT_SETTINGS = ("OMP_WAIT_POLICY", *WAIT_POLICY)
 
 
-def prefer_passive_waits(env: os._Environ | dict = os.environ) -> None:
-    """Set ``WAIT_POLICY`` in ``env`` where the user set nothing. Only takes effect in this
-    process if torch is not imported yet (libgomp reads it when it loads)."""
-    for key, value in WAIT_POLICY.items():
-        env.setdefault(key, value)
+def wait_settings(env: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The OpenMP wait settings a process should start with: the user's where ``env`` has
+    any, else ``WAIT_POLICY``."""
+    given = {key: env[key] for key in WAIT_SETTINGS if key in env}
+    return given or dict(WAIT_POLICY)
+
+
+def prefer_short_waits(env: os._Environ | dict = os.environ) -> None:
+    """Put ``wait_settings(env)`` in ``env``. Only takes effect in this process if torch is
+    not imported yet (OpenMP reads them when it loads)."""
+    env.update(wait_settings(env))
 
 
 def available_cores() -> int:
@@ -73,10 +89,10 @@ def cluster_worker_threads(resources: ResourcesSpec, env: Mapping[str, str] = os
     return worker_threads(resources, workers=1, cores=cores, env=env)
 
 
-def worker_env(threads: int) -> dict[str, str]:
-    """The environment a Ray worker process starts with: its threads and passive waits (set
-    before its torch loads)."""
-    return {"OMP_NUM_THREADS": str(threads), **WAIT_POLICY}
+def worker_env(threads: int, env: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The environment a Ray worker process starts with: its threads and this process's wait
+    settings (set before its torch loads)."""
+    return {"OMP_NUM_THREADS": str(threads), **wait_settings(env)}
 
 
 def use_threads(threads: int) -> None:
