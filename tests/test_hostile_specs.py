@@ -26,7 +26,7 @@ from reftsearch.cli import main
 from reftsearch.models.builtin import BUILTIN_MODELS
 from reftsearch.models.sources import BUILTIN_CONFIGS, read_shape
 from reftsearch.spec.readers import join
-from reftsearch.spec.yaml_file import MAX_BYTES, MAX_DEPTH, MAX_NODES
+from reftsearch.spec.yaml_file import MAX_BYTES, MAX_DEPTH, MAX_NODES, load_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = sorted((REPO / "studies").rglob("*.yaml"))  # studies/compare/ too
@@ -289,6 +289,19 @@ def test_exponent_without_a_dot_is_a_number(capsys):
     code, err, _ = run_cli(["validate", TINY, "--set", "space.lr=1e-3"], capsys)
     assert code == 0, err
     code, err, _ = run_cli(["validate", TINY, "--set", "space.lr=[1e-3, 2E-2, +5e-4]"], capsys)
+    assert code == 0, err
+
+
+def test_numbers_are_read_as_yaml_1_2_reads_them(capsys):
+    """PyYAML (YAML 1.1) read ``010`` as octal 8 and ``1:30`` as 90 (base 60), silently."""
+    text = "a: 010\nb: 0o10\nc: 1_000\nd: -007\ne: 0x1F\nf: .5\ng: 1:30\nh: 1e-3\ni: 2.5e+1"
+    assert load_yaml(text, "t") == dict(
+        a=10, b=8, c=1000, d=-7, e=31, f=0.5, g="1:30", h=1e-3, i=25.0
+    )
+    code, err, _ = run_cli(["validate", TINY, "--set", "budget.timeout=1:30"], capsys)
+    assert code == 2 and "budget.timeout: must be a positive duration" in err, err
+    assert "got '1:30'" in err
+    code, err, _ = run_cli(["validate", TINY, "--set", "seed=010"], capsys)
     assert code == 0, err
 
 

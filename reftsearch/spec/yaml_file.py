@@ -7,8 +7,10 @@ value, silently). Here the file's size is capped before it is read, and one pass
 parser's events (libyaml's, iterative) counts the nodes the document expands to, its depth,
 and each mapping's keys, before anything is built.
 
-YAML 1.1 reads ``1e-3`` (no dot) as a string; a study file means the number, as YAML 1.2
-and JSON do, so that form is resolved as a float too.
+Numbers are read as YAML 1.2 and JSON read them, not as YAML 1.1 (PyYAML's) does: ``1e-3``
+(no dot) is a float, not a string; ``010`` is ten, not octal eight (``0o10`` is eight); and
+``1:30`` is a string, not the base-60 number 90 (a duration that silently became 90 s).
+Underscores between digits (``1_000``) are kept, as Python reads them.
 """
 
 from __future__ import annotations
@@ -32,14 +34,46 @@ _BASE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class StudyLoader(_BASE_LOADER):  # type: ignore[misc, valid-type]
-    """The safe loader (libyaml's when installed), reading ``1e-3`` as a number."""
+    """The safe loader (libyaml's when installed), reading numbers as YAML 1.2 does."""
 
 
-StudyLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
+_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_INT = re.compile(r"^[-+]?(?:0b[01_]+|0o[0-7_]+|0x[0-9a-fA-F_]+|[0-9][0-9_]*)$")
+_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?
+        |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+    re.VERBOSE,
 )
+_RADIXES = {"0b": 2, "0o": 8, "0x": 16}
+
+
+def _yaml_1_2_numbers(loader: type[StudyLoader]) -> None:
+    """Replace YAML 1.1's number resolvers (sexagesimal, leading-zero octal) with ``_INT``
+    and ``_FLOAT``, and its integer constructor with ``_construct_int``."""
+    # a first call copies the inherited resolvers into the class, so that they can be edited
+    loader.add_implicit_resolver(_INT_TAG, _INT, list("-+0123456789"))
+    for first, resolvers in loader.yaml_implicit_resolvers.items():
+        resolvers[:] = [(tag, rx) for tag, rx in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+        if first is not None and first in "-+0123456789":
+            resolvers += [(_INT_TAG, _INT), (_FLOAT_TAG, _FLOAT)]
+        elif first == ".":
+            resolvers.append((_FLOAT_TAG, _FLOAT))
+    loader.add_constructor(_INT_TAG, _construct_int)
+
+
+def _construct_int(loader: StudyLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node).replace("_", "")
+    sign = -1 if text.startswith("-") else 1
+    digits = text.lstrip("+-")
+    base = _RADIXES.get(digits[:2].lower())
+    if base is not None:
+        return sign * int(digits[2:], base)
+    return sign * int(digits)  # leading zeros and all: decimal
+
+
+_yaml_1_2_numbers(StudyLoader)
 
 
 def read_study_file(path: Path) -> Any:
