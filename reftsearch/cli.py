@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -51,6 +52,7 @@ def report_errors(command: Callable[[], int], trains: bool = True) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     handlers = _interruptible(_stopping if trains else _stopping_quietly) if main_thread else {}
     try:
+        _check_temporary_folder()
         return command()
     except ReftSearchError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -66,6 +68,19 @@ def report_errors(command: Callable[[], int], trains: bool = True) -> int:
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
+
+
+def _check_temporary_folder() -> None:
+    """Libraries that commands import (datasets, through dill) ask for the temporary folder
+    at import time, and Python's own check writes a file there: on a full disk that was a
+    traceback, "No usable temporary directory found"."""
+    try:
+        tempfile.gettempdir()
+    except OSError as err:
+        raise ReftSearchError(
+            f"cannot write temporary files ({err.strerror or err}): is the disk full? Free "
+            "some space, or set TMPDIR to a folder with room"
+        ) from None
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

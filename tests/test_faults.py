@@ -1111,6 +1111,36 @@ def test_a_full_disk_mid_run_ends_in_one_line_and_resumes(write_study, easy_task
     assert not result.get_trials(states=(State.RUNNING, State.WAITING))
 
 
+def test_an_existing_study_on_a_full_disk_is_no_room_not_a_bad_file(
+    write_study, easy_task_files, tmp_path
+):
+    """Opening a study, even to read it, makes SQLite's shared-memory file beside it: on a
+    full disk that failed as "not a readable SQLite database (disk I/O error)", exit 2,
+    blaming the user's file. With no room even for Python's probe of the temporary folder,
+    the import of datasets (through dill) ended in a traceback."""
+    study = write_study(tiny_study(easy_task_files, budget={"n_trials": 1, "max_epochs": 1}))
+    command = [sys.executable, "-m", "reftsearch.cli", "run", str(study)]
+    subprocess.run(command, env=ENV, capture_output=True, check=True)  # its SQLite files closed
+    db = tmp_path / "t.db"
+    before = db.read_bytes()
+    no_room = "free some space, "
+    for limit, expected in (
+        (1024, f"error: storage: no room beside {db} for SQLite's files (File too large); "),
+        (0, "error: cannot write temporary files (No usable temporary directory found in "),
+    ):
+
+        def full_disk(limit=limit):
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+        again = [*command, "--n-trials", "2"]
+        ran = subprocess.run(again, env=ENV, capture_output=True, text=True, preexec_fn=full_disk)
+        assert ran.returncode == 1, ran.stdout + ran.stderr
+        line = one_error_line(ran.stderr)
+        assert line.startswith(expected) and no_room in line.lower(), line
+        assert db.read_bytes() == before
+
+
 @pytest.mark.parametrize("fault", ["storage", "disk"])
 def test_a_trial_cut_short_by_the_storage_or_a_full_disk_is_not_counted(
     write_study, easy_task_files, tmp_path, monkeypatch, capsys, caplog, fault

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -40,6 +41,7 @@ SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite dat
 CREATE_ATTEMPTS = 5
 CREATE_RACE = ("already exists", "UNIQUE constraint failed", "duplicate key value")
 NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # disk full, quota met, file size limit
+NO_ROOM_PROBE_BYTES = 64 * 1024  # what SQLite's shared-memory file takes at first (32 KiB), twice
 
 
 def mask_url(url: str) -> str:
@@ -291,6 +293,21 @@ def _check_writable(path: Path) -> None:
             )
 
 
+def _refuse_if_no_room(path: Path) -> None:
+    """SQLite's "disk I/O error" on opening a study can be a full disk: even a reader makes
+    the database's shared-memory file beside it. Then say so (exit 1), not blame the file."""
+    try:
+        with tempfile.TemporaryFile(dir=path.parent) as probe:
+            probe.write(bytes(NO_ROOM_PROBE_BYTES))
+            probe.flush()
+    except OSError as err:
+        if err.errno in NO_ROOM:
+            raise ReftSearchError(
+                f"storage: no room beside {path} for SQLite's files ({err.strerror}); free "
+                "some space, then run the same command again"
+            ) from None
+
+
 def _check_study_database(path: Path) -> None:
     """Refuse a SQLite file that cannot be read, or that holds tables and none of Optuna's: a
     database of the user's own, which a study's tables (and WAL mode) would change."""
@@ -299,6 +316,8 @@ def _check_study_database(path: Path) -> None:
             rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
             tables = {name for (name,) in rows}
     except sqlite3.Error as err:
+        if getattr(err, "sqlite_errorname", "").startswith(("SQLITE_IOERR", "SQLITE_FULL")):
+            _refuse_if_no_room(path)
         raise BadInputError(f"storage: {path} is not a readable SQLite database ({err})") from None
     if tables and "studies" not in tables:
         shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
