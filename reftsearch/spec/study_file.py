@@ -322,13 +322,11 @@ def parse_spec(raw: Any, base_dir: Path, source: Path | None = None) -> StudySpe
 def _refuse_own_warm_start(spec: StudySpec, raw: Any) -> None:
     """A study cannot warm-start from itself: a new one is not there to read when its run
     starts, and an existing one's best configs, enqueued again, would only be copied."""
-    for index, source in enumerate(spec.warm_start):
+    paths = _warm_start_paths(raw, "warm_start")
+    for source, path in zip(spec.warm_start, paths, strict=True):
         if source.study == spec.name and source.storage in (None, spec.storage):
-            path = v.join(
-                v.join("warm_start", index) if isinstance(raw, list) else "warm_start", "study"
-            )
             raise SpecError(
-                path,
+                v.join(path, "study"),
                 f"names this study itself ({spec.name!r}); a warm start takes another study's "
                 "best configs (this one resumes where it stopped when run again)",
             )
@@ -746,10 +744,17 @@ def _warm_start(raw: Any, path: str, base_dir: Path, method: str) -> tuple[WarmS
     if raw is None:
         return ()
     items = raw if isinstance(raw, list) else [raw]
-    paths = [v.join(path, i) for i in range(len(items))] if isinstance(raw, list) else [path]
+    paths = _warm_start_paths(raw, path)
     return tuple(
         _one_warm_start(item, p, base_dir, method) for item, p in zip(items, paths, strict=True)
     )
+
+
+def _warm_start_paths(raw: Any, path: str) -> list[str]:
+    """Each warm start's key path: ``warm_start[i]`` in a list, ``warm_start`` for one alone."""
+    if raw is None:
+        return []
+    return [v.join(path, i) for i in range(len(raw))] if isinstance(raw, list) else [path]
 
 
 def _one_warm_start(raw: Any, path: str, base_dir: Path, method: str) -> WarmStartSpec:
