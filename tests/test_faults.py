@@ -1240,6 +1240,40 @@ def test_a_full_disk_leaves_earlier_outputs_whole_and_no_partial_file(
     )
 
 
+def test_predict_and_compare_on_a_full_disk_leave_earlier_outputs_and_no_partial_file(
+    write_study, easy_task_files, tmp_path, monkeypatch, capsys
+):
+    """predict --out and compare --out write through the same whole-file writer as best
+    --csv: a full disk under them is one line, no part of a file, and compare's earlier
+    table and plot as they were."""
+    raw = tiny_study(easy_task_files, budget={"n_trials": 1, "max_epochs": 1})
+    studies = [write_study(raw), write_study({**raw, "name": "u"}, "u.yaml")]
+    table = tmp_path / "compared.csv"
+    assert main(["compare", *map(str, studies), "--out", str(table)]) == 0
+    before = {path: digest(path) for path in (table, table.with_suffix(".png"))}
+    predicted = tmp_path / "predicted.txt"
+
+    def part_then_no_room_text(self, data, *args, **kwargs):
+        with open(self, "w") as file:
+            file.write(data[:3])
+        no_room()
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", part_then_no_room)
+    monkeypatch.setattr(Figure, "savefig", part_then_no_room)
+    monkeypatch.setattr(Path, "write_text", part_then_no_room_text)
+    capsys.readouterr()
+    for argv, path in (
+        (["predict", str(studies[0]), "--text", "good", "--out", str(predicted)], predicted),
+        (["compare", *map(str, studies), "--out", str(table)], table),
+    ):
+        assert main(argv) == 1
+        line = one_error_line(capsys.readouterr().err)
+        assert line.startswith(f"error: --out {path}: no room to write it ("), line
+    assert {path: digest(path) for path in before} == before
+    assert not predicted.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if "partial" in p.name) == []
+
+
 def test_a_file_written_whole_keeps_links_and_never_replaces_in_exclusive_mode(
     tmp_path, monkeypatch
 ):
