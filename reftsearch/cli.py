@@ -166,7 +166,9 @@ def _parser() -> argparse.ArgumentParser:
         help="score the best trial once on the test split, with its kept weights (its "
         "config retrained with its seed only if they are gone)",
     )
-    best.add_argument("--csv", metavar="FILE", help="also write every trial as a CSV table")
+    best.add_argument(
+        "--csv", metavar="FILE", help="also write every trial as a table (tab-separated: .tsv)"
+    )
     best.set_defaults(handler=_best)
 
     dashboard = commands.add_parser("dashboard", help="watch a study in optuna-dashboard")
@@ -413,6 +415,7 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _best(args: argparse.Namespace) -> int:
+    from reftsearch.data.listing import DELIMITERS
     from reftsearch.data.splits import has_split
     from reftsearch.results.best_table import CSV_MARK, best_summaries, trials_frame
     from reftsearch.search.ranking import best_trials, is_pareto, pareto_front
@@ -421,13 +424,14 @@ def _best(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise BadInputError(f"--top: must be a positive integer, got {args.top}")
     csv = None if args.csv is None else _output_file(args.csv, "--csv")
+    delimiter = DELIMITERS.get(csv.suffix.lower(), ",") if csv is not None else ","
     if csv is not None:
-        refuse_foreign(csv, "--csv", "best --csv", CSV_MARK)
+        refuse_foreign(csv, "--csv", "best --csv", CSV_MARK.replace(",", delimiter))
     spec = _spec(args)
     study = load_study_of(spec, args.storage or spec.storage)
     if csv is not None:
         with _writing(csv, "--csv"), written_whole(csv) as scratch:
-            trials_frame(study).to_csv(scratch, index=False)
+            trials_frame(study).to_csv(scratch, index=False, sep=delimiter)
         _stderr(f"wrote {len(study.trials)} trials to {csv}")
     pareto = is_pareto(study)  # two objectives: the whole front, fewest parameters first
     if pareto and args.test:

@@ -114,6 +114,16 @@ def test_best_csv_writes_every_trial(searched_study, tmp_path, capsys):
     assert len(rows) == 4 and {row["dtype"] for row in rows} == {"float32"}
 
 
+def test_best_csv_named_tsv_is_tab_separated_and_rewritten(searched_study, tmp_path, capsys):
+    """A .tsv held commas, as data --out's does not."""
+    target = tmp_path / "trials.tsv"
+    for _ in range(2):  # the second replaces the table the first wrote
+        assert main(["best", str(searched_study), "--csv", str(target)]) == 0
+        with open(target) as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+        assert len(rows) == 4 and {row["dtype"] for row in rows} == {"float32"}
+
+
 def test_report_of_a_study_without_trials_says_why(write_study, easy_task_files, tmp_path):
     study = write_study(tiny_study(easy_task_files))
     spec = load_spec(study)
