@@ -52,14 +52,12 @@ _RADIXES = {"0b": 2, "0o": 8, "0x": 16}
 def _yaml_1_2_numbers(loader: type[StudyLoader]) -> None:
     """Replace YAML 1.1's number resolvers (sexagesimal, leading-zero octal) with ``_INT``
     and ``_FLOAT``, and its integer constructor with ``_construct_int``."""
-    # a first call copies the inherited resolvers into the class, so that they can be edited
+    loader.yaml_implicit_resolvers = {  # the class's own: the base loader's stay as they are
+        first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+        for first, resolvers in _BASE_LOADER.yaml_implicit_resolvers.items()
+    }
     loader.add_implicit_resolver(_INT_TAG, _INT, list("-+0123456789"))
-    for first, resolvers in loader.yaml_implicit_resolvers.items():
-        resolvers[:] = [(tag, rx) for tag, rx in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
-        if first is not None and first in "-+0123456789":
-            resolvers += [(_INT_TAG, _INT), (_FLOAT_TAG, _FLOAT)]
-        elif first == ".":
-            resolvers.append((_FLOAT_TAG, _FLOAT))
+    loader.add_implicit_resolver(_FLOAT_TAG, _FLOAT, list("-+.0123456789"))
     loader.add_constructor(_INT_TAG, _construct_int)
 
 
@@ -67,7 +65,7 @@ def _construct_int(loader: StudyLoader, node: yaml.ScalarNode) -> int:
     text = loader.construct_scalar(node).replace("_", "")
     sign = -1 if text.startswith("-") else 1
     digits = text.lstrip("+-")
-    base = _RADIXES.get(digits[:2].lower())
+    base = _RADIXES.get(digits[:2])
     if base is not None:
         return sign * int(digits[2:], base)
     return sign * int(digits)  # leading zeros and all: decimal
