@@ -3,7 +3,7 @@
 On a small machine shared with other jobs, torch's OpenMP threads spin-wait at the end of
 every kernel for partners that another process holds off the cores; reftsearch's steps are
 many small kernels (reftsearch.engine.threads), so that cost it 5-20x where pyreft's big
-kernels lost ~3x. reftsearch therefore runs with a short spin (``GOMP_SPINCOUNT=5000``, set
+kernels lost ~3x. reftsearch therefore runs with a short spin (``GOMP_SPINCOUNT=2000``, set
 before torch loads) and ``resources.threads`` per worker.
 
 The run: ``reftsearch run`` on benchmarks/vs_pyreft.py's configs and rows (SmolLM2, last-token

@@ -14,16 +14,17 @@ cores other processes also use (benchmarks/shared_machine.py):
   layer: big kernels) have far fewer barriers per second: they slowed ~3x where reftsearch
   slowed 20x. Sleeping at once costs a machine to itself, though: each of a step's ~200
   matmuls then wakes its partner thread (tens of microseconds), and the gap between two
-  kernels is about as long. A short spin, ~5,000 loops (~50 us), catches the next kernel
-  and still sleeps soon when the partner is held off: a float32 step at layer 15 took 100 ms
-  against 124 ms passive (bfloat16-mixed: 83 against 118) alone, and 193 against 151 ms
-  beside a busy 2-thread process (10,000 loops: 95, 85 and 226 ms); a whole run of
-  benchmarks/vs_pyreft.py's four configs took 58 s against 74 s (43 against 60 s in
-  bfloat16-mixed) alone, 2.1x that beside the busy process (benchmarks/README.md). libgomp
-  (torch's OpenMP) reads ``GOMP_SPINCOUNT`` once, when torch loads it: it is set at the
-  start of the ``reftsearch`` command and in every Ray worker's environment, unless the user
-  set a wait policy of their own. Intel's OpenMP (some torch builds) ignores it and sleeps
-  at once (``KMP_BLOCKTIME=0``).
+  kernels is about as long. A short spin catches the next kernel and still sleeps soon when
+  the partner is held off. libgomp counts it in loops of one ``pause`` instruction, whose
+  length is the CPU's: 23.5 ns on an AMD EPYC (Zen 5), so 2,000 loops are ~50 us there. On
+  that EPYC a whole run of benchmarks/vs_pyreft.py's four configs took 62 s alone against
+  70 s passive, and 2.2x that beside a busy 2-thread process (passive 1.7x; 3,000 loops
+  2.35x, 5,000 2.5x: the goal's limit). On an Intel Xeon with AMX a float32 step at layer 15
+  took 109-119 ms at 1,000-3,000 loops, 100 ms at 5,000 and 124 ms passive
+  (benchmarks/README.md). libgomp (torch's OpenMP) reads ``GOMP_SPINCOUNT`` once, when
+  torch loads it: it is set at the start of the ``reftsearch`` command and in every Ray
+  worker's environment, unless the user set a wait policy of their own. Intel's OpenMP
+  (some torch builds) ignores it and sleeps at once (``KMP_BLOCKTIME=0``).
 * one thread per core in every process: several workers on one machine would each start one
   per core. ``resources.threads`` (default: ``$OMP_NUM_THREADS`` if set, else the cores this
   process may use divided by the workers on this machine, at least 1) sets it per worker.
@@ -39,8 +40,9 @@ from collections.abc import Mapping
 
 from reftsearch.spec.study_file import ResourcesSpec
 
-# what idle OpenMP threads do: spin ~50 us, then sleep (see the module's text)
-WAIT_POLICY = {"GOMP_SPINCOUNT": "5000", "KMP_BLOCKTIME": "0"}
+# what idle OpenMP threads do: spin a little (~50 us on a Zen 5), then sleep (see the
+# module's text)
+WAIT_POLICY = {"GOMP_SPINCOUNT": "2000", "KMP_BLOCKTIME": "0"}
 # any of these set by the user is their policy: none of ours is added to it
 WAIT_SETTINGS = ("OMP_WAIT_POLICY", *WAIT_POLICY)
 
