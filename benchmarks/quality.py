@@ -326,7 +326,8 @@ def run_arm(
     return Arm(
         name=name,
         config=describe_config(record.config)
-        + f" dropout={record.config['dropout']:g} warmup={record.config['warmup_ratio']:g}",
+        + f" dropout={record.config['dropout']:g} warmup={record.config['warmup_ratio']:g}"
+        + (f" (warm start {record.warm_start})" if record.warm_start else ""),
         select_scores=[trial.value for trial in runs.values()],
         report_hits=hits,
         n_params=record.n_params,

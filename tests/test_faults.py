@@ -47,6 +47,7 @@ from reftsearch.own_files import written_whole
 from reftsearch.processes import worker_id
 from reftsearch.run.worker import UnstartedTrials, Worker, interrupt_trials_of
 from reftsearch.search import storage as storage_module
+from reftsearch.search.ranking import top_search_trials
 from reftsearch.search.record import TrialRecord, search_trials
 from reftsearch.search.seed_reruns import enqueue_finalize
 from reftsearch.search.storage import open_storage
@@ -686,7 +687,7 @@ def test_runs_enqueued_twice_train_and_count_once(write_study, easy_task_files, 
         ("paper-glue-lr0.001", None, None): 1,
         ("paper-glue-lr0.01", None, None): 1,
         (None, None, None): 1,  # the sampled third trial
-        (None, ran_first(trials), 11): 1,
+        (None, ran_first(stored(spec.storage)), 11): 1,
     }
     copies = [t for t in trials if TrialRecord.of(t).duplicate_of is not None]
     assert [TrialRecord.of(t).duplicate_of for t in copies] == [0, 1, 5]
@@ -727,7 +728,7 @@ def test_two_runs_started_at_once_train_each_enqueued_run_once(write_study, easy
         ("paper-glue-lr0.001", None, None): 1,
         ("paper-glue-lr0.01", None, None): 1,
         (None, None, None): 1,
-        (None, ran_first(trials), 11): 1,
+        (None, ran_first(stored(load_spec(study).storage)), 11): 1,
     }
     assert count_finished(stored(load_spec(study).storage)) == 3
     assert not [t for t in trials if t.state in (State.RUNNING, State.WAITING)]
@@ -769,10 +770,9 @@ def test_stopped_workers_trials_end_interrupted_with_what_they_drew_enqueued_aga
     assert waiting == [{"x": 0.5}, {"x": partial.params["x"]}]
 
 
-def ran_first(trials: list[optuna.trial.FrozenTrial]) -> int:
-    """The search trial finalize reruns: the best complete one."""
-    searched = [t for t in trials if TrialRecord.of(t).is_search_trial and t.values]
-    return max(searched, key=lambda t: t.values[0]).number
+def ran_first(study: optuna.Study) -> int:
+    """The search trial finalize reruns: the first of the search's ranking."""
+    return top_search_trials(study, 1)[0].number
 
 
 RACE = """

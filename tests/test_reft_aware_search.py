@@ -2,6 +2,7 @@
 
 import json
 from contextlib import nullcontext
+from dataclasses import replace
 
 import optuna
 import pytest
@@ -13,7 +14,7 @@ from reftsearch.cli import main
 from reftsearch.errors import SpecError
 from reftsearch.models.base import emulated_on
 from reftsearch.results.best_table import BY_MEAN, best_summaries, format_table
-from reftsearch.search.ranking import best_trials, seed_summary, why_it_leads
+from reftsearch.search.ranking import best_trials, seed_summary, top_search_trials, why_it_leads
 from reftsearch.search.record import TrialRecord, pack_hits, unpack_hits
 from reftsearch.search.study import open_study
 from reftsearch.search.warm_start import Recipe, map_onto_space, paper_recipes, study_recipes
@@ -253,6 +254,38 @@ def test_best_counts_the_dev_splits_noise_in_a_tie():
     assert best_summaries(clear, best_trials(clear, 2))[0]["picked_by"] == BY_MEAN
     # without hits on record (an f1 metric) only the seeds' spread counts: no tie
     assert [t.number for t in best_trials(finalized_study(configs), 2)] == [0, 3]
+
+
+def warm_start_beside(sampled_hits: list[bool] | None, warm_hits: list[bool] | None):
+    """A study of one warm start (0.50) and two sampled trials (0.52) with these dev hits."""
+    study = optuna.create_study(direction="maximize")
+    warm = TrialRecord(config=CONFIG, n_params=4_614, warm_start="paper-glue-lr0.01")
+    add_trial(study, 0.50, replace(warm, dev_hits=warm_hits and pack_hits(warm_hits)))
+    sampled = TrialRecord(config=CONFIG, n_params=18_456)
+    for score in (0.52, 0.52):
+        add_trial(study, score, replace(sampled, dev_hits=sampled_hits and pack_hits(sampled_hits)))
+    return study
+
+
+def test_a_warm_start_keeps_its_place_unless_beaten_by_more_than_noise():
+    """The best warm start ranks (and is finalized, and exported) ahead of sampled configs
+    that beat it by no more than the dev split's noise; ahead of none where they beat it on
+    every row, or where no dev hits are recorded (an f1 metric)."""
+    warm = [True] * 50 + [False] * 50
+    disagreeing = [True] * 26 + [False] * 24 + [True] * 26 + [False] * 24  # 52 right
+    dominating = [True] * 52 + [False] * 48
+    noisy = warm_start_beside(disagreeing, warm)
+    assert [t.number for t in top_search_trials(noisy)] == [0, 1, 2]
+    assert [t.number for t in best_trials(noisy, 2)] == [0, 1]
+    table = format_table(best_summaries(noisy, best_trials(noisy, 2)), "accuracy")
+    assert table.splitlines()[-1] == (
+        "trial 0 ranks first: warm start paper-glue-lr0.01, which trial 1 leads by no more "
+        "than the dev split's noise (0.5200 vs 0.5000)"
+    )
+    clear = warm_start_beside(dominating, warm)
+    assert [t.number for t in top_search_trials(clear)] == [1, 2, 0]
+    assert "picked_by" not in best_summaries(clear, best_trials(clear, 1))[0]
+    assert [t.number for t in top_search_trials(warm_start_beside(None, None))] == [1, 2, 0]
 
 
 def test_ranking_reads_the_trials_a_fixed_number_of_times(monkeypatch):

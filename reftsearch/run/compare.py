@@ -30,7 +30,7 @@ from reftsearch.progress import Log
 from reftsearch.run.driver import run_finalize, run_study
 from reftsearch.run.epoch_budget import epochs_spent
 from reftsearch.run.worker import load
-from reftsearch.search.ranking import ranked
+from reftsearch.search.ranking import ranked, warm_start_kept
 from reftsearch.search.record import TrialRecord, search_trials
 from reftsearch.search.seed_reruns import own_seed_rerun
 from reftsearch.search.study import FINISHED_STATES
@@ -170,7 +170,7 @@ def judge(
     completed = [t for t in finished if t.state == optuna.trial.TrialState.COMPLETE]
     if not completed:
         raise ReftSearchError(f"study {spec.name!r} has no completed trial to compare")
-    best = ranked(study, completed)[0]
+    best = warm_start_kept(study, ranked(study, completed))[0]  # as best would pick
     prepared = load(dataclasses.replace(spec, finalize=FinalizeSpec(1, seeds)))
     if seeds:
         prepared = run_finalize(study, prepared, log, picks=[best])
