@@ -14,6 +14,7 @@ from reftsearch.cli import main
 from reftsearch.errors import SpecError
 from reftsearch.models.base import emulated_on
 from reftsearch.results.best_table import BY_MEAN, best_summaries, format_table
+from reftsearch.run.lines import ProgressPrinter
 from reftsearch.search.ranking import best_trials, seed_summary, top_search_trials, why_it_leads
 from reftsearch.search.record import TrialRecord, pack_hits, unpack_hits
 from reftsearch.search.study import open_study
@@ -282,8 +283,14 @@ def test_a_warm_start_keeps_its_place_unless_beaten_by_more_than_noise():
         "trial 0 ranks first: warm start paper-glue-lr0.01, which trial 1 leads by no more "
         "than the dev split's noise (0.5200 vs 0.5000)"
     )
+    # the progress lines' best so far is the same pick, with the score it leads within noise
+    lines = []
+    ProgressPrinter(3, lines.append)(noisy, noisy.trials[-1])
+    assert "| best=0.5000 (#0, a warm start; #1's 0.5200 is within noise) |" in lines[0]
     clear = warm_start_beside(dominating, warm)
     assert [t.number for t in top_search_trials(clear)] == [1, 2, 0]
+    ProgressPrinter(3, lines.append)(clear, clear.trials[-1])
+    assert "| best=0.5200 (#1) |" in lines[1]
     assert "picked_by" not in best_summaries(clear, best_trials(clear, 1))[0]
     assert [t.number for t in top_search_trials(warm_start_beside(None, None))] == [1, 2, 0]
 

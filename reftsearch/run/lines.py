@@ -11,7 +11,7 @@ import time
 import optuna
 
 from reftsearch.progress import Log, format_duration
-from reftsearch.search.ranking import top_search_trials
+from reftsearch.search.ranking import ranked, top_search_trials
 from reftsearch.search.record import TrialRecord, describe_config, search_trials
 from reftsearch.search.study import FINISHED_STATES, budget_trials
 
@@ -101,5 +101,11 @@ def _origin(trial: optuna.trial.FrozenTrial, record: TrialRecord) -> str:
 
 
 def _best(study: optuna.Study) -> str:
-    best = top_search_trials(study, 1)
-    return f"best={best[0].values[0]:.4f} (#{best[0].number})" if best else "best: none yet"
+    """The search's pick so far; where a warm start keeps the lead within noise
+    (``warm_start_kept``), the better score it keeps it against too."""
+    ranking = top_search_trials(study)
+    if not ranking:
+        return "best: none yet"
+    lead, top = ranking[0], ranked(study, ranking)[0]
+    kept = f", a warm start; #{top.number}'s {top.values[0]:.4f} is within noise"
+    return f"best={lead.values[0]:.4f} (#{lead.number}{kept if top is not lead else ''})"
