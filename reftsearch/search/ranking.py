@@ -18,7 +18,7 @@ def top_search_trials(study: optuna.Study, k: int | None = None) -> list[optuna.
 
     The dev score is the first objective, also in a study that trades it off against size.
     """
-    completed = ranked(study, search_trials(study, (optuna.trial.TrialState.COMPLETE,)))
+    completed = ranked(study, completed_search_trials(study))
     return warm_start_kept(study, completed)[:k]
 
 
@@ -42,7 +42,7 @@ def warm_start_kept(
         return trials
     warm = trials[first_warm]
     warm_rows = row_hit_rates(study, warm, {})  # {}: the trial's own seed, as its score
-    sign = 1 if is_maximized(study) else -1
+    sign = score_sign(study)
     better, within_noise = [], []
     for trial in trials[:first_warm]:
         noise = rows_noise(warm_rows, row_hit_rates(study, trial, {}))
@@ -80,7 +80,7 @@ def why_it_leads(study: optuna.Study, lead: optuna.trial.FrozenTrial) -> str | N
     lead_summary = seed_summary(study, lead, reruns)
     if lead_summary is None:
         return _warm_start_note(study, lead)
-    sign = 1 if is_maximized(study) else -1
+    sign = score_sign(study)
     searched = top_search_trials(study)
     finalized = [(t, s) for t in searched if (s := seed_summary(study, t, reruns)) is not None]
     best, best_summary = max(finalized, key=lambda pair: sign * pair[1]["mean"])
@@ -97,8 +97,8 @@ def _warm_start_note(study: optuna.Study, lead: optuna.trial.FrozenTrial) -> str
     """Why ``lead``, a warm start, ranks above a search trial with a better score, when it
     does (``warm_start_kept``); None otherwise."""
     recipe = TrialRecord.of(lead).warm_start
-    best = ranked(study, search_trials(study, (optuna.trial.TrialState.COMPLETE,)))[0]
-    sign = 1 if is_maximized(study) else -1
+    best = ranked(study, completed_search_trials(study))[0]
+    sign = score_sign(study)
     if recipe is None or sign * (best.values[0] - lead.values[0]) <= 0:
         return None
     return (
@@ -180,11 +180,22 @@ def is_maximized(study: optuna.Study) -> bool:
     return study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
 
 
+def score_sign(study: optuna.Study) -> int:
+    """1 where a higher dev score is better, -1 where a lower one is: ``sign * score``
+    grows with quality either way."""
+    return 1 if is_maximized(study) else -1
+
+
+def completed_search_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The search trials that completed (not pruned, failed or running), in trial order."""
+    return search_trials(study, (optuna.trial.TrialState.COMPLETE,))
+
+
 def ranked(
     study: optuna.Study, trials: list[optuna.trial.FrozenTrial]
 ) -> list[optuna.trial.FrozenTrial]:
     """Completed ``trials`` best dev score first; of equal scores, the earlier trial first."""
-    sign = 1 if is_maximized(study) else -1
+    sign = score_sign(study)
     return sorted(trials, key=lambda t: (-sign * t.values[0], t.number))
 
 
@@ -197,12 +208,12 @@ def pareto_front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     fewest parameters first (in a one-objective study too: what each parameter buys)."""
     size = {}  # trial number -> trainable parameters
     completed = []
-    for t in search_trials(study, (optuna.trial.TrialState.COMPLETE,)):
+    for t in completed_search_trials(study):
         n_params = TrialRecord.of(t).n_params
         if n_params is not None:
             size[t.number] = n_params
             completed.append(t)
-    sign = 1 if is_maximized(study) else -1
+    sign = score_sign(study)
 
     def dominates(a: optuna.trial.FrozenTrial, b: optuna.trial.FrozenTrial) -> bool:
         score_a, score_b = sign * a.values[0], sign * b.values[0]
