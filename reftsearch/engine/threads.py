@@ -19,8 +19,10 @@ cores other processes also use (benchmarks/shared_machine.py):
   length is the CPU's: 23.5 ns on an AMD EPYC (Zen 5), so 2,000 loops are ~50 us there. On
   that EPYC a whole run of benchmarks/vs_pyreft.py's four configs took 62 s alone against
   70 s passive, and 2.2x that beside a busy 2-thread process (passive 1.7x; 3,000 loops
-  2.35x, 5,000 2.52x: over the 2.5x goal). On an Intel Xeon with AMX a float32 step at layer 15
-  took 109-119 ms at 1,000-3,000 loops, 100 ms at 5,000 and 124 ms passive
+  2.35x, 5,000 2.52x: over the 2.5x goal). On an Intel Xeon with AMX (``pause``: 19.4 ns) a
+  float32 step at layer 15 took 109-119 ms at 1,000-3,000 loops, 100 ms at 5,000 and 124 ms
+  passive, but whole runs alone took as long at 2,000 loops as at 5,000 (72 s, three rounds
+  each, alternating), and 101 s beside the busy process (5,000 loops: 107 s)
   (benchmarks/README.md). libgomp (torch's OpenMP) reads ``GOMP_SPINCOUNT`` once, when
   torch loads it: it is set at the start of the ``reftsearch`` command and in every Ray
   worker's environment, unless the user set a wait policy of their own. Intel's OpenMP
