@@ -1,9 +1,11 @@
-"""SparingPruner: the wrapped pruner's decision, except for trials already leading."""
+"""SparingPruner: the wrapped pruner's decision, except for warm starts and trials already
+leading."""
 
 import optuna
 import pytest
 
 from reftsearch.search.pruners import SparingPruner
+from reftsearch.search.record import TrialRecord
 
 
 class AlwaysPrune(optuna.pruners.BasePruner):
@@ -38,3 +40,15 @@ def test_the_wrapped_pruner_keeping_a_trial_is_final():
     trial = study.ask()
     trial.report(0.1, 1)
     assert not trial.should_prune()
+
+
+def test_a_warm_start_is_never_pruned():
+    """A recipe's first epoch is no verdict on it: it sets the bar, so it runs to the end."""
+    study = optuna.create_study(direction="maximize", pruner=SparingPruner(AlwaysPrune()))
+    study.tell(study.ask(), 0.9)
+    study.enqueue_trial({}, user_attrs=TrialRecord(warm_start="paper-glue-lr0.01").to_user_attrs())
+    warm, sampled = study.ask(), study.ask()
+    for trial in (warm, sampled):
+        trial.report(0.1, 1)
+    assert not warm.should_prune()
+    assert sampled.should_prune()
