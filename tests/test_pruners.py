@@ -52,3 +52,17 @@ def test_a_warm_start_is_never_pruned():
         trial.report(0.1, 1)
     assert not warm.should_prune()
     assert sampled.should_prune()
+
+
+def test_a_warm_starts_rung_score_still_sets_the_bar_for_sampled_trials():
+    """Successive halving records a trial's rung score when asked about it: a warm start is
+    asked too (and kept), so a sampled trial far behind it at the rung is stopped."""
+    halving = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    study = optuna.create_study(direction="maximize", pruner=SparingPruner(halving))
+    study.enqueue_trial({}, user_attrs=TrialRecord(warm_start="paper-glue-lr0.01").to_user_attrs())
+    warm = study.ask()
+    warm.report(0.9, 1)
+    assert not warm.should_prune()
+    sampled = study.ask()
+    sampled.report(0.1, 1)
+    assert sampled.should_prune()

@@ -32,7 +32,9 @@ class SparingPruner(BasePruner):
         self.wrapped = wrapped
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
-        if TrialRecord.of(trial).warm_start is not None or not self.wrapped.prune(study, trial):
+        # asked for every trial: a rung pruner records each trial's rung score as it decides,
+        # and a warm start's must be there for the sampled trials to be measured against
+        if not self.wrapped.prune(study, trial) or TrialRecord.of(trial).warm_start is not None:
             return False
         step = trial.last_step
         completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
