@@ -37,7 +37,7 @@ from reftsearch.models.sources import ModelLoadError, cache_dir, shape_of
 from reftsearch.search.fidelity import rung_count
 from reftsearch.search.fit import check_lengths
 from reftsearch.search.kept_weights import WEIGHTS_DIR, weights_dir
-from reftsearch.search.pruners import SparingPruner
+from reftsearch.search.pruners import LeadersKept, WarmStartsKept
 from reftsearch.search.record import TrialRecord, is_search_trial, search_trials, store
 from reftsearch.search.storage import load_named_study, open_storage
 from reftsearch.spec.space import (
@@ -287,8 +287,8 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     if p.type == "none":
         return optuna.pruners.NopPruner()
     if p.type == "wilcoxon":  # steps are single dev examples: no score to compare
-        return optuna.pruners.WilcoxonPruner(p_threshold=p.p_threshold)
-    return SparingPruner(_rung_pruner(p, max_epochs))
+        return WarmStartsKept(optuna.pruners.WilcoxonPruner(p_threshold=p.p_threshold))
+    return WarmStartsKept(LeadersKept(_rung_pruner(p, max_epochs)))
 
 
 def _rung_pruner(p: PrunerSpec, max_epochs: int) -> optuna.pruners.BasePruner:
