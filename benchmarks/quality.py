@@ -36,7 +36,10 @@ paired bootstrap 95% interval of (searched - paper) over tasks, seeds and report
 (``paired_bootstrap.py`` says what is resampled). Last line, in accuracy points:
 ``mean_searched_minus_paper=+X.X ci95=[lo,hi]``. Usage, from the repository root:
 
-    .venv/bin/python benchmarks/quality.py [--quick] [--with-lora] [--threads 1]
+    .venv/bin/python benchmarks/quality.py [--quick] [--with-lora] [--threads 1] [--workdir DIR]
+
+The full run takes 80-100 minutes on 2 cores: with ``--workdir DIR`` its task files and
+studies stay in DIR, and the same command again resumes where a failed or stopped run ended.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -199,6 +203,10 @@ def read_rows(task: Task, file: str) -> list[dict]:
     return load_split(spec, "train")
 
 
+class OtherRowsError(Exception):
+    """A kept --workdir holds a task file with other rows than this run writes."""
+
+
 def write_task_files(task: Task, n_train: int, directory: Path) -> TaskFiles:
     held_out = read_rows(task, task.held_out)
     if task.train is None:
@@ -220,8 +228,26 @@ def write_task_files(task: Task, n_train: int, directory: Path) -> TaskFiles:
     keys = ("text", "text_pair", "label") if task.text_pair else ("text", "label")
     splits = (files.train, files.select, files.report), (train, select, report)
     for path, rows in zip(*splits, strict=True):
-        path.write_text("".join(json.dumps({k: row[k] for k in keys}) + "\n" for row in rows))
+        text = "".join(json.dumps({k: row[k] for k in keys}) + "\n" for row in rows)
+        # a kept --workdir: its studies were trained on these rows, so other rows are refused
+        if path.exists() and path.read_text() != text:
+            raise OtherRowsError(
+                f"{path} holds other rows than this run's (another --train-examples, or not "
+                "this benchmark's file); name another --workdir"
+            )
+        path.write_text(text)
     return files
+
+
+@contextmanager
+def work_folder(kept: Path | None) -> Iterator[Path]:
+    """``kept`` (made if missing, never removed), or a temporary folder removed at the end."""
+    if kept is not None:
+        kept.mkdir(parents=True, exist_ok=True)
+        yield kept
+        return
+    with tempfile.TemporaryDirectory(prefix="reftsearch-quality-") as workdir:
+        yield Path(workdir)
 
 
 def task_overrides(task: Task, files: TaskFiles, name: str, n_trials: int, epochs: int) -> list:
@@ -378,6 +404,12 @@ def main(argv: list[str] | None = None) -> int:
         help="configs the searched arms retrain with the extra seeds (default 1)",
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        help="keep the task files and studies here: the same command again resumes where it "
+        "stopped (default: a temporary folder, removed at the end)",
+    )
     # for a cheap end-to-end check: not the benchmark's sizes
     parser.add_argument("--tasks", help=argparse.SUPPRESS)
     parser.add_argument("--train-examples", type=int, help=argparse.SUPPRESS)
@@ -405,11 +437,15 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     results = []
-    with tempfile.TemporaryDirectory(prefix="reftsearch-quality-") as workdir:
+    with work_folder(args.workdir) as workdir:
         for name in tasks:
-            counts, arms = run_task(
-                TASKS[name], size, args.searched_top_k, args.with_lora, Path(workdir), log
-            )
+            try:
+                counts, arms = run_task(
+                    TASKS[name], size, args.searched_top_k, args.with_lora, workdir, log
+                )
+            except OtherRowsError as err:
+                print(f"error: --workdir: {err}", file=sys.stderr)
+                return 2
             results.append((TASKS[name], counts, arms))
     print(
         f"embedded:minilm, up to {size.epochs} epochs per trial; paper lr grid "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import tiny_study
+from conftest import SHARED_DATA, tiny_study
 
 from reftsearch.run.driver import run_study
 from reftsearch.run.epoch_budget import (
@@ -174,3 +174,20 @@ def test_a_searched_arm_stops_where_the_paper_arms_spend_is_met(write_study, eas
     assert 6 - 2 < search <= 6
     assert total == search + 2 * 2 <= spent
     assert budget(study) and len(search_trials(study)) < 1000
+    # quality.py --workdir: the same arm run again on its kept study trains nothing more
+    again = run_study(searched, searched.storage, log=lambda _: None, stop=budget)
+    assert len(again.trials) == len(study.trials) and epochs_spent(again.trials) == total
+
+
+def test_a_kept_workdir_refuses_task_files_of_other_rows(tmp_path):
+    if not (SHARED_DATA / "sst2" / "train.tsv").exists():
+        pytest.skip("needs ../shared/data/sst2")
+    quality = load_benchmark_module("quality")
+    sst2 = quality.TASKS["sst2"]
+    files = quality.write_task_files(sst2, 40, tmp_path)
+    written = files.train.read_text()
+    assert len(written.splitlines()) == 40
+    assert quality.write_task_files(sst2, 40, tmp_path) == files  # the same rows: resumed
+    with pytest.raises(quality.OtherRowsError, match="sst2-train.jsonl holds other rows"):
+        quality.write_task_files(sst2, 41, tmp_path)
+    assert files.train.read_text() == written
