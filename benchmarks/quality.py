@@ -241,9 +241,8 @@ def write_task_files(task: Task, n_train: int, directory: Path) -> TaskFiles:
 
 @contextmanager
 def work_folder(kept: Path | None) -> Iterator[Path]:
-    """``kept`` (made if missing, never removed), or a temporary folder removed at the end."""
+    """``kept`` (never removed), or a temporary folder removed at the end."""
     if kept is not None:
-        kept.mkdir(parents=True, exist_ok=True)
         yield kept
         return
     with tempfile.TemporaryDirectory(prefix="reftsearch-quality-") as workdir:
@@ -424,6 +423,12 @@ def main(argv: list[str] | None = None) -> int:
     if not DATA.is_dir():
         print(f"error: {DATA} is missing (see ../shared/data/PROVENANCE.md)", file=sys.stderr)
         return 2
+    if args.workdir is not None:
+        try:
+            args.workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # a file of that name, no permission, a full disk
+            print(f"error: --workdir: cannot use {args.workdir} ({err.strerror})", file=sys.stderr)
+            return 2
     if args.train_examples is not None:
         size = replace(size, train_examples={t: args.train_examples for t in TASKS})
     if args.epochs is not None:

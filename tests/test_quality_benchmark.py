@@ -191,3 +191,12 @@ def test_a_kept_workdir_refuses_task_files_of_other_rows(tmp_path):
     with pytest.raises(quality.OtherRowsError, match="sst2-train.jsonl holds other rows"):
         quality.write_task_files(sst2, 41, tmp_path)
     assert files.train.read_text() == written
+
+
+def test_a_workdir_that_cannot_be_a_folder_is_bad_input(tmp_path, capsys):
+    quality = load_benchmark_module("quality")
+    taken = tmp_path / "taken"
+    taken.write_text("the user's own file\n")
+    assert quality.main(["--tasks", "sst2", "--workdir", str(taken)]) == 2
+    assert f"--workdir: cannot use {taken} (File exists)" in capsys.readouterr().err
+    assert taken.read_text() == "the user's own file\n"
