@@ -12,7 +12,7 @@ arm, sized so that the whole run fits ~90 minutes on 2 CPU cores.
 
 Arms, each a reftsearch study run through ``run_study`` on the same files:
 
-(a) paper: the paper's GLUE recipe (``warm_start.paper_recipes``: LoReFT, rank 1, first
+(a) paper: the paper's GLUE recipe (``warm_start.PAPER_GLUE``: LoReFT, rank 1, first
     token, all layers; batch 32, no dropout or warmup) with its own learning-rate sweep (a
     grid over the searched space's lr range in half-decade steps; ``--quick``: its middle
     three), the lr picked on the selection half;
@@ -71,7 +71,7 @@ from reftsearch.search.ranking import best_trials
 from reftsearch.search.record import TrialRecord, describe_config, search_trials
 from reftsearch.search.study import FINISHED_STATES, prepare
 from reftsearch.search.test_split import trained_adapter
-from reftsearch.search.warm_start import paper_recipes
+from reftsearch.search.warm_start import PAPER_GLUE
 from reftsearch.spec.study_file import DataSpec, StudySpec, TaskSpec, load_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -273,7 +273,7 @@ def finalize(top_k: int) -> str:
 
 
 def paper_spec(task: Task, files: TaskFiles, size: Size) -> StudySpec:
-    recipe = dict(paper_recipes("classification", MINILM_LAYERS)[0].values)
+    recipe = dict(PAPER_GLUE)
     recipe.update(lr=list(size.paper_lrs), dropout=0.0, batch_size=32, warmup_ratio=0.0)
     n_trials = len(size.paper_lrs)
     return load_spec(

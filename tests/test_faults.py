@@ -684,7 +684,7 @@ def test_runs_enqueued_twice_train_and_count_once(write_study, easy_task_files, 
 
     trials = stored(spec.storage).get_trials()
     assert runs_trained(trials) == {
-        ("paper-glue-lr0.001", None, None): 1,
+        ("paper-glue-lr0.003", None, None): 1,
         ("paper-glue-lr0.01", None, None): 1,
         (None, None, None): 1,  # the sampled third trial
         (None, ran_first(stored(spec.storage)), 11): 1,
@@ -706,7 +706,8 @@ def warm_started_study(data) -> dict:
     raw = tiny_study(data, finalize={"top_k": 1, "seeds": [11]})
     raw["space"].update(prefix={"low": 0, "high": 1}, suffix={"low": 0, "high": 1})
     raw.update(warm_start={"recipes": "paper"}, budget={"n_trials": 3, "max_epochs": 1})
-    raw["space"]["lr"] = {"low": 3e-3, "high": 1e-2, "log": True}  # two distinct warm starts
+    # two distinct warm starts: rank 4 is fixed to 1, which makes the rank-4 recipe a duplicate
+    raw["space"].update(lr={"low": 3e-3, "high": 1e-2, "log": True}, rank=1)
     return raw
 
 
@@ -725,7 +726,7 @@ def test_two_runs_started_at_once_train_each_enqueued_run_once(write_study, easy
     assert [run.returncode for run in runs] == [0, 0], outs
     trials = stored(load_spec(study).storage).get_trials()
     assert runs_trained(trials) == {
-        ("paper-glue-lr0.001", None, None): 1,
+        ("paper-glue-lr0.003", None, None): 1,
         ("paper-glue-lr0.01", None, None): 1,
         (None, None, None): 1,
         (None, ran_first(stored(load_spec(study).storage)), 11): 1,

@@ -30,7 +30,10 @@ def trials_of(path):
 
 def test_paper_recipes_scale_layer_sets_to_the_model():
     names = [r.name for r in paper_recipes("classification", 12)]
-    assert names == ["paper-glue-lr0.001", "paper-glue-lr0.003", "paper-glue-lr0.01"]
+    assert names == ["paper-glue-lr0.003", "paper-glue-lr0.01", "paper-glue-rank4-lr0.01"]
+    glue = [r.values for r in paper_recipes("classification", 12)]
+    assert [(v["layers"], v["prefix"], v["suffix"]) for v in glue] == [("all", 1, 0)] * 3
+    assert [(v["rank"], v["lr"]) for v in glue] == [(1, 3e-3), (1, 1e-2), (4, 1e-2)]
     instruct = paper_recipes("generation", 30)[0].values
     assert instruct["layers"] == "3;8;17;22"  # 3;9;18;24 of 32 layers, on 30
     assert (instruct["prefix"], instruct["suffix"], instruct["rank"]) == (5, 5, 4)
@@ -88,22 +91,25 @@ def test_paper_warm_start_runs_first_and_is_marked(write_study, easy_task_files,
         easy_task_files, warm_start={"recipes": "paper"}, budget={"n_trials": 4, "max_epochs": 1}
     )
     raw["space"].update(prefix={"low": 0, "high": 1}, suffix={"low": 0, "high": 1})
-    raw["space"]["lr"] = {"low": 3e-3, "high": 1e-2, "log": True}
+    raw["space"]["lr"] = {"low": 1e-2, "high": 3e-2, "log": True}
     study = write_study(raw)
     assert main(["run", str(study)]) == 0
     trials = trials_of(study)
     marked = [t for t in trials if "warm_start" in t.user_attrs]
-    # lr 1e-3 is clipped to the space's 3e-3, which makes the 3e-3 recipe a duplicate
+    # lr 3e-3 is clipped to the space's 1e-2, which makes the 1e-2 recipe a duplicate; rank 4
+    # moves to the nearest listed rank
     assert [t.number for t in marked] == [0, 1]
     assert [t.user_attrs["warm_start"] for t in marked] == [
-        "paper-glue-lr0.001",
-        "paper-glue-lr0.01",
+        "paper-glue-lr0.003",
+        "paper-glue-rank4-lr0.01",
     ]
-    assert [t.params["lr"] for t in marked] == [pytest.approx(3e-3), pytest.approx(1e-2)]
+    assert [t.params["lr"] for t in marked] == [pytest.approx(1e-2)] * 2
+    assert [t.params["rank"] for t in marked] == [1, 2]
     for t in marked:
-        assert (t.params["prefix"], t.params["suffix"], t.params["rank"]) == (1, 0, 1)
+        assert (t.params["prefix"], t.params["suffix"]) == (1, 0)
     out = capsys.readouterr().out
-    assert "paper-glue-lr0.003: skipped, same as an earlier one" in out
+    assert "paper-glue-lr0.01: skipped, same as an earlier one" in out
+    assert "paper-glue-rank4-lr0.01: enqueued (rank=4 -> 2)" in out
     # a resumed study does not enqueue the recipes again
     assert main(["run", str(study), "--n-trials", "5"]) == 0
     assert sum("warm_start" in t.user_attrs for t in trials_of(study)) == 2
@@ -385,8 +391,8 @@ def test_finalize_runs_only_seed_reruns_and_leaves_warm_starts_waiting(
     pops enqueued trials too, trained one as a seed rerun slot (and a rerun went missing).
     Each is given back, still waiting for a later, larger budget."""
     raw = tiny_study(easy_task_files, finalize={"top_k": 1, "seeds": [11, 12]})
-    # the paper's lrs 1e-3 and 3e-3 both map to this space's 3e-3: two warm starts
-    raw["space"].update(rank=[1, 2, 4], suffix=[1, 2], lr={"low": 3e-3, "high": 1e-2})
+    # the rank-1 recipes' lrs 3e-3 and 1e-2 both map to this space's 1e-2: two warm starts
+    raw["space"].update(rank=[1, 2, 4], suffix=[1, 2], lr={"low": 1e-2, "high": 3e-2})
     raw.update(warm_start={"recipes": "paper"}, budget={"n_trials": 1, "max_epochs": 1})
     study = write_study(raw)
     assert main(["run", str(study)]) == 0
@@ -395,14 +401,15 @@ def test_finalize_runs_only_seed_reruns_and_leaves_warm_starts_waiting(
     assert [TrialRecord.of(t).finalize_of for t in trained] == [None, 0, 0]
     assert {TrialRecord.of(t).seed for t in trained[1:]} == {11, 12}
     waiting = [t for t in trials if t.state.name == "WAITING"]
-    assert len(waiting) == 1 and TrialRecord.of(waiting[0]).warm_start == "paper-glue-lr0.01"
+    assert len(waiting) == 1
+    assert TrialRecord.of(waiting[0]).warm_start == "paper-glue-rank4-lr0.01"
     # a larger budget trains it first
     assert main(["run", str(study), "--n-trials", "2"]) == 0
     searched = [t for t in trials_of(study) if TrialRecord.of(t).is_search_trial]
     done = [t for t in searched if t.state.name == "COMPLETE"]
     assert [TrialRecord.of(t).warm_start for t in done] == [
-        "paper-glue-lr0.001",
-        "paper-glue-lr0.01",
+        "paper-glue-lr0.003",
+        "paper-glue-rank4-lr0.01",
     ]
 
 
