@@ -109,7 +109,10 @@ def test_a_sqlite_database_of_other_tables_or_damaged_is_refused_and_left_as_it_
     damaged.write_bytes(b"SQLite format 3\x00" + b"\xff" * 2000)
     for storage, said in (
         (f"sqlite:///{theirs}", "of other tables (customers), not a study store"),
-        (f"sqlite:///{damaged}", "is not a readable SQLite database"),
+        (
+            f"sqlite:///{damaged}",
+            "is not a readable SQLite database (file is not a database, SQLITE_NOTADB)",
+        ),
         ("sqlite://", "is a database in memory"),
     ):
         study = write_study(tiny_study(easy_task_files, storage=storage))

@@ -318,7 +318,11 @@ def _check_study_database(path: Path) -> None:
     except sqlite3.Error as err:
         if getattr(err, "sqlite_errorname", "").startswith(("SQLITE_IOERR", "SQLITE_FULL")):
             _refuse_if_no_room(path)
-        raise BadInputError(f"storage: {path} is not a readable SQLite database ({err})") from None
+        # the extended code (SQLITE_IOERR_SHMOPEN, ...) says which file and call failed
+        cause = f"{err}, {getattr(err, 'sqlite_errorname', type(err).__name__)}"
+        raise BadInputError(
+            f"storage: {path} is not a readable SQLite database ({cause})"
+        ) from None
     if tables and "studies" not in tables:
         shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
         raise BadInputError(
