@@ -7,7 +7,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import fcntl  # noqa: E402
 import hashlib  # noqa: E402
 import signal  # noqa: E402
+import sqlite3  # noqa: E402
 import subprocess  # noqa: E402
+from contextlib import closing  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -81,6 +83,20 @@ def easy_task_files(tmp_path):
     (tmp_path / "dev.csv").write_text(rows(48))
     (tmp_path / "test.csv").write_text(rows(48))
     return {split: str(tmp_path / f"{split}.csv") for split in ("train", "dev", "test")}
+
+
+def digest(path: Path) -> str:
+    """The file's bytes, hashed; a SQLite database in WAL mode with its log folded in first.
+
+    An in-process `run` leaves its study's connections open until the garbage collector
+    frees the study (a reference cycle), and the last one's close copies the log into the
+    file: its bytes then changed in the middle of a test that no command wrote to it in.
+    After a checkpoint now the log is empty, so that close changes nothing, and anything a
+    command did write is in the file the next time this reads it."""
+    if Path(f"{path}-wal").exists():
+        with closing(sqlite3.connect(path)) as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def tiny_study(data, **changes) -> dict:

@@ -10,7 +10,6 @@ resumes with nothing lost; a run whose every trial failed exits 1 with their rea
 
 import csv as csv_module
 import errno
-import hashlib
 import os
 import resource
 import signal
@@ -27,7 +26,7 @@ import optuna
 import pandas as pd
 import pytest
 import sqlalchemy
-from conftest import tiny_study
+from conftest import digest, tiny_study
 from matplotlib.figure import Figure
 from optuna.storages._heartbeat import get_heartbeat_thread
 from sqlalchemy.engine import make_url
@@ -62,10 +61,6 @@ from reftsearch.search.study import (
 from reftsearch.search.warm_start import enqueue_warm_starts, paper_recipes
 from reftsearch.spec.study_file import load_spec, parse_spec
 from reftsearch.testing import postgres_admin
-
-
-def digest(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """End to end through the CLI: run, resume, prune, fail, refuse bad input, best."""
 
-import hashlib
 import json
 import re
 import shutil
@@ -11,7 +10,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from conftest import tiny_study
+from conftest import digest, tiny_study
 
 from reftsearch.cli import main
 from reftsearch.engine import activation_cache as cache_module
@@ -23,10 +22,6 @@ from reftsearch.spec.study_file import load_spec
 def trials_of(study_path):
     spec = load_spec(study_path)
     return optuna.load_study(study_name=spec.name, storage=spec.storage).get_trials()
-
-
-def digest(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_run_records_every_trial_and_resumes(write_study, easy_task_files, capsys):
