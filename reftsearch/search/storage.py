@@ -316,12 +316,12 @@ def _check_study_database(path: Path) -> None:
             rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
             tables = {name for (name,) in rows}
     except sqlite3.Error as err:
-        if getattr(err, "sqlite_errorname", "").startswith(("SQLITE_IOERR", "SQLITE_FULL")):
-            _refuse_if_no_room(path)
         # the extended code (SQLITE_IOERR_SHMOPEN, ...) says which file and call failed
-        cause = f"{err}, {getattr(err, 'sqlite_errorname', type(err).__name__)}"
+        code = getattr(err, "sqlite_errorname", None) or type(err).__name__
+        if code.startswith(("SQLITE_IOERR", "SQLITE_FULL")):
+            _refuse_if_no_room(path)
         raise BadInputError(
-            f"storage: {path} is not a readable SQLite database ({cause})"
+            f"storage: {path} is not a readable SQLite database ({err}, {code})"
         ) from None
     if tables and "studies" not in tables:
         shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
