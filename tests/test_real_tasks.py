@@ -232,3 +232,44 @@ def test_smollm2_takes_a_classification_head(smollm2_cache):
     with torch.no_grad():
         logits = base.model(**batch).logits
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+
+
+@needs_data
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["embedded:minilm", "embedded:smollm2"])
+def test_the_classification_warm_starts_train_on_the_real_models(model, tmp_path, capsys, request):
+    """`warm_start: {recipes: paper}`'s three GLUE configs (the recipe at lr 3e-3 and 1e-2,
+    and at rank 4) are the first trials of a classification study, on the 6-layer encoder
+    and the 30-layer decoder alike."""
+    if model.endswith("smollm2"):
+        request.getfixturevalue("smollm2_cache")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    overrides = [
+        *offline("sst2-minilm"),
+        f"model={model}",
+        "task.max_train_examples=8",
+        "task.max_dev_examples=4",
+        "task.max_length=32",
+        "budget.max_epochs=1",
+        "finalize=null",
+    ]
+    argv = ["run", str(study_file("sst2-minilm")), "--storage", storage, "--n-trials", "3"]
+    assert main([*argv, *[f"--set={item}" for item in overrides]]) == 0
+    out = capsys.readouterr().out
+    trials = optuna.load_study(study_name="sst2-minilm", storage=storage).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3, out
+    assert [t.user_attrs["warm_start"] for t in trials] == [
+        "paper-glue-lr0.003",
+        "paper-glue-lr0.01",
+        "paper-glue-rank4-lr0.01",
+    ]
+    assert [(t.params["rank"], t.params["lr"]) for t in trials] == [
+        (1, pytest.approx(3e-3)),
+        (1, pytest.approx(1e-2)),
+        (4, pytest.approx(1e-2)),
+    ]
+    assert {(t.params["layers"], t.params["prefix"], t.params["suffix"]) for t in trials} == {
+        ("all", 1, 0)
+    }
+    params = [t.user_attrs["n_params"] for t in trials]
+    assert params[0] == params[1] and params[2] == 4 * params[0]  # rank 4: 4x the recipe's
