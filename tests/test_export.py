@@ -25,6 +25,7 @@ from reftsearch.export.pyreft import pyvene_keys
 from reftsearch.export.reader import open_export
 from reftsearch.methods.reft.module import ReftModule
 from reftsearch.models.builtin import BUILTIN_MODELS
+from reftsearch.models.packed_linear import torch_linears
 from reftsearch.search.study import open_study
 from reftsearch.spec.study_file import load_spec
 
@@ -89,7 +90,8 @@ def reftsearch_logits(base, reft: ReftModule, example: dict) -> torch.Tensor:
     if "token_type_ids" in example:
         inputs["token_type_ids"] = torch.tensor([example["token_type_ids"]])
     reft.eval()
-    with torch.no_grad(), reft.attached(base.blocks):
+    # torch's linear layers, as the library that loads the export
+    with torch.no_grad(), reft.attached(base.blocks), torch_linears(base.model):
         reft.set_locations(torch.tensor([len(example["input_ids"])]))
         logits = base.model(**inputs).logits[0]
     return logits if base.head is not None else logits[-1, : len(example["logits_head"])]

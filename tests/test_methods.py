@@ -18,6 +18,7 @@ from reftsearch.methods.lora.module import LoraModule
 from reftsearch.methods.reft.config import ReftConfig
 from reftsearch.methods.reft.module import ReftModule
 from reftsearch.models.base import load_base_model
+from reftsearch.models.packed_linear import torch_linears
 from reftsearch.search.costs import weights_bytes
 from reftsearch.search.record import TrialRecord
 from reftsearch.search.study import prepare
@@ -113,7 +114,8 @@ def reftsearch_logits(study_path, trial: int, ids=IDS) -> torch.Tensor:
     prepared = prepare(spec)
     adapter, source = trained_adapter(prepared, study, study.trials[trial], print)
     assert source.startswith("kept artifact")
-    with adapter.attached(prepared.base.blocks):
+    # torch's linear layers, as the library that loads the export
+    with adapter.attached(prepared.base.blocks), torch_linears(prepared.base.model):
         return logits(prepared.base.model, ids)
 
 

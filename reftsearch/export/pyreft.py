@@ -47,6 +47,7 @@ from reftsearch.methods.reft.module import ReftModule
 from reftsearch.methods.reft.positions import intervention_locations
 from reftsearch.models.base import EXACT_DTYPE, BaseModel, kv_argument
 from reftsearch.models.builtin import BUILTIN_MODELS, shipped_directory
+from reftsearch.models.packed_linear import torch_linears
 from reftsearch.progress import Log
 from reftsearch.search.ranking import best_trials
 from reftsearch.search.record import TrialRecord
@@ -376,40 +377,44 @@ def reference_io(
     lists all of them in the same format. Prompts only (what pyreft intervenes on). A decoder's
     entries also hold ``generated_ids``: greedy tokens after the prompt, up to and including
     the end of sequence, with the prompt intervened on (pyreft's
-    ``generate(..., intervene_on_prompt=True)``).
+    ``generate(..., intervene_on_prompt=True)``). Computed with torch's own linear layers, as
+    the libraries that load the export compute (``torch_linears``): SmolLM2's logits from
+    reftsearch's packed layers lie up to ~1e-4 of their size away from those.
     """
-    c = reft.config
     reft.eval()
-    pad_id = base.tokenizer.pad_token_id
-    entries = []
-    for example in examples:
-        n = example.prompt_length
-        prompt = Encoded(
-            example.input_ids[:n],
-            n,
-            token_type_ids=None if example.token_type_ids is None else example.token_type_ids[:n],
-        )
-        batch = collate([prompt], pad_id).to(base.device)
-        with reft.attached(base.blocks):
-            reft.set_locations(batch.prompt_lengths, batch.offsets)
-            logits = _logits(base, batch)
-        base_logits = _logits(base, batch)
-        groups = intervention_locations(batch.prompt_lengths.cpu(), c.prefix, c.suffix, c.tied)
-        per_group = [[p for p in group[0].tolist() if p >= 0] for group in groups]
-        entry = {
-            "input_ids": prompt.input_ids,
-            "positions": [per_group[g] for g in range(c.groups) for _ in c.layers],
-            "logits_head": logits.tolist(),
-            "base_logits_head": base_logits.tolist(),
-            "logits_token_index": -1,
-            "logits_kind": "next_token" if base.head is None else "classification",
-        }
-        if prompt.token_type_ids is not None:
-            entry["token_type_ids"] = prompt.token_type_ids
-        if base.head is None:
-            entry["generated_ids"] = _greedy(base, reft, batch)
-        entries.append(entry)
+    with torch_linears(base.model):
+        entries = [_reference_entry(base, reft, example) for example in examples]
     return {**entries[0], "sorted_keys": keys, "examples": entries}
+
+
+def _reference_entry(base: BaseModel, reft: ReftModule, example: Encoded) -> dict:
+    c = reft.config
+    n = example.prompt_length
+    prompt = Encoded(
+        example.input_ids[:n],
+        n,
+        token_type_ids=None if example.token_type_ids is None else example.token_type_ids[:n],
+    )
+    batch = collate([prompt], base.tokenizer.pad_token_id).to(base.device)
+    with reft.attached(base.blocks):
+        reft.set_locations(batch.prompt_lengths, batch.offsets)
+        logits = _logits(base, batch)
+    base_logits = _logits(base, batch)
+    groups = intervention_locations(batch.prompt_lengths.cpu(), c.prefix, c.suffix, c.tied)
+    per_group = [[p for p in group[0].tolist() if p >= 0] for group in groups]
+    entry = {
+        "input_ids": prompt.input_ids,
+        "positions": [per_group[g] for g in range(c.groups) for _ in c.layers],
+        "logits_head": logits.tolist(),
+        "base_logits_head": base_logits.tolist(),
+        "logits_token_index": -1,
+        "logits_kind": "next_token" if base.head is None else "classification",
+    }
+    if prompt.token_type_ids is not None:
+        entry["token_type_ids"] = prompt.token_type_ids
+    if base.head is None:
+        entry["generated_ids"] = _greedy(base, reft, batch)
+    return entry
 
 
 def _greedy(base: BaseModel, reft: ReftModule, batch) -> list[int]:

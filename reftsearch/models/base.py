@@ -21,7 +21,7 @@ import gc
 import inspect
 import os
 import warnings
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from reftsearch.models.builtin import BUILTIN_MODELS
+from reftsearch.models.packed_linear import can_pack, forget_packed, pack_linears
 from reftsearch.models.pretrained import from_pretrained
 from reftsearch.models.sources import ModelLoadError, check_builtin_name, local_dir
 
@@ -154,6 +155,7 @@ class BaseModel:
         """Free the weights' memory, keeping the structure (on the meta device): enough to
         check a spec against, not to run. A Ray run's driver does so once its workers take
         over; they load their own copies."""
+        forget_packed(self.model)
         self.model.to("meta")
         _return_freed_memory()
 
@@ -224,6 +226,8 @@ def load_base_model(
     base = _finish(path, head, model.to(target), tokenizer, dtype)
     if precision.matmul != precision.states:
         _mix_precision(base)
+    if can_pack(target, precision.matmul) and not emulated_on(precision.matmul, target):
+        pack_linears(m for m in _frozen_modules(base) if isinstance(m, nn.Linear))
     return base
 
 
@@ -280,10 +284,7 @@ def _mix_precision(base: BaseModel) -> None:
     attention would get float32 queries and keys but 16-bit values). A trainable head keeps
     its dtype: its weights are trained."""
     precision = base.precision
-    trained = set() if base.head is None else {id(m) for m in base.head.modules()}
-    for module in base.model.modules():
-        if id(module) in trained:
-            continue
+    for module in _frozen_modules(base):
         if isinstance(module, nn.Linear):
             module.to(precision.matmul)
             module.register_forward_pre_hook(_input_to_weight_dtype)
@@ -295,6 +296,12 @@ def _mix_precision(base: BaseModel) -> None:
     lm_head = base.model.get_output_embeddings() if base.head is None else None
     if lm_head is not None:  # logits leave the model in the stream's dtype, as a head's do
         lm_head.register_forward_hook(partial(_outputs_to, dtype=precision.states))
+
+
+def _frozen_modules(base: BaseModel) -> Iterator[nn.Module]:
+    """The model's modules but the trainable head's."""
+    trained = set() if base.head is None else {id(m) for m in base.head.modules()}
+    return (module for module in base.model.modules() if id(module) not in trained)
 
 
 def _input_to_weight_dtype(module: nn.Module, args: tuple) -> tuple:
