@@ -9,6 +9,7 @@ from test_cache import make_reft, setup
 from test_real_tasks import smollm2_cache  # noqa: F401
 from torch import nn
 
+from reftsearch.engine import frozen_store
 from reftsearch.engine.train import TrainConfig, train_trial
 from reftsearch.models import packed_linear
 from reftsearch.models.base import load_base_model
@@ -21,6 +22,12 @@ from reftsearch.models.packed_linear import (
 
 # float32: oneDNN sums in another order than MKL; bfloat16: one rounding of the output
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def packing_on(monkeypatch):
+    """As by default, whatever the environment running the tests says."""
+    monkeypatch.delenv(PACKED_LINEARS_ENV, raising=False)
 
 
 def packed_twin(layer: nn.Linear) -> nn.Linear:
@@ -160,3 +167,11 @@ def test_a_minilm_trial_trains_the_same_with_packed_and_plain_linears():
 @pytest.mark.usefixtures("smollm2_cache")
 def test_a_smollm2_trial_trains_the_same_with_packed_and_plain_linears():
     assert_same_training(*train_twice("embedded:smollm2", "generation", layers=(15, 25)))
+
+
+def test_a_frozen_pass_from_torchs_linears_is_stored_apart_from_a_packed_one(monkeypatch):
+    """Their outputs differ in the last bits: a store entry serves the kernels that made it."""
+    packed = frozen_store.model_key(load_base_model("tiny:llama", "causal_lm"))
+    monkeypatch.setenv(PACKED_LINEARS_ENV, "0")
+    plain = frozen_store.model_key(load_base_model("tiny:llama", "causal_lm"))
+    assert packed != plain

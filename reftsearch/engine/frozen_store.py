@@ -36,6 +36,7 @@ import torch
 import transformers
 
 from reftsearch.data.batches import Encoded
+from reftsearch.models.packed_linear import linear_kernels
 from reftsearch.processes import running
 
 FORMAT = 1  # part of every key: a change in what a file holds must not read old files
@@ -197,7 +198,7 @@ class FrozenStore:
 def model_key(base) -> str | None:
     """What identifies a frozen pass's model: the weights and buffers of the model body (not
     the head's, which trials reset and train), its config (label names aside), precision,
-    device kind and the library versions; None for a model without its weights
+    device kind, linear kernels and the library versions; None for a model without its weights
     (``drop_weights``)."""
     model = base.model
     if model in _model_keys and _model_keys[model][0] == base.device:
@@ -215,6 +216,7 @@ def model_key(base) -> str | None:
         getattr(model.config, "_attn_implementation", None),
         base.dtype,
         device,
+        linear_kernels(model),
         torch.__version__,
         transformers.__version__,
     ]

@@ -160,6 +160,12 @@ def torch_linears(model: nn.Module) -> Iterator[None]:
             module.__class__ = PackedLinear
 
 
+def linear_kernels(model: nn.Module) -> str:
+    """Which kernels ``model``'s linear layers run: their outputs differ in the last bits."""
+    packed = any(type(module) is PackedLinear for module in model.modules())
+    return "oneDNN, packed" if packed else "torch"
+
+
 def forget_packed(model: nn.Module) -> None:
     """Free the packed copies of ``model``'s layers (its weights are being dropped)."""
     for module in model.modules():
