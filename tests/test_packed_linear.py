@@ -137,9 +137,9 @@ def train_twice(model: str, kind: str, layers: tuple[int, ...]):
         with nullcontext() if packed else torch_linears(base.model):
             train_trial(base, reft, data, config, lambda e, d, c=curve: c.append(d.score))
         results.append((curve, reft.state_dict()))
-        # the packed run went through the packed layers, backward included
-        trained_through = [packed_linear._PACKED.get(m) for m in base.model.modules()]
-        assert any(p is not None and p.transposed is not None for p in trained_through)
+        if packed:  # it went through the packed layers, backward included
+            trained_through = [packed_linear._PACKED.get(m) for m in base.model.modules()]
+            assert any(p is not None and p.transposed is not None for p in trained_through)
     return results
 
 

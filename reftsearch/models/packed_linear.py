@@ -150,7 +150,7 @@ def pack_linears(linears: Iterable[nn.Module]) -> int:
 def torch_linears(model: nn.Module) -> Iterator[None]:
     """Run ``model``'s packed layers as torch's own ``nn.Linear`` for the duration: what a
     library that loads an export computes, to the last bit (an export's reference outputs)."""
-    packed = [module for module in model.modules() if type(module) is PackedLinear]
+    packed = _packed_layers(model)
     for module in packed:
         module.__class__ = nn.Linear
     try:
@@ -162,8 +162,11 @@ def torch_linears(model: nn.Module) -> Iterator[None]:
 
 def linear_kernels(model: nn.Module) -> str:
     """Which kernels ``model``'s linear layers run: their outputs differ in the last bits."""
-    packed = any(type(module) is PackedLinear for module in model.modules())
-    return "oneDNN, packed" if packed else "torch"
+    return "oneDNN, packed" if _packed_layers(model) else "torch"
+
+
+def _packed_layers(model: nn.Module) -> list[PackedLinear]:
+    return [module for module in model.modules() if type(module) is PackedLinear]
 
 
 def forget_packed(model: nn.Module) -> None:
