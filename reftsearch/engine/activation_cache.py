@@ -113,7 +113,9 @@ class FrozenPast:
     values at every block, handed to the model as its key/value cache."""
 
     mask: torch.Tensor  # [rows, width], 1 where a row has a cached token
-    keys_values: list[tuple[torch.Tensor, torch.Tensor]]  # per block, [rows, heads, width, dim]
+    # per block, [rows, heads, width, dim]; (None, None) for a block whose attention does not
+    # run (reftsearch.engine.activation_cache.FrozenParts.add_past)
+    keys_values: list[tuple[torch.Tensor | None, torch.Tensor | None]]
     argument: str  # the model forward's name for a key/value cache
 
     def model_inputs(self, attention_mask: torch.Tensor) -> dict:
@@ -152,14 +154,16 @@ class FrozenKeysValues:
         last: torch.Tensor,
         offsets: torch.Tensor,
         width: int,
+        first_block: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``[blocks, rows, heads, width, dim]``: tokens ``first[b] <= t <
-        last[b]`` of example ``rows[b]`` at columns ``t + offsets[b]``, zeros elsewhere."""
+        """Keys and values ``[blocks, rows, heads, width, dim]`` of the blocks from
+        ``first_block`` on: tokens ``first[b] <= t < last[b]`` of example ``rows[b]`` at
+        columns ``t + offsets[b]``, zeros elsewhere."""
         tokens = torch.arange(width, device=offsets.device)[None] - offsets[:, None]
         valid = (tokens >= first[:, None]) & (tokens < last[:, None])
         index = self.starts.to(offsets.device)[rows][:, None] + tokens
         index = torch.where(valid, index, self.keys.shape[1] - 1).to(self.keys.device)
-        keys, values = self.keys[:, index], self.values[:, index]
+        keys, values = self.keys[first_block:, index], self.values[first_block:, index]
         return keys.transpose(2, 3).to(offsets.device), values.transpose(2, 3).to(offsets.device)
 
 
@@ -185,8 +189,13 @@ class FrozenParts:
             ).tolist()
         ]
 
-    def add_past(self, batch: Batch, spans: list[slice], starts: list[int]) -> None:
-        """Give ``batch`` (collated with ``starts``) the frozen keys and values it skips."""
+    def add_past(
+        self, batch: Batch, spans: list[slice], starts: list[int], every_block: bool = False
+    ) -> None:
+        """Give ``batch`` (collated with ``starts``) the frozen keys and values it skips: of
+        the blocks above ``layer``, the ones its replayed forward runs, or of ``every_block``
+        (generation's one-token steps run them all). Gathering and copying all of them took
+        as long as the matmuls of a dev pass from layer 15 of SmolLM2."""
         if self.keys_values is None:
             return
         skipped = torch.tensor(starts, device=batch.offsets.device)
@@ -194,15 +203,23 @@ class FrozenParts:
         if width == 0:
             return
         zeros = torch.zeros_like(skipped)
+        first_block = 0 if every_block else self.layer + 1
         parts = [
-            kv.gather(batch.rows[span], zeros[span], skipped[span], zeros[span], width)
+            kv.gather(batch.rows[span], zeros[span], skipped[span], zeros[span], width, first_block)
             for kv, span in zip(self.keys_values, spans, strict=True)
         ]
-        keys = torch.cat([k for k, _ in parts], dim=1)
-        values = torch.cat([v for _, v in parts], dim=1)
+        keys, values = parts[0]
+        if len(parts) > 1:
+            keys = torch.cat([k for k, _ in parts], dim=1)
+            values = torch.cat([v for _, v in parts], dim=1)
         mask = (torch.arange(width, device=skipped.device)[None] < skipped[:, None]).long()
-        argument = self.keys_values[0].argument
-        batch.past = FrozenPast(mask, list(zip(keys, values, strict=True)), argument)
+        keys_values = list(zip(keys, values, strict=True))
+        if first_block > 0:
+            # the blocks below are replayed: empty, but for block 0's, whose length the model
+            # reads as the cache's
+            length = keys.new_zeros((len(starts), 1, width, 1))
+            keys_values = [(length, length), *[(None, None)] * (first_block - 1), *keys_values]
+        batch.past = FrozenPast(mask, keys_values, self.keys_values[0].argument)
 
     def replaying(self, blocks: list[nn.Module], batch: Batch, spans: list[slice]):
         """``replaying`` block ``layer``'s cached outputs for ``batch``'s rows."""

@@ -1,8 +1,9 @@
 """Scoring a trial on dev (or test): the metric over a whole split, batched, without gradients.
 
-Classification takes the argmax of the head; generation decodes greedily (and stops a row
-early once its text can no longer match, for exact match); ``metric: loss`` is the mean
-training loss. With the frozen-activation cache, passes start at the cached layer.
+Classification takes the argmax of the head; generation decodes greedily (for exact match,
+most rows are settled by one teacher-forced pass over their reference, and a decoded row stops
+once its text can no longer match); ``metric: loss`` is the mean training loss. With the
+frozen-activation cache, passes start at the cached layer.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import inspect
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from reftsearch.data.batches import (
+    IGNORE_INDEX,
     Batch,
     Encoded,
     SplitData,
@@ -84,7 +87,7 @@ def evaluate_examples(
     else:
         targets = [e.target for e in examples]
         hopeless = hopeless_for(data.metric, targets)
-        outputs = generate(base, adapter, examples, data.max_new_tokens, frozen, hopeless)
+        outputs = greedy_outputs(base, adapter, examples, data.max_new_tokens, frozen, hopeless)
         metric = GENERATION_METRICS[data.metric]
     hits = PER_EXAMPLE.get(data.metric)
     return DevScores(metric(outputs, targets), None if hits is None else hits(outputs, targets))
@@ -141,10 +144,11 @@ def _eval_batches(
     examples: list[Encoded],
     frozen: FrozenParts | None,
     prompt_only: bool = False,
+    rows: list[int] | None = None,
 ) -> list[Batch]:
-    """Batches of rows of similar length; prompts only (left-padded) for generation. With
-    ``frozen``, a decoder's rows start after their unedited tokens
-    (reftsearch.engine.activation_cache)."""
+    """Batches of rows of similar length (of ``rows`` only, when given); prompts only
+    (left-padded) for generation. With ``frozen``, a decoder's rows start after their unedited
+    tokens (reftsearch.engine.activation_cache)."""
     starts = None
     if frozen is not None:
         starts = frozen.starts([(examples, adapter.config.prefix, adapter.config.suffix)])
@@ -154,19 +158,115 @@ def _eval_batches(
     batched = []
     # generation's one-token steps read every weight whatever the rows: as many as allowed
     max_tokens = None if prompt_only else pass_tokens(base.device)
-    for rows in sorted_batch_rows(lengths, max_tokens, EVAL_BATCH_SIZE):
-        row_starts = None if starts is None else [starts[i] for i in rows]
+    chosen = list(range(len(examples))) if rows is None else rows
+    for picked in sorted_batch_rows([lengths[i] for i in chosen], max_tokens, EVAL_BATCH_SIZE):
+        batch_rows = [chosen[i] for i in picked]
+        row_starts = None if starts is None else [starts[i] for i in batch_rows]
         batch = collate_rows(
-            examples, rows, pad_id, left_pad=prompt_only, prompt_only=prompt_only, starts=row_starts
+            examples,
+            batch_rows,
+            pad_id,
+            left_pad=prompt_only,
+            prompt_only=prompt_only,
+            starts=row_starts,
         ).to(base.device)
         if row_starts is not None:
-            frozen.add_past(batch, [slice(None)], row_starts)
+            frozen.add_past(batch, [slice(None)], row_starts, every_block=prompt_only)
         batched.append(batch)
     return batched
 
 
 def _replaying(base: BaseModel, frozen: FrozenParts | None, batch: Batch) -> AbstractContextManager:
     return frozen.replaying(base.blocks, batch, [slice(None)]) if frozen else nullcontext()
+
+
+def greedy_outputs(
+    base: BaseModel,
+    adapter: Adapter,
+    examples: list[Encoded],
+    max_new_tokens: int,
+    frozen: FrozenParts | None,
+    hopeless: Callable[[int, str], bool] | None,
+) -> list[str]:
+    """What ``generate`` outputs for ``examples``, as far as a metric with ``hopeless`` can
+    tell: settled by one teacher-forced pass where that decides a row (``forced_outputs``),
+    decoded for the rest."""
+    if hopeless is None or not _judges_early(base.tokenizer):
+        return generate(base, adapter, examples, max_new_tokens, frozen, hopeless)
+    outputs = forced_outputs(base, adapter, examples, max_new_tokens, frozen, hopeless)
+    undecided = [index for index, text in enumerate(outputs) if text is None]
+    if undecided:
+        decoded = generate(base, adapter, examples, max_new_tokens, frozen, hopeless, undecided)
+        for index in undecided:
+            outputs[index] = decoded[index]
+    return outputs
+
+
+def forced_outputs(
+    base: BaseModel,
+    adapter: Adapter,
+    examples: list[Encoded],
+    max_new_tokens: int,
+    frozen: FrozenParts | None,
+    hopeless: Callable[[int, str], bool],
+) -> list[str | None]:
+    """Greedy decoding's output of each example whose reference tokens settle it, else None.
+
+    Greedy decoding follows a row's reference tokens for as long as each step's most likely
+    token is the reference's next one, so one forward over prompt and reference (a training
+    step's forward, from the cached layer) gives every one of those steps at once. A row is
+    settled where the steps end on the reference's path: at an end of sequence, at
+    ``max_new_tokens``, or at the first other token when the text so far is ``hopeless``
+    (its output then stops short, but scores as the full one would: nothing). Its other rows
+    (a reference cut by ``task.max_length``, or an other token that may still lead to the
+    same text) need decoding.
+
+    What it saves: generation runs a prompt pass from the cached layer, then every block for
+    each new token; this runs the blocks above the cached layer once over the reference.
+    SmolLM2 from layer 15, 2 CPU cores: 256 SST-2 dev rows (one-word answers) in ~1.0 s
+    instead of 1.2-2.0 s; 128 rows whose answers run 16 tokens in 3.3 s instead of 5.8 s.
+    """
+    tokenizer = base.tokenizer
+    outputs: list[str | None] = [None] * len(examples)
+    for batch in _eval_batches(base, adapter, examples, frozen):
+        adapter.set_locations(batch.prompt_lengths, batch.offsets)
+        with _replaying(base, frozen, batch):
+            hidden = base.model.base_model(**batch.model_inputs()).last_hidden_state
+        adapter.clear_locations()
+        followed = batch.labels != IGNORE_INDEX  # the reference's tokens, row after row
+        predicted = base.model.get_output_embeddings()(hidden[followed]).argmax(-1)
+        per_row = followed.sum(-1).tolist()
+        references = batch.labels[followed].split(per_row)
+        for index, steps, reference in zip(
+            batch.rows.tolist(), predicted.split(per_row), references, strict=True
+        ):
+            outputs[index] = _settled(
+                tokenizer,
+                steps.tolist(),
+                reference.tolist(),
+                max_new_tokens,
+                partial(hopeless, index),
+            )
+    return outputs
+
+
+def _settled(
+    tokenizer,
+    steps: list[int],
+    reference: list[int],
+    max_new_tokens: int,
+    hopeless: Callable[[str], bool],
+) -> str | None:
+    """Greedy decoding's output where ``steps`` (the most likely token after each prefix of
+    ``reference``) decide it, else None."""
+    for step, (token, expected) in enumerate(zip(steps, reference, strict=True)):
+        if token == tokenizer.eos_token_id:
+            return tokenizer.decode(reference[:step], skip_special_tokens=True)
+        last = step + 1 == max_new_tokens
+        if last or token != expected:
+            text = tokenizer.decode([*reference[:step], token], skip_special_tokens=True)
+            return text if last or hopeless(text.rstrip("\ufffd")) else None
+    return None
 
 
 def generate(
@@ -176,8 +276,10 @@ def generate(
     max_new_tokens: int,
     frozen: FrozenParts | None = None,
     hopeless: Callable[[int, str], bool] | None = None,
+    rows: list[int] | None = None,
 ) -> list[str]:
-    """Greedy decoding, batched with left padding.
+    """Greedy decoding, batched with left padding (of ``rows`` only when given: the others'
+    texts are left empty).
 
     The interventions edit the prompt pass only (as pyreft does); later one-token steps read
     the edited prompt through the key/value cache. With ``frozen`` the prompt pass starts at
@@ -192,14 +294,12 @@ def generate(
     if frozen is not None and frozen.keys_values is None:
         frozen = None  # the one-token steps need every block's keys and values
     tokenizer = base.tokenizer
-    if getattr(tokenizer, "clean_up_tokenization_spaces", False):
-        # it joins " 's" into "'s" once the "s" comes: a text so far is no beginning of the
-        # final one, so none can be judged early
+    if not _judges_early(tokenizer):
         hopeless = None
     argument = kv_argument(base.model)
     last_only = _last_logits_only(base)
     texts = [""] * len(examples)
-    for batch in _eval_batches(base, adapter, examples, frozen, prompt_only=True):
+    for batch in _eval_batches(base, adapter, examples, frozen, prompt_only=True, rows=rows):
         adapter.set_locations(batch.prompt_lengths, batch.offsets)
         with _replaying(base, frozen, batch):
             out = base.model(**batch.model_inputs(), use_cache=True, **last_only)
@@ -235,6 +335,13 @@ def generate(
                 row = row[: row.index(tokenizer.eos_token_id)]
             texts[index] = tokenizer.decode(row, skip_special_tokens=True)
     return texts
+
+
+def _judges_early(tokenizer) -> bool:
+    """Whether a text decoded so far is the beginning of the final one, as ``hopeless``
+    assumes. Not with ``clean_up_tokenization_spaces``: it joins " 's" into "'s" once the "s"
+    comes."""
+    return not getattr(tokenizer, "clean_up_tokenization_spaces", False)
 
 
 def _hopeless_rows(
