@@ -133,3 +133,26 @@ def test_smollm2_forced_scoring_equals_decoding():
     assert outputs == own
     assert sum(text is not None for text in forced) >= len(dev) - 1
     assert all(text in (None, own[i]) for i, text in enumerate(forced))
+
+
+def test_a_reference_cut_by_max_length_is_decoded():
+    """Without its end (``task.max_length`` cut it), a reference cannot settle a row that
+    follows it: such rows are decoded, and the outputs stay generation's."""
+    base, data = setup("tiny:llama", "generation")
+    reft = make_reft(base, layers=(1, 3))
+    with reft.attached(base.blocks):
+        own = generate(base, reft, data.dev, 8)
+    full = [with_reference(e, base.tokenizer, t) for e, t in zip(data.dev, own, strict=True)]
+    # each reference cut to its first two tokens: no end of sequence left
+    cut = [
+        replace(
+            e, input_ids=e.input_ids[: e.prompt_length + 2], labels=e.labels[: e.prompt_length + 2]
+        )
+        for e in full
+    ]
+    hopeless = hopeless_for("exact_match", own)
+    with reft.attached(base.blocks):
+        forced = forced_outputs(base, reft, cut, 8, None, hopeless)
+        outputs = greedy_outputs(base, reft, cut, 8, None, hopeless)
+    assert forced == [None] * len(cut)
+    assert outputs == own
