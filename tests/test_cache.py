@@ -1,5 +1,6 @@
 """The frozen-prefix cache: replayed forwards equal full ones, and it stays within budget."""
 
+import math
 import re
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from reftsearch.data.batches import (
 )
 from reftsearch.engine import activation_cache as cache_module
 from reftsearch.engine import frozen_store as frozen_store_module
+from reftsearch.engine import scoring as scoring_module
 from reftsearch.engine.activation_cache import PrefixCache, compute_states
 from reftsearch.engine.frozen_store import FrozenStore
 from reftsearch.engine.losses import span_losses
@@ -685,3 +687,21 @@ def test_a_trained_head_is_not_part_of_the_model_that_keys_the_store(tmp_path, m
     passes = count_passes(monkeypatch)
     PrefixCache(64, store=FrozenStore(tmp_path, 64)).states(base, 1, "train", data.train)
     assert passes == []
+
+
+def test_dev_loss_does_not_depend_on_how_rows_are_batched(monkeypatch):
+    """``metric: loss`` is the mean over response tokens, whatever the batches (512 tokens
+    on a CPU, 16,384 on a GPU); a batch of prompts that fill ``max_length`` adds nothing."""
+    base, data = setup("tiny:llama", "generation")
+    assert len({len(e.labels) - e.prompt_length for e in data.dev}) > 1  # answers differ
+    reft = make_reft(base, layers=(1, 3))
+    overlong = replace(data.dev[0], input_ids=data.dev[0].input_ids[:5], labels=None)
+    overlong = replace(overlong, prompt_length=5, labels=[-100] * 5)
+    split = replace(data, dev=[*data.dev, overlong, overlong])
+    scores = []
+    for tokens in (16, 96, 100_000):
+        monkeypatch.setattr(scoring_module, "pass_tokens", lambda device, n=tokens: n)
+        with reft.attached(base.blocks):
+            scores.append(evaluate(base, reft, split))
+    assert scores[0] == pytest.approx(scores[1], rel=1e-6) == pytest.approx(scores[2], rel=1e-6)
+    assert not math.isnan(scores[0])

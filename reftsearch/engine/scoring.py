@@ -9,6 +9,7 @@ frozen-activation cache, passes start at the cached layer.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -104,13 +105,22 @@ def hopeless_for(metric: str, targets: list[str]) -> Callable[[int, str], bool] 
 def _mean_loss(
     base: BaseModel, adapter: Adapter, examples: list[Encoded], frozen: FrozenParts | None
 ) -> float:
+    """The training loss over the whole split: per row (classification) or per response
+    token (generation), as a step averages it. Weighing each batch's mean by its rows instead
+    made the score depend on how rows were batched (512 tokens a batch on a CPU, 16,384 on a
+    GPU) wherever responses differ in length."""
     total, count = 0.0, 0
     for batch in _eval_batches(base, adapter, examples, frozen):
-        n = len(batch.input_ids)
+        if base.head is not None:
+            n = len(batch.input_ids)
+        else:
+            n = int((batch.labels != IGNORE_INDEX).sum())
+            if n == 0:  # prompts that fill task.max_length: no response left to score
+                continue
         with _replaying(base, frozen, batch):
             total += loss_of(base, adapter, batch).item() * n
         count += n
-    return total / count
+    return total / count if count else math.nan
 
 
 def _classify(
