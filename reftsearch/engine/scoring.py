@@ -225,11 +225,11 @@ def forced_outputs(
     Greedy decoding follows a row's reference tokens for as long as each step's most likely
     token is the reference's next one, so one forward over prompt and reference (a training
     step's forward, from the cached layer) gives every one of those steps at once. A row is
-    settled where the steps end on the reference's path: at an end of sequence, at
-    ``max_new_tokens``, or at the first other token when the text so far is ``hopeless``
-    (its output then stops short, but scores as the full one would: nothing). Its other rows
-    (a reference cut by ``task.max_length``, or an other token that may still lead to the
-    same text) need decoding.
+    settled when its steps reach an end of sequence or ``max_new_tokens`` along the
+    reference, or leave it with a text that is ``hopeless`` (its output then stops short, but
+    scores as the full one would: nothing). The other rows (a reference cut by
+    ``task.max_length``, or another token that may still spell the same text) need
+    decoding.
 
     What it saves: generation runs a prompt pass from the cached layer, then every block for
     each new token; this runs the blocks above the cached layer once over the reference.
