@@ -113,9 +113,9 @@ class FrozenPast:
     values at every block, handed to the model as its key/value cache."""
 
     mask: torch.Tensor  # [rows, width], 1 where a row has a cached token
-    # per block, [rows, heads, width, dim]; (None, None) for a block whose attention does not
-    # run (reftsearch.engine.activation_cache.FrozenParts.add_past)
-    keys_values: list[tuple[torch.Tensor | None, torch.Tensor | None]]
+    # per block, [rows, heads, width, dim]; [rows, 1, width, 1] zeros for a block whose
+    # attention does not run (``FrozenParts.add_past``)
+    keys_values: list[tuple[torch.Tensor, torch.Tensor]]
     argument: str  # the model forward's name for a key/value cache
 
     def model_inputs(self, attention_mask: torch.Tensor) -> dict:
@@ -215,10 +215,10 @@ class FrozenParts:
         mask = (torch.arange(width, device=skipped.device)[None] < skipped[:, None]).long()
         keys_values = list(zip(keys, values, strict=True))
         if first_block > 0:
-            # the blocks below are replayed: empty, but for block 0's, whose length the model
-            # reads as the cache's
+            # the blocks below are replayed, never attended: stand-ins of the cache's length,
+            # one value wide (a model reads that length from block 0's entry, or another's)
             length = keys.new_zeros((len(starts), 1, width, 1))
-            keys_values = [(length, length), *[(None, None)] * (first_block - 1), *keys_values]
+            keys_values = [*[(length, length)] * first_block, *keys_values]
         batch.past = FrozenPast(mask, keys_values, self.keys_values[0].argument)
 
     def replaying(self, blocks: list[nn.Module], batch: Batch, spans: list[slice]):
