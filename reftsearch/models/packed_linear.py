@@ -34,8 +34,8 @@ import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
+import psutil
 import torch
 from torch import nn
 
@@ -177,19 +177,13 @@ def forget_packed(model: nn.Module) -> None:
 
 def _room_for(weight: torch.Tensor) -> bool:
     """Whether a packed copy of ``weight`` leaves ``MEMORY_KEPT_SHARE`` of the memory
-    available (yes where the system does not say)."""
-    memory = _memory()
-    if memory is None:
-        return True
-    total, available = memory
+    available."""
+    total, available = _memory()
     return available - weight.numel() * weight.element_size() >= MEMORY_KEPT_SHARE * total
 
 
-def _memory() -> tuple[int, int] | None:
-    """MemTotal and MemAvailable in bytes, where Linux says them."""
-    try:
-        lines = Path("/proc/meminfo").read_text().splitlines()
-        kib = {name: int(value.split()[0]) for name, value in (ln.split(":", 1) for ln in lines)}
-        return kib["MemTotal"] * 1024, kib["MemAvailable"] * 1024
-    except (OSError, ValueError, KeyError):
-        return None
+def _memory() -> tuple[int, int]:
+    """The system's memory and what of it is available, in bytes (Linux: MemTotal and
+    MemAvailable)."""
+    memory = psutil.virtual_memory()
+    return memory.total, memory.available

@@ -10,9 +10,9 @@ rather than to fail every trial with out of memory.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
+import psutil
 import torch
 
 from reftsearch.errors import SpecError
@@ -53,18 +53,12 @@ def memory_need(base: BaseModel, batch_size: int, tokens: int) -> MemoryNeed:
     return MemoryNeed(weights, TRAINED_BYTES * sum(p.numel() for p in params), activations)
 
 
-def available_memory(base: BaseModel) -> int | None:
-    """Bytes the loaded model plus what is free now on its device add up to (None: unknown)."""
+def available_memory(base: BaseModel) -> int:
+    """Bytes the loaded model plus what is free now on its device add up to."""
     loaded = sum(p.numel() * p.element_size() for p in base.model.parameters())
     if base.device.type == "cuda":
         return loaded + torch.cuda.mem_get_info(base.device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return loaded + int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        pages = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else None
-        return None if pages is None else loaded + pages * os.sysconf("SC_PAGE_SIZE")
+    return loaded + psutil.virtual_memory().available  # Linux: MemAvailable
 
 
 def check_fits(base: BaseModel, batch_size: int, tokens: int, memory_mb: float | None) -> None:
@@ -74,7 +68,7 @@ def check_fits(base: BaseModel, batch_size: int, tokens: int, memory_mb: float |
     where = "resources.memory_mb"
     if limit is None:
         limit, where = available_memory(base), f"free on {base.device.type}"
-    if limit is None or need.total <= limit:
+    if need.total <= limit:
         return
     raise SpecError(
         "method",
