@@ -28,18 +28,24 @@ def span_losses(base: BaseModel, batch: Batch, spans: list[slice]) -> list[torch
     return _supervised_token_losses(base, batch, spans)
 
 
-def _supervised_token_losses(
-    base: BaseModel, batch: Batch, spans: list[slice]
-) -> list[torch.Tensor]:
-    """Next-token losses computing the LM head only where a label exists (the response).
+def supervised_logits(base: BaseModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder's next-token logits where a label exists (the response), row after row, and
+    where that is (``batch.labels``, shifted by ``collate``: each column's next token).
 
     The vocabulary projection is the most expensive matmul of a small decoder; running it on
     every prompt and pad token would waste most of it.
     """
     hidden = base.model.base_model(**batch.model_inputs()).last_hidden_state
-    targets = batch.labels  # shifted by ``collate``: each column's next token
-    supervised = targets != IGNORE_INDEX
-    logits = base.model.get_output_embeddings()(hidden[supervised])
+    supervised = batch.labels != IGNORE_INDEX
+    return base.model.get_output_embeddings()(hidden[supervised]), supervised
+
+
+def _supervised_token_losses(
+    base: BaseModel, batch: Batch, spans: list[slice]
+) -> list[torch.Tensor]:
+    """Next-token losses computing the LM head only on the response (``supervised_logits``)."""
+    logits, supervised = supervised_logits(base, batch)
+    targets = batch.labels
     per_token = nn.functional.cross_entropy(logits.float(), targets[supervised], reduction="none")
     row_of = torch.arange(len(targets), device=targets.device)[:, None].expand_as(targets)
     row_of = row_of[supervised]

@@ -27,7 +27,7 @@ from reftsearch.data.batches import (
     sorted_batch_rows,
 )
 from reftsearch.engine.activation_cache import FrozenParts, PrefixCache
-from reftsearch.engine.losses import loss_of
+from reftsearch.engine.losses import loss_of, supervised_logits
 from reftsearch.methods.adapter import Adapter
 from reftsearch.metrics import (
     CLASSIFICATION_METRICS,
@@ -241,10 +241,9 @@ def forced_outputs(
     for batch in _eval_batches(base, adapter, examples, frozen):
         adapter.set_locations(batch.prompt_lengths, batch.offsets)
         with _replaying(base, frozen, batch):
-            hidden = base.model.base_model(**batch.model_inputs()).last_hidden_state
+            logits, followed = supervised_logits(base, batch)  # the reference's tokens
         adapter.clear_locations()
-        followed = batch.labels != IGNORE_INDEX  # the reference's tokens, row after row
-        predicted = base.model.get_output_embeddings()(hidden[followed]).argmax(-1)
+        predicted = logits.argmax(-1)
         per_row = followed.sum(-1).tolist()
         references = batch.labels[followed].split(per_row)
         for index, steps, reference in zip(
