@@ -71,6 +71,13 @@ def make_reft(base, layers=(2, 3), seed=0, **changes):
     return ReftModule(config, base.hidden_size).to(base.device)
 
 
+def visible_edit(reft) -> None:
+    """A trained-looking edit of ``reft``'s weights, not the near-identity init."""
+    with torch.no_grad():
+        for param in reft.parameters():
+            param.add_(0.5 * torch.randn_like(param))
+
+
 def forward(base, reft, batch, states=None):
     """Loss, per-row outputs at real tokens (logits or last hidden states), intervention grads."""
     batch = batch.to(base.device)
@@ -256,9 +263,7 @@ def test_rows_started_after_unedited_tokens_equal_full_rows(kind, device):
 def test_generation_from_the_cache_equals_full_generation(prefix, device):
     base, data = setup("tiny:llama", "generation", device)
     reft = make_reft(base, layers=(1, 3), prefix=prefix, suffix=2)
-    with torch.no_grad():  # a trained-looking edit, so that the interventions matter
-        for p in reft.parameters():
-            p.add_(0.5 * torch.randn_like(p))
+    visible_edit(reft)  # so that the interventions matter
     frozen = PrefixCache(budget_mb=64).frozen(base, 1, "dev", [data.dev])
     with reft.attached(base.blocks):
         want = generate(base, reft, data.dev, max_new_tokens=5)

@@ -7,8 +7,7 @@ touch (tests/test_cache.py covers that path on the real models)."""
 from dataclasses import replace
 
 import pytest
-import torch
-from test_cache import make_reft, setup
+from test_cache import make_reft, setup, visible_edit
 from test_real_tasks import smollm2_cache  # noqa: F401
 
 from reftsearch.data.batches import IGNORE_INDEX, Encoded, encode
@@ -32,12 +31,6 @@ def with_reference(example: Encoded, tokenizer, reference: str) -> Encoded:
     response.append(tokenizer.eos_token_id)
     labels = [IGNORE_INDEX] * len(prompt) + response
     return Encoded(prompt + response, len(prompt), labels=labels, target=reference)
-
-
-def visible_edit(reft) -> None:
-    with torch.no_grad():  # a trained-looking edit, not the near-identity init
-        for param in reft.parameters():
-            param.add_(0.5 * torch.randn_like(param))
 
 
 @pytest.mark.parametrize("cached", [False, True])
