@@ -46,6 +46,13 @@ class TaskPairs:
         b = np.array([pair[1] for pair in pairs], dtype=float)
         return (b - a).mean(axis=0)
 
+    def standard_error(self) -> float:
+        """How far the task's mean difference (in points) moves with the rows drawn: the
+        standard deviation of its row differences over the square root of their number, the
+        spread the bootstrap's draws of this task have."""
+        differences = self.row_differences()
+        return float(100 * differences.std() / np.sqrt(len(differences)))
+
 
 @dataclass(frozen=True)
 class Interval:
@@ -55,6 +62,13 @@ class Interval:
 
     def line(self, name: str) -> str:
         return f"{name}={self.mean:+.1f} ci95=[{self.low:+.1f},{self.high:+.1f}]"
+
+
+def standard_error_of_mean(tasks: Sequence[TaskPairs]) -> float:
+    """The standard error (in points) of the mean over tasks: each task's, combined as the
+    tasks' rows are drawn independently. An interval clears 0 only where the mean is about
+    twice this, so it says which mean a benchmark of these rows can tell from noise."""
+    return float(np.sqrt(sum(task.standard_error() ** 2 for task in tasks)) / len(tasks))
 
 
 def paired_bootstrap(

@@ -58,7 +58,7 @@ from pathlib import Path
 
 import optuna
 import torch
-from paired_bootstrap import TaskPairs, paired_bootstrap
+from paired_bootstrap import TaskPairs, paired_bootstrap, standard_error_of_mean
 
 from reftsearch.cli import quiet_libraries
 from reftsearch.data.batches import encode
@@ -466,13 +466,14 @@ def main(argv: list[str] | None = None) -> int:
         for arm in arms:
             print(arm.row())
         paper, searched = arms[0], arms[1]
-        print(f"searched - paper: {searched.mean() - paper.mean():+.1f} points")
-        pairs.append(
-            TaskPairs(
-                task.title,
-                {s: (paper.report_hits[s], searched.report_hits[s]) for s in SEEDS},
-            )
+        pair = TaskPairs(
+            task.title, {s: (paper.report_hits[s], searched.report_hits[s]) for s in SEEDS}
         )
+        print(
+            f"searched - paper: {searched.mean() - paper.mean():+.1f} points (standard error "
+            f"over the report rows {pair.standard_error():.1f})"
+        )
+        pairs.append(pair)
     if args.with_lora:
         print("\nsearched ReFT within 0.5 point of searched LoRA at >= 10x fewer parameters:")
         for task, _, arms in results:
@@ -483,6 +484,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{interval.mean:+.1f} points, 95% paired bootstrap interval "
         f"[{interval.low:+.1f}, {interval.high:+.1f}] (report-half rows resampled within "
         "each task, the same draw for both arms and every seed)"
+    )
+    print(
+        f"standard error of that mean over the report rows: {standard_error_of_mean(pairs):.1f} "
+        "points (an interval clears 0 where the mean is about twice it)"
     )
     print(interval.line("mean_searched_minus_paper"))
     return 0

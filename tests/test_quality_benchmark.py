@@ -88,6 +88,24 @@ def test_every_seed_is_scored_on_the_same_draw_of_rows():
         bootstrap.TaskPairs("t", {1: (paper, searched[:-1])}).row_differences()
 
 
+def test_the_standard_error_is_the_spread_of_the_bootstraps_draws():
+    rng = random.Random(3)
+    small = bootstrap.TaskPairs("small", {1: (hits(rng, 100, 0.5), hits(rng, 100, 0.5))})
+    large = bootstrap.TaskPairs("large", {1: (hits(rng, 1600, 0.5), hits(rng, 1600, 0.5))})
+    # two coin-flipping arms: row differences of sd ~0.7, so ~7 points on 100 rows, 16x the
+    # rows for a quarter of it
+    assert 5.5 < small.standard_error() < 8.5
+    assert large.standard_error() == pytest.approx(small.standard_error() / 4, rel=0.25)
+    mean_se = bootstrap.standard_error_of_mean([small, large])
+    assert mean_se == pytest.approx(
+        (small.standard_error() ** 2 + large.standard_error() ** 2) ** 0.5 / 2
+    )
+    interval = bootstrap.paired_bootstrap([small, large], resamples=10_000)
+    assert interval.high - interval.low == pytest.approx(2 * 1.96 * mean_se, rel=0.1)
+    identical = bootstrap.TaskPairs("same", {1: (hits(rng, 50, 0.5),) * 2})
+    assert identical.standard_error() == 0.0
+
+
 def test_epochs_spent_counts_every_trial_by_what_it_trained():
     study = optuna.create_study(direction="maximize")
     done = optuna.trial.TrialState
