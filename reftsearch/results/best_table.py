@@ -6,7 +6,8 @@ from __future__ import annotations
 import optuna
 import pandas as pd
 
-from reftsearch.search.ranking import seed_summary, why_it_leads
+from reftsearch.search.majority_baseline import majority_note
+from reftsearch.search.ranking import is_pareto, seed_summary, why_it_leads
 from reftsearch.search.record import TrialRecord, describe_config, readable_columns
 
 # what the plots read even from a study without trials
@@ -20,11 +21,17 @@ TRAINING_COLUMNS = ("dropout", "lr", "epochs", "batch_size", "warmup_ratio", "we
 
 def best_summaries(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> list[dict]:
     """``trial_summary`` of each of ``trials`` (``best_trials``' order), the first one's
-    ``picked_by`` saying why it leads a config with a better mean, if it does."""
+    ``picked_by`` saying why it leads a config with a better mean, if it does, and its
+    ``not_learned`` why it has not shown it learned the task, if it has not (one objective)."""
     summaries = [trial_summary(study, t) for t in trials]
-    note = why_it_leads(study, trials[0]) if trials else None
-    if note is not None:
-        summaries[0]["picked_by"] = note
+    if not trials:
+        return summaries
+    notes = {
+        "picked_by": why_it_leads(study, trials[0]),
+        # a front's first is its smallest config, not the study's best: no verdict on the task
+        "not_learned": None if is_pareto(study) else majority_note(study, trials[0]),
+    }
+    summaries[0].update((key, note) for key, note in notes.items() if note is not None)
     return summaries
 
 
@@ -60,17 +67,19 @@ def format_table(summaries: list[dict], metric: str) -> str:
         + (f"  test={s['test_score']:.4f}" if "test_score" in s else "")
         for rank, s in enumerate(summaries, 1)
     ]
-    note = lead_note(summaries)
-    return "\n".join([header, *rows, *([note] if note else [])])
+    return "\n".join([header, *rows, *lead_notes(summaries)])
 
 
-def lead_note(summaries: list[dict]) -> str | None:
-    """Why the first of ``summaries`` (``best_summaries``) ranks first, when its mean is not
-    the best; None otherwise."""
+def lead_notes(summaries: list[dict]) -> list[str]:
+    """What to know of the first of ``summaries`` (``best_summaries``): why it ranks first,
+    when its mean is not the best, and that it has not shown it learned the task, when so."""
     lead = summaries[0] if summaries else {}
-    if lead.get("picked_by", BY_MEAN) == BY_MEAN:
-        return None
-    return f"trial {lead['number']} ranks first: {lead['picked_by']}"
+    notes = []
+    if lead.get("picked_by", BY_MEAN) != BY_MEAN:
+        notes.append(f"trial {lead['number']} ranks first: {lead['picked_by']}")
+    if "not_learned" in lead:
+        notes.append(f"warning: {lead['not_learned']}")
+    return notes
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:

@@ -23,7 +23,7 @@ from matplotlib.ticker import MaxNLocator
 
 from reftsearch.errors import BadInputError
 from reftsearch.own_files import holds
-from reftsearch.results.best_table import best_summaries, lead_note, trials_frame
+from reftsearch.results.best_table import best_summaries, lead_notes, trials_frame
 from reftsearch.search.ranking import best_trials, is_maximized, is_pareto, pareto_front
 from reftsearch.search.record import TrialRecord, describe_config
 
@@ -340,8 +340,8 @@ def _top_table(study: optuna.Study) -> str:
     table = pd.DataFrame(rows).to_html(
         index=False, float_format=lambda x: f"{x:.4f}", classes="top", border=0
     )
-    note = lead_note(summaries)
-    return table if note is None else f"{table}\n<p class='note'>{html.escape(note)}.</p>"
+    notes = "".join(f"\n<p class='note'>{html.escape(note)}.</p>" for note in lead_notes(summaries))
+    return table + notes
 
 
 def _page(study: optuna.Study, frame: pd.DataFrame, sections: list[Section], table: str) -> str:

@@ -37,6 +37,7 @@ from reftsearch.models.sources import ModelLoadError, cache_dir, shape_of
 from reftsearch.search.fidelity import rung_count
 from reftsearch.search.fit import check_lengths
 from reftsearch.search.kept_weights import WEIGHTS_DIR, weights_dir
+from reftsearch.search.majority_baseline import keep_majority
 from reftsearch.search.pruners import LeadersKept, WarmStartsKept
 from reftsearch.search.record import TrialRecord, is_search_trial, search_trials, store
 from reftsearch.search.storage import load_named_study, open_storage
@@ -167,6 +168,7 @@ def keep_task_data(study: optuna.Study, data: TaskData) -> None:
     change meaning, and trials scored on other dev rows (another file, a carve of other
     rows, another max_dev_examples) were ranked beside the first ones as if comparable."""
     _keep_label_names(study, data.label_names)
+    keep_majority(study, data)
     digests = {"train": _rows_digest(data.train), "dev": _rows_digest(data.dev)}
     stored = study.user_attrs.get(ROWS_ATTR)
     if stored is None:  # a new study, or one from before digests were kept

@@ -1,0 +1,70 @@
+"""Has the search learned the task at all? Its best trial against always answering the dev
+split's most frequent label.
+
+A classifier that answers one label for every row scores that label's share of the dev
+split. A best trial that does not beat this by more than the dev split's noise has not shown
+that it learned anything, and the search's pick among such trials is luck: in the quality
+benchmark, RTE and BoolQ at its train sizes left every arm there (LoRA's too), and which
+config "won" swung the held-out score by 3-4 points either way (benchmarks/README.md). A
+user should hear that before exporting the pick, with what would help: more train rows or
+more epochs.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+
+import optuna
+
+from reftsearch.data.splits import TaskData
+from reftsearch.search.ranking import row_hit_rates, rows_noise
+from reftsearch.search.record import pack_hits, unpack_hits
+
+MAJORITY_ATTR = "dev_majority"
+# A lead is evidence of learning beyond two standard errors (a one-sided ~2% chance for a
+# single comparison; the best of many trials gets there by luck more often than that)
+NOISE_ERRORS = 2.0
+
+
+def keep_majority(study: optuna.Study, data: TaskData) -> None:
+    """Store the dev split's most frequent label, its share, and which rows have it (a
+    classification study only); the dev rows are fixed for the study (``keep_task_data``)."""
+    if data.label_names is None:
+        return
+    labels = [row["label"] for row in data.dev]
+    label, count = Counter(labels).most_common(1)[0]
+    study.set_user_attr(
+        MAJORITY_ATTR,
+        {
+            "label": data.label_names[label],
+            "share": count / len(labels),
+            "hits": pack_hits([other == label for other in labels]),
+        },
+    )
+
+
+def majority_note(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str | None:
+    """Why ``trial`` (over its seeds, where it was rerun) has not shown it learned the task,
+    when it has not: its dev score leads the majority label's share by no more than
+    ``NOISE_ERRORS`` standard errors of their paired difference over the dev rows. None where
+    it leads by more, or where the study cannot tell (no label, or a metric that is not a
+    share of rows right, such as f1: no row hits are recorded)."""
+    majority = study.user_attrs.get(MAJORITY_ATTR)
+    rows = row_hit_rates(study, trial)
+    if majority is None or rows is None:
+        return None
+    noise = rows_noise(rows, [float(hit) for hit in unpack_hits(majority["hits"])])
+    if noise is None:  # dev rows of another length: not this study's majority
+        return None
+    score = statistics.fmean(rows)
+    lead = score - majority["share"]
+    if lead > NOISE_ERRORS * noise:
+        return None
+    return (
+        f"trial {trial.number} ({score:.4f} on dev) is within noise of always answering "
+        f"{majority['label']!r}, the dev split's most frequent label ({majority['share']:.4f}): "
+        f"{100 * lead:+.1f} points, where {NOISE_ERRORS:g} standard errors are "
+        f"{100 * NOISE_ERRORS * noise:.1f}. The search has not shown it learned the task; more "
+        "train rows or epochs may get it there (README: Is the pick real?)"
+    )
