@@ -51,6 +51,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -203,6 +204,12 @@ def read_rows(task: Task, file: str) -> list[dict]:
     return load_split(spec, "train")
 
 
+def majority_share(rows: list[dict]) -> float:
+    """The share of ``rows`` whose label is their most frequent one: what a classifier that
+    learned nothing scores by answering it always."""
+    return Counter(row["label"] for row in rows).most_common(1)[0][1] / len(rows)
+
+
 class OtherRowsError(Exception):
     """A kept --workdir holds a task file with other rows than this run writes."""
 
@@ -223,7 +230,9 @@ def write_task_files(task: Task, n_train: int, directory: Path) -> TaskFiles:
     files = TaskFiles(
         *(directory / f"{task.name}-{split}.jsonl" for split in ("train", "select", "report")),
         f"{origin}, halved (seed {SPLIT_SEED}): select on {len(select)}, report on "
-        f"{len(report)}; train on {len(train):,} of {len(pool):,} train rows (seed {SPLIT_SEED})",
+        f"{len(report)}; train on {len(train):,} of {len(pool):,} train rows (seed {SPLIT_SEED}); "
+        f"always answering the most frequent label scores {majority_share(select):.1%} on the "
+        f"selection half, {majority_share(report):.1%} on the report half",
     )
     keys = ("text", "text_pair", "label") if task.text_pair else ("text", "label")
     splits = (files.train, files.select, files.report), (train, select, report)
