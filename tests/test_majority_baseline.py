@@ -14,7 +14,7 @@ from reftsearch.data.splits import TaskData
 from reftsearch.search.majority_baseline import MAJORITY_ATTR, keep_majority, majority_note
 from reftsearch.search.record import TrialRecord, pack_hits
 
-WARNING = "is within noise of always answering"
+WARNING = "does not beat always answering"
 
 
 def study_with_majority(labels: list[int]) -> optuna.Study:

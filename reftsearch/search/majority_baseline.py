@@ -18,7 +18,7 @@ from collections import Counter
 import optuna
 
 from reftsearch.data.splits import TaskData
-from reftsearch.search.ranking import row_hit_rates, rows_noise
+from reftsearch.search.ranking import row_hit_rates, rows_noise, seed_runs
 from reftsearch.search.record import pack_hits, unpack_hits
 
 MAJORITY_ATTR = "dev_majority"
@@ -61,10 +61,13 @@ def majority_note(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str |
     lead = score - majority["share"]
     if lead > NOISE_ERRORS * noise:
         return None
+    seeds = len(seed_runs(study, trial))
+    over = f", mean of {seeds} seeds" if seeds > 1 else ""
     return (
-        f"trial {trial.number} ({score:.4f} on dev) is within noise of always answering "
-        f"{majority['label']!r}, the dev split's most frequent label ({majority['share']:.4f}): "
-        f"{100 * lead:+.1f} points, where {NOISE_ERRORS:g} standard errors are "
-        f"{100 * NOISE_ERRORS * noise:.1f}. The search has not shown it learned the task; more "
-        "train rows or epochs may get it there (README: Is the pick real?)"
+        f"trial {trial.number} ({score:.4f} on dev{over}) "
+        f"does not beat always answering {majority['label']!r}, the dev split's most frequent "
+        f"label ({majority['share']:.4f}), by more than noise: {100 * lead:+.1f} points, where "
+        f"{NOISE_ERRORS:g} standard errors are {100 * NOISE_ERRORS * noise:.1f}. The search has "
+        "not shown it learned the task; more train rows or epochs may get it there (README: Is "
+        "the pick real?)"
     )
