@@ -204,7 +204,9 @@ def test_best_json_and_table(write_study, easy_task_files, capsys):
     values = [t.value for t in trials_of(study)]
     assert best["value"] == max(values)
     assert main(["best", str(study), "--top", "2"]) == 0
-    table = capsys.readouterr().out.splitlines()
+    lines = capsys.readouterr().out.splitlines()
+    # one epoch of a tiny model may not beat the majority label yet: best then says so below
+    table = [line for line in lines if not line.startswith("warning: ")]
     assert table[0].split()[:3] == ["rank", "trial", "accuracy"] and len(table) == 3
 
 
