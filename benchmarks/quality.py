@@ -51,7 +51,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -68,6 +67,7 @@ from reftsearch.engine.scoring import evaluate_examples
 from reftsearch.progress import Log
 from reftsearch.run.driver import run_study
 from reftsearch.run.epoch_budget import EpochBudget, epochs_spent
+from reftsearch.search.majority_baseline import most_frequent
 from reftsearch.search.ranking import best_trials
 from reftsearch.search.record import TrialRecord, describe_config, search_trials
 from reftsearch.search.study import FINISHED_STATES, prepare
@@ -205,9 +205,8 @@ def read_rows(task: Task, file: str) -> list[dict]:
 
 
 def majority_share(rows: list[dict]) -> float:
-    """The share of ``rows`` whose label is their most frequent one: what a classifier that
-    learned nothing scores by answering it always."""
-    return Counter(row["label"] for row in rows).most_common(1)[0][1] / len(rows)
+    """What always answering the most frequent label of ``rows`` scores on them."""
+    return most_frequent([row["label"] for row in rows])[1]
 
 
 class OtherRowsError(Exception):

@@ -1,5 +1,5 @@
-"""A best trial within noise of always answering the dev split's most frequent label is
-flagged: in `best`, at the end of `run`, and in the report."""
+"""A best trial that does not beat always answering the dev split's most frequent label by
+more than noise is flagged: in `best`, at the end of `run`, and in the report."""
 
 import json
 import random

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
+from collections.abc import Hashable, Sequence
 
 import optuna
 
 from reftsearch.data.splits import TaskData
-from reftsearch.search.ranking import row_hit_rates, rows_noise, seed_runs
+from reftsearch.search.ranking import reruns_by_trial, row_hit_rates, rows_noise, seed_runs
 from reftsearch.search.record import pack_hits, unpack_hits
 
 MAJORITY_ATTR = "dev_majority"
@@ -27,18 +28,25 @@ MAJORITY_ATTR = "dev_majority"
 NOISE_ERRORS = 2.0
 
 
+def most_frequent(labels: Sequence[Hashable]) -> tuple[Hashable, float]:
+    """The most frequent of ``labels`` and its share: what a classifier that learned nothing
+    scores by answering it always."""
+    label, count = Counter(labels).most_common(1)[0]
+    return label, count / len(labels)
+
+
 def keep_majority(study: optuna.Study, data: TaskData) -> None:
     """Store the dev split's most frequent label, its share, and which rows have it (a
     classification study only); the dev rows are fixed for the study (``keep_task_data``)."""
     if data.label_names is None:
         return
     labels = [row["label"] for row in data.dev]
-    label, count = Counter(labels).most_common(1)[0]
+    label, share = most_frequent(labels)
     study.set_user_attr(
         MAJORITY_ATTR,
         {
             "label": data.label_names[label],
-            "share": count / len(labels),
+            "share": share,
             "hits": pack_hits([other == label for other in labels]),
         },
     )
@@ -51,7 +59,8 @@ def majority_note(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str |
     it leads by more, or where the study cannot tell (no label, or a metric that is not a
     share of rows right, such as f1: no row hits are recorded)."""
     majority = study.user_attrs.get(MAJORITY_ATTR)
-    rows = row_hit_rates(study, trial)
+    reruns = reruns_by_trial(study)  # one pass over the study's trials, for both reads below
+    rows = row_hit_rates(study, trial, reruns)
     if majority is None or rows is None:
         return None
     noise = rows_noise(rows, [float(hit) for hit in unpack_hits(majority["hits"])])
@@ -61,7 +70,7 @@ def majority_note(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str |
     lead = score - majority["share"]
     if lead > NOISE_ERRORS * noise:
         return None
-    seeds = len(seed_runs(study, trial))
+    seeds = len(seed_runs(study, trial, reruns))
     over = f", mean of {seeds} seeds" if seeds > 1 else ""
     return (
         f"trial {trial.number} ({score:.4f} on dev{over}) "
